@@ -1,0 +1,134 @@
+"""Building and signing the TUF metadata of a factory's two channels.
+
+Everything here is python-tuf's Metadata API; this module only fixes tufa's choices:
+which keys sit in which role, how the production root differs from the CI root, and
+how metadata is serialised for serving (compact, canonical ordering of keys).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from hashlib import sha256
+from typing import TypeVar
+
+from securesystemslib.signer import Key, Signer
+from tuf.api.metadata import (
+    Metadata,
+    MetaFile,
+    Role,
+    Root,
+    Snapshot,
+    TargetFile,
+    Targets,
+    Timestamp,
+)
+from tuf.api.serialization.json import JSONSerializer
+
+ROOT = Root.type
+TARGETS = Targets.type
+SNAPSHOT = Snapshot.type
+TIMESTAMP = Timestamp.type
+TOP_LEVEL_ROLES = (ROOT, TARGETS, SNAPSHOT, TIMESTAMP)
+ONLINE_ROLES = (TARGETS, SNAPSHOT, TIMESTAMP)
+
+# The production targets role needs the online key and at least one offline key.
+MIN_PROD_TARGETS_THRESHOLD = 2
+
+_SERIALIZER = JSONSerializer(compact=True)
+
+AnySigned = TypeVar("AnySigned", Root, Targets, Snapshot, Timestamp)
+
+
+class Channel(StrEnum):
+    """A factory's two TUF repositories: CI for development devices, prod for the fleet."""
+
+    CI = "ci"
+    PROD = "prod"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def expiry(now: datetime, period: timedelta) -> datetime:
+    return (now + period).replace(microsecond=0)
+
+
+def build_root(
+    *,
+    version: int,
+    expires: datetime,
+    root_keys: Iterable[Key],
+    root_threshold: int,
+    targets_keys: Iterable[Key],
+    targets_threshold: int,
+    snapshot_key: Key,
+    timestamp_key: Key,
+) -> Root:
+    """A root with consistent snapshots on, listing the given keys for each role."""
+    root = Root(version=version, expires=expires, consistent_snapshot=True)
+    for role_name, keys in (
+        (ROOT, root_keys),
+        (TARGETS, targets_keys),
+        (SNAPSHOT, [snapshot_key]),
+        (TIMESTAMP, [timestamp_key]),
+    ):
+        for key in keys:
+            root.add_key(key, role_name)
+    root.roles[ROOT].threshold = root_threshold
+    root.roles[TARGETS].threshold = targets_threshold
+    return root
+
+
+def prod_root_from_ci(ci_root: Root, targets_threshold: int) -> Root:
+    """The production root: the CI root with a higher targets threshold, nothing else.
+
+    Keeping both roots identical but for this one number is what lets one set of root
+    keys, and one root version sequence, govern both channels.
+    """
+    if targets_threshold < MIN_PROD_TARGETS_THRESHOLD:
+        raise ValueError(
+            f"production targets threshold must be at least {MIN_PROD_TARGETS_THRESHOLD}"
+        )
+    prod = copy.deepcopy(ci_root)
+    prod.roles[TARGETS] = Role(list(ci_root.roles[TARGETS].keyids), targets_threshold)
+    return prod
+
+
+def build_targets(version: int, expires: datetime, targets: Mapping[str, TargetFile]) -> Targets:
+    return Targets(version=version, expires=expires, targets=dict(targets))
+
+
+def build_snapshot(version: int, expires: datetime, targets_version: int) -> Snapshot:
+    # Only the version is listed: hashes of targets.json would add nothing that the
+    # version and the targets role's own signatures do not already give the client.
+    return Snapshot(
+        version=version, expires=expires, meta={f"{TARGETS}.json": MetaFile(targets_version)}
+    )
+
+
+def build_timestamp(
+    version: int, expires: datetime, snapshot_bytes: bytes, snapshot_version: int
+) -> Timestamp:
+    meta = MetaFile(
+        version=snapshot_version,
+        length=len(snapshot_bytes),
+        hashes={"sha256": sha256(snapshot_bytes).hexdigest()},
+    )
+    return Timestamp(version=version, expires=expires, snapshot_meta=meta)
+
+
+def sign(signed: AnySigned, signers: Iterable[Signer]) -> Metadata[AnySigned]:
+    """Wrap `signed` in a metadata envelope signed by every signer given."""
+    md = Metadata(signed)
+    for signer in signers:
+        md.sign(signer, append=True)
+    return md
+
+
+def to_bytes(md: Metadata[AnySigned]) -> bytes:
+    """The bytes tufa stores and serves: rendered once, never re-encoded on the read path."""
+    return md.to_bytes(_SERIALIZER)

@@ -1,0 +1,1 @@
+"""The tufa server: factories, their TUF repositories, online signing and devices."""

@@ -1,0 +1,85 @@
+"""Helpers every handler uses: the caller's identity, JSON bodies, field checks."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, TypeVar
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from tufa.server.auth import Principal, authenticate, bearer_secret
+from tufa.server.errors import bad_request
+from tufa.server.state import ServerState, state_of
+
+T = TypeVar("T")
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
+
+
+async def caller(request: Request) -> tuple[ServerState, Principal | None]:
+    """The server state and the authenticated caller (None when no token was sent)."""
+    state = state_of(request)
+    secret = bearer_secret(request.headers.get("authorization"))
+    if secret is None:
+        return state, None
+
+    def lookup() -> Principal:
+        with state.db.read() as conn:
+            return authenticate(conn, secret, state.settings.clock.now())
+
+    return state, await run_in_threadpool(lookup)
+
+
+async def json_object(request: Request) -> dict[str, Any]:
+    body = await request.body()
+    try:
+        data = json.loads(body or b"{}")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad_request(f"the request body is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise bad_request("the request body must be a JSON object")
+    return data
+
+
+def field(data: dict[str, Any], name: str, kind: type[T], default: T | None = None) -> T:
+    """`data[name]` checked to be of `kind`; missing fields take `default` or are refused."""
+    if name not in data or data[name] is None:
+        if default is None:
+            raise bad_request(f"field {name!r} is required")
+        return default
+    value = data[name]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise bad_request(f"field {name!r} must be of type {_json_type(kind)}")
+    return value
+
+
+def name_field(data: dict[str, Any], name: str) -> str:
+    value = field(data, name, str)
+    if not NAME_PATTERN.match(value):
+        raise bad_request(
+            f"field {name!r} must be 2-63 lowercase letters, digits or '-', starting with a "
+            "letter or digit"
+        )
+    return value
+
+
+def _json_type(kind: type) -> str:
+    return {str: "string", int: "integer", bool: "boolean", list: "array", dict: "object"}.get(
+        kind, kind.__name__
+    )
+
+
+def iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat().replace("+00:00", "Z")
+
+
+async def threaded(fn: Callable[[], T]) -> T:
+    return await run_in_threadpool(fn)
+
+
+def ok(data: Any, status: int = 200) -> JSONResponse:
+    return JSONResponse(data, status_code=status)

@@ -1,0 +1,129 @@
+"""`/api/v1/factories`: create and list (operator), show and configure (factory tokens)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from tufa.core.metadata import ROOT, SNAPSHOT, TARGETS, TIMESTAMP, Channel
+from tufa.server.api.common import caller, field, iso, json_object, name_field, ok, threaded
+from tufa.server.auth import Scope, require_factory, require_operator
+from tufa.server.db import factories
+from tufa.server.errors import bad_request, not_found
+from tufa.server.factories import create_factory
+from tufa.server.state import ServerState
+
+READERS = {Scope.ADMIN, Scope.CI, Scope.READ}
+
+
+async def create(request: Request) -> JSONResponse:
+    state, principal = await caller(request)
+    require_operator(principal)
+    name = name_field(await json_object(request), "name")
+    created = await threaded(lambda: create_factory(state, name))
+    return ok(
+        {
+            "name": created.name,
+            "admin_token": created.admin_token,
+            "root_keyid": created.root_keyid,
+        },
+        status=201,
+    )
+
+
+async def list_all(request: Request) -> JSONResponse:
+    state, principal = await caller(request)
+    require_operator(principal)
+
+    def names() -> list[dict[str, Any]]:
+        with state.db.read() as conn:
+            rows = conn.execute(select(factories).order_by(factories.c.name)).all()
+        return [{"name": r.name, "created_at": iso(r.created_at)} for r in rows]
+
+    return ok(await threaded(names))
+
+
+async def show(request: Request) -> JSONResponse:
+    state, principal = await caller(request)
+    name = request.path_params["factory"]
+    require_factory(principal, name, READERS)
+    return ok(await threaded(lambda: describe(state, name, state.base_url(request))))
+
+
+async def configure(request: Request) -> JSONResponse:
+    state, principal = await caller(request)
+    name = request.path_params["factory"]
+    require_factory(principal, name, {Scope.ADMIN})
+    data = await json_object(request)
+    unknown = set(data) - {"anonymous_read"}
+    if unknown:
+        raise bad_request(f"unknown field(s): {', '.join(sorted(unknown))}")
+    anonymous_read = field(data, "anonymous_read", bool)
+
+    def apply() -> None:
+        with state.db.write() as conn:
+            conn.execute(
+                update(factories)
+                .where(factories.c.name == name)
+                .values(anonymous_read=anonymous_read)
+            )
+
+    await threaded(apply)
+    return ok(await threaded(lambda: describe(state, name, state.base_url(request))))
+
+
+def describe(state: ServerState, name: str, base_url: str) -> dict[str, Any]:
+    """What `tufa factory show` prints: where each channel is served and how fresh it is."""
+    repo, settings = state.repo, state.settings
+    now = settings.clock.now()
+    with state.db.read() as conn:
+        row = conn.execute(select(factories).where(factories.c.name == name)).first()
+        if row is None:
+            raise not_found(f"unknown factory {name!r}")
+        versions = {c: repo.newest_versions(conn, row.id, c.value) for c in Channel}
+    warnings: list[str] = []
+    described: dict[str, Any] = {}
+    for channel in Channel:
+        prefix = f"{base_url}/api/v1/factories/{name}/repo/{channel.value}"
+        entry: dict[str, Any] = {
+            "metadata_url": f"{prefix}/metadata/",
+            "targets_url": f"{prefix}/targets/",
+        }
+        for role in (ROOT, TARGETS, SNAPSHOT, TIMESTAMP):
+            stored = repo.read_file(row.id, channel.value, role, versions[channel][role])
+            assert stored is not None
+            entry[role] = {"version": stored.version, "expires": iso(stored.expires)}
+            offline_signed = role == ROOT or (role == TARGETS and channel is Channel.PROD)
+            if offline_signed and stored.expires - now < settings.offline_expiry_warning:
+                warnings.append(_expiry_warning(channel, role, stored.expires, now))
+        described[channel.value] = entry
+    return {
+        "name": row.name,
+        "created_at": iso(row.created_at),
+        "anonymous_read": row.anonymous_read,
+        "archive_downloaded_at": iso(row.archive_downloaded_at),
+        "channels": described,
+        "warnings": warnings,
+    }
+
+
+def _expiry_warning(channel: Channel, role: str, expires: datetime, now: datetime) -> str:
+    days = (expires - now).days
+    when = "has expired" if expires <= now else f"expires in {days} day(s)"
+    fix = (
+        "extend it with `tufa keys updates`" if role == ROOT else "release a new wave to re-sign it"
+    )
+    return f"the {channel.value} {role} metadata {when} ({iso(expires)}): {fix}"
+
+
+routes = [
+    Route("/api/v1/factories", create, methods=["POST"]),
+    Route("/api/v1/factories", list_all, methods=["GET"]),
+    Route("/api/v1/factories/{factory}", show, methods=["GET"]),
+    Route("/api/v1/factories/{factory}", configure, methods=["PATCH"]),
+]

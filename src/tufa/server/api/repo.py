@@ -1,0 +1,89 @@
+"""The device-facing read path: TUF metadata at stable per-channel URLs.
+
+`/api/v1/factories/{factory}/repo/{channel}/metadata/` is a metadata base URL any TUF
+client can use with consistent snapshots: `N.root.json`, `timestamp.json`,
+`N.snapshot.json`, `N.targets.json` (plus `root.json` for the newest root). Bytes come
+straight from storage with their ETag; versioned files are immutable and cacheable.
+"""
+
+from __future__ import annotations
+
+import re
+
+from sqlalchemy import select
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from tufa.core.metadata import ROOT, SNAPSHOT, TARGETS, TIMESTAMP, Channel
+from tufa.server.api.common import caller, threaded
+from tufa.server.auth import Principal, Scope, forbidden, require_factory, unauthorized
+from tufa.server.db import factories
+from tufa.server.errors import not_found
+from tufa.server.repository import StoredFile
+from tufa.server.state import ServerState
+
+_VERSIONED = re.compile(r"^([1-9][0-9]{0,9})\.(root|snapshot|targets)\.json$")
+_LATEST = {"timestamp.json": TIMESTAMP, "root.json": ROOT}
+_IMMUTABLE = "max-age=31536000, immutable"
+
+
+def _parse_filename(filename: str) -> tuple[str, int | None]:
+    match = _VERSIONED.match(filename)
+    if match:
+        return match.group(2), int(match.group(1))
+    if filename in _LATEST:
+        return _LATEST[filename], None
+    raise not_found(f"{filename!r} is not a TUF metadata file of this repository")
+
+
+def _lookup(
+    state: ServerState, principal: Principal | None, name: str, channel: str, filename: str
+) -> tuple[StoredFile, bool]:
+    role, version = _parse_filename(filename)
+    with state.db.read() as conn:
+        factory = conn.execute(
+            select(factories.c.id, factories.c.anonymous_read).where(factories.c.name == name)
+        ).first()
+    if principal is None:
+        if factory is None or not factory.anonymous_read:
+            raise unauthorized(f"reading factory {name!r} needs a token or device credential")
+    else:
+        require_factory(principal, name, {Scope.ADMIN, Scope.CI, Scope.READ}, device_reads=True)
+        if principal.kind == "device" and principal.channel != channel:
+            raise forbidden(f"this device follows the {principal.channel} channel, not {channel}")
+    assert factory is not None
+    stored = state.repo.read_file(factory.id, channel, role, version)
+    if stored is None:
+        raise not_found(f"{filename} does not exist in the {channel} channel")
+    return stored, bool(factory.anonymous_read)
+
+
+async def metadata(request: Request) -> Response:
+    state, principal = await caller(request)
+    name = request.path_params["factory"]
+    channel = request.path_params["channel"]
+    if channel not in {c.value for c in Channel}:
+        raise not_found(f"unknown channel {channel!r}: use 'ci' or 'prod'")
+    filename = request.path_params["filename"]
+    stored, public = await threaded(lambda: _lookup(state, principal, name, channel, filename))
+    visibility = "public" if public else "private"
+    versioned = stored.role in (SNAPSHOT, TARGETS) or (
+        stored.role == ROOT and filename != "root.json"
+    )
+    headers = {
+        "ETag": stored.etag,
+        "Cache-Control": f"{visibility}, {_IMMUTABLE}" if versioned else f"{visibility}, no-cache",
+    }
+    if request.headers.get("if-none-match") == stored.etag:
+        return Response(status_code=304, headers=headers)
+    return Response(stored.body, media_type="application/json", headers=headers)
+
+
+routes = [
+    Route(
+        "/api/v1/factories/{factory}/repo/{channel}/metadata/{filename}",
+        metadata,
+        methods=["GET", "HEAD"],
+    ),
+]

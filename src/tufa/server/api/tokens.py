@@ -1,0 +1,101 @@
+"""`/api/v1/factories/{factory}/tokens`: admin-only token management."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from tufa.server.api.common import caller, field, iso, json_object, ok, threaded
+from tufa.server.auth import Scope, require_factory
+from tufa.server.db import tokens
+from tufa.server.errors import bad_request, not_found
+from tufa.server.tokens import create_token
+
+MAX_TOKEN_LIFETIME = timedelta(days=3650)
+
+
+def _token_json(row: Any) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "scopes": row.scopes.split(","),
+        "description": row.description,
+        "created_at": iso(row.created_at),
+        "expires_at": iso(row.expires_at),
+        "revoked_at": iso(row.revoked_at),
+    }
+
+
+async def create(request: Request) -> JSONResponse:
+    state, principal = await caller(request)
+    name = request.path_params["factory"]
+    admin = require_factory(principal, name, {Scope.ADMIN})
+    data = await json_object(request)
+    scopes = field(data, "scopes", list)
+    valid = {s.value for s in Scope}
+    if not scopes or not all(isinstance(s, str) and s in valid for s in scopes):
+        raise bad_request(f"field 'scopes' must be a non-empty list of: {', '.join(sorted(valid))}")
+    description = field(data, "description", str, "")
+    lifetime = field(data, "expires_in_seconds", int, 0)
+    if lifetime < 0 or timedelta(seconds=lifetime) > MAX_TOKEN_LIFETIME:
+        raise bad_request("field 'expires_in_seconds' must be between 1 and ten years")
+
+    def make() -> dict[str, Any]:
+        now = state.settings.clock.now()
+        expires = now + timedelta(seconds=lifetime) if lifetime else None
+        assert admin.factory_id is not None
+        with state.db.write() as conn:
+            token = create_token(
+                conn, admin.factory_id, sorted(set(scopes)), description, now, expires
+            )
+            row = conn.execute(select(tokens).where(tokens.c.id == token.id)).one()
+        return {**_token_json(row), "token": token.secret}
+
+    return ok(await threaded(make), status=201)
+
+
+async def list_all(request: Request) -> JSONResponse:
+    state, principal = await caller(request)
+    admin = require_factory(principal, request.path_params["factory"], {Scope.ADMIN})
+
+    def rows() -> list[dict[str, Any]]:
+        with state.db.read() as conn:
+            found = conn.execute(
+                select(tokens)
+                .where(tokens.c.factory_id == admin.factory_id)
+                .order_by(tokens.c.created_at, tokens.c.id)
+            ).all()
+        return [_token_json(r) for r in found]
+
+    return ok(await threaded(rows))
+
+
+async def revoke(request: Request) -> JSONResponse:
+    state, principal = await caller(request)
+    admin = require_factory(principal, request.path_params["factory"], {Scope.ADMIN})
+    token_id = request.path_params["token_id"]
+
+    def apply() -> dict[str, Any]:
+        with state.db.write() as conn:
+            where = (tokens.c.id == token_id, tokens.c.factory_id == admin.factory_id)
+            row = conn.execute(select(tokens).where(*where)).first()
+            if row is None:
+                raise not_found(f"no token {token_id!r} in this factory")
+            if row.revoked_at is None:
+                conn.execute(
+                    update(tokens).where(*where).values(revoked_at=state.settings.clock.now())
+                )
+            return _token_json(conn.execute(select(tokens).where(*where)).one())
+
+    return ok(await threaded(apply))
+
+
+routes = [
+    Route("/api/v1/factories/{factory}/tokens", create, methods=["POST"]),
+    Route("/api/v1/factories/{factory}/tokens", list_all, methods=["GET"]),
+    Route("/api/v1/factories/{factory}/tokens/{token_id}", revoke, methods=["DELETE"]),
+]

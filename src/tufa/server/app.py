@@ -1,0 +1,122 @@
+"""The ASGI application: routes, JSON errors, request size limits, and the re-signer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tufa.server.api import devices, factories, keys, repo, tokens
+from tufa.server.errors import ApiError, api_error_handler, error_body
+from tufa.server.state import ServerState
+
+log = logging.getLogger("tufa.server")
+
+
+class BodySizeLimit:
+    """Refuse request bodies over a limit before they are read into memory."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._refuse(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise ApiError(413, "too_large", self._message())
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    def _message(self) -> str:
+        return f"request body is larger than the limit of {self.max_bytes} bytes"
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = JSONResponse(error_body(413, "too_large", self._message()), status_code=413)
+        await response(scope, receive, send)
+
+
+async def health(_request: Request) -> JSONResponse:
+    return JSONResponse({"status": "ok"})
+
+
+async def http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return JSONResponse(error_body(exc.status_code, code, exc.detail), status_code=exc.status_code)
+
+
+async def internal_error(_request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return JSONResponse(
+        error_body(500, "internal", "internal server error; see the server log"), status_code=500
+    )
+
+
+async def _resign_forever(state: ServerState) -> None:
+    interval = state.settings.resign_interval.total_seconds()
+    while True:
+        try:
+            refreshed = await run_in_threadpool(state.repo.resign_due)
+            if refreshed:
+                log.info("re-signed online metadata of %d channel(s)", refreshed)
+        except Exception:
+            log.exception("re-signing pass failed; trying again in %ss", interval)
+        await asyncio.sleep(interval)
+
+
+def create_app(state: ServerState) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        task = (
+            asyncio.create_task(_resign_forever(state)) if state.settings.resign_enabled else None
+        )
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            state.db.dispose()
+
+    app = Starlette(
+        routes=[
+            Route("/healthz", health),
+            *factories.routes,
+            *keys.routes,
+            *tokens.routes,
+            *devices.routes,
+            *repo.routes,
+        ],
+        exception_handlers={
+            ApiError: api_error_handler,
+            HTTPException: http_error,
+            Exception: internal_error,
+        },
+        lifespan=lifespan,
+    )
+    app.state.tufa = state
+    app.add_middleware(BodySizeLimit, max_bytes=state.settings.max_body_bytes)
+    return app

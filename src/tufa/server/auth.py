@@ -1,0 +1,118 @@
+"""Who is calling: bearer tokens (operator, factory-scoped) and device credentials.
+
+Every request authenticates with `Authorization: Bearer SECRET`. The operator token
+creates factories and nothing else; factory tokens carry scopes; a device credential
+reads its own factory's metadata and targets for its own channel, nothing more.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+from sqlalchemy import Connection, select
+
+from tufa.server.db import devices, factories, tokens
+from tufa.server.errors import ApiError
+from tufa.server.secrets import secret_digest
+
+OPERATOR_SCOPE = "operator"
+
+
+class Scope(StrEnum):
+    """What a factory token may do."""
+
+    ADMIN = "admin"  # everything in the factory, including keys and tokens
+    CI = "ci"  # publish CI targets, read the factory
+    READ = "read"  # read-only: factory, devices, metadata
+    REGISTER = "register"  # register devices, nothing else
+
+
+@dataclass(frozen=True)
+class Principal:
+    kind: str  # "operator", "token" or "device"
+    factory_id: int | None = None
+    factory_name: str | None = None
+    scopes: frozenset[str] = frozenset()
+    device_id: str | None = None
+    channel: str | None = None
+
+
+def unauthorized(message: str) -> ApiError:
+    return ApiError(401, "unauthorized", message)
+
+
+def forbidden(message: str) -> ApiError:
+    return ApiError(403, "forbidden", message)
+
+
+def bearer_secret(header: str | None) -> str | None:
+    if not header:
+        return None
+    scheme, _, secret = header.partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise unauthorized("the Authorization header must be 'Bearer TOKEN'")
+    return secret.strip()
+
+
+def authenticate(conn: Connection, secret: str, now: datetime) -> Principal:
+    digest = secret_digest(secret)
+    row = conn.execute(
+        select(tokens, factories.c.name.label("factory_name"))
+        .select_from(tokens.outerjoin(factories, tokens.c.factory_id == factories.c.id))
+        .where(tokens.c.secret_sha256 == digest)
+    ).first()
+    if row is not None:
+        if row.revoked_at is not None:
+            raise unauthorized("this token was revoked; ask a factory admin for a new one")
+        if row.expires_at is not None and row.expires_at <= now:
+            raise unauthorized("this token has expired; create a new one with `tufa tokens create`")
+        scopes = frozenset(row.scopes.split(","))
+        if OPERATOR_SCOPE in scopes:
+            return Principal(kind="operator", scopes=scopes)
+        return Principal(
+            kind="token", factory_id=row.factory_id, factory_name=row.factory_name, scopes=scopes
+        )
+    device = conn.execute(
+        select(devices, factories.c.name.label("factory_name"))
+        .join(factories, devices.c.factory_id == factories.c.id)
+        .where(devices.c.secret_sha256 == digest)
+    ).first()
+    if device is not None:
+        return Principal(
+            kind="device",
+            factory_id=device.factory_id,
+            factory_name=device.factory_name,
+            device_id=device.id,
+            channel=device.channel,
+        )
+    raise unauthorized("unknown token; check --token, TUFA_TOKEN or `tufa login`")
+
+
+def require_operator(principal: Principal | None) -> Principal:
+    if principal is None:
+        raise unauthorized("this request needs the operator token")
+    if principal.kind != "operator":
+        raise forbidden("only the server operator token may do this")
+    return principal
+
+
+def require_factory(
+    principal: Principal | None, factory: str, scopes: set[Scope], *, device_reads: bool = False
+) -> Principal:
+    """The caller, if it may act on `factory` with one of `scopes` (or as a device)."""
+    if principal is None:
+        raise unauthorized(f"this request needs a token for factory {factory!r}")
+    if principal.kind == "operator":
+        raise forbidden("the operator token only creates and lists factories; use a factory token")
+    if principal.factory_name != factory:
+        raise forbidden(f"this credential is not valid for factory {factory!r}")
+    if principal.kind == "device":
+        if device_reads:
+            return principal
+        raise forbidden("device credentials may only read their own channel's metadata")
+    if principal.scopes & {s.value for s in scopes}:
+        return principal
+    needed = " or ".join(sorted(s.value for s in scopes))
+    raise forbidden(f"this token lacks the scope for this request (needs {needed})")

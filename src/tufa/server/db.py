@@ -1,0 +1,232 @@
+"""The database: schema, engines and the two kinds of transaction the server uses.
+
+SQLite (one file in the data directory) is the default and PostgreSQL the scale-out
+store. Writes that publish metadata are serialised per channel: PostgreSQL locks the
+channel's row (`SELECT ... FOR UPDATE`); SQLite takes its database-wide write lock at
+the start of every write transaction (`BEGIN IMMEDIATE`), so no two writers interleave.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Connection,
+    DateTime,
+    Engine,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    create_engine,
+    event,
+    select,
+    text,
+)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite has no time zones)."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+schema = MetaData()
+
+factories = Table(
+    "factories",
+    schema,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("anonymous_read", Boolean, nullable=False, default=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("archive_downloaded_at", UTCDateTime),
+)
+
+# One row per factory and channel: the version counters that every view of the channel
+# shares, and the row publishers lock to serialise their work.
+channels = Table(
+    "channels",
+    schema,
+    Column("factory_id", Integer, ForeignKey("factories.id"), primary_key=True),
+    Column("channel", String(8), primary_key=True),
+    Column("root_version", Integer, nullable=False),
+    Column("targets_version", Integer, nullable=False),
+    Column("snapshot_version", Integer, nullable=False),
+    Column("timestamp_version", Integer, nullable=False),
+)
+
+# Signed metadata, rendered to bytes once when published. `view` is "" for the
+# channel's default view; root files belong to the whole channel and use "".
+metadata_files = Table(
+    "metadata_files",
+    schema,
+    Column("factory_id", Integer, ForeignKey("factories.id"), primary_key=True),
+    Column("channel", String(8), primary_key=True),
+    Column("view", String(128), primary_key=True),
+    Column("role", String(16), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("body", LargeBinary, nullable=False),
+    Column("etag", String(80), nullable=False),
+    Column("expires", UTCDateTime, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+online_keys = Table(
+    "online_keys",
+    schema,
+    Column("id", Integer, primary_key=True),
+    Column("factory_id", Integer, ForeignKey("factories.id"), nullable=False, index=True),
+    Column("role", String(16), nullable=False),
+    Column("keyid", String(128), nullable=False),
+    Column("public", Text, nullable=False),
+    Column("private_encrypted", LargeBinary, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("retired_at", UTCDateTime),
+)
+
+# The offline keys archive waits here, encrypted, until its owner confirms the download.
+key_archives = Table(
+    "key_archives",
+    schema,
+    Column("factory_id", Integer, ForeignKey("factories.id"), primary_key=True),
+    Column("archive_encrypted", LargeBinary, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+tokens = Table(
+    "tokens",
+    schema,
+    Column("id", String(32), primary_key=True),
+    Column("factory_id", Integer, ForeignKey("factories.id"), index=True),
+    Column("secret_sha256", String(64), nullable=False, unique=True),
+    Column("scopes", String(200), nullable=False),
+    Column("description", String(200), nullable=False, default=""),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime),
+    Column("revoked_at", UTCDateTime),
+)
+
+devices = Table(
+    "devices",
+    schema,
+    Column("id", String(36), primary_key=True),
+    Column("factory_id", Integer, ForeignKey("factories.id"), nullable=False, index=True),
+    Column("name", String(128), nullable=False),
+    Column("hardware_id", String(128), nullable=False),
+    Column("tag", String(128), nullable=False),
+    Column("channel", String(8), nullable=False),
+    Column("secret_sha256", String(64), nullable=False, unique=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("last_seen_at", UTCDateTime),
+    UniqueConstraint("factory_id", "name"),
+)
+
+
+class Database:
+    """Engines for one database URL, with read and write transactions."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        if self.is_sqlite:
+            self._writer = _sqlite_engine(url, immediate=True)
+            self._reader = _sqlite_engine(url, immediate=False)
+        else:
+            self._writer = create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+            self._reader = self._writer
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        with self._reader.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A transaction that commits on success and rolls everything back on any error."""
+        with self._writer.begin() as conn:
+            yield conn
+
+    def lock_channel(self, conn: Connection, factory_id: int, channel: str) -> None:
+        """Serialise publishers of one channel until the transaction ends."""
+        if self.is_sqlite:
+            return  # BEGIN IMMEDIATE already holds the database's write lock.
+        conn.execute(
+            select(channels.c.factory_id)
+            .where(channels.c.factory_id == factory_id, channels.c.channel == channel)
+            .with_for_update()
+        )
+
+    def purge_deleted_bytes(self) -> None:
+        """Make deleted secrets unrecoverable from the database files.
+
+        SQLite runs with `secure_delete`, which zeroes freed pages; the write-ahead log
+        still holds old page images until it is checkpointed and truncated. PostgreSQL
+        keeps dead row versions until the table is rewritten.
+        """
+        if self.is_sqlite:
+            with self._writer.connect() as conn:
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        else:
+            with self._writer.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                conn.exec_driver_sql("VACUUM FULL key_archives")
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest migration (safe to run from several replicas)."""
+        config = Config()
+        config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+        with self._writer.begin() as conn:
+            if not self.is_sqlite:
+                conn.execute(text("SELECT pg_advisory_xact_lock(7412300)"))
+            config.attributes["connection"] = conn
+            command.upgrade(config, "head")
+
+    def dispose(self) -> None:
+        self._writer.dispose()
+        self._reader.dispose()
+
+
+def _sqlite_engine(url: str, *, immediate: bool) -> Engine:
+    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy's begin event decide how transactions start.
+        dbapi_conn.isolation_level = None
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA secure_delete=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine

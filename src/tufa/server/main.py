@@ -1,0 +1,185 @@
+"""`tufa-server`: run the service."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import click
+import uvicorn
+from sqlalchemy import select
+
+from tufa.core.durations import parse_duration
+from tufa.server.app import create_app
+from tufa.server.auth import OPERATOR_SCOPE
+from tufa.server.db import Database, tokens
+from tufa.server.repository import Repository
+from tufa.server.secrets import MasterKey
+from tufa.server.settings import Clock, OffsetClock, Settings
+from tufa.server.state import ServerState
+from tufa.server.tokens import create_operator_token
+
+
+class Duration(click.ParamType[timedelta]):
+    name = "duration"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> timedelta:
+        if isinstance(value, timedelta):
+            return value
+        try:
+            return parse_duration(str(value))
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+DURATION = Duration()
+
+
+@click.group()
+@click.version_option(package_name="tufa")
+def cli() -> None:
+    """The tufa server: factories, TUF repositories, online signing, devices."""
+
+
+@cli.command()
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default="tufa-data",
+    show_default=True,
+    envvar="TUFA_DATA_DIR",
+    help="Where the database, master key and blobs live.",
+)
+@click.option(
+    "--db",
+    "db_url",
+    envvar="TUFA_DB",
+    help="Database URL; default: SQLite in the data dir. PostgreSQL: postgresql+psycopg://user@host/db",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, envvar="TUFA_HOST")
+@click.option("--port", default=8080, show_default=True, type=int, envvar="TUFA_PORT")
+@click.option(
+    "--public-url",
+    envvar="TUFA_PUBLIC_URL",
+    help="Base URL devices use, if the server sits behind a proxy.",
+)
+@click.option("--timestamp-expiry", type=DURATION, default="1d", show_default=True)
+@click.option("--snapshot-expiry", type=DURATION, default="7d", show_default=True)
+@click.option("--ci-targets-expiry", type=DURATION, default="30d", show_default=True)
+@click.option(
+    "--root-expiry",
+    type=DURATION,
+    default="365d",
+    show_default=True,
+    help="Validity of roots the server creates.",
+)
+@click.option("--prod-targets-expiry", type=DURATION, default="365d", show_default=True)
+@click.option(
+    "--resign-interval",
+    type=DURATION,
+    default="60s",
+    show_default=True,
+    help="How often online metadata is checked for re-signing.",
+)
+@click.option(
+    "--no-resign",
+    is_flag=True,
+    help="Do not re-sign online metadata (debugging only: it will expire).",
+)
+@click.option(
+    "--clock-offset-file",
+    type=click.Path(path_type=Path),
+    hidden=True,
+    envvar="TUFA_CLOCK_OFFSET_FILE",
+    help="Test hook: seconds to add to the clock, re-read on every use.",
+)
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
+def run(
+    data_dir: Path,
+    db_url: str | None,
+    host: str,
+    port: int,
+    public_url: str | None,
+    timestamp_expiry: timedelta,
+    snapshot_expiry: timedelta,
+    ci_targets_expiry: timedelta,
+    root_expiry: timedelta,
+    prod_targets_expiry: timedelta,
+    resign_interval: timedelta,
+    no_resign: bool,
+    clock_offset_file: Path | None,
+    log_level: str,
+) -> None:
+    """Run the HTTP service.
+
+    The first start creates the database, the master key (DATA_DIR/master.key, mode
+    0600) that encrypts online private keys, and the operator token, printed once.
+    Set TUFA_OPERATOR_TOKEN in the first start's environment to choose it instead.
+
+    \b
+    Examples:
+      tufa-server run --data-dir /var/lib/tufa
+      tufa-server run --db postgresql+psycopg://tufa@db.example/tufa --port 9000
+    """
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    settings = Settings(
+        data_dir=data_dir,
+        db_url=db_url or f"sqlite:///{(data_dir / 'tufa.db').resolve()}",
+        host=host,
+        port=port,
+        public_url=public_url,
+        timestamp_expiry=timestamp_expiry,
+        snapshot_expiry=snapshot_expiry,
+        ci_targets_expiry=ci_targets_expiry,
+        root_expiry=root_expiry,
+        prod_targets_expiry=prod_targets_expiry,
+        resign_interval=resign_interval,
+        resign_enabled=not no_resign,
+        clock=OffsetClock(clock_offset_file) if clock_offset_file else Clock(),
+    )
+    try:
+        state = open_state(settings)
+    except Exception as e:
+        raise click.ClickException(f"cannot start: {e}") from e
+    uvicorn.run(create_app(state), host=host, port=port, log_level=log_level, access_log=False)
+
+
+def open_state(settings: Settings) -> ServerState:
+    """Open (creating on first start) the master key and database of a data directory."""
+    master_key = MasterKey.load_or_create(settings.master_key_path)
+    db = Database(settings.db_url)
+    db.migrate()
+    _ensure_operator_token(db, settings)
+    return ServerState(
+        settings=settings, db=db, master_key=master_key, repo=Repository(db, master_key, settings)
+    )
+
+
+def _ensure_operator_token(db: Database, settings: Settings) -> None:
+    with db.write() as conn:
+        exists = conn.execute(
+            select(tokens.c.id).where(tokens.c.scopes == OPERATOR_SCOPE).limit(1)
+        ).first()
+        if exists:
+            return
+        chosen = os.environ.get("TUFA_OPERATOR_TOKEN")
+        token = create_operator_token(conn, settings.clock.now(), chosen)
+    if not chosen:
+        print(
+            f"Operator token (shown once; keep it safe, it creates factories):\n  {token.secret}",
+            file=sys.stdout,
+            flush=True,
+        )

@@ -1,0 +1,343 @@
+"""A factory's TUF repositories as stored by the server: online keys, signed metadata,
+and the publishing steps that keep both channels valid.
+
+Metadata is rendered to bytes once, when it is signed, and stored with its ETag; the
+read path only looks bytes up. Versioned files never change, so they are cached here
+and may be cached by any CDN; `timestamp.json` and `root.json` are looked up each time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import datetime
+
+from securesystemslib.signer import Signer
+from sqlalchemy import Connection, func, insert, select, update
+from tuf.api.metadata import Metadata, Targets
+
+from tufa.core.keys import KeyPair, key_from_json, key_to_json
+from tufa.core.metadata import (
+    ROOT,
+    SNAPSHOT,
+    TARGETS,
+    TIMESTAMP,
+    AnySigned,
+    Channel,
+    build_snapshot,
+    build_targets,
+    build_timestamp,
+    expiry,
+    sign,
+    to_bytes,
+)
+from tufa.server.db import Database, channels, factories, metadata_files, online_keys
+from tufa.server.secrets import MasterKey
+from tufa.server.settings import Settings
+
+log = logging.getLogger("tufa.server")
+
+DEFAULT_VIEW = ""
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    role: str
+    version: int
+    body: bytes
+    etag: str
+    expires: datetime
+
+
+class _ImmutableFileCache:
+    """An LRU of versioned metadata files, which never change once published."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._items: OrderedDict[tuple[int, str, str, str, int], StoredFile] = OrderedDict()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[int, str, str, str, int]) -> StoredFile | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None:
+                self._items.move_to_end(key)
+            return item
+
+    def put(self, key: tuple[int, str, str, str, int], item: StoredFile) -> None:
+        with self._lock:
+            self._items[key] = item
+            if len(self._items) > self._size:
+                self._items.popitem(last=False)
+
+
+class Repository:
+    def __init__(self, db: Database, master_key: MasterKey, settings: Settings) -> None:
+        self.db = db
+        self.master_key = master_key
+        self.settings = settings
+        self._cache = _ImmutableFileCache()
+
+    # -- online keys ------------------------------------------------------------------
+
+    def store_online_key(self, conn: Connection, factory_id: int, role: str, pair: KeyPair) -> None:
+        conn.execute(
+            insert(online_keys).values(
+                factory_id=factory_id,
+                role=role,
+                keyid=pair.keyid,
+                public=key_to_json(pair.public).decode(),
+                private_encrypted=self.master_key.encrypt(
+                    pair.private_pem, f"online-key:{pair.keyid}"
+                ),
+                created_at=self.settings.clock.now(),
+            )
+        )
+
+    def online_signer(self, conn: Connection, factory_id: int, role: str) -> Signer:
+        row = conn.execute(
+            select(online_keys)
+            .where(
+                online_keys.c.factory_id == factory_id,
+                online_keys.c.role == role,
+                online_keys.c.retired_at.is_(None),
+            )
+            .order_by(online_keys.c.id.desc())
+            .limit(1)
+        ).one()
+        private = self.master_key.decrypt(row.private_encrypted, f"online-key:{row.keyid}")
+        return KeyPair.from_pem(private, key_from_json(row.public.encode())).signer()
+
+    # -- storing and reading metadata ---------------------------------------------------
+
+    def store(
+        self,
+        conn: Connection,
+        factory_id: int,
+        channel: Channel,
+        md: Metadata[AnySigned],
+        view: str = DEFAULT_VIEW,
+    ) -> bytes:
+        body = to_bytes(md)
+        conn.execute(
+            insert(metadata_files).values(
+                factory_id=factory_id,
+                channel=channel.value,
+                view=DEFAULT_VIEW if md.signed.type == ROOT else view,
+                role=md.signed.type,
+                version=md.signed.version,
+                body=body,
+                etag=f'"{hashlib.sha256(body).hexdigest()}"',
+                expires=md.signed.expires,
+                created_at=self.settings.clock.now(),
+            )
+        )
+        return body
+
+    def read_file(
+        self,
+        factory_id: int,
+        channel: str,
+        role: str,
+        version: int | None,
+        view: str = DEFAULT_VIEW,
+    ) -> StoredFile | None:
+        """A metadata file by version, or the newest one when `version` is None."""
+        if role == ROOT:
+            view = DEFAULT_VIEW
+        if version is not None:
+            key = (factory_id, channel, view, role, version)
+            cached = self._cache.get(key)
+            if cached is not None:
+                return cached
+        with self.db.read() as conn:
+            found = self._select_file(conn, factory_id, channel, role, version, view)
+        if found is not None and version is not None:
+            self._cache.put((factory_id, channel, view, role, version), found)
+        return found
+
+    def _select_file(
+        self,
+        conn: Connection,
+        factory_id: int,
+        channel: str,
+        role: str,
+        version: int | None,
+        view: str,
+    ) -> StoredFile | None:
+        query = select(
+            metadata_files.c.role,
+            metadata_files.c.version,
+            metadata_files.c.body,
+            metadata_files.c.etag,
+            metadata_files.c.expires,
+        ).where(
+            metadata_files.c.factory_id == factory_id,
+            metadata_files.c.channel == channel,
+            metadata_files.c.view == view,
+            metadata_files.c.role == role,
+        )
+        if version is None:
+            query = query.order_by(metadata_files.c.version.desc()).limit(1)
+        else:
+            query = query.where(metadata_files.c.version == version)
+        row = conn.execute(query).first()
+        if row is None:
+            return None
+        return StoredFile(row.role, row.version, row.body, row.etag, row.expires)
+
+    # -- publishing -----------------------------------------------------------------
+
+    def publish_snapshot_and_timestamp(
+        self,
+        conn: Connection,
+        factory_id: int,
+        channel: Channel,
+        targets_version: int,
+        now: datetime,
+        view: str = DEFAULT_VIEW,
+    ) -> None:
+        """Sign a new snapshot naming `targets_version`, and a timestamp naming it.
+
+        Both take the next number of the channel's shared counters, so every view of a
+        channel moves on one version sequence and no device ever sees a version go down.
+        """
+        counters = self._bump(conn, factory_id, channel, SNAPSHOT, TIMESTAMP)
+        snapshot = sign(
+            build_snapshot(
+                counters[SNAPSHOT],
+                expiry(now, self.settings.snapshot_expiry),
+                targets_version,
+            ),
+            [self.online_signer(conn, factory_id, SNAPSHOT)],
+        )
+        snapshot_bytes = self.store(conn, factory_id, channel, snapshot, view)
+        timestamp = sign(
+            build_timestamp(
+                counters[TIMESTAMP],
+                expiry(now, self.settings.timestamp_expiry),
+                snapshot_bytes,
+                counters[SNAPSHOT],
+            ),
+            [self.online_signer(conn, factory_id, TIMESTAMP)],
+        )
+        self.store(conn, factory_id, channel, timestamp, view)
+
+    def _bump(
+        self, conn: Connection, factory_id: int, channel: Channel, *roles: str
+    ) -> dict[str, int]:
+        where = (channels.c.factory_id == factory_id, channels.c.channel == channel.value)
+        conn.execute(
+            update(channels)
+            .where(*where)
+            .values({f"{role}_version": channels.c[f"{role}_version"] + 1 for role in roles})
+        )
+        row = conn.execute(select(channels).where(*where)).one()
+        return {role: row._mapping[f"{role}_version"] for role in roles}
+
+    def resign_due(self) -> int:
+        """Re-sign online metadata of every channel that has used half its validity.
+
+        Returns how many channels were refreshed. Safe to run from several server
+        replicas at once: each channel is re-checked under its lock.
+        """
+        with self.db.read() as conn:
+            rows = conn.execute(select(channels.c.factory_id, channels.c.channel)).all()
+        refreshed = 0
+        for factory_id, channel in rows:
+            try:
+                with self.db.write() as conn:
+                    self.db.lock_channel(conn, factory_id, channel)
+                    if self._resign_channel(conn, factory_id, Channel(channel)):
+                        refreshed += 1
+            except Exception:
+                log.exception("re-signing %s channel of factory %s failed", channel, factory_id)
+        return refreshed
+
+    def _resign_channel(self, conn: Connection, factory_id: int, channel: Channel) -> bool:
+        now = self.settings.clock.now()
+
+        def stale(role: str) -> StoredFile:
+            found = self._select_file(conn, factory_id, channel.value, role, None, DEFAULT_VIEW)
+            assert found is not None, f"{channel} channel of factory {factory_id} has no {role}"
+            return found
+
+        def due(found: StoredFile, role: str) -> bool:
+            return found.expires - now < self.settings.expiry_for(role) / 2
+
+        targets = stale(TARGETS)
+        targets_version = targets.version
+        if channel is Channel.CI and due(targets, TARGETS):
+            current = Metadata[Targets].from_bytes(targets.body).signed
+            targets_version = self._bump(conn, factory_id, channel, TARGETS)[TARGETS]
+            resigned = sign(
+                build_targets(
+                    targets_version, expiry(now, self.settings.ci_targets_expiry), current.targets
+                ),
+                [self.online_signer(conn, factory_id, TARGETS)],
+            )
+            self.store(conn, factory_id, channel, resigned)
+        elif (
+            channel is Channel.PROD and targets.expires - now < self.settings.offline_expiry_warning
+        ):
+            log.warning(
+                "production targets of factory %s expire at %s: release a new wave or "
+                "re-sign them with an offline targets key",
+                factory_id,
+                targets.expires.isoformat(),
+            )
+        root = stale(ROOT)
+        if root.expires - now < self.settings.offline_expiry_warning:
+            log.warning(
+                "%s root of factory %s expires at %s: extend it with `tufa keys updates`",
+                channel.value,
+                factory_id,
+                root.expires.isoformat(),
+            )
+        snapshot = stale(SNAPSHOT)
+        if targets_version != targets.version or due(snapshot, SNAPSHOT):
+            self.publish_snapshot_and_timestamp(conn, factory_id, channel, targets_version, now)
+            return True
+        if due(stale(TIMESTAMP), TIMESTAMP):
+            self._resign_timestamp(conn, factory_id, channel, snapshot, now)
+            return True
+        return False
+
+    def _resign_timestamp(
+        self,
+        conn: Connection,
+        factory_id: int,
+        channel: Channel,
+        snapshot: StoredFile,
+        now: datetime,
+    ) -> None:
+        version = self._bump(conn, factory_id, channel, TIMESTAMP)[TIMESTAMP]
+        timestamp = sign(
+            build_timestamp(
+                version,
+                expiry(now, self.settings.timestamp_expiry),
+                snapshot.body,
+                snapshot.version,
+            ),
+            [self.online_signer(conn, factory_id, TIMESTAMP)],
+        )
+        self.store(conn, factory_id, channel, timestamp)
+
+    def factory_id(self, name: str) -> int | None:
+        with self.db.read() as conn:
+            return conn.execute(select(factories.c.id).where(factories.c.name == name)).scalar()
+
+    def newest_versions(self, conn: Connection, factory_id: int, channel: str) -> dict[str, int]:
+        rows = conn.execute(
+            select(metadata_files.c.role, func.max(metadata_files.c.version))
+            .where(
+                metadata_files.c.factory_id == factory_id,
+                metadata_files.c.channel == channel,
+                metadata_files.c.view == DEFAULT_VIEW,
+            )
+            .group_by(metadata_files.c.role)
+        ).all()
+        return dict(rows)
