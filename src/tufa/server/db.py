@@ -190,8 +190,12 @@ class Database:
         keeps dead row versions until the table is rewritten.
         """
         if self.is_sqlite:
-            with self._writer.connect() as conn:
-                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+            # Outside any transaction: a checkpoint cannot run inside one.
+            raw = self._writer.raw_connection()
+            try:
+                raw.cursor().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                raw.close()
         else:
             with self._writer.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
                 conn.exec_driver_sql("VACUUM FULL key_archives")

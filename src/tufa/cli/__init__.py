@@ -1,0 +1,1 @@
+"""`tufa`, the admin CLI: one module per command group, as in fioctl."""

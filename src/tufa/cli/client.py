@@ -1,0 +1,136 @@
+"""Where the CLI's server, factory and token come from, and the HTTP client that uses them.
+
+Precedence: command-line flags, then TUFA_SERVER / TUFA_FACTORY / TUFA_TOKEN, then the
+config file written by `tufa login` (TUFA_CONFIG, or ~/.config/tufa/config.json).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import httpx
+
+import tufa
+from tufa.core.files import write_private_file
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def config_path() -> Path:
+    if "TUFA_CONFIG" in os.environ:
+        return Path(os.environ["TUFA_CONFIG"])
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base) / "tufa" / "config.json"
+
+
+def load_config() -> dict[str, str]:
+    path = config_path()
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f"cannot read config file {path}: {e}") from e
+    return {k: v for k, v in data.items() if isinstance(v, str)}
+
+
+def save_config(values: dict[str, str]) -> Path:
+    path = config_path()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_private_file(path, (json.dumps(values, indent=2) + "\n").encode())
+    return path
+
+
+@dataclass
+class Api:
+    """A logged-in view of one server, and optionally one factory on it."""
+
+    server: str
+    token: str | None
+    factory_name: str | None
+
+    @property
+    def factory(self) -> str:
+        if not self.factory_name:
+            raise click.UsageError(
+                "no factory given: use -f/--factory, TUFA_FACTORY or `tufa login --factory`"
+            )
+        return self.factory_name
+
+    def factory_path(self, suffix: str = "") -> str:
+        return f"/api/v1/factories/{self.factory}{suffix}"
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        ok: tuple[int, ...] = (200, 201),
+    ) -> httpx.Response:
+        url = path if path.startswith(("http://", "https://")) else f"{self.server}{path}"
+        headers = {"User-Agent": f"tufa-cli/{tufa.__version__}"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        try:
+            response = httpx.request(method, url, json=json_body, headers=headers, timeout=60)
+        except httpx.HTTPError as e:
+            raise click.ClickException(
+                f"cannot reach the server at {self.server}: {e}. Is it running? "
+                "Check --server, TUFA_SERVER or `tufa login`."
+            ) from e
+        if response.status_code not in ok:
+            raise click.ClickException(_describe_error(response))
+        return response
+
+    def get_json(self, path: str) -> Any:
+        return self.request("GET", path).json()
+
+
+def _describe_error(response: httpx.Response) -> str:
+    try:
+        error = response.json()["error"]
+        message = f"{error['message']} (HTTP {response.status_code} {error['code']})"
+    except (ValueError, KeyError, TypeError):
+        message = f"HTTP {response.status_code}: {response.text[:200]}"
+    return f"the server refused: {message}"
+
+
+def with_api(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add --server, -f/--factory and --token (as on every fioctl command) and pass the
+    command an `api` built from them, the environment and the config file."""
+
+    @functools.wraps(func)
+    def wrapper(server: str | None, factory: str | None, token: str | None, **kwargs: Any) -> Any:
+        return func(api=make_api(server, factory, token), **kwargs)
+
+    wrapper = click.option("--token", envvar="TUFA_TOKEN", help="API token [env TUFA_TOKEN].")(
+        wrapper
+    )
+    wrapper = click.option(
+        "-f", "--factory", envvar="TUFA_FACTORY", help="Factory name [env TUFA_FACTORY]."
+    )(wrapper)
+    return click.option("--server", envvar="TUFA_SERVER", help="Server URL [env TUFA_SERVER].")(
+        wrapper
+    )
+
+
+def make_api(server: str | None, factory: str | None, token: str | None) -> Api:
+    config = load_config()
+    chosen = server or config.get("server")
+    if not chosen:
+        raise click.UsageError(
+            "no server given: use --server, TUFA_SERVER or `tufa login --server URL`"
+        )
+    return Api(
+        server=chosen.rstrip("/"),
+        token=token or config.get("token"),
+        factory_name=factory or config.get("factory"),
+    )

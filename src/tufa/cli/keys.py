@@ -1,0 +1,142 @@
+"""`tufa keys`: the offline keys archive and the roots it governs."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.table import Table
+
+from tufa.cli.client import Api, with_api
+from tufa.cli.output import console, json_option, print_json, warn
+from tufa.core.archive import ArchiveError, OfflineArchive
+from tufa.core.files import write_private_file
+
+# Offline-signed metadata closer to expiry than this is reported loudly.
+EXPIRY_WARNING = timedelta(days=30)
+
+
+@click.group()
+def keys() -> None:
+    """Manage the factory's TUF keys (the offline keys archive and roots)."""
+
+
+@keys.command()
+@click.argument("archive", type=click.Path(dir_okay=False, path_type=Path))
+@with_api
+def download(api: Api, archive: Path) -> None:
+    """Download the offline keys archive to ARCHIVE, once.
+
+    The archive holds the factory's first root private key. The server deletes its
+    copy as soon as the file is safely written (mode 0600): back it up right away,
+    then rotate the root key (`tufa keys rotate-root ARCHIVE`).
+
+    \b
+    Example:
+      tufa keys download acme-keys.tgz
+    """
+    if archive.exists():
+        raise click.ClickException(
+            f"{archive} already exists; choose another file name (an archive is never overwritten)"
+        )
+    response = api.request("GET", api.factory_path("/keys/archive"))
+    data = response.content
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != response.headers.get("x-tufa-archive-sha256"):
+        raise click.ClickException("the archive arrived damaged (checksum mismatch); run again")
+    try:
+        parsed = OfflineArchive.from_bytes(data, source="downloaded archive")
+    except ArchiveError as e:
+        raise click.ClickException(f"{e}; run again") from e
+    if parsed.factory != api.factory:
+        raise click.ClickException(
+            f"the server sent the archive of factory {parsed.factory!r}, not {api.factory!r}"
+        )
+    write_private_file(archive, data)
+    if hashlib.sha256(archive.read_bytes()).hexdigest() != digest:
+        raise click.ClickException(f"{archive} did not read back intact; check the disk, run again")
+    api.request("POST", api.factory_path("/keys/archive/confirm"), json_body={"sha256": digest})
+    root_keys = ", ".join(k.pair.keyid for k in parsed.keys_for("root"))
+    click.echo(f"Saved the offline keys archive of {api.factory!r} to {archive} (mode 0600).")
+    click.echo(f"Root key id: {root_keys}")
+    click.echo(
+        "The server has deleted its copy: this file is now the only one. Back it up now "
+        "(see the README, 'Backing up offline keys')."
+    )
+
+
+@keys.command("show-root")
+@click.option("--prod", is_flag=True, help="Show the production root instead of the CI root.")
+@click.option(
+    "-k",
+    "--keys",
+    "archive",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Offline keys archive: mark which keys it holds.",
+)
+@json_option
+@with_api
+def show_root(api: Api, prod: bool, archive: Path | None, as_json: bool) -> None:
+    """Show the current CI (or production) root: keys, thresholds, expiry.
+
+    With --json the signed root.json is printed as served, for jq or a TUF client.
+
+    \b
+    Examples:
+      tufa keys show-root --prod
+      tufa keys show-root --json | jq '.signed.roles.root.keyids[0]'
+    """
+    channel = "prod" if prod else "ci"
+    root = api.get_json(api.factory_path(f"/repo/{channel}/metadata/root.json"))
+    expires = datetime.fromisoformat(root["signed"]["expires"].replace("Z", "+00:00"))
+    warning = _expiry_warning(channel, expires)
+    if warning:
+        warn(warning)
+    if as_json:
+        print_json(root)
+        return
+    online = {k["keyid"] for k in api.get_json(api.factory_path())["online_keys"]}
+    held: set[str] = set()
+    if archive is not None:
+        try:
+            held = {k.pair.keyid for k in OfflineArchive.load(archive).keys}
+        except ArchiveError as e:
+            raise click.ClickException(str(e)) from e
+    _print_root(channel, root["signed"], online, held if archive else None)
+
+
+def _expiry_warning(channel: str, expires: datetime) -> str | None:
+    left = expires - datetime.now(UTC)
+    if left > EXPIRY_WARNING:
+        return None
+    state = "has EXPIRED" if left.total_seconds() <= 0 else f"expires in {left.days} day(s)"
+    return (
+        f"the {channel} root {state} ({expires.isoformat()}); devices will stop updating. "
+        "Extend it with `tufa keys updates`."
+    )
+
+
+def _print_root(
+    channel: str, signed: dict[str, Any], online: set[str], held: set[str] | None
+) -> None:
+    out = console()
+    out.print(
+        f"[bold]{channel} root[/bold] version {signed['version']}, expires {signed['expires']}"
+    )
+    table = Table()
+    for column in ("role", "threshold", "key id", "type", "held by"):
+        table.add_column(column)
+    if held is not None:
+        table.add_column("in archive")
+    for role, spec in signed["roles"].items():
+        for keyid in spec["keyids"]:
+            key = signed["keys"][keyid]
+            row = [role, str(spec["threshold"]), keyid, key["keytype"]]
+            row.append("server (online)" if keyid in online else "owner (offline)")
+            if held is not None:
+                row.append("yes" if keyid in held else "no")
+            table.add_row(*row)
+    out.print(table)

@@ -1,0 +1,31 @@
+"""Terminal output shared by the command groups: tables for people, JSON for scripts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+from rich.console import Console
+
+# Key ids and URLs must print whole even when the output goes to a pipe or a log,
+# where rich would otherwise assume 80 columns and cut them.
+_PIPE_WIDTH = 200
+
+
+def console(*, stderr: bool = False) -> Console:
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else _PIPE_WIDTH)
+
+
+def warn(message: str) -> None:
+    console(stderr=True).print(f"[bold red]WARNING:[/bold red] {message}")
+
+
+def print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+def json_option(func: Any) -> Any:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(func)

@@ -1,0 +1,50 @@
+"""`tufa login` and `tufa get`: the session defaults, and raw authenticated API reads."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from tufa.cli.client import Api, load_config, save_config, with_api
+
+
+@click.command()
+@click.option("--server", envvar="TUFA_SERVER", help="Server URL.")
+@click.option("-f", "--factory", envvar="TUFA_FACTORY", help="Factory name.")
+@click.option("--token", envvar="TUFA_TOKEN", help="API token.")
+def login(server: str | None, factory: str | None, token: str | None) -> None:
+    """Save server URL, factory and token as the defaults for every command.
+
+    The config file (mode 0600) is TUFA_CONFIG or ~/.config/tufa/config.json. Flags and
+    TUFA_SERVER, TUFA_FACTORY, TUFA_TOKEN still override it per command.
+
+    \b
+    Example:
+      tufa login --server https://tufa.example --factory acme --token tufa_...
+    """
+    values = load_config()
+    for key, value in (("server", server), ("factory", factory), ("token", token)):
+        if value:
+            values[key] = value
+    if not values.get("server"):
+        raise click.UsageError("give at least --server")
+    path = save_config(values)
+    click.echo(f"Saved to {path}: server {values['server']}, factory {values.get('factory', '-')}")
+
+
+@click.command()
+@click.argument("path")
+@with_api
+def get(api: Api, path: str) -> None:
+    """Print the response to an authenticated GET of PATH, as fioctl get does.
+
+    \b
+    Examples:
+      tufa get /api/v1/factories/acme
+      tufa get /api/v1/factories/acme/repo/prod/metadata/root.json | jq .signed.roles
+    """
+    if not path.startswith(("/", "http://", "https://")):
+        path = f"/{path}"
+    sys.stdout.buffer.write(api.request("GET", path).content)
+    sys.stdout.buffer.write(b"\n")

@@ -1,0 +1,105 @@
+"""`tufa tokens`: API tokens for people, CI jobs and device provisioning."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import click
+from rich.table import Table
+
+from tufa.cli.client import Api, with_api
+from tufa.cli.output import console, json_option, print_json
+from tufa.core.durations import parse_duration
+
+SCOPES = ("admin", "ci", "read", "register")
+
+
+def _duration(_ctx: click.Context, _param: click.Parameter, value: str | None) -> timedelta | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e
+
+
+@click.group()
+def tokens() -> None:
+    """Create, list and revoke API tokens of a factory (admin token needed)."""
+
+
+@tokens.command()
+@click.option(
+    "-s",
+    "--scope",
+    "scopes",
+    multiple=True,
+    required=True,
+    type=click.Choice(SCOPES),
+    help="What the token may do (repeatable): admin, ci (publish), read, register (devices).",
+)
+@click.option("-d", "--description", default="", help="Who or what uses the token.")
+@click.option("--expires", callback=_duration, help="Lifetime, e.g. 30d or 12h (default: never).")
+@json_option
+@with_api
+def create(
+    api: Api, scopes: tuple[str, ...], description: str, expires: timedelta | None, as_json: bool
+) -> None:
+    """Create a token; its secret is printed once.
+
+    \b
+    Examples:
+      tufa tokens create --scope ci -d "jenkins" --expires 90d
+      tufa tokens create --scope register -d "assembly line" --json
+    """
+    body: dict[str, object] = {"scopes": list(scopes), "description": description}
+    if expires is not None:
+        body["expires_in_seconds"] = int(expires.total_seconds())
+    created = api.request("POST", api.factory_path("/tokens"), json_body=body).json()
+    if as_json:
+        print_json(created)
+        return
+    click.echo(f"Token {created['id']} ({', '.join(created['scopes'])}), shown once:")
+    click.echo(created["token"])
+
+
+@tokens.command("list")
+@json_option
+@with_api
+def list_tokens(api: Api, as_json: bool) -> None:
+    """List the factory's tokens (never their secrets)."""
+    found = api.get_json(api.factory_path("/tokens"))
+    if as_json:
+        print_json(found)
+        return
+    table = Table()
+    for column in ("id", "scopes", "description", "created", "expires", "revoked"):
+        table.add_column(column)
+    for t in found:
+        table.add_row(
+            t["id"],
+            ",".join(t["scopes"]),
+            t["description"],
+            t["created_at"],
+            t["expires_at"] or "never",
+            t["revoked_at"] or "",
+        )
+    console().print(table)
+
+
+@tokens.command()
+@click.argument("token_id")
+@json_option
+@with_api
+def revoke(api: Api, token_id: str, as_json: bool) -> None:
+    """Revoke token TOKEN_ID at once.
+
+    \b
+    Example:
+      tufa tokens revoke tok_3f2a9c0d1e4b5a67
+    """
+    revoked = api.request("DELETE", api.factory_path(f"/tokens/{token_id}")).json()
+    if as_json:
+        print_json(revoked)
+        return
+    click.echo(f"Revoked {revoked['id']} at {revoked['revoked_at']}.")
