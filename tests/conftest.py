@@ -1,0 +1,103 @@
+"""Fixtures: real tufa-server processes on loopback, on SQLite and on PostgreSQL.
+
+PostgreSQL is the one at 127.0.0.1:5432 (trust auth). Each test session gets its own
+database there, dropped at the end. With CI=true an unreachable PostgreSQL fails the
+run instead of skipping its half of the suite.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.helpers import Factory, Server, create_factory
+from tufa.cli.local_server import LocalServer
+
+PG_ADMIN_URL = os.environ.get("TUFA_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+BACKENDS = ["sqlite", "postgres"]
+
+
+def _pg_database(name: str) -> str:
+    """Create database `name` and return its SQLAlchemy URL."""
+    try:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as e:
+        message = f"PostgreSQL at {PG_ADMIN_URL} is unreachable: {e}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    base, _, _ = PG_ADMIN_URL.rpartition("/")
+    return f"{base.replace('postgresql://', 'postgresql+psycopg://')}/{name}"
+
+
+def _drop_pg_database(name: str) -> None:
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def make_db_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], str | None]]:
+    """Make a fresh database for a backend: None (SQLite in the data dir) or a PG URL."""
+    created: list[str] = []
+
+    def make(backend: str) -> str | None:
+        if backend == "sqlite":
+            return None
+        name = f"tufa_test_{secrets.token_hex(6)}"
+        url = _pg_database(name)
+        created.append(name)
+        return url
+
+    yield make
+    for name in created:
+        _drop_pg_database(name)
+
+
+@pytest.fixture(scope="session")
+def make_server(
+    tmp_path_factory: pytest.TempPathFactory, make_db_url: Callable[[str], str | None]
+) -> Iterator[Callable[..., Server]]:
+    """Start a tufa-server process: make_server(backend, extra_args=(...), env={...})."""
+    started: list[LocalServer] = []
+
+    def make(
+        backend: str = "sqlite",
+        extra_args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        db_url: str | None = None,
+        data_dir: Path | None = None,
+    ) -> Server:
+        data_dir = data_dir or tmp_path_factory.mktemp(f"server-{backend}") / "data"
+        local = LocalServer(
+            data_dir,
+            operator_token=f"tufa_op_{secrets.token_urlsafe(16)}",
+            db_url=db_url or make_db_url(backend),
+            extra_args=extra_args,
+            env=env,
+        )
+        local.start()
+        started.append(local)
+        return Server(local, backend)
+
+    yield make
+    for local in started:
+        local.stop()
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def server(request: pytest.FixtureRequest, make_server: Callable[..., Server]) -> Server:
+    """One shared server per backend; tests isolate themselves with their own factory."""
+    backend: str = request.param
+    return make_server(backend)
+
+
+@pytest.fixture
+def factory(server: Server) -> Factory:
+    """A fresh factory on the shared server, with its admin token."""
+    return create_factory(server)
