@@ -15,6 +15,8 @@ from pathlib import Path
 
 import httpx
 
+from tufa.core.files import default_database_url
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -50,7 +52,7 @@ class LocalServer:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.operator_token = operator_token
-        self.db_url = db_url or f"sqlite:///{(data_dir / 'tufa.db').resolve()}"
+        self.db_url = db_url or default_database_url(data_dir)
         self.log_path = log_path or data_dir.parent / f"{data_dir.name}.log"
         self._args = [
             console_script("tufa-server"),

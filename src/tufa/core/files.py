@@ -34,3 +34,8 @@ def write_private_file(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def default_database_url(data_dir: Path) -> str:
+    """The embedded SQLite database of a server data directory."""
+    return f"sqlite:///{(Path(data_dir) / 'tufa.db').resolve()}"

@@ -13,6 +13,7 @@ import uvicorn
 from sqlalchemy import select
 
 from tufa.core.durations import parse_duration
+from tufa.core.files import default_database_url
 from tufa.server.app import create_app
 from tufa.server.auth import OPERATOR_SCOPE
 from tufa.server.db import Database, tokens
@@ -137,7 +138,7 @@ def run(
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     settings = Settings(
         data_dir=data_dir,
-        db_url=db_url or f"sqlite:///{(data_dir / 'tufa.db').resolve()}",
+        db_url=db_url or default_database_url(data_dir),
         host=host,
         port=port,
         public_url=public_url,
