@@ -57,6 +57,15 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 schema = MetaData()
 
+# Server-wide facts; "master_key_check" proves at start that the master key given is the
+# one that encrypted this database's private keys.
+server_facts = Table(
+    "server_facts",
+    schema,
+    Column("name", String(64), primary_key=True),
+    Column("value", LargeBinary, nullable=False),
+)
+
 factories = Table(
     "factories",
     schema,
@@ -200,15 +209,20 @@ class Database:
             with self._writer.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
                 conn.exec_driver_sql("VACUUM FULL key_archives")
 
-    def migrate(self) -> None:
-        """Bring the schema to the newest migration (safe to run from several replicas)."""
-        config = Config()
-        config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    @contextmanager
+    def startup(self) -> Iterator[Connection]:
+        """A write transaction that server replicas starting together take one at a time."""
         with self._writer.begin() as conn:
             if not self.is_sqlite:
                 conn.execute(text("SELECT pg_advisory_xact_lock(7412300)"))
-            config.attributes["connection"] = conn
-            command.upgrade(config, "head")
+            yield conn
+
+    def migrate(self, conn: Connection) -> None:
+        """Bring the schema to the newest migration, on a `startup` connection."""
+        config = Config()
+        config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+        config.attributes["connection"] = conn
+        command.upgrade(config, "head")
 
     def dispose(self) -> None:
         self._writer.dispose()

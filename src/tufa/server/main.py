@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from datetime import timedelta
 from pathlib import Path
 
 import click
 import uvicorn
-from sqlalchemy import select
+from cryptography.exceptions import InvalidTag
+from sqlalchemy import Connection, insert, select
 
 from tufa.core.durations import parse_duration
 from tufa.core.files import default_database_url
 from tufa.server.app import create_app
 from tufa.server.auth import OPERATOR_SCOPE
-from tufa.server.db import Database, tokens
+from tufa.server.db import Database, server_facts, tokens
 from tufa.server.repository import Repository
 from tufa.server.secrets import MasterKey
 from tufa.server.settings import Clock, OffsetClock, Settings
@@ -65,6 +65,13 @@ def cli() -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, envvar="TUFA_HOST")
 @click.option("--port", default=8080, show_default=True, type=int, envvar="TUFA_PORT")
 @click.option(
+    "--master-key-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="TUFA_MASTER_KEY_FILE",
+    help="Key that encrypts online private keys [default: DATA_DIR/master.key]. "
+    "Replicas sharing one database must share it.",
+)
+@click.option(
     "--public-url",
     envvar="TUFA_PUBLIC_URL",
     help="Base URL devices use, if the server sits behind a proxy.",
@@ -110,6 +117,7 @@ def run(
     db_url: str | None,
     host: str,
     port: int,
+    master_key_file: Path | None,
     public_url: str | None,
     timestamp_expiry: timedelta,
     snapshot_expiry: timedelta,
@@ -142,6 +150,7 @@ def run(
         host=host,
         port=port,
         public_url=public_url,
+        master_key_file=master_key_file,
         timestamp_expiry=timestamp_expiry,
         snapshot_expiry=snapshot_expiry,
         ci_targets_expiry=ci_targets_expiry,
@@ -162,25 +171,48 @@ def open_state(settings: Settings) -> ServerState:
     """Open (creating on first start) the master key and database of a data directory."""
     master_key = MasterKey.load_or_create(settings.master_key_path)
     db = Database(settings.db_url)
-    db.migrate()
-    _ensure_operator_token(db, settings)
+    with db.startup() as conn:
+        db.migrate(conn)
+        _check_master_key(conn, master_key, settings)
+        created = _ensure_operator_token(conn, settings)
+    if created is not None:
+        print(
+            f"Operator token (shown once; keep it safe, it creates factories):\n  {created}",
+            flush=True,
+        )
     return ServerState(
         settings=settings, db=db, master_key=master_key, repo=Repository(db, master_key, settings)
     )
 
 
-def _ensure_operator_token(db: Database, settings: Settings) -> None:
-    with db.write() as conn:
-        exists = conn.execute(
-            select(tokens.c.id).where(tokens.c.scopes == OPERATOR_SCOPE).limit(1)
-        ).first()
-        if exists:
-            return
-        chosen = os.environ.get("TUFA_OPERATOR_TOKEN")
-        token = create_operator_token(conn, settings.clock.now(), chosen)
-    if not chosen:
-        print(
-            f"Operator token (shown once; keep it safe, it creates factories):\n  {token.secret}",
-            file=sys.stdout,
-            flush=True,
+def _check_master_key(conn: Connection, master_key: MasterKey, settings: Settings) -> None:
+    """Refuse to start with a master key other than the one this database was made with."""
+    purpose = "master-key-check"
+    stored = conn.execute(
+        select(server_facts.c.value).where(server_facts.c.name == purpose)
+    ).scalar()
+    if stored is None:
+        conn.execute(
+            insert(server_facts).values(name=purpose, value=master_key.encrypt(b"tufa", purpose))
         )
+        return
+    try:
+        master_key.decrypt(stored, purpose)
+    except InvalidTag:
+        raise RuntimeError(
+            f"the master key {settings.master_key_path} is not the one this database was "
+            "created with; every replica must use the same key (copy it and pass "
+            "--master-key-file)"
+        ) from None
+
+
+def _ensure_operator_token(conn: Connection, settings: Settings) -> str | None:
+    """Create the operator token on first start; return its secret if it must be shown."""
+    exists = conn.execute(
+        select(tokens.c.id).where(tokens.c.scopes == OPERATOR_SCOPE).limit(1)
+    ).first()
+    if exists:
+        return None
+    chosen = os.environ.get("TUFA_OPERATOR_TOKEN")
+    token = create_operator_token(conn, settings.clock.now(), chosen)
+    return None if chosen else token.secret

@@ -52,10 +52,11 @@ class Settings:
     resign_enabled: bool = True
     max_body_bytes: int = 1024 * 1024
     clock: Clock = field(default_factory=Clock)
+    master_key_file: Path | None = None
 
     @property
     def master_key_path(self) -> Path:
-        return self.data_dir / "master.key"
+        return self.master_key_file or self.data_dir / "master.key"
 
     def expiry_for(self, role: str) -> timedelta:
         return {

@@ -15,6 +15,12 @@ depends_on = None
 
 def upgrade() -> None:
     op.create_table(
+        "server_facts",
+        sa.Column("name", sa.String(length=64), nullable=False),
+        sa.Column("value", sa.LargeBinary(), nullable=False),
+        sa.PrimaryKeyConstraint("name"),
+    )
+    op.create_table(
         "factories",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("name", sa.String(length=64), nullable=False),
@@ -130,6 +136,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_table("server_facts")
     with op.batch_alter_table("tokens", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_tokens_factory_id"))
 
