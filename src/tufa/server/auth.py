@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, bindparam, select
 
 from tufa.server.db import devices, factories, tokens
 from tufa.server.errors import ApiError
@@ -56,13 +56,22 @@ def bearer_secret(header: str | None) -> str | None:
     return secret.strip()
 
 
+# Built once: every request runs one of these.
+_TOKEN_BY_DIGEST = (
+    select(tokens, factories.c.name.label("factory_name"))
+    .select_from(tokens.outerjoin(factories, tokens.c.factory_id == factories.c.id))
+    .where(tokens.c.secret_sha256 == bindparam("digest"))
+)
+_DEVICE_BY_DIGEST = (
+    select(devices, factories.c.name.label("factory_name"))
+    .join(factories, devices.c.factory_id == factories.c.id)
+    .where(devices.c.secret_sha256 == bindparam("digest"))
+)
+
+
 def authenticate(conn: Connection, secret: str, now: datetime) -> Principal:
-    digest = secret_digest(secret)
-    row = conn.execute(
-        select(tokens, factories.c.name.label("factory_name"))
-        .select_from(tokens.outerjoin(factories, tokens.c.factory_id == factories.c.id))
-        .where(tokens.c.secret_sha256 == digest)
-    ).first()
+    digest = {"digest": secret_digest(secret)}
+    row = conn.execute(_TOKEN_BY_DIGEST, digest).first()
     if row is not None:
         if row.revoked_at is not None:
             raise unauthorized("this token was revoked; ask a factory admin for a new one")
@@ -74,11 +83,7 @@ def authenticate(conn: Connection, secret: str, now: datetime) -> Principal:
         return Principal(
             kind="token", factory_id=row.factory_id, factory_name=row.factory_name, scopes=scopes
         )
-    device = conn.execute(
-        select(devices, factories.c.name.label("factory_name"))
-        .join(factories, devices.c.factory_id == factories.c.id)
-        .where(devices.c.secret_sha256 == digest)
-    ).first()
+    device = conn.execute(_DEVICE_BY_DIGEST, digest).first()
     if device is not None:
         return Principal(
             kind="device",

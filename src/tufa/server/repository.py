@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from securesystemslib.signer import Signer
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 from tuf.api.metadata import Metadata, Targets
 
 from tufa.core.keys import KeyPair, key_from_json, key_to_json
@@ -34,7 +34,7 @@ from tufa.core.metadata import (
     sign,
     to_bytes,
 )
-from tufa.server.db import Database, channels, factories, metadata_files, online_keys
+from tufa.server.db import Database, channels, metadata_files, online_keys
 from tufa.server.secrets import MasterKey
 from tufa.server.settings import Settings
 
@@ -72,6 +72,24 @@ class _ImmutableFileCache:
             self._items[key] = item
             if len(self._items) > self._size:
                 self._items.popitem(last=False)
+
+
+# Built once: the read path runs these for every device poll, and building a statement
+# costs more than executing it.
+_FILE_COLUMNS = select(
+    metadata_files.c.role,
+    metadata_files.c.version,
+    metadata_files.c.body,
+    metadata_files.c.etag,
+    metadata_files.c.expires,
+).where(
+    metadata_files.c.factory_id == bindparam("factory_id"),
+    metadata_files.c.channel == bindparam("channel"),
+    metadata_files.c.view == bindparam("view"),
+    metadata_files.c.role == bindparam("role"),
+)
+_FILE_BY_VERSION = _FILE_COLUMNS.where(metadata_files.c.version == bindparam("version"))
+_NEWEST_FILE = _FILE_COLUMNS.order_by(metadata_files.c.version.desc()).limit(1)
 
 
 class Repository:
@@ -139,6 +157,7 @@ class Repository:
 
     def read_file(
         self,
+        conn: Connection,
         factory_id: int,
         channel: str,
         role: str,
@@ -148,46 +167,22 @@ class Repository:
         """A metadata file by version, or the newest one when `version` is None."""
         if role == ROOT:
             view = DEFAULT_VIEW
+        key = (factory_id, channel, view, role, version or 0)
         if version is not None:
-            key = (factory_id, channel, view, role, version)
             cached = self._cache.get(key)
             if cached is not None:
                 return cached
-        with self.db.read() as conn:
-            found = self._select_file(conn, factory_id, channel, role, version, view)
-        if found is not None and version is not None:
-            self._cache.put((factory_id, channel, view, role, version), found)
-        return found
-
-    def _select_file(
-        self,
-        conn: Connection,
-        factory_id: int,
-        channel: str,
-        role: str,
-        version: int | None,
-        view: str,
-    ) -> StoredFile | None:
-        query = select(
-            metadata_files.c.role,
-            metadata_files.c.version,
-            metadata_files.c.body,
-            metadata_files.c.etag,
-            metadata_files.c.expires,
-        ).where(
-            metadata_files.c.factory_id == factory_id,
-            metadata_files.c.channel == channel,
-            metadata_files.c.view == view,
-            metadata_files.c.role == role,
-        )
+        params = {"factory_id": factory_id, "channel": channel, "view": view, "role": role}
         if version is None:
-            query = query.order_by(metadata_files.c.version.desc()).limit(1)
+            row = conn.execute(_NEWEST_FILE, params).first()
         else:
-            query = query.where(metadata_files.c.version == version)
-        row = conn.execute(query).first()
+            row = conn.execute(_FILE_BY_VERSION, {**params, "version": version}).first()
         if row is None:
             return None
-        return StoredFile(row.role, row.version, row.body, row.etag, row.expires)
+        found = StoredFile(row.role, row.version, row.body, row.etag, row.expires)
+        if version is not None:
+            self._cache.put(key, found)
+        return found
 
     # -- publishing -----------------------------------------------------------------
 
@@ -261,7 +256,7 @@ class Repository:
         now = self.settings.clock.now()
 
         def stale(role: str) -> StoredFile:
-            found = self._select_file(conn, factory_id, channel.value, role, None, DEFAULT_VIEW)
+            found = self.read_file(conn, factory_id, channel.value, role, None)
             assert found is not None, f"{channel} channel of factory {factory_id} has no {role}"
             return found
 
@@ -325,19 +320,3 @@ class Repository:
             [self.online_signer(conn, factory_id, TIMESTAMP)],
         )
         self.store(conn, factory_id, channel, timestamp)
-
-    def factory_id(self, name: str) -> int | None:
-        with self.db.read() as conn:
-            return conn.execute(select(factories.c.id).where(factories.c.name == name)).scalar()
-
-    def newest_versions(self, conn: Connection, factory_id: int, channel: str) -> dict[str, int]:
-        rows = conn.execute(
-            select(metadata_files.c.role, func.max(metadata_files.c.version))
-            .where(
-                metadata_files.c.factory_id == factory_id,
-                metadata_files.c.channel == channel,
-                metadata_files.c.view == DEFAULT_VIEW,
-            )
-            .group_by(metadata_files.c.role)
-        ).all()
-        return dict(rows)

@@ -85,7 +85,11 @@ def describe(state: ServerState, name: str, base_url: str) -> dict[str, Any]:
         row = conn.execute(select(factories).where(factories.c.name == name)).first()
         if row is None:
             raise not_found(f"unknown factory {name!r}")
-        versions = {c: repo.newest_versions(conn, row.id, c.value) for c in Channel}
+        newest = {
+            (channel, role): repo.read_file(conn, row.id, channel.value, role, None)
+            for channel in Channel
+            for role in (ROOT, TARGETS, SNAPSHOT, TIMESTAMP)
+        }
         online = conn.execute(
             select(online_keys.c.role, online_keys.c.keyid)
             .where(online_keys.c.factory_id == row.id, online_keys.c.retired_at.is_(None))
@@ -100,7 +104,7 @@ def describe(state: ServerState, name: str, base_url: str) -> dict[str, Any]:
             "targets_url": f"{prefix}/targets/",
         }
         for role in (ROOT, TARGETS, SNAPSHOT, TIMESTAMP):
-            stored = repo.read_file(row.id, channel.value, role, versions[channel][role])
+            stored = newest[channel, role]
             assert stored is not None
             entry[role] = {"version": stored.version, "expires": iso(stored.expires)}
             offline_signed = role == ROOT or (role == TARGETS and channel is Channel.PROD)

@@ -10,22 +10,39 @@ from __future__ import annotations
 
 import re
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tufa.core.metadata import ROOT, SNAPSHOT, TARGETS, TIMESTAMP, Channel
-from tufa.server.api.common import caller, threaded
-from tufa.server.auth import Principal, Scope, forbidden, require_factory, unauthorized
+from tufa.core.metadata import ROOT, TIMESTAMP, Channel
+from tufa.server.api.common import threaded
+from tufa.server.auth import (
+    Scope,
+    authenticate,
+    bearer_secret,
+    forbidden,
+    require_factory,
+    unauthorized,
+)
 from tufa.server.db import factories
 from tufa.server.errors import not_found
 from tufa.server.repository import StoredFile
-from tufa.server.state import ServerState
+from tufa.server.state import ServerState, state_of
 
 _VERSIONED = re.compile(r"^([1-9][0-9]{0,9})\.(root|snapshot|targets)\.json$")
 _LATEST = {"timestamp.json": TIMESTAMP, "root.json": ROOT}
 _IMMUTABLE = "max-age=31536000, immutable"
+CHANNELS = frozenset(c.value for c in Channel)
+READERS = {Scope.ADMIN, Scope.CI, Scope.READ}
+_FACTORY_BY_NAME = select(factories.c.id, factories.c.anonymous_read).where(
+    factories.c.name == bindparam("name")
+)
+
+
+def version_of(filename: str) -> int | None:
+    match = _VERSIONED.match(filename)
+    return int(match.group(1)) if match else None
 
 
 def _parse_filename(filename: str) -> tuple[str, int | None]:
@@ -38,39 +55,42 @@ def _parse_filename(filename: str) -> tuple[str, int | None]:
 
 
 def _lookup(
-    state: ServerState, principal: Principal | None, name: str, channel: str, filename: str
+    state: ServerState, secret: str | None, name: str, channel: str, filename: str
 ) -> tuple[StoredFile, bool]:
+    """Authenticate, authorise and find the file in one read transaction."""
     role, version = _parse_filename(filename)
     with state.db.read() as conn:
-        factory = conn.execute(
-            select(factories.c.id, factories.c.anonymous_read).where(factories.c.name == name)
-        ).first()
-    if principal is None:
-        if factory is None or not factory.anonymous_read:
-            raise unauthorized(f"reading factory {name!r} needs a token or device credential")
-    else:
-        require_factory(principal, name, {Scope.ADMIN, Scope.CI, Scope.READ}, device_reads=True)
-        if principal.kind == "device" and principal.channel != channel:
-            raise forbidden(f"this device follows the {principal.channel} channel, not {channel}")
-    assert factory is not None
-    stored = state.repo.read_file(factory.id, channel, role, version)
+        principal = (
+            authenticate(conn, secret, state.settings.clock.now()) if secret is not None else None
+        )
+        factory = conn.execute(_FACTORY_BY_NAME, {"name": name}).first()
+        if principal is None:
+            if factory is None or not factory.anonymous_read:
+                raise unauthorized(f"reading factory {name!r} needs a token or device credential")
+        else:
+            require_factory(principal, name, READERS, device_reads=True)
+            if principal.kind == "device" and principal.channel != channel:
+                raise forbidden(
+                    f"this device follows the {principal.channel} channel, not {channel}"
+                )
+        assert factory is not None
+        stored = state.repo.read_file(conn, factory.id, channel, role, version)
     if stored is None:
         raise not_found(f"{filename} does not exist in the {channel} channel")
     return stored, bool(factory.anonymous_read)
 
 
 async def metadata(request: Request) -> Response:
-    state, principal = await caller(request)
+    state = state_of(request)
+    secret = bearer_secret(request.headers.get("authorization"))
     name = request.path_params["factory"]
     channel = request.path_params["channel"]
-    if channel not in {c.value for c in Channel}:
+    if channel not in CHANNELS:
         raise not_found(f"unknown channel {channel!r}: use 'ci' or 'prod'")
     filename = request.path_params["filename"]
-    stored, public = await threaded(lambda: _lookup(state, principal, name, channel, filename))
+    stored, public = await threaded(lambda: _lookup(state, secret, name, channel, filename))
     visibility = "public" if public else "private"
-    versioned = stored.role in (SNAPSHOT, TARGETS) or (
-        stored.role == ROOT and filename != "root.json"
-    )
+    versioned = version_of(filename) is not None
     headers = {
         "ETag": stored.etag,
         "Cache-Control": f"{visibility}, {_IMMUTABLE}" if versioned else f"{visibility}, no-cache",
