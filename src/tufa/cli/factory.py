@@ -60,7 +60,7 @@ def list_factories(api: Api, as_json: bool) -> None:
 @json_option
 @with_api
 def show(api: Api, as_json: bool) -> None:
-    """Show a factory: each channel's metadata and targets URLs, versions and expiry.
+    """Show channel URLs, metadata versions and expiry dates.
 
     Point any TUF client at a channel's metadata URL, bootstrapped with that channel's
     root (`tufa keys show-root [--prod] --json`).

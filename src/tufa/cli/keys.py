@@ -21,13 +21,14 @@ EXPIRY_WARNING = timedelta(days=30)
 
 @click.group()
 def keys() -> None:
-    """Manage the factory's TUF keys (the offline keys archive and roots)."""
+    """Offline keys archive and TUF roots."""
 
 
 @keys.command()
 @click.argument("archive", type=click.Path(dir_okay=False, path_type=Path))
+@json_option
 @with_api
-def download(api: Api, archive: Path) -> None:
+def download(api: Api, archive: Path, as_json: bool) -> None:
     """Download the offline keys archive to ARCHIVE, once.
 
     The archive holds the factory's first root private key. The server deletes its
@@ -59,9 +60,12 @@ def download(api: Api, archive: Path) -> None:
     if hashlib.sha256(archive.read_bytes()).hexdigest() != digest:
         raise click.ClickException(f"{archive} did not read back intact; check the disk, run again")
     api.request("POST", api.factory_path("/keys/archive/confirm"), json_body={"sha256": digest})
-    root_keys = ", ".join(k.pair.keyid for k in parsed.keys_for("root"))
+    root_keys = [k.pair.keyid for k in parsed.keys_for("root")]
+    if as_json:
+        print_json({"archive": str(archive), "sha256": digest, "root_keyids": root_keys})
+        return
     click.echo(f"Saved the offline keys archive of {api.factory!r} to {archive} (mode 0600).")
-    click.echo(f"Root key id: {root_keys}")
+    click.echo(f"Root key id: {', '.join(root_keys)}")
     click.echo(
         "The server has deleted its copy: this file is now the only one. Back it up now "
         "(see the README, 'Backing up offline keys')."
@@ -80,7 +84,7 @@ def download(api: Api, archive: Path) -> None:
 @json_option
 @with_api
 def show_root(api: Api, prod: bool, archive: Path | None, as_json: bool) -> None:
-    """Show the current CI (or production) root: keys, thresholds, expiry.
+    """Show the CI (or production) root: keys, thresholds, expiry.
 
     With --json the signed root.json is printed as served, for jq or a TUF client.
 

@@ -14,7 +14,7 @@ from tufa.cli.client import Api, load_config, save_config, with_api
 @click.option("-f", "--factory", envvar="TUFA_FACTORY", help="Factory name.")
 @click.option("--token", envvar="TUFA_TOKEN", help="API token.")
 def login(server: str | None, factory: str | None, token: str | None) -> None:
-    """Save server URL, factory and token as the defaults for every command.
+    """Save server URL, factory and token as defaults.
 
     The config file (mode 0600) is TUFA_CONFIG or ~/.config/tufa/config.json. Flags and
     TUFA_SERVER, TUFA_FACTORY, TUFA_TOKEN still override it per command.
@@ -37,7 +37,7 @@ def login(server: str | None, factory: str | None, token: str | None) -> None:
 @click.argument("path")
 @with_api
 def get(api: Api, path: str) -> None:
-    """Print the response to an authenticated GET of PATH, as fioctl get does.
+    """Print an authenticated API GET of PATH (like fioctl get).
 
     \b
     Examples:

@@ -25,7 +25,7 @@ def _duration(_ctx: click.Context, _param: click.Parameter, value: str | None) -
 
 @click.group()
 def tokens() -> None:
-    """Create, list and revoke API tokens of a factory (admin token needed)."""
+    """Create, list and revoke API tokens (admin token needed)."""
 
 
 @tokens.command()
