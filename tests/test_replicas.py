@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import secrets
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,13 +22,18 @@ def _versions(factory: Factory, server: Server, channel: str) -> dict[str, int]:
     return {role: shown["channels"][channel][role]["version"] for role in ROLES}
 
 
-def test_replica_with_another_master_key_refuses_to_start(
-    make_server: Callable[..., Server], make_db_url: Callable[[str], str | None]
+def test_replica_without_the_master_key_refuses_to_start(
+    make_server: Callable[..., Server], make_db_url: Callable[[str], str | None], tmp_path: Path
 ) -> None:
     db_url = make_db_url("postgres")
     make_server("postgres", db_url=db_url)
-    with pytest.raises(RuntimeError, match=r"master key .* not the one this database"):
+    with pytest.raises(RuntimeError, match=r"master key file .* not found"):
         make_server("postgres", db_url=db_url)
+    other_key = tmp_path / "other.key"
+    other_key.write_bytes(secrets.token_bytes(32))
+    other_key.chmod(0o600)
+    with pytest.raises(RuntimeError, match=r"master key .* is not the one this database"):
+        make_server("postgres", db_url=db_url, extra_args=("--master-key-file", str(other_key)))
 
 
 def test_replicas_share_state_and_resign_without_conflict(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +14,7 @@ from tufa.cli.client import Api, with_api
 from tufa.cli.output import console, json_option, print_json, warn
 from tufa.core.archive import ArchiveError, OfflineArchive
 from tufa.core.files import write_private_file
-
-# Offline-signed metadata closer to expiry than this is reported loudly.
-EXPIRY_WARNING = timedelta(days=30)
+from tufa.core.metadata import OFFLINE_EXPIRY_WARNING
 
 
 @click.group()
@@ -86,7 +84,8 @@ def download(api: Api, archive: Path, as_json: bool) -> None:
 def show_root(api: Api, prod: bool, archive: Path | None, as_json: bool) -> None:
     """Show the CI (or production) root: keys, thresholds, expiry.
 
-    With --json the signed root.json is printed as served, for jq or a TUF client.
+    With --json the signed root.json is printed as served, for jq or to bootstrap a TUF
+    client.
 
     \b
     Examples:
@@ -94,13 +93,14 @@ def show_root(api: Api, prod: bool, archive: Path | None, as_json: bool) -> None
       tufa keys show-root --json | jq '.signed.roles.root.keyids[0]'
     """
     channel = "prod" if prod else "ci"
-    root = api.get_json(api.factory_path(f"/repo/{channel}/metadata/root.json"))
+    served = api.request("GET", api.factory_path(f"/repo/{channel}/metadata/root.json"))
+    root = served.json()
     expires = datetime.fromisoformat(root["signed"]["expires"].replace("Z", "+00:00"))
     warning = _expiry_warning(channel, expires)
     if warning:
         warn(warning)
     if as_json:
-        print_json(root)
+        click.echo(served.text)
         return
     online = {k["keyid"] for k in api.get_json(api.factory_path())["online_keys"]}
     held: set[str] = set()
@@ -114,7 +114,7 @@ def show_root(api: Api, prod: bool, archive: Path | None, as_json: bool) -> None
 
 def _expiry_warning(channel: str, expires: datetime) -> str | None:
     left = expires - datetime.now(UTC)
-    if left > EXPIRY_WARNING:
+    if left > OFFLINE_EXPIRY_WARNING:
         return None
     state = "has EXPIRED" if left.total_seconds() <= 0 else f"expires in {left.days} day(s)"
     return (

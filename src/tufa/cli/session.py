@@ -10,9 +10,9 @@ from tufa.cli.client import Api, load_config, save_config, with_api
 
 
 @click.command()
-@click.option("--server", envvar="TUFA_SERVER", help="Server URL.")
-@click.option("-f", "--factory", envvar="TUFA_FACTORY", help="Factory name.")
-@click.option("--token", envvar="TUFA_TOKEN", help="API token.")
+@click.option("--server", help="Server URL.")
+@click.option("-f", "--factory", help="Factory name.")
+@click.option("--token", help="API token.")
 def login(server: str | None, factory: str | None, token: str | None) -> None:
     """Save server URL, factory and token as defaults.
 
@@ -46,5 +46,7 @@ def get(api: Api, path: str) -> None:
     """
     if not path.startswith(("/", "http://", "https://")):
         path = f"/{path}"
-    sys.stdout.buffer.write(api.request("GET", path).content)
-    sys.stdout.buffer.write(b"\n")
+    body = api.request("GET", path).content
+    sys.stdout.buffer.write(body)
+    if sys.stdout.isatty() and not body.endswith(b"\n"):
+        sys.stdout.buffer.write(b"\n")

@@ -53,10 +53,11 @@ class KeyPair:
     def from_pem(cls, private_pem: bytes, public: SSlibKey | None = None) -> KeyPair:
         """Load a PEM private key; the public key is derived unless given (to keep its scheme)."""
         private_key = load_pem_private_key(private_pem, password=None)
-        derived = SSlibKey.from_crypto(private_key.public_key())
-        if public is not None and public.keyval != derived.keyval:
+        scheme = public.scheme if public is not None else None
+        derived = SSlibKey.from_crypto(private_key.public_key(), scheme=scheme)
+        if public is not None and (public.keyval, public.keyid) != (derived.keyval, derived.keyid):
             raise ValueError(f"private key does not match public key {public.keyid}")
-        return cls(public=public or derived, private_pem=private_pem)
+        return cls(public=derived, private_pem=private_pem)
 
     def signer(self) -> CryptoSigner:
         private_key = load_pem_private_key(self.private_pem, password=None)

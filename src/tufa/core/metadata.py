@@ -34,6 +34,10 @@ TIMESTAMP = Timestamp.type
 TOP_LEVEL_ROLES = (ROOT, TARGETS, SNAPSHOT, TIMESTAMP)
 ONLINE_ROLES = (TARGETS, SNAPSHOT, TIMESTAMP)
 
+# Offline-signed metadata (roots, production targets) closer to expiry than this is
+# reported loudly by the server and the CLI.
+OFFLINE_EXPIRY_WARNING = timedelta(days=30)
+
 # The production targets role needs the online key and at least one offline key.
 MIN_PROD_TARGETS_THRESHOLD = 2
 

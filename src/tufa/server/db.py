@@ -8,6 +8,8 @@ the start of every write transaction (`BEGIN IMMEDIATE`), so no two writers inte
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -36,6 +38,8 @@ from sqlalchemy import (
     select,
     text,
 )
+
+log = logging.getLogger("tufa.server")
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -152,7 +156,6 @@ devices = Table(
     Column("channel", String(8), nullable=False),
     Column("secret_sha256", String(64), nullable=False, unique=True),
     Column("created_at", UTCDateTime, nullable=False),
-    Column("last_seen_at", UTCDateTime),
     UniqueConstraint("factory_id", "name"),
 )
 
@@ -202,7 +205,12 @@ class Database:
             # Outside any transaction: a checkpoint cannot run inside one.
             raw = self._writer.raw_connection()
             try:
-                raw.cursor().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                for _attempt in range(50):
+                    busy, _, _ = raw.cursor().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                    if not busy:
+                        return
+                    time.sleep(0.1)  # a reader holds an old snapshot; wait for it to finish
+                log.warning("could not truncate the SQLite WAL: readers kept it busy")
             finally:
                 raw.close()
         else:

@@ -41,7 +41,7 @@ class Duration(click.ParamType[timedelta]):
 DURATION = Duration()
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="tufa")
 def cli() -> None:
     """The tufa server: factories, TUF repositories, online signing, devices."""
@@ -169,11 +169,10 @@ def run(
 
 def open_state(settings: Settings) -> ServerState:
     """Open (creating on first start) the master key and database of a data directory."""
-    master_key = MasterKey.load_or_create(settings.master_key_path)
     db = Database(settings.db_url)
     with db.startup() as conn:
         db.migrate(conn)
-        _check_master_key(conn, master_key, settings)
+        master_key = _open_master_key(conn, settings)
         created = _ensure_operator_token(conn, settings)
     if created is not None:
         print(
@@ -185,17 +184,26 @@ def open_state(settings: Settings) -> ServerState:
     )
 
 
-def _check_master_key(conn: Connection, master_key: MasterKey, settings: Settings) -> None:
-    """Refuse to start with a master key other than the one this database was made with."""
+def _open_master_key(conn: Connection, settings: Settings) -> MasterKey:
+    """The master key; created with a new database, and refused unless it is the one the
+    database was created with (its check value must decrypt)."""
     purpose = "master-key-check"
+    path = settings.master_key_path
     stored = conn.execute(
         select(server_facts.c.value).where(server_facts.c.name == purpose)
     ).scalar()
     if stored is None:
+        master_key = MasterKey.load(path) if path.exists() else MasterKey.create(path)
         conn.execute(
             insert(server_facts).values(name=purpose, value=master_key.encrypt(b"tufa", purpose))
         )
-        return
+        return master_key
+    if not path.exists():
+        raise RuntimeError(
+            f"master key file {path} not found, but this database already has online keys "
+            "encrypted with a master key: copy that key file here or pass --master-key-file"
+        )
+    master_key = MasterKey.load(path)
     try:
         master_key.decrypt(stored, purpose)
     except InvalidTag:
@@ -204,6 +212,7 @@ def _check_master_key(conn: Connection, master_key: MasterKey, settings: Setting
             "created with; every replica must use the same key (copy it and pass "
             "--master-key-file)"
         ) from None
+    return master_key
 
 
 def _ensure_operator_token(conn: Connection, settings: Settings) -> str | None:

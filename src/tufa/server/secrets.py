@@ -26,13 +26,13 @@ class MasterKey:
         self._aead = AESGCM(key)
 
     @classmethod
-    def load_or_create(cls, path: Path) -> MasterKey:
-        if path.exists():
-            if path.stat().st_mode & 0o077:
-                raise PermissionError(
-                    f"{path} is readable by other users; run `chmod 600 {path}` first"
-                )
-            return cls(path.read_bytes())
+    def load(cls, path: Path) -> MasterKey:
+        if path.stat().st_mode & 0o077:
+            raise PermissionError(f"{path} is readable by other users; run `chmod 600 {path}`")
+        return cls(path.read_bytes())
+
+    @classmethod
+    def create(cls, path: Path) -> MasterKey:
         key = AESGCM.generate_key(bit_length=256)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_private_file(path, key)

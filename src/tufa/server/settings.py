@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from tufa.core.metadata import OFFLINE_EXPIRY_WARNING
+
 
 class Clock:
     """The server's idea of now; replaceable so tests can move time instead of sleeping."""
@@ -45,7 +47,7 @@ class Settings:
     root_expiry: timedelta = timedelta(days=365)
     prod_targets_expiry: timedelta = timedelta(days=365)
     # Offline-signed metadata closer to expiry than this is reported loudly.
-    offline_expiry_warning: timedelta = timedelta(days=30)
+    offline_expiry_warning: timedelta = OFFLINE_EXPIRY_WARNING
     # The re-signer wakes up this often and re-signs what has less than half its
     # validity period left, so a missed run or two never lets anything expire.
     resign_interval: timedelta = timedelta(minutes=1)

@@ -30,7 +30,6 @@ def _device_json(row: Any) -> dict[str, Any]:
         "tag": row.tag,
         "channel": row.channel,
         "created_at": iso(row.created_at),
-        "last_seen_at": iso(row.last_seen_at),
     }
 
 

@@ -80,6 +80,14 @@ def _lookup(
     return stored, bool(factory.anonymous_read)
 
 
+def _matches(if_none_match: str | None, etag: str) -> bool:
+    """RFC 9110 weak comparison of If-None-Match against the file's ETag."""
+    if not if_none_match:
+        return False
+    candidates = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
+    return "*" in candidates or etag in candidates
+
+
 async def metadata(request: Request) -> Response:
     state = state_of(request)
     secret = bearer_secret(request.headers.get("authorization"))
@@ -95,7 +103,7 @@ async def metadata(request: Request) -> Response:
         "ETag": stored.etag,
         "Cache-Control": f"{visibility}, {_IMMUTABLE}" if versioned else f"{visibility}, no-cache",
     }
-    if request.headers.get("if-none-match") == stored.etag:
+    if _matches(request.headers.get("if-none-match"), stored.etag):
         return Response(status_code=304, headers=headers)
     return Response(stored.body, media_type="application/json", headers=headers)
 

@@ -42,7 +42,9 @@ async def create(request: Request) -> JSONResponse:
     description = field(data, "description", str, "")
     lifetime = field(data, "expires_in_seconds", int, 0)
     if lifetime < 0 or timedelta(seconds=lifetime) > MAX_TOKEN_LIFETIME:
-        raise bad_request("field 'expires_in_seconds' must be between 1 and ten years")
+        raise bad_request(
+            "field 'expires_in_seconds' must be at most ten years (0 or absent: never expires)"
+        )
 
     def make() -> dict[str, Any]:
         now = state.settings.clock.now()
