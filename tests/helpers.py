@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import subprocess
@@ -10,10 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from sqlalchemy import Engine, create_engine, select
+from sqlalchemy.pool import NullPool
 from tuf.ngclient import Updater
 
 from tufa.cli.local_server import LocalServer, console_script
 from tufa.core.fetcher import BearerFetcher
+from tufa.server import db
 
 
 @dataclass
@@ -112,3 +116,91 @@ def run_cli(
         check=False,
         timeout=120,
     )
+
+
+def set_clock_offset(path: Path, seconds: float) -> None:
+    """Move the clock of a server started with `--clock-offset-file path`.
+
+    The server re-reads the file at any moment, so it is replaced atomically: a reader
+    never sees a half-written number.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(f"{seconds}\n")
+    os.replace(tmp, path)
+
+
+def cli_env(factory: Factory, config: Path) -> dict[str, str]:
+    """Environment for `run_cli` acting as the factory's admin, with its own config file."""
+    return {
+        "TUFA_CONFIG": str(config),
+        "TUFA_SERVER": factory.server.url,
+        "TUFA_FACTORY": factory.name,
+        "TUFA_TOKEN": factory.admin_token,
+    }
+
+
+# --- Shared by the authorization and bad-input tests -------------------------------
+
+_client: httpx.Client | None = None
+
+
+def http() -> httpx.Client:
+    """One keep-alive client per test process: a new httpx client costs ~30 ms (TLS setup)."""
+    global _client
+    if _client is None:
+        _client = httpx.Client(timeout=30)
+    return _client
+
+
+def send(
+    server: Server, method: str, path: str, token: str | None = None, **kwargs: Any
+) -> httpx.Response:
+    """Like `Server.request`, on the shared keep-alive client."""
+    headers = dict(kwargs.pop("headers", {}))
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    return http().request(method, f"{server.url}{path}", headers=headers, **kwargs)
+
+
+def assert_error(response: httpx.Response, status: int, code: str, message: str = "") -> None:
+    """`response` is the API's JSON error {"error": {status, code, message}} naming `message`."""
+    assert response.status_code == status, (
+        f"expected {status}: {response.status_code} {response.text}"
+    )
+    assert response.headers["content-type"].startswith("application/json"), response.headers
+    body = response.json()
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert set(error) == {"status", "code", "message"}, error
+    assert error["status"] == status, error
+    assert error["code"] == code, error
+    assert isinstance(error["message"], str), error
+    assert error["message"], error
+    assert message in error["message"], f"{message!r} not in {error['message']!r}"
+
+
+DB_TABLES = (
+    "factories",
+    "channels",
+    "metadata_files",
+    "online_keys",
+    "key_archives",
+    "tokens",
+    "devices",
+)
+
+
+@functools.cache
+def _engine(url: str) -> Engine:
+    # No pool: the session drops PostgreSQL test databases, and SQLite files belong to servers.
+    return create_engine(url, poolclass=NullPool)
+
+
+def dump_database(server: Server) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table of the server's database, sorted, to compare before/after."""
+    dump: dict[str, list[tuple[Any, ...]]] = {}
+    with _engine(server.local.db_url).connect() as conn:
+        for name in DB_TABLES:
+            rows = conn.execute(select(db.schema.tables[name])).all()
+            dump[name] = sorted((tuple(row) for row in rows), key=repr)
+    return dump

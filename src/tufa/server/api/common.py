@@ -17,7 +17,7 @@ from tufa.server.errors import bad_request
 from tufa.server.state import ServerState, state_of
 
 T = TypeVar("T")
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{1,62}")
 
 
 async def caller(request: Request) -> tuple[ServerState, Principal | None]:
@@ -40,6 +40,8 @@ async def json_object(request: Request) -> dict[str, Any]:
         data = json.loads(body or b"{}")
     except (ValueError, UnicodeDecodeError) as e:
         raise bad_request(f"the request body is not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise bad_request("the request body is not valid JSON: nested too deeply") from e
     if not isinstance(data, dict):
         raise bad_request("the request body must be a JSON object")
     return data
@@ -59,11 +61,20 @@ def field(data: dict[str, Any], name: str, kind: type[T], default: T | None = No
 
 def name_field(data: dict[str, Any], name: str) -> str:
     value = field(data, name, str)
-    if not NAME_PATTERN.match(value):
+    if not NAME_PATTERN.fullmatch(value):
         raise bad_request(
             f"field {name!r} must be 2-63 lowercase letters, digits or '-', starting with a "
             "letter or digit"
         )
+    return value
+
+
+def text_field(data: dict[str, Any], name: str, max_length: int, *, required: bool = True) -> str:
+    """A short printable text: stripped, no control characters, at most `max_length`."""
+    value = field(data, name, str, None if required else "").strip()
+    if (required and not value) or len(value) > max_length or not value.isprintable():
+        least = 1 if required else 0
+        raise bad_request(f"field {name!r} must be {least}-{max_length} printable characters")
     return value
 
 

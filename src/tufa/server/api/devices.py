@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from tufa.core.metadata import Channel
-from tufa.server.api.common import caller, field, iso, json_object, ok, threaded
+from tufa.server.api.common import caller, field, iso, json_object, ok, text_field, threaded
 from tufa.server.auth import Scope, require_factory
 from tufa.server.db import devices
 from tufa.server.errors import bad_request, conflict, not_found
@@ -33,13 +33,6 @@ def _device_json(row: Any) -> dict[str, Any]:
     }
 
 
-def _label(data: dict[str, Any], name: str) -> str:
-    value = field(data, name, str).strip()
-    if not value or len(value) > MAX_LABEL or any(ord(c) < 32 for c in value):
-        raise bad_request(f"field {name!r} must be 1-{MAX_LABEL} printable characters")
-    return value
-
-
 async def register(request: Request) -> JSONResponse:
     state, principal = await caller(request)
     caller_token = require_factory(
@@ -50,9 +43,9 @@ async def register(request: Request) -> JSONResponse:
     if channel not in {c.value for c in Channel}:
         raise bad_request("field 'channel' must be 'ci' or 'prod'")
     values = {
-        "name": _label(data, "name"),
-        "hardware_id": _label(data, "hardware_id"),
-        "tag": _label(data, "tag"),
+        "name": text_field(data, "name", MAX_LABEL),
+        "hardware_id": text_field(data, "hardware_id", MAX_LABEL),
+        "tag": text_field(data, "tag", MAX_LABEL),
         "channel": channel,
     }
     secret = new_secret(DEVICE_SECRET_PREFIX)

@@ -10,13 +10,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from tufa.server.api.common import caller, field, iso, json_object, ok, threaded
+from tufa.server.api.common import caller, field, iso, json_object, ok, text_field, threaded
 from tufa.server.auth import Scope, require_factory
 from tufa.server.db import tokens
 from tufa.server.errors import bad_request, not_found
 from tufa.server.tokens import create_token
 
 MAX_TOKEN_LIFETIME = timedelta(days=3650)
+MAX_DESCRIPTION = 200
 
 
 def _token_json(row: Any) -> dict[str, Any]:
@@ -39,9 +40,9 @@ async def create(request: Request) -> JSONResponse:
     valid = {s.value for s in Scope}
     if not scopes or not all(isinstance(s, str) and s in valid for s in scopes):
         raise bad_request(f"field 'scopes' must be a non-empty list of: {', '.join(sorted(valid))}")
-    description = field(data, "description", str, "")
+    description = text_field(data, "description", MAX_DESCRIPTION, required=False)
     lifetime = field(data, "expires_in_seconds", int, 0)
-    if lifetime < 0 or timedelta(seconds=lifetime) > MAX_TOKEN_LIFETIME:
+    if not 0 <= lifetime <= MAX_TOKEN_LIFETIME.total_seconds():
         raise bad_request(
             "field 'expires_in_seconds' must be at most ten years (0 or absent: never expires)"
         )

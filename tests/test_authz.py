@@ -1,0 +1,341 @@
+"""Who may call what: every endpoint of the API against every kind of caller.
+
+The matrix below is the whole policy. Each cell is one test (`endpoint:caller`), run on
+a dedicated server per backend whose clock the tests can move forward, so an expiring
+token expires without sleeping. Cells that could change shared state (PATCH of a
+factory, confirming the keys archive) get a fresh factory of their own; revoking gets
+a fresh victim token. A refused request that would write must leave the database as
+it was.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import Factory, Server, assert_error, create_factory, dump_database, send
+from tufa.server.api import devices as api_devices
+from tufa.server.api import factories as api_factories
+from tufa.server.api import keys as api_keys
+from tufa.server.api import repo as api_repo
+from tufa.server.api import tokens as api_tokens
+
+# The callers, in the matrix's column order.
+CALLERS = (
+    "anon",  # no Authorization header
+    "bogus",  # a well-formed token the server never issued
+    "other",  # the admin token of another factory
+    "revoked",  # an admin token of this factory, revoked
+    "expired",  # an admin token of this factory, expired
+    "dev-ci",  # a device credential of this factory, ci channel
+    "dev-prod",  # a device credential of this factory, prod channel
+    "operator",  # the server operator token
+    "admin",  # factory tokens of each scope
+    "ci",
+    "read",
+    "register",
+)
+
+# ok = 2xx; 401 = no usable credential; 403 = a valid credential, not allowed here.
+MATRIX_TABLE = """
+                 anon bogus other revoked expired dev-ci dev-prod operator admin ci  read register
+factories-create 401  401   403   401     401     403    403      ok       403   403 403  403
+factories-list   401  401   403   401     401     403    403      ok       403   403 403  403
+factory-show     401  401   403   401     401     403    403      403      ok    ok  ok   403
+factory-patch    401  401   403   401     401     403    403      403      ok    403 403  403
+archive-download 401  401   403   401     401     403    403      403      ok    403 403  403
+archive-confirm  401  401   403   401     401     403    403      403      ok    403 403  403
+tokens-create    401  401   403   401     401     403    403      403      ok    403 403  403
+tokens-list      401  401   403   401     401     403    403      403      ok    403 403  403
+token-revoke     401  401   403   401     401     403    403      403      ok    403 403  403
+devices-register 401  401   403   401     401     403    403      403      ok    403 403  ok
+devices-list     401  401   403   401     401     403    403      403      ok    403 ok   403
+device-show      401  401   403   401     401     403    403      403      ok    403 ok   403
+metadata-ci      401  401   403   401     401     ok     403      403      ok    ok  ok   403
+metadata-prod    401  401   403   401     401     403    ok       403      ok    ok  ok   403
+"""
+
+
+def _parse(table: str) -> dict[tuple[str, str], str]:
+    header, *rows = (line.split() for line in table.strip().splitlines())
+    assert tuple(header) == CALLERS
+    cells = {}
+    for endpoint, *expected in rows:
+        assert len(expected) == len(CALLERS), endpoint
+        cells.update({(endpoint, c): e for c, e in zip(CALLERS, expected, strict=True)})
+    return cells
+
+
+MATRIX = _parse(MATRIX_TABLE)
+# The route each matrix row calls.
+ROUTES = {
+    "factories-create": ("POST", "/api/v1/factories"),
+    "factories-list": ("GET", "/api/v1/factories"),
+    "factory-show": ("GET", "/api/v1/factories/{factory}"),
+    "factory-patch": ("PATCH", "/api/v1/factories/{factory}"),
+    "archive-download": ("GET", "/api/v1/factories/{factory}/keys/archive"),
+    "archive-confirm": ("POST", "/api/v1/factories/{factory}/keys/archive/confirm"),
+    "tokens-create": ("POST", "/api/v1/factories/{factory}/tokens"),
+    "tokens-list": ("GET", "/api/v1/factories/{factory}/tokens"),
+    "token-revoke": ("DELETE", "/api/v1/factories/{factory}/tokens/{token_id}"),
+    "devices-register": ("POST", "/api/v1/factories/{factory}/devices"),
+    "devices-list": ("GET", "/api/v1/factories/{factory}/devices"),
+    "device-show": ("GET", "/api/v1/factories/{factory}/devices/{device}"),
+    "metadata-ci": ("GET", "/api/v1/factories/{factory}/repo/{channel}/metadata/{filename}"),
+    "metadata-prod": ("GET", "/api/v1/factories/{factory}/repo/{channel}/metadata/{filename}"),
+}
+# Endpoints whose success changes the factory for everyone after: one factory per cell.
+FRESH_FACTORY = {"factory-patch", "archive-confirm"}
+ERROR_CODES = {"401": "unauthorized", "403": "forbidden"}
+# What a 401 must say, so that e.g. the expired token is refused for expiring, not by chance.
+WHY_UNAUTHORIZED = {
+    "anon": "needs",
+    "bogus": "unknown token",
+    "revoked": "revoked",
+    "expired": "expired",
+}
+
+
+class ClockFile:
+    """The --clock-offset-file of a server: seconds added to its clock, only ever forward."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        path.write_text("0")
+
+    def advance(self, seconds: int) -> None:
+        self.offset += seconds
+        self.path.write_text(str(self.offset))
+
+
+class Tenant:
+    """A factory on the matrix server, with credentials of each kind made on first use."""
+
+    def __init__(self, env: MatrixServer, factory: Factory) -> None:
+        self.env = env
+        self.factory = factory
+        self._credentials: dict[str, str | None] = {}
+        self._device_id: str | None = None
+
+    def admin(self, method: str, suffix: str, **kwargs: Any) -> Any:
+        response = send(self.env.server, method, self.factory.path(suffix), **kwargs)
+        assert response.is_success, response.text
+        return response.json()
+
+    def new_token(self, scope: str, **extra: Any) -> dict[str, Any]:
+        body = {"scopes": [scope], **extra}
+        token: dict[str, Any] = self.admin(
+            "POST", "/tokens", token=self.factory.admin_token, json=body
+        )
+        return token
+
+    def credential(self, caller: str) -> str | None:
+        if caller not in self._credentials:
+            self._credentials[caller] = self._make(caller)
+        return self._credentials[caller]
+
+    def _make(self, caller: str) -> str | None:
+        secret: str
+        match caller:
+            case "anon":
+                return None
+            case "bogus":
+                return f"tufa_{secrets.token_urlsafe(32)}"
+            case "other":
+                return self.env.other.admin_token
+            case "operator":
+                return self.env.server.operator_token
+            case "admin":
+                return self.factory.admin_token
+            case "revoked":
+                token = self.new_token("admin")
+                self.admin("DELETE", f"/tokens/{token['id']}", token=self.factory.admin_token)
+                secret = token["token"]
+            case "expired":
+                # Alive for a minute (the server clock has 1 s steps), then moved past it.
+                secret = self.new_token("admin", expires_in_seconds=60)["token"]
+                alive = send(self.env.server, "GET", self.factory.path(), secret)
+                assert alive.status_code == 200, alive.text
+                self.env.clock.advance(61)
+            case "dev-ci" | "dev-prod":
+                secret = self.device(caller.removeprefix("dev-"))["credential"]
+            case _:
+                secret = self.new_token(caller)["token"]
+        return secret
+
+    def device(self, channel: str) -> dict[str, Any]:
+        body = {"name": f"d-{secrets.token_hex(4)}", "hardware_id": "rpi4", "tag": "main"}
+        device: dict[str, Any] = self.admin(
+            "POST", "/devices", token=self.factory.admin_token, json={**body, "channel": channel}
+        )
+        return device
+
+    def request_for(self, endpoint: str) -> tuple[str, str, dict[str, Any] | None]:
+        """Method, path and JSON body of a valid request to `endpoint` in this factory."""
+        path = self.factory.path
+        match endpoint:
+            case "factories-create":
+                return "POST", "/api/v1/factories", {"name": f"n-{secrets.token_hex(5)}"}
+            case "factories-list":
+                return "GET", "/api/v1/factories", None
+            case "factory-show":
+                return "GET", path(), None
+            case "factory-patch":
+                return "PATCH", path(), {"anonymous_read": True}
+            case "archive-download":
+                return "GET", path("/keys/archive"), None
+            case "archive-confirm":
+                download = send(
+                    self.env.server, "GET", path("/keys/archive"), self.factory.admin_token
+                )
+                assert download.status_code == 200, download.text
+                digest = download.headers["X-Tufa-Archive-Sha256"]
+                return "POST", path("/keys/archive/confirm"), {"sha256": digest}
+            case "tokens-create":
+                return "POST", path("/tokens"), {"scopes": ["read"]}
+            case "tokens-list":
+                return "GET", path("/tokens"), None
+            case "token-revoke":
+                victim = self.new_token("read")
+                return "DELETE", path(f"/tokens/{victim['id']}"), None
+            case "devices-register":
+                body = {"name": f"r-{secrets.token_hex(4)}", "hardware_id": "x", "tag": "main"}
+                return "POST", path("/devices"), {**body, "channel": "ci"}
+            case "devices-list":
+                return "GET", path("/devices"), None
+            case "device-show":
+                if self._device_id is None:
+                    self._device_id = self.device("ci")["id"]
+                return "GET", path(f"/devices/{self._device_id}"), None
+            case "metadata-ci" | "metadata-prod":
+                channel = endpoint.removeprefix("metadata-")
+                return "GET", path(f"/repo/{channel}/metadata/timestamp.json"), None
+        raise AssertionError(f"no request for endpoint {endpoint!r}")
+
+
+class MatrixServer:
+    """A dedicated server with a movable clock, a shared tenant and another factory."""
+
+    def __init__(self, server: Server, clock: ClockFile) -> None:
+        self.server = server
+        self.clock = clock
+        self.other = create_factory(server)
+        self.shared = Tenant(self, create_factory(server))
+
+    def tenant_for(self, endpoint: str) -> Tenant:
+        if endpoint in FRESH_FACTORY:
+            return Tenant(self, create_factory(self.server))
+        return self.shared
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def matrix_server(
+    request: pytest.FixtureRequest,
+    make_server: Callable[..., Server],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> MatrixServer:
+    clock = ClockFile(tmp_path_factory.mktemp("clock") / "offset")
+    server = make_server(request.param, extra_args=("--clock-offset-file", str(clock.path)))
+    return MatrixServer(server, clock)
+
+
+@pytest.mark.parametrize(("endpoint", "caller"), list(MATRIX), ids=[f"{e}:{c}" for e, c in MATRIX])
+def test_authorization_matrix(matrix_server: MatrixServer, endpoint: str, caller: str) -> None:
+    expected = MATRIX[endpoint, caller]
+    tenant = matrix_server.tenant_for(endpoint)
+    token = tenant.credential(caller)
+    method, path, body = tenant.request_for(endpoint)
+    assert method == ROUTES[endpoint][0]
+    watch = expected != "ok" and method != "GET"
+    before = dump_database(matrix_server.server) if watch else None
+
+    response = send(matrix_server.server, method, path, token, json=body)
+
+    if expected == "ok":
+        assert response.is_success, f"{response.status_code} {response.text}"
+        return
+    why = WHY_UNAUTHORIZED.get(caller, "") if expected == "401" else ""
+    assert_error(response, int(expected), ERROR_CODES[expected], why)
+    if watch:
+        assert dump_database(matrix_server.server) == before, f"refused {endpoint} wrote"
+
+
+def test_matrix_covers_every_route() -> None:
+    """A new route must get a row in the matrix."""
+    served = {
+        (method, route.path)
+        for module in (api_factories, api_keys, api_tokens, api_devices, api_repo)
+        for route in module.routes
+        for method in (route.methods or set()) - {"HEAD"}
+    }
+    assert set(ROUTES.values()) == served
+    assert set(ROUTES) == {endpoint for endpoint, _ in MATRIX}
+
+
+@pytest.mark.parametrize("channel", ["ci", "prod"])
+def test_anonymous_metadata_reads_follow_the_factory_setting(
+    factory: Factory, channel: str
+) -> None:
+    server = factory.server
+    closed = create_factory(server)
+    files = [f"/repo/{channel}/metadata/{name}" for name in ("timestamp.json", "1.root.json")]
+
+    def anonymous(f: Factory, suffix: str) -> int:
+        return send(server, "GET", f.path(suffix)).status_code
+
+    def configure(anonymous_read: bool) -> None:
+        body = {"anonymous_read": anonymous_read}
+        response = send(server, "PATCH", factory.path(), factory.admin_token, json=body)
+        assert response.status_code == 200, response.text
+        assert response.json()["anonymous_read"] is anonymous_read
+
+    for suffix in files:
+        assert_error(send(server, "GET", factory.path(suffix)), 401, "unauthorized", factory.name)
+
+    configure(True)
+    for suffix in files:
+        response = send(server, "GET", factory.path(suffix))
+        assert response.status_code == 200, response.text
+        assert response.headers["Cache-Control"].startswith("public"), response.headers
+        # Only anonymous reads of metadata open up: a bad credential is still refused...
+        assert send(server, "GET", factory.path(suffix), "tufa_not-a-token").status_code == 401
+        # ...and other factories stay closed.
+        assert anonymous(closed, suffix) == 401
+    # Nothing else of the factory becomes public.
+    for suffix in ("", "/devices", "/devices/any", "/tokens", "/keys/archive"):
+        assert anonymous(factory, suffix) == 401, suffix
+
+    configure(False)
+    for suffix in files:
+        assert_error(send(server, "GET", factory.path(suffix)), 401, "unauthorized")
+
+
+def test_nothing_crosses_between_factories(server: Server) -> None:
+    """Another factory's devices cannot read, and its tokens and devices are not found."""
+    mine, theirs = create_factory(server), create_factory(server)
+    their_read_token = theirs.token("read")
+    their_token_id = next(
+        t["id"] for t in theirs.request("GET", "/tokens").json() if t["scopes"] == ["read"]
+    )
+    their_device = theirs.register_device("ci")
+
+    for channel in ("ci", "prod"):
+        root = mine.path(f"/repo/{channel}/metadata/1.root.json")
+        read = send(server, "GET", root, their_device["credential"])
+        assert_error(read, 403, "forbidden", mine.name)
+
+    revoke = send(server, "DELETE", mine.path(f"/tokens/{their_token_id}"), mine.admin_token)
+    assert_error(revoke, 404, "not_found", their_token_id)
+    assert send(server, "GET", theirs.path(), their_read_token).status_code == 200
+    for ident in (their_device["id"], their_device["name"]):
+        shown = send(server, "GET", mine.path(f"/devices/{ident}"), mine.admin_token)
+        assert_error(shown, 404, "not_found", ident)
+    assert send(server, "GET", mine.path("/devices"), mine.admin_token).json() == []
+    listed = send(server, "GET", mine.path("/tokens"), mine.admin_token).json()
+    assert [t["scopes"] for t in listed] == [["admin"]]
+    assert all("token" not in t and "secret_sha256" not in t for t in listed)
