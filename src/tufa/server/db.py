@@ -35,6 +35,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    false,
     select,
     text,
 )
@@ -120,6 +121,21 @@ online_keys = Table(
     Column("private_encrypted", LargeBinary, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     Column("retired_at", UTCDateTime),
+    # Generated for an open root update; signs nothing until the update is applied.
+    Column("pending", Boolean, nullable=False, default=False, server_default=false()),
+)
+
+# The one open root update of a factory: the staged roots of both channels (signed
+# metadata JSON, collecting signatures) and any re-signed production targets per view.
+root_updates = Table(
+    "root_updates",
+    schema,
+    Column("factory_id", Integer, ForeignKey("factories.id"), primary_key=True),
+    Column("message", String(200), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("ci_root", LargeBinary, nullable=False),
+    Column("prod_root", LargeBinary, nullable=False),
+    Column("prod_targets", Text, nullable=False, default="{}"),
 )
 
 # The offline keys archive waits here, encrypted, until its owner confirms the download.

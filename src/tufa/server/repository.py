@@ -14,6 +14,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from securesystemslib.signer import Signer
 from sqlalchemy import Connection, bindparam, insert, select, update
@@ -92,6 +93,14 @@ _FILE_BY_VERSION = _FILE_COLUMNS.where(metadata_files.c.version == bindparam("ve
 _NEWEST_FILE = _FILE_COLUMNS.order_by(metadata_files.c.version.desc()).limit(1)
 
 
+def _in_force(factory_id: int) -> tuple[Any, ...]:
+    return (
+        online_keys.c.factory_id == factory_id,
+        online_keys.c.retired_at.is_(None),
+        online_keys.c.pending.is_(False),
+    )
+
+
 class Repository:
     def __init__(self, db: Database, master_key: MasterKey, settings: Settings) -> None:
         self.db = db
@@ -101,7 +110,9 @@ class Repository:
 
     # -- online keys ------------------------------------------------------------------
 
-    def store_online_key(self, conn: Connection, factory_id: int, role: str, pair: KeyPair) -> None:
+    def store_online_key(
+        self, conn: Connection, factory_id: int, role: str, pair: KeyPair, pending: bool = False
+    ) -> None:
         conn.execute(
             insert(online_keys).values(
                 factory_id=factory_id,
@@ -112,22 +123,29 @@ class Repository:
                     pair.private_pem, f"online-key:{pair.keyid}"
                 ),
                 created_at=self.settings.clock.now(),
+                pending=pending,
             )
         )
 
     def online_signer(self, conn: Connection, factory_id: int, role: str) -> Signer:
+        """The signer of the online key in force for `role` (pending keys sign nothing)."""
         row = conn.execute(
             select(online_keys)
-            .where(
-                online_keys.c.factory_id == factory_id,
-                online_keys.c.role == role,
-                online_keys.c.retired_at.is_(None),
-            )
+            .where(*_in_force(factory_id), online_keys.c.role == role)
             .order_by(online_keys.c.id.desc())
             .limit(1)
         ).one()
         private = self.master_key.decrypt(row.private_encrypted, f"online-key:{row.keyid}")
         return KeyPair.from_pem(private, key_from_json(row.public.encode())).signer()
+
+    def online_keyids(self, conn: Connection, factory_id: int) -> dict[str, str]:
+        """Role -> key id of the online keys in force."""
+        rows = conn.execute(
+            select(online_keys.c.role, online_keys.c.keyid)
+            .where(*_in_force(factory_id))
+            .order_by(online_keys.c.id)
+        ).all()
+        return dict(rows)
 
     # -- storing and reading metadata ---------------------------------------------------
 

@@ -13,7 +13,7 @@ from starlette.routing import Route
 from tufa.core.metadata import ROOT, SNAPSHOT, TARGETS, TIMESTAMP, Channel
 from tufa.server.api.common import caller, field, iso, json_object, name_field, ok, threaded
 from tufa.server.auth import Scope, require_factory, require_operator
-from tufa.server.db import factories, online_keys
+from tufa.server.db import factories
 from tufa.server.errors import bad_request, not_found
 from tufa.server.factories import create_factory
 from tufa.server.state import ServerState
@@ -90,11 +90,7 @@ def describe(state: ServerState, name: str, base_url: str) -> dict[str, Any]:
             for channel in Channel
             for role in (ROOT, TARGETS, SNAPSHOT, TIMESTAMP)
         }
-        online = conn.execute(
-            select(online_keys.c.role, online_keys.c.keyid)
-            .where(online_keys.c.factory_id == row.id, online_keys.c.retired_at.is_(None))
-            .order_by(online_keys.c.role)
-        ).all()
+        online = repo.online_keyids(conn, row.id)
     warnings: list[str] = []
     described: dict[str, Any] = {}
     for channel in Channel:
@@ -117,7 +113,7 @@ def describe(state: ServerState, name: str, base_url: str) -> dict[str, Any]:
         "anonymous_read": row.anonymous_read,
         "archive_downloaded_at": iso(row.archive_downloaded_at),
         "channels": described,
-        "online_keys": [{"role": role, "keyid": keyid} for role, keyid in online],
+        "online_keys": [{"role": role, "keyid": keyid} for role, keyid in sorted(online.items())],
         "warnings": warnings,
     }
 
