@@ -120,7 +120,9 @@ def main() -> None:
             conf = tmp / "nginx.conf"
             conf.write_text(NGINX_CONF.format(tmp=tmp, port=nginx_port, root=tmp / "www"))
             processes.append(
-                subprocess.Popen(["nginx", "-c", str(conf), "-p", str(tmp)], stderr=subprocess.DEVNULL)
+                subprocess.Popen(
+                    ["nginx", "-c", str(conf), "-p", str(tmp)], stderr=subprocess.DEVNULL
+                )
             )
             (tmp / "floor_app.py").write_text(ASGI_APP.format(path=str(tmp / "www/timestamp.json")))
             processes.append(
