@@ -6,6 +6,8 @@ import contextlib
 import os
 from pathlib import Path
 
+from tufa.core.crashpoints import crashpoint
+
 
 def write_private_file(path: Path, data: bytes) -> None:
     """Replace `path` with `data` atomically, readable by the owner only (mode 0600).
@@ -20,10 +22,14 @@ def write_private_file(path: Path, data: bytes) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            f.write(data[: len(data) // 2])
+            f.flush()
+            crashpoint("write:half-written")
+            f.write(data[len(data) // 2 :])
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o600)
+        crashpoint("write:before-rename")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tufa.server.api import devices, factories, keys, repo, tokens
+from tufa.server.api import devices, factories, keys, repo, root_updates, tokens
 from tufa.server.errors import ApiError, api_error_handler, error_body
 from tufa.server.state import ServerState
 
@@ -106,6 +106,7 @@ def create_app(state: ServerState) -> Starlette:
             Route("/healthz", health),
             *factories.routes,
             *keys.routes,
+            *root_updates.routes,
             *tokens.routes,
             *devices.routes,
             *repo.routes,

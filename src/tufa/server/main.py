@@ -143,6 +143,8 @@ def run(
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # python-tuf logs every missing signature at INFO; that is routine while signing.
+    logging.getLogger("tuf").setLevel(logging.WARNING)
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     settings = Settings(
         data_dir=data_dir,

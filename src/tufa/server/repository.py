@@ -218,7 +218,7 @@ class Repository:
         Both take the next number of the channel's shared counters, so every view of a
         channel moves on one version sequence and no device ever sees a version go down.
         """
-        counters = self._bump(conn, factory_id, channel, SNAPSHOT, TIMESTAMP)
+        counters = self.bump(conn, factory_id, channel, SNAPSHOT, TIMESTAMP)
         snapshot = sign(
             build_snapshot(
                 counters[SNAPSHOT],
@@ -239,7 +239,7 @@ class Repository:
         )
         self.store(conn, factory_id, channel, timestamp, view)
 
-    def _bump(
+    def bump(
         self, conn: Connection, factory_id: int, channel: Channel, *roles: str
     ) -> dict[str, int]:
         where = (channels.c.factory_id == factory_id, channels.c.channel == channel.value)
@@ -284,15 +284,7 @@ class Repository:
         targets = stale(TARGETS)
         targets_version = targets.version
         if channel is Channel.CI and due(targets, TARGETS):
-            current = Metadata[Targets].from_bytes(targets.body).signed
-            targets_version = self._bump(conn, factory_id, channel, TARGETS)[TARGETS]
-            resigned = sign(
-                build_targets(
-                    targets_version, expiry(now, self.settings.ci_targets_expiry), current.targets
-                ),
-                [self.online_signer(conn, factory_id, TARGETS)],
-            )
-            self.store(conn, factory_id, channel, resigned)
+            targets_version = self.resign_ci_targets(conn, factory_id, now)
         elif (
             channel is Channel.PROD and targets.expires - now < self.settings.offline_expiry_warning
         ):
@@ -319,6 +311,19 @@ class Repository:
             return True
         return False
 
+    def resign_ci_targets(self, conn: Connection, factory_id: int, now: datetime) -> int:
+        """Sign the CI targets again, same content, as the next version; return it."""
+        stored = self.read_file(conn, factory_id, Channel.CI.value, TARGETS, None)
+        assert stored is not None
+        current = Metadata[Targets].from_bytes(stored.body).signed
+        version = self.bump(conn, factory_id, Channel.CI, TARGETS)[TARGETS]
+        resigned = sign(
+            build_targets(version, expiry(now, self.settings.ci_targets_expiry), current.targets),
+            [self.online_signer(conn, factory_id, TARGETS)],
+        )
+        self.store(conn, factory_id, Channel.CI, resigned)
+        return version
+
     def _resign_timestamp(
         self,
         conn: Connection,
@@ -327,7 +332,7 @@ class Repository:
         snapshot: StoredFile,
         now: datetime,
     ) -> None:
-        version = self._bump(conn, factory_id, channel, TIMESTAMP)[TIMESTAMP]
+        version = self.bump(conn, factory_id, channel, TIMESTAMP)[TIMESTAMP]
         timestamp = sign(
             build_timestamp(
                 version,

@@ -1,0 +1,160 @@
+"""`tufa keys rotate-root` and `rotate-targets`: one-command key rotations.
+
+Each is a root update (see keys_updates) run start to finish. The order of steps is
+what makes a crash harmless: the new private key is written into the archive before
+the server ever hears of it, so the archive always holds every key the served root
+trusts; an update left open by an interrupted run is cancelled by the next run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from tuf.api.metadata import Root
+
+from tufa.cli.client import Api, with_api
+from tufa.cli.keys import keys
+from tufa.cli.keys_updates import KEY_TYPE_OPTION, print_status, refresh_archive_roots
+from tufa.cli.root_update import UPDATES_PATH, RootUpdate, load_archive
+from tufa.core.crashpoints import crashpoint
+from tufa.core.keys import KeyPair, KeyType
+from tufa.core.metadata import ROOT, TARGETS, Channel
+
+ARCHIVE_ARGUMENT = click.argument(
+    "archive", type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+
+
+def _start(api: Api, message: str) -> None:
+    """Open the update, first dropping one that an interrupted run of this command left."""
+    left = RootUpdate.fetch_open(api)
+    if left is not None:
+        if left.data["message"] != message:
+            raise click.ClickException(
+                f"another root update is open ({left.data['message']!r}); apply it "
+                "(`tufa keys updates apply`) or cancel it (`tufa keys updates cancel`) first"
+            )
+        click.echo("Cancelling the update an interrupted run left open.")
+        api.request("DELETE", api.factory_path(UPDATES_PATH))
+    api.request("POST", api.factory_path(UPDATES_PATH), json_body={"message": message})
+
+
+def _finish(api: Api, archive_path: Path, update: RootUpdate, step: str) -> RootUpdate:
+    """Sign with the archive, apply if that is enough, refresh the archive's roots."""
+    payload = update.sign_with(load_archive(archive_path, api.factory))
+    signed = RootUpdate(
+        api.request(
+            "POST", api.factory_path(f"{UPDATES_PATH}/signatures"), json_body=payload
+        ).json()
+    )
+    crashpoint(f"{step}:signed")
+    status = signed.status()
+    ready = all(status[c.value]["complete"] for c in Channel) and all(
+        entry["complete"] for entry in status["prod_targets"].values()
+    )
+    if not ready:
+        print_status(signed)
+        raise click.ClickException(
+            "the update is staged and signed with this archive, but needs more signatures: "
+            "other key holders run `tufa keys updates sign -k THEIR.tgz`, then "
+            "`tufa keys updates apply`"
+        )
+    api.request("POST", api.factory_path(f"{UPDATES_PATH}/apply"))
+    crashpoint(f"{step}:applied")
+    refresh_archive_roots(api, archive_path)
+    return signed
+
+
+@keys.command("rotate-root")
+@ARCHIVE_ARGUMENT
+@KEY_TYPE_OPTION
+@with_api
+def rotate_root(api: Api, archive: Path, key_type: str) -> None:
+    """Replace ARCHIVE's root key with a new one (both channels, root version + 1).
+
+    The new key is generated here and saved into ARCHIVE first; the new roots are
+    signed by the old and the new key. Run it right after `tufa keys download`, so
+    that from then on only you can change your factory's root.
+
+    \b
+    Example:
+      tufa keys rotate-root acme-keys.tgz
+      tufa keys show-root --json | jq '.signed.roles.root.keyids'
+    """
+    held = load_archive(archive, api.factory)
+    current = api.get_json(api.factory_path("/repo/ci/metadata/root.json"))
+    trusted = current["signed"]["roles"][ROOT]["keyids"]
+    old = [k.pair.keyid for k in held.keys_for(ROOT) if k.pair.keyid in trusted]
+    if not old:
+        raise click.ClickException(
+            f"{archive} holds no root key of factory {api.factory!r}'s current root (is it a "
+            "targets-only copy made with `tufa keys copy-targets`?); a root change needs a "
+            "root key"
+        )
+    _start(api, "rotate-root")
+    crashpoint("rotate-root:opened")
+    pair = KeyPair.generate(KeyType(key_type))
+    held.add_key(ROOT, pair)
+    held.save(archive)
+    crashpoint("rotate-root:key-saved")
+
+    def change(root: Root) -> None:
+        root.add_key(pair.public, ROOT)
+        for keyid in old:
+            root.revoke_key(keyid, ROOT)
+
+    update = RootUpdate.fetch(api).edit(api, change)
+    crashpoint("rotate-root:staged")
+    _finish(api, archive, update, "rotate-root")
+    click.echo(f"Rotated the root key: {', '.join(old)} -> {pair.keyid}")
+    click.echo(f"The new root private key is keys/{ROOT}-{pair.keyid}.sec in {archive}.")
+    click.echo("Back the archive up now: it is the only copy of that key.")
+
+
+@keys.command("rotate-targets")
+@ARCHIVE_ARGUMENT
+@KEY_TYPE_OPTION
+@with_api
+def rotate_targets(api: Api, archive: Path, key_type: str) -> None:
+    """Replace the offline targets key (production releases) with a new one.
+
+    The new key goes into ARCHIVE first; the CI root lists it with the online key
+    (threshold 1), the production root too (threshold 2), and the current production
+    targets are re-signed in the same atomic change, so devices see no gap. ARCHIVE
+    must hold a root key. If it holds none of the current offline targets keys, all of
+    them are replaced (the way back from a lost targets key).
+
+    \b
+    Example:
+      tufa keys rotate-targets acme-keys.tgz
+      tufa keys copy-targets acme-keys.tgz release-keys.tgz
+    """
+    held = load_archive(archive, api.factory)
+    current = api.get_json(api.factory_path("/repo/ci/metadata/root.json"))["signed"]
+    if not any(k.pair.keyid in current["roles"][ROOT]["keyids"] for k in held.keys_for(ROOT)):
+        raise click.ClickException(
+            f"{archive} holds no root key of factory {api.factory!r}'s current root; changing "
+            "the targets keys needs a root key (a targets-only archive cannot)"
+        )
+    online = {k["keyid"] for k in api.get_json(api.factory_path())["online_keys"]}
+    offline = [k for k in current["roles"][TARGETS]["keyids"] if k not in online]
+    mine = [k.pair.keyid for k in held.keys_for(TARGETS) if k.pair.keyid in offline]
+    replaced = mine or offline
+    _start(api, "rotate-targets")
+    crashpoint("rotate-targets:opened")
+    pair = KeyPair.generate(KeyType(key_type))
+    held.add_key(TARGETS, pair)
+    held.save(archive)
+    crashpoint("rotate-targets:key-saved")
+
+    def change(root: Root) -> None:
+        root.add_key(pair.public, TARGETS)
+        for keyid in replaced:
+            root.revoke_key(keyid, TARGETS)
+
+    update = RootUpdate.fetch(api).edit(api, change, resign_prod_targets=True)
+    crashpoint("rotate-targets:staged")
+    _finish(api, archive, update, "rotate-targets")
+    click.echo(f"Rotated the offline targets key: {', '.join(replaced)} -> {pair.keyid}")
+    click.echo("Production targets were re-signed with it in the same change.")

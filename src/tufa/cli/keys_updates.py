@@ -1,0 +1,463 @@
+"""`tufa keys updates ...` and `tufa keys sign-file`: root updates as signed transactions.
+
+One update may be open per factory. Edits stage changes to both channels' roots; each
+key holder signs (online with -k, or air-gapped through an exported file); `apply`
+makes the server check every rule and switch atomically.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import click
+from tuf.api.metadata import Root
+
+from tufa.cli.client import Api, with_api
+from tufa.cli.keys import keys
+from tufa.cli.output import console, json_option, print_json
+from tufa.cli.root_update import UPDATES_PATH, RootUpdate, load_archive
+from tufa.core.keys import KeyPair, KeyType
+from tufa.core.metadata import MIN_PROD_TARGETS_THRESHOLD, ONLINE_ROLES, ROOT, TARGETS, Channel
+
+OFFLINE_ROLES = (ROOT, TARGETS)
+ARCHIVE_OPTION = click.option(
+    "-k",
+    "--keys",
+    "archive",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Offline keys archive.",
+)
+ROLE_OPTION = click.option(
+    "-r", "--role", required=True, type=click.Choice(OFFLINE_ROLES), help="Offline key role."
+)
+KEY_TYPE_OPTION = click.option(
+    "--key-type",
+    type=click.Choice([t.value for t in KeyType]),
+    default=KeyType.ED25519.value,
+    show_default=True,
+    help="Type of the new key.",
+)
+
+
+@keys.group()
+def updates() -> None:
+    """Change the factory's roots as a signed transaction.
+
+    \b
+    Example, adding a second root key holder and requiring both:
+      tufa keys updates init -m "second root key"
+      tufa keys updates add-offline-key -r root -k bob.tgz
+      tufa keys updates set-threshold -r root 2
+      tufa keys updates sign -k alice.tgz
+      tufa keys updates sign -k bob.tgz
+      tufa keys updates review
+      tufa keys updates apply
+    """
+
+
+def print_status(update: RootUpdate, *, prod_only: bool = False) -> None:
+    out = console()
+    status = update.status()
+    for channel in Channel:
+        if prod_only and channel is not Channel.PROD:
+            continue
+        entry = status[channel.value]
+        version = update.staged(channel).signed.version
+        mark = "[green]ready[/green]" if entry["complete"] else "[yellow]needs signatures[/yellow]"
+        out.print(f"[bold]{channel.value} root v{version}[/bold]: {mark}")
+        for which, label in (("old_root", "current root keys"), ("new_root", "new root keys")):
+            part = entry[which]
+            signed = ", ".join(k[:12] for k in part["signed"]) or "none"
+            out.print(
+                f"  {label}: signed by {signed}; {part['missing']} more needed "
+                f"(threshold {part['threshold']})"
+            )
+            if part["missing"]:
+                waiting = ", ".join(k[:12] for k in part["can_sign"])
+                out.print(f"    can still sign: {waiting}")
+    for view, entry in status["prod_targets"].items():
+        label = view or "default"
+        mark = "[green]ready[/green]" if entry["complete"] else "[yellow]needs signatures[/yellow]"
+        signed = ", ".join(k[:12] for k in entry["signed"]) or "none"
+        out.print(
+            f"[bold]re-signed production targets ({label})[/bold]: {mark}; offline signatures "
+            f"by {signed}, {entry['missing']} more needed (online signature added on apply)"
+        )
+
+
+def _diff(update: RootUpdate, channel: Channel) -> list[str]:
+    old, new = update.current(channel).signed, update.staged(channel).signed
+    lines = [f"version {old.version} -> {new.version}"]
+    if old.expires != new.expires:
+        lines.append(f"expires {old.expires.isoformat()} -> {new.expires.isoformat()}")
+    for role in new.roles:
+        before, after = set(old.roles[role].keyids), set(new.roles[role].keyids)
+        lines += [f"{role}: + key {k} ({new.keys[k].keytype})" for k in sorted(after - before)]
+        lines += [f"{role}: - key {k}" for k in sorted(before - after)]
+        if old.roles[role].threshold != new.roles[role].threshold:
+            lines.append(
+                f"{role}: threshold {old.roles[role].threshold} -> {new.roles[role].threshold}"
+            )
+    return lines
+
+
+@updates.command()
+@click.option("-m", "--message", required=True, help="What the update is for.")
+@json_option
+@with_api
+def init(api: Api, message: str, as_json: bool) -> None:
+    """Open a root update (one per factory).
+
+    \b
+    Example:
+      tufa keys updates init -m "rotate release manager keys"
+    """
+    response = api.request("POST", api.factory_path(UPDATES_PATH), json_body={"message": message})
+    if as_json:
+        print_json(response.json())
+        return
+    update = RootUpdate(response.json())
+    click.echo(
+        f"Opened root update {message!r}: staged roots v{update.staged(Channel.CI).signed.version}."
+    )
+
+
+@updates.command()
+@click.option("--prod", is_flag=True, help="Only the production root.")
+@click.option("--diff", is_flag=True, help="Show what changes against the current roots.")
+@json_option
+@with_api
+def review(api: Api, prod: bool, diff: bool, as_json: bool) -> None:
+    """Show the staged roots: changes, and who has signed or still must.
+
+    Signatures are counted here, with python-tuf's verification rules, not taken from
+    the server's word.
+    """
+    update = RootUpdate.fetch(api)
+    channels = [Channel.PROD] if prod else list(Channel)
+    if as_json:
+        status = update.status()
+        print_json(
+            {
+                "message": update.data["message"],
+                "channels": {
+                    c.value: {"status": status[c.value], "changes": _diff(update, c)}
+                    for c in channels
+                },
+                "prod_targets": status["prod_targets"],
+            }
+        )
+        return
+    click.echo(f"Root update {update.data['message']!r} opened {update.data['created_at']}")
+    if diff:
+        for channel in channels:
+            click.echo(f"{channel.value} root changes:")
+            for line in _diff(update, channel):
+                click.echo(f"  {line}")
+    print_status(update, prod_only=prod)
+
+
+def _edit(api: Api, change: Any, *, resign: bool = False, what: str) -> None:
+    update = RootUpdate.fetch(api).edit(api, change, resign_prod_targets=resign)
+    click.echo(f"Staged: {what}.")
+    print_status(update)
+
+
+def _generate_into(archive_path: Path, role: str, key_type: str, factory: str) -> KeyPair:
+    """A new key, saved into the archive before anything else uses it."""
+    archive = load_archive(archive_path, factory)
+    pair = KeyPair.generate(KeyType(key_type))
+    archive.add_key(role, pair)
+    archive.save(archive_path)
+    return pair
+
+
+@updates.command("add-offline-key")
+@ROLE_OPTION
+@ARCHIVE_OPTION
+@KEY_TYPE_OPTION
+@with_api
+def add_offline_key(api: Api, role: str, archive: Path, key_type: str) -> None:
+    """Generate a new offline key into ARCHIVE and add it to the staged roots.
+
+    \b
+    Example (a release manager's own targets key):
+      tufa keys updates add-offline-key -r targets -k carol-targets.tgz
+    """
+    RootUpdate.fetch(api)  # fail before generating a key if no update is open
+    pair = _generate_into(archive, role, key_type, api.factory)
+    click.echo(f"New {role} key {pair.keyid} saved in {archive}.")
+    _edit(
+        api,
+        lambda root: root.add_key(pair.public, role),
+        resign=role == TARGETS,
+        what=f"add {role} key {pair.keyid}",
+    )
+
+
+@updates.command("delete-offline-key")
+@ROLE_OPTION
+@click.option("--key-id", required=True, help="Key id to remove.")
+@with_api
+def delete_offline_key(api: Api, role: str, key_id: str) -> None:
+    """Remove an offline key from the staged roots.
+
+    \b
+    Example:
+      tufa keys updates delete-offline-key -r targets --key-id 5d9aec2c...
+    """
+    update = RootUpdate.fetch(api)
+    if key_id in update.online_keyids_after().values():
+        raise click.ClickException(f"{key_id} is an online key; use rotate-online-key")
+    if key_id not in update.staged(Channel.CI).signed.roles[role].keyids:
+        raise click.ClickException(f"{key_id} is not a {role} key of the staged roots")
+    _edit(
+        api,
+        lambda root: root.revoke_key(key_id, role),
+        resign=role == TARGETS,
+        what=f"remove {role} key {key_id}",
+    )
+
+
+def replace_offline_keys(root: Root, role: str, old: list[str], new: KeyPair) -> None:
+    root.add_key(new.public, role)
+    for keyid in old:
+        root.revoke_key(keyid, role)
+
+
+@updates.command("rotate-offline-key")
+@ROLE_OPTION
+@ARCHIVE_OPTION
+@click.option("--key-id", help="Key to replace, when the archive holds several of the role.")
+@KEY_TYPE_OPTION
+@with_api
+def rotate_offline_key(
+    api: Api, role: str, archive: Path, key_id: str | None, key_type: str
+) -> None:
+    """Replace ARCHIVE's offline key of a role with a new one, in archive and roots.
+
+    \b
+    Example:
+      tufa keys updates rotate-offline-key -r root -k owner.tgz
+    """
+    update = RootUpdate.fetch(api)
+    trusted = update.staged(Channel.CI).signed.roles[role].keyids
+    held = [k.pair.keyid for k in load_archive(archive, api.factory).keys_for(role)]
+    candidates = [k for k in held if k in trusted and (key_id is None or k == key_id)]
+    if len(candidates) != 1:
+        found = ", ".join(candidates) or "none"
+        raise click.ClickException(
+            f"{archive} must hold exactly one {role} key of the staged roots to rotate "
+            f"(found: {found}); name it with --key-id"
+        )
+    pair = _generate_into(archive, role, key_type, api.factory)
+    click.echo(f"New {role} key {pair.keyid} saved in {archive}.")
+    _edit(
+        api,
+        lambda root: replace_offline_keys(root, role, candidates, pair),
+        resign=role == TARGETS,
+        what=f"replace {role} key {candidates[0]} with {pair.keyid}",
+    )
+
+
+@updates.command("set-threshold")
+@click.option("-r", "--role", required=True, type=click.Choice(OFFLINE_ROLES))
+@click.argument("threshold", type=click.IntRange(min=1))
+@with_api
+def set_threshold(api: Api, role: str, threshold: int) -> None:
+    """Set how many signatures a role needs (targets: the production threshold).
+
+    The CI targets threshold stays 1; the production one counts the online key, so it
+    is at least 2.
+
+    \b
+    Examples:
+      tufa keys updates set-threshold -r root 2
+      tufa keys updates set-threshold -r targets 3
+    """
+    if role == TARGETS and threshold < MIN_PROD_TARGETS_THRESHOLD:
+        raise click.ClickException(
+            f"the production targets threshold must be at least {MIN_PROD_TARGETS_THRESHOLD}"
+        )
+
+    def change(root: Root) -> None:
+        root.roles[role].threshold = threshold
+
+    _edit(api, change, resign=role == TARGETS, what=f"{role} threshold {threshold}")
+
+
+@updates.command("rotate-online-key")
+@click.option(
+    "-r",
+    "--role",
+    "roles",
+    required=True,
+    help="Comma-separated online roles: targets,snapshot,timestamp.",
+)
+@with_api
+def rotate_online_key(api: Api, roles: str) -> None:
+    """Have the server generate new online keys and stage them.
+
+    Rotating the online targets key re-signs production targets, which then need an
+    offline targets signature too.
+
+    \b
+    Example:
+      tufa keys updates rotate-online-key -r targets,snapshot,timestamp
+    """
+    chosen = [r.strip() for r in roles.split(",") if r.strip()]
+    if not chosen or set(chosen) - set(ONLINE_ROLES):
+        raise click.UsageError(f"roles must be among {','.join(ONLINE_ROLES)}")
+    api.request(
+        "POST", api.factory_path(f"{UPDATES_PATH}/online-keys"), json_body={"roles": chosen}
+    )
+    update = RootUpdate.fetch(api)
+    if TARGETS in chosen:
+        update = update.edit(api, lambda _root: None, resign_prod_targets=True)
+    click.echo(f"Staged new online keys: {update.data['pending_online_keys']}")
+    print_status(update)
+
+
+@updates.command("extend-expiry")
+@click.option("--days", required=True, type=click.IntRange(1, 3650), help="Days from now.")
+@with_api
+def extend_expiry(api: Api, days: int) -> None:
+    """Set both staged roots to expire DAYS from now.
+
+    \b
+    Example:
+      tufa keys updates extend-expiry --days 365
+    """
+    expires = (datetime.now(UTC) + timedelta(days=days)).replace(microsecond=0)
+
+    def change(root: Root) -> None:
+        root.expires = expires
+
+    _edit(api, change, what=f"expiry {expires.isoformat()}")
+
+
+@updates.command()
+@ARCHIVE_OPTION
+@with_api
+def sign(api: Api, archive: Path) -> None:
+    """Sign the staged roots (and re-signed production targets) with ARCHIVE's keys.
+
+    \b
+    Example:
+      tufa keys updates sign -k alice.tgz
+    """
+    update = RootUpdate.fetch(api)
+    payload = update.sign_with(load_archive(archive, api.factory))
+    count = sum(len(s) for s in payload["roots"].values()) + sum(
+        len(s) for s in payload["prod_targets"].values()
+    )
+    if not count:
+        raise click.ClickException(f"{archive} holds no key that may sign this update")
+    after = RootUpdate(
+        api.request(
+            "POST", api.factory_path(f"{UPDATES_PATH}/signatures"), json_body=payload
+        ).json()
+    )
+    click.echo(f"Added {count} signature(s) from {archive}.")
+    print_status(after)
+
+
+@updates.command()
+@click.option(
+    "-k",
+    "--keys",
+    "archive",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Archive whose copies of the roots to refresh afterwards.",
+)
+@json_option
+@with_api
+def apply(api: Api, archive: Path | None, as_json: bool) -> None:
+    """Apply the update: the server checks every rule and switches atomically.
+
+    \b
+    Example:
+      tufa keys updates apply -k owner.tgz
+    """
+    result = api.request("POST", api.factory_path(f"{UPDATES_PATH}/apply")).json()
+    if archive is not None:
+        refresh_archive_roots(api, archive)
+    if as_json:
+        print_json(result)
+        return
+    click.echo(f"Applied: both channels now serve root version {result['root_version']}.")
+
+
+@updates.command()
+@with_api
+def cancel(api: Api) -> None:
+    """Drop the open update (pending online keys are discarded)."""
+    api.request("DELETE", api.factory_path(UPDATES_PATH))
+    click.echo("Cancelled the open root update.")
+
+
+@updates.command("export")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@with_api
+def export_update(api: Api, file: Path) -> None:
+    """Write what must be signed to FILE, for an air-gapped machine.
+
+    \b
+    Example:
+      tufa keys updates export update.json
+      (on the offline machine)  tufa keys sign-file update.json -k owner.tgz
+      tufa keys updates import update.json
+    """
+    RootUpdate.fetch(api).save(file, api.factory)
+    click.echo(f"Wrote {file}; sign it with `tufa keys sign-file {file} -k ARCHIVE`.")
+
+
+@updates.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@with_api
+def import_update(api: Api, file: Path) -> None:
+    """Upload the signatures that `tufa keys sign-file` added to FILE."""
+    signed = RootUpdate.from_file(file)
+    if signed.factory != api.factory:
+        raise click.ClickException(f"{file} belongs to factory {signed.factory!r}")
+    after = RootUpdate(
+        api.request(
+            "POST",
+            api.factory_path(f"{UPDATES_PATH}/signatures"),
+            json_body=signed.all_signatures(),
+        ).json()
+    )
+    click.echo(f"Imported the signatures in {file}.")
+    print_status(after)
+
+
+@keys.command("sign-file")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@ARCHIVE_OPTION
+def sign_file(file: Path, archive: Path) -> None:
+    """Sign an exported root update FILE with ARCHIVE's keys, without a server.
+
+    \b
+    Example:
+      tufa keys sign-file update.json -k owner.tgz
+    """
+    update = RootUpdate.from_file(file)
+    payload = update.sign_with(load_archive(archive, update.factory))
+    update.add_signatures(payload)
+    assert update.factory is not None
+    update.save(file, update.factory)
+    click.echo(f"Signed {file} with {archive}.")
+    print_status(update)
+
+
+def refresh_archive_roots(api: Api, archive_path: Path) -> None:
+    """Store the served roots in the archive, so it documents what its keys govern."""
+    archive = load_archive(archive_path, api.factory)
+    for channel in Channel:
+        archive.roots[channel] = api.request(
+            "GET", api.factory_path(f"/repo/{channel.value}/metadata/root.json")
+        ).content
+    archive.save(archive_path)

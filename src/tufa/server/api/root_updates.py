@@ -1,0 +1,116 @@
+"""`/api/v1/factories/{factory}/keys/updates`: root update transactions (admin only)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from securesystemslib.signer import Signature
+from sqlalchemy import Connection
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from tufa.core.metadata import Channel
+from tufa.server.api.common import caller, field, json_object, ok, threaded
+from tufa.server.auth import Scope, require_factory
+from tufa.server.errors import bad_request
+from tufa.server.root_updates import RootUpdates
+
+PREFIX = "/api/v1/factories/{factory}/keys/updates"
+
+
+async def _run(
+    request: Request,
+    step: Callable[[RootUpdates, Connection, int], dict[str, Any] | None],
+    *,
+    write: bool = True,
+) -> dict[str, Any]:
+    """Authorise an admin and run `step` in one transaction; a step that returns nothing
+    answers with the update as it stands after the step."""
+    state, principal = await caller(request)
+    admin = require_factory(principal, request.path_params["factory"], {Scope.ADMIN})
+    factory_id = admin.factory_id
+    assert factory_id is not None
+    updates = RootUpdates(state)
+
+    def work() -> dict[str, Any]:
+        with state.db.write() if write else state.db.read() as conn:
+            result = step(updates, conn, factory_id)
+            return result if result is not None else updates.describe(conn, factory_id)
+
+    return await threaded(work)
+
+
+def _signatures(value: Any, what: str) -> list[Signature]:
+    if not isinstance(value, list):
+        raise bad_request(f"{what} must be a list of {{keyid, sig}} objects")
+    try:
+        return [Signature.from_dict(dict(item)) for item in value]
+    except (KeyError, TypeError, ValueError) as e:
+        raise bad_request(f"{what} holds a malformed signature: {e}") from e
+
+
+def _channels(data: dict[str, Any], name: str) -> dict[Channel, Any]:
+    unknown = set(data) - {c.value for c in Channel}
+    if unknown:
+        raise bad_request(f"field {name!r} has unknown channel(s): {', '.join(sorted(unknown))}")
+    return {Channel(key): value for key, value in data.items()}
+
+
+async def init(request: Request) -> JSONResponse:
+    data = await json_object(request)
+    message = field(data, "message", str).strip()
+    if not message:
+        raise bad_request("field 'message' must say what the update is for")
+    return ok(await _run(request, lambda u, c, f: u.init(c, f, message)), status=201)
+
+
+async def show(request: Request) -> JSONResponse:
+    return ok(await _run(request, lambda u, c, f: u.describe(c, f), write=False))
+
+
+async def stage(request: Request) -> JSONResponse:
+    data = await json_object(request)
+    roots = _channels(field(data, "roots", dict), "roots")
+    if set(roots) != set(Channel):
+        raise bad_request("field 'roots' must hold the staged 'ci' and 'prod' roots")
+    prod_targets = field(data, "prod_targets", dict, {})
+    return ok(await _run(request, lambda u, c, f: u.stage(c, f, roots, prod_targets)))
+
+
+async def online_keys(request: Request) -> JSONResponse:
+    roles = field(await json_object(request), "roles", list)
+    return ok(await _run(request, lambda u, c, f: u.rotate_online_keys(c, f, roles)))
+
+
+async def signatures(request: Request) -> JSONResponse:
+    data = await json_object(request)
+    roots = {
+        channel: _signatures(value, f"roots.{channel.value}")
+        for channel, value in _channels(field(data, "roots", dict, {}), "roots").items()
+    }
+    targets = {
+        view: _signatures(value, f"prod_targets.{view}")
+        for view, value in field(data, "prod_targets", dict, {}).items()
+    }
+    return ok(await _run(request, lambda u, c, f: u.add_signatures(c, f, roots, targets)))
+
+
+async def apply(request: Request) -> JSONResponse:
+    return ok(await _run(request, lambda u, c, f: u.apply(c, f)))
+
+
+async def cancel(request: Request) -> JSONResponse:
+    return ok(await _run(request, lambda u, c, f: u.cancel(c, f)))
+
+
+routes = [
+    Route(PREFIX, init, methods=["POST"]),
+    Route(PREFIX, show, methods=["GET"]),
+    Route(PREFIX, cancel, methods=["DELETE"]),
+    Route(f"{PREFIX}/staged", stage, methods=["PUT"]),
+    Route(f"{PREFIX}/online-keys", online_keys, methods=["POST"]),
+    Route(f"{PREFIX}/signatures", signatures, methods=["POST"]),
+    Route(f"{PREFIX}/apply", apply, methods=["POST"]),
+]

@@ -1,0 +1,469 @@
+"""Root updates as transactions: init, stage edits, collect signatures, apply or cancel.
+
+The owner's offline keys never reach the server: the CLI edits the staged roots and
+signs them locally. The server checks each step against the rules in
+`tufa.core.root_update` and applies an update atomically: both roots, re-signed
+production targets, promoted online keys, and fresh CI targets, snapshots and
+timestamps change in one transaction, or nothing does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from securesystemslib.exceptions import UnverifiedSignatureError
+from securesystemslib.signer import Key, Signature
+from sqlalchemy import Connection, delete, insert, select, update
+from tuf.api.exceptions import UnsignedMetadataError
+from tuf.api.metadata import Metadata, Root, Targets
+
+from tufa.core.keys import KeyPair
+from tufa.core.metadata import (
+    ONLINE_ROLES,
+    ROOT,
+    TARGETS,
+    Channel,
+    to_bytes,
+)
+from tufa.core.root_update import (
+    RootUpdateError,
+    check_staged_roots,
+    prod_targets_signing_status,
+    root_signing_status,
+)
+from tufa.server.db import channels, online_keys, root_updates
+from tufa.server.errors import ApiError, bad_request, conflict, not_found
+from tufa.server.repository import DEFAULT_VIEW
+from tufa.server.state import ServerState
+
+MAX_MESSAGE = 200
+
+
+def _refused(error: RootUpdateError) -> ApiError:
+    return ApiError(400, "rule_violated", str(error))
+
+
+def _no_update() -> ApiError:
+    return not_found("no root update is open; start one with `tufa keys updates init`")
+
+
+def _load_root(body: bytes) -> Metadata[Root]:
+    return Metadata[Root].from_bytes(body)
+
+
+class RootUpdates:
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.repo = state.repo
+
+    # -- reading ---------------------------------------------------------------------
+
+    def _current_roots(self, conn: Connection, factory_id: int) -> dict[Channel, Metadata[Root]]:
+        found = {}
+        for channel in Channel:
+            stored = self.repo.read_file(conn, factory_id, channel.value, ROOT, None)
+            assert stored is not None
+            found[channel] = _load_root(stored.body)
+        return found
+
+    def _current_prod_targets(self, conn: Connection, factory_id: int) -> dict[str, bytes]:
+        """Production targets per view (the default view; one per tag once waves exist)."""
+        stored = self.repo.read_file(conn, factory_id, Channel.PROD.value, TARGETS, None)
+        assert stored is not None
+        return {DEFAULT_VIEW: stored.body}
+
+    def _row(self, conn: Connection, factory_id: int) -> Any:
+        row = conn.execute(
+            select(root_updates).where(root_updates.c.factory_id == factory_id)
+        ).first()
+        if row is None:
+            raise _no_update()
+        return row
+
+    def _pending_keyids(self, conn: Connection, factory_id: int) -> dict[str, str]:
+        rows = conn.execute(
+            select(online_keys.c.role, online_keys.c.keyid).where(
+                online_keys.c.factory_id == factory_id,
+                online_keys.c.pending.is_(True),
+                online_keys.c.retired_at.is_(None),
+            )
+        ).all()
+        return dict(rows)
+
+    def _keyids_after(self, conn: Connection, factory_id: int) -> dict[str, str]:
+        return {
+            **self.repo.online_keyids(conn, factory_id),
+            **self._pending_keyids(conn, factory_id),
+        }
+
+    def _next_prod_targets_version(self, conn: Connection, factory_id: int) -> int:
+        counter = conn.execute(
+            select(channels.c.targets_version).where(
+                channels.c.factory_id == factory_id, channels.c.channel == Channel.PROD.value
+            )
+        ).scalar_one()
+        return int(counter) + 1
+
+    def describe(self, conn: Connection, factory_id: int) -> dict[str, Any]:
+        """The open update as the CLI sees it: current and staged metadata, key ids, and
+        the signing status as the server computes it (the CLI recomputes it locally)."""
+        row = self._row(conn, factory_id)
+        current = self._current_roots(conn, factory_id)
+        staged = {Channel.CI: _load_root(row.ci_root), Channel.PROD: _load_root(row.prod_root)}
+        staged_targets = {
+            view: Metadata[Targets].from_dict(data)
+            for view, data in json.loads(row.prod_targets).items()
+        }
+        after = self._keyids_after(conn, factory_id)
+        status: dict[str, Any] = {}
+        for channel in Channel:
+            _, status[channel.value] = root_signing_status(current[channel].signed, staged[channel])
+        status["prod_targets"] = {
+            view: prod_targets_signing_status(staged[Channel.PROD].signed, md, after[TARGETS])[1]
+            for view, md in staged_targets.items()
+        }
+        return {
+            "message": row.message,
+            "created_at": row.created_at.isoformat().replace("+00:00", "Z"),
+            "current": {c.value: md.to_dict() for c, md in current.items()},
+            "staged": {c.value: md.to_dict() for c, md in staged.items()},
+            "current_prod_targets": {
+                view: json.loads(body)
+                for view, body in self._current_prod_targets(conn, factory_id).items()
+            },
+            "prod_targets": {view: md.to_dict() for view, md in staged_targets.items()},
+            "next_prod_targets_version": self._next_prod_targets_version(conn, factory_id),
+            "online_keys": self.repo.online_keyids(conn, factory_id),
+            "pending_online_keys": self._pending_keyids(conn, factory_id),
+            "status": status,
+        }
+
+    # -- steps -----------------------------------------------------------------------
+
+    def init(self, conn: Connection, factory_id: int, message: str) -> None:
+        if len(message) > MAX_MESSAGE:
+            raise bad_request(f"field 'message' must be at most {MAX_MESSAGE} characters")
+        existing = conn.execute(
+            select(root_updates.c.message).where(root_updates.c.factory_id == factory_id)
+        ).first()
+        if existing is not None:
+            raise conflict(
+                f"a root update is already open ({existing.message!r}); apply it with "
+                "`tufa keys updates apply` or drop it with `tufa keys updates cancel`"
+            )
+        staged = {}
+        for channel, md in self._current_roots(conn, factory_id).items():
+            md.signed.version += 1
+            md.signatures.clear()
+            staged[channel] = to_bytes(md)
+        conn.execute(
+            insert(root_updates).values(
+                factory_id=factory_id,
+                message=message,
+                created_at=self.state.settings.clock.now(),
+                ci_root=staged[Channel.CI],
+                prod_root=staged[Channel.PROD],
+                prod_targets="{}",
+            )
+        )
+
+    def stage(
+        self,
+        conn: Connection,
+        factory_id: int,
+        roots: Mapping[Channel, dict[str, Any]],
+        prod_targets: Mapping[str, dict[str, Any]],
+    ) -> None:
+        """Replace the staged content. Signatures survive only where the signed part is
+        unchanged, so nobody's signature ever covers something they did not see."""
+        row = self._row(conn, factory_id)
+        old = {Channel.CI: _load_root(row.ci_root), Channel.PROD: _load_root(row.prod_root)}
+        new: dict[Channel, Metadata[Root]] = {}
+        for channel, signed in roots.items():
+            try:
+                md = Metadata[Root].from_dict({"signed": signed, "signatures": []})
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise bad_request(f"staged {channel.value} root is not a valid root: {e}") from e
+            if md.signed_bytes == old[channel].signed_bytes:
+                md.signatures.update(old[channel].signatures)
+            new[channel] = md
+        current = self._current_roots(conn, factory_id)
+        try:
+            check_staged_roots(
+                {c: md.signed for c, md in current.items()},
+                {c: md.signed for c, md in new.items()},
+                self._keyids_after(conn, factory_id),
+                self.state.settings.clock.now(),
+            )
+        except RootUpdateError as e:
+            raise _refused(e) from e
+        kept_targets = json.loads(row.prod_targets)
+        staged_targets: dict[str, Any] = {}
+        for view, signed in prod_targets.items():
+            staged_targets[view] = self._check_staged_targets(
+                conn, factory_id, view, signed, kept_targets.get(view)
+            )
+        conn.execute(
+            update(root_updates)
+            .where(root_updates.c.factory_id == factory_id)
+            .values(
+                ci_root=to_bytes(new[Channel.CI]),
+                prod_root=to_bytes(new[Channel.PROD]),
+                prod_targets=json.dumps(staged_targets),
+            )
+        )
+
+    def _check_staged_targets(
+        self,
+        conn: Connection,
+        factory_id: int,
+        view: str,
+        signed: dict[str, Any],
+        previous: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        """Re-signed production targets may change version and expiry, never content:
+        a key update must not change what production devices install."""
+        current_body = self._current_prod_targets(conn, factory_id).get(view)
+        if current_body is None:
+            raise bad_request(f"there are no production targets for view {view!r}")
+        try:
+            md = Metadata[Targets].from_dict({"signed": signed, "signatures": []})
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise bad_request(f"staged production targets are not valid targets: {e}") from e
+        current = Metadata[Targets].from_bytes(current_body).signed
+        if md.signed.targets != current.targets or md.signed.delegations != current.delegations:
+            raise ApiError(
+                400,
+                "rule_violated",
+                "re-signed production targets must list exactly the current production "
+                "targets; releases go through waves",
+            )
+        expected = self._next_prod_targets_version(conn, factory_id)
+        if md.signed.version != expected:
+            raise ApiError(
+                400,
+                "rule_violated",
+                f"re-signed production targets must have version {expected}",
+            )
+        if previous is not None:
+            kept = Metadata[Targets].from_dict(previous)
+            if kept.signed_bytes == md.signed_bytes:
+                md.signatures.update(kept.signatures)
+        return md.to_dict()
+
+    def rotate_online_keys(self, conn: Connection, factory_id: int, roles: list[str]) -> None:
+        """Generate new online keys (pending until apply) and put them in the staged roots."""
+        row = self._row(conn, factory_id)
+        unknown = set(roles) - set(ONLINE_ROLES)
+        if not roles or unknown:
+            raise bad_request(f"roles must be among {', '.join(ONLINE_ROLES)}")
+        staged = {Channel.CI: _load_root(row.ci_root), Channel.PROD: _load_root(row.prod_root)}
+        before = self._keyids_after(conn, factory_id)
+        now = self.state.settings.clock.now()
+        for role in sorted(set(roles)):
+            pair = KeyPair.generate()
+            conn.execute(
+                update(online_keys)
+                .where(
+                    online_keys.c.factory_id == factory_id,
+                    online_keys.c.role == role,
+                    online_keys.c.pending.is_(True),
+                )
+                .values(retired_at=now)
+            )
+            self.repo.store_online_key(conn, factory_id, role, pair, pending=True)
+            for md in staged.values():
+                md.signed.revoke_key(before[role], role)
+                md.signed.add_key(pair.public, role)
+                md.signatures.clear()
+        conn.execute(
+            update(root_updates)
+            .where(root_updates.c.factory_id == factory_id)
+            .values(ci_root=to_bytes(staged[Channel.CI]), prod_root=to_bytes(staged[Channel.PROD]))
+        )
+
+    def add_signatures(
+        self,
+        conn: Connection,
+        factory_id: int,
+        roots: Mapping[Channel, list[Signature]],
+        prod_targets: Mapping[str, list[Signature]],
+    ) -> None:
+        """Accept only signatures that verify, by keys that may sign what they sign."""
+        row = self._row(conn, factory_id)
+        current = self._current_roots(conn, factory_id)
+        staged = {Channel.CI: _load_root(row.ci_root), Channel.PROD: _load_root(row.prod_root)}
+        for channel, signatures in roots.items():
+            md = staged[channel]
+            allowed = {**current[channel].signed.keys, **md.signed.keys}
+            root_keyids = set(current[channel].signed.roles[ROOT].keyids) | set(
+                md.signed.roles[ROOT].keyids
+            )
+            for sig in signatures:
+                if sig.keyid not in root_keyids:
+                    raise bad_request(
+                        f"key {sig.keyid} is not a root key of the current or the staged "
+                        f"{channel.value} root"
+                    )
+                _verify(allowed[sig.keyid], sig, md.signed_bytes, f"staged {channel.value} root")
+                md.signatures[sig.keyid] = sig
+        staged_targets = json.loads(row.prod_targets)
+        prod_root = staged[Channel.PROD].signed
+        for view, signatures in prod_targets.items():
+            if view not in staged_targets:
+                raise bad_request(f"no re-signed production targets are staged for {view!r}")
+            targets = Metadata[Targets].from_dict(staged_targets[view])
+            for sig in signatures:
+                if sig.keyid not in prod_root.roles[TARGETS].keyids:
+                    raise bad_request(
+                        f"key {sig.keyid} is not a targets key of the staged production root"
+                    )
+                _verify(prod_root.keys[sig.keyid], sig, targets.signed_bytes, "staged targets")
+                targets.signatures[sig.keyid] = sig
+            staged_targets[view] = targets.to_dict()
+        conn.execute(
+            update(root_updates)
+            .where(root_updates.c.factory_id == factory_id)
+            .values(
+                ci_root=to_bytes(staged[Channel.CI]),
+                prod_root=to_bytes(staged[Channel.PROD]),
+                prod_targets=json.dumps(staged_targets),
+            )
+        )
+
+    def cancel(self, conn: Connection, factory_id: int) -> dict[str, Any]:
+        self._row(conn, factory_id)
+        conn.execute(
+            delete(online_keys).where(
+                online_keys.c.factory_id == factory_id, online_keys.c.pending.is_(True)
+            )
+        )
+        conn.execute(delete(root_updates).where(root_updates.c.factory_id == factory_id))
+        return {"cancelled": True}
+
+    def apply(self, conn: Connection, factory_id: int) -> dict[str, int]:
+        """Check every rule, then change everything together (the caller's transaction)."""
+        for channel in Channel:
+            self.state.db.lock_channel(conn, factory_id, channel.value)
+        row = self._row(conn, factory_id)
+        now = self.state.settings.clock.now()
+        current = self._current_roots(conn, factory_id)
+        staged = {Channel.CI: _load_root(row.ci_root), Channel.PROD: _load_root(row.prod_root)}
+        after = self._keyids_after(conn, factory_id)
+        try:
+            check_staged_roots(
+                {c: md.signed for c, md in current.items()},
+                {c: md.signed for c, md in staged.items()},
+                after,
+                now,
+            )
+        except RootUpdateError as e:
+            raise _refused(e) from e
+        for channel in Channel:
+            verified, status = root_signing_status(current[channel].signed, staged[channel])
+            if not verified:
+                raise ApiError(
+                    400,
+                    "not_signed",
+                    f"the staged {channel.value} root needs "
+                    f"{status['old_root']['missing']} more signature(s) by keys of the current "
+                    f"root and {status['new_root']['missing']} by keys of the new root; sign "
+                    "with `tufa keys updates sign -k ARCHIVE`",
+                )
+        prod_root = staged[Channel.PROD].signed
+        new_prod_targets = self._prod_targets_after(
+            conn, factory_id, prod_root, json.loads(row.prod_targets)
+        )
+        self._promote_pending_keys(conn, factory_id, now)
+        for channel in Channel:
+            self.repo.store(conn, factory_id, channel, staged[channel])
+        conn.execute(
+            update(channels)
+            .where(channels.c.factory_id == factory_id)
+            .values(root_version=staged[Channel.CI].signed.version)
+        )
+        prod_version = None
+        for view, targets in new_prod_targets.items():
+            targets.sign(self.repo.online_signer(conn, factory_id, TARGETS), append=True)
+            prod_root.verify_delegate(TARGETS, targets.signed_bytes, targets.signatures)
+            counter = self.repo.bump(conn, factory_id, Channel.PROD, TARGETS)[TARGETS]
+            assert counter == targets.signed.version
+            self.repo.store(conn, factory_id, Channel.PROD, targets, view)
+            prod_version = counter
+        ci_targets = self.repo.resign_ci_targets(conn, factory_id, now)
+        self.repo.publish_snapshot_and_timestamp(conn, factory_id, Channel.CI, ci_targets, now)
+        if prod_version is None:
+            stored = self.repo.read_file(conn, factory_id, Channel.PROD.value, TARGETS, None)
+            assert stored is not None
+            prod_version = stored.version
+        self.repo.publish_snapshot_and_timestamp(conn, factory_id, Channel.PROD, prod_version, now)
+        conn.execute(delete(root_updates).where(root_updates.c.factory_id == factory_id))
+        return {"root_version": staged[Channel.CI].signed.version}
+
+    def _prod_targets_after(
+        self,
+        conn: Connection,
+        factory_id: int,
+        prod_root: Root,
+        staged_targets: dict[str, Any],
+    ) -> dict[str, Metadata[Targets]]:
+        """Production targets that must be stored with the new root: the staged re-signed
+        ones, each with its offline signatures complete. Current targets that the new root
+        no longer accepts must have a staged replacement."""
+        replacements: dict[str, Metadata[Targets]] = {}
+        online_keyid = self._keyids_after(conn, factory_id)[TARGETS]
+        for view, body in self._current_prod_targets(conn, factory_id).items():
+            if view in staged_targets:
+                md = Metadata[Targets].from_dict(staged_targets[view])
+                complete, status = prod_targets_signing_status(prod_root, md, online_keyid)
+                if not complete:
+                    raise ApiError(
+                        400,
+                        "not_signed",
+                        f"the re-signed production targets need {status['missing']} more "
+                        "offline targets signature(s); sign with `tufa keys updates sign -k "
+                        "ARCHIVE`",
+                    )
+                replacements[view] = md
+                continue
+            current = Metadata[Targets].from_bytes(body)
+            try:
+                prod_root.verify_delegate(TARGETS, current.signed_bytes, current.signatures)
+            except UnsignedMetadataError as e:
+                raise ApiError(
+                    400,
+                    "rule_violated",
+                    "the current production targets would not verify under the new production "
+                    "root: stage re-signed production targets in this update (the key "
+                    "commands do this) and sign them with an offline targets key",
+                ) from e
+        return replacements
+
+    def _promote_pending_keys(self, conn: Connection, factory_id: int, now: Any) -> None:
+        for role in self._pending_keyids(conn, factory_id):
+            conn.execute(
+                update(online_keys)
+                .where(
+                    online_keys.c.factory_id == factory_id,
+                    online_keys.c.role == role,
+                    online_keys.c.pending.is_(False),
+                    online_keys.c.retired_at.is_(None),
+                )
+                .values(retired_at=now)
+            )
+        conn.execute(
+            update(online_keys)
+            .where(online_keys.c.factory_id == factory_id, online_keys.c.pending.is_(True))
+            .values(pending=False)
+        )
+
+
+def _verify(key: Key, sig: Signature, payload: bytes, what: str) -> None:
+    try:
+        key.verify_signature(sig, payload)
+    except (UnverifiedSignatureError, ValueError) as e:
+        raise bad_request(
+            f"the signature by key {sig.keyid} does not verify over the {what}"
+        ) from e
