@@ -51,7 +51,9 @@ def archive_purpose(factory_id: int) -> str:
 def create_factory(state: ServerState, name: str) -> CreatedFactory:
     settings, repo = state.settings, state.repo
     now = settings.clock.now()
-    online = {role: KeyPair.generate() for role in (TARGETS, SNAPSHOT, TIMESTAMP)}
+    online = {
+        role: KeyPair.generate(settings.online_key_type) for role in (TARGETS, SNAPSHOT, TIMESTAMP)
+    }
     first_root = KeyPair.generate()
     offline_targets = KeyPair.generate()
     ci_root = build_root(

@@ -14,6 +14,7 @@ from sqlalchemy import Connection, insert, select
 
 from tufa.core.durations import parse_duration
 from tufa.core.files import default_database_url
+from tufa.core.keys import KeyType
 from tufa.server.app import create_app
 from tufa.server.auth import OPERATOR_SCOPE
 from tufa.server.db import Database, server_facts, tokens
@@ -72,6 +73,14 @@ def cli() -> None:
     "Replicas sharing one database must share it.",
 )
 @click.option(
+    "--online-key-type",
+    type=click.Choice([t.value for t in KeyType]),
+    default=KeyType.ED25519.value,
+    show_default=True,
+    envvar="TUFA_ONLINE_KEY_TYPE",
+    help="Type of the online keys the server generates for new factories and rotations.",
+)
+@click.option(
     "--public-url",
     envvar="TUFA_PUBLIC_URL",
     help="Base URL devices use, if the server sits behind a proxy.",
@@ -118,6 +127,7 @@ def run(
     host: str,
     port: int,
     master_key_file: Path | None,
+    online_key_type: str,
     public_url: str | None,
     timestamp_expiry: timedelta,
     snapshot_expiry: timedelta,
@@ -153,6 +163,7 @@ def run(
         port=port,
         public_url=public_url,
         master_key_file=master_key_file,
+        online_key_type=KeyType(online_key_type),
         timestamp_expiry=timestamp_expiry,
         snapshot_expiry=snapshot_expiry,
         ci_targets_expiry=ci_targets_expiry,

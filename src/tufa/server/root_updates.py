@@ -263,7 +263,7 @@ class RootUpdates:
         before = self._keyids_after(conn, factory_id)
         now = self.state.settings.clock.now()
         for role in sorted(set(roles)):
-            pair = KeyPair.generate()
+            pair = KeyPair.generate(self.state.settings.online_key_type)
             conn.execute(
                 update(online_keys)
                 .where(

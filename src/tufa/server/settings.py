@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from tufa.core.keys import KeyType
 from tufa.core.metadata import OFFLINE_EXPIRY_WARNING
 
 
@@ -55,6 +56,7 @@ class Settings:
     max_body_bytes: int = 1024 * 1024
     clock: Clock = field(default_factory=Clock)
     master_key_file: Path | None = None
+    online_key_type: KeyType = KeyType.ED25519
 
     @property
     def master_key_path(self) -> Path:
