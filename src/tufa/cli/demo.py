@@ -56,7 +56,9 @@ class _Story:
         return done.stdout
 
 
-def _refresh(story: _Story, channel: str, credential: str, root: bytes) -> Updater:
+def _refresh(story: _Story, channel: str, credential: str, root: bytes | None) -> Updater:
+    """One TUF refresh, as a device does at each poll: a new client over the metadata it
+    trusts on disk (bootstrapped with `root` the first time)."""
     metadata_url = f"{story.server.url}/api/v1/factories/demo/repo/{channel}/metadata/"
     trust_dir = story.workdir / f"device-{channel}"
     trust_dir.mkdir(exist_ok=True)
@@ -109,13 +111,7 @@ def _run_story(story: _Story) -> None:
     story.chapter("6. Each device refreshes its channel with python-tuf's ngclient")
     for channel, credential in credentials.items():
         root = story.tufa("get", f"/api/v1/factories/demo/repo/{channel}/metadata/1.root.json")
-        updater = _refresh(story, channel, credential, root.strip().encode())
-        trusted = updater._trusted_set  # read-only look at what the client now trusts
-        story.say(
-            f"{channel} device: verified root v{trusted.root.version}, timestamp "
-            f"v{trusted.timestamp.version}, snapshot v{trusted.snapshot.version}, targets "
-            f"v{trusted.targets.version} ({len(trusted.targets.targets)} targets)"
-        )
+        _report(story, channel, _refresh(story, channel, credential, root.encode()))
     other = httpx.get(
         f"{url}/api/v1/factories/demo/repo/prod/metadata/timestamp.json",
         headers={"Authorization": f"Bearer {credentials['ci']}"},
@@ -123,6 +119,35 @@ def _run_story(story: _Story) -> None:
     story.say(f"the CI device asking for production metadata gets HTTP {other.status_code}")
     if other.status_code != 403:
         raise click.ClickException("a CI device could read the production channel")
+
+    story.chapter("7. The owner takes the keys: new root key, new offline targets key")
+    story.tufa("keys", "rotate-root", "demo-keys.tgz")
+    story.tufa("keys", "rotate-targets", "demo-keys.tgz", "--key-type", "ecdsa")
+    story.tufa("keys", "show-root", "--prod", "-k", "demo-keys.tgz")
+    story.say("a targets-only copy for release managers; it cannot change the root")
+    story.tufa("keys", "copy-targets", "demo-keys.tgz", "release-keys.tgz")
+    story.tufa("keys", "rotate-root", "release-keys.tgz", fails=True)
+
+    story.chapter("8. A root update as a transaction: a second release manager's key")
+    story.tufa("keys", "updates", "init", "-m", "add carol as release manager")
+    story.tufa("keys", "updates", "add-offline-key", "-r", "targets", "-k", "carol.tgz")
+    story.tufa("keys", "updates", "review", "--diff")
+    story.tufa("keys", "updates", "apply", fails=True)
+    story.tufa("keys", "updates", "sign", "-k", "demo-keys.tgz")
+    story.tufa("keys", "updates", "apply", "-k", "demo-keys.tgz")
+
+    story.chapter("9. The devices follow the new roots from the ones they trusted")
+    for channel, credential in credentials.items():
+        _report(story, channel, _refresh(story, channel, credential, None))
+
+
+def _report(story: _Story, channel: str, updater: Updater) -> None:
+    trusted = updater._trusted_set  # read-only look at what the client now trusts
+    story.say(
+        f"{channel} device: verified root v{trusted.root.version}, timestamp "
+        f"v{trusted.timestamp.version}, snapshot v{trusted.snapshot.version}, targets "
+        f"v{trusted.targets.version} ({len(trusted.targets.targets)} targets)"
+    )
 
 
 @click.command()
@@ -138,8 +163,9 @@ def demo(data_dir: Path | None, keep_running: bool) -> None:
     """Run the end-to-end demo against a fresh server on SQLite.
 
     Starts `tufa-server run` on a free loopback port, then walks through factory
-    creation, the one-time keys download, roots, tokens, device registration and a
-    TUF refresh of both channels. Exits non-zero if any step misbehaves.
+    creation, the one-time keys download, roots, tokens, device registration, TUF
+    refreshes of both channels, the owner's key rotations and a root update
+    transaction. Exits non-zero if any step misbehaves.
     """
     if keep_running and data_dir is None:
         raise click.UsageError("--keep-running needs --data-dir, so the data outlives the demo")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,32 @@ def keys() -> None:
     """Offline keys archive and TUF roots."""
 
 
+def write_new_file(path: Path, data: bytes) -> None:
+    """Write `path` (mode 0600, atomically), which must not exist yet.
+
+    The name is claimed with O_EXCL first, so a file that appears after an early check
+    is still never replaced; the claimed empty file is then atomically replaced by the
+    complete one, or removed again if writing fails.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError as e:
+        raise click.ClickException(
+            f"{path} already exists; choose another file name (tufa never overwrites it)"
+        ) from e
+    except OSError as e:
+        raise click.ClickException(f"cannot create {path}: {e.strerror}") from e
+    os.close(fd)
+    try:
+        write_private_file(path, data)
+    except OSError as e:
+        path.unlink(missing_ok=True)
+        raise click.ClickException(f"cannot write {path}: {e.strerror}") from e
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
 @keys.command()
 @click.argument("archive", type=click.Path(dir_okay=False, path_type=Path))
 @json_option
@@ -39,7 +66,7 @@ def download(api: Api, archive: Path, as_json: bool) -> None:
     """
     if archive.exists():
         raise click.ClickException(
-            f"{archive} already exists; choose another file name (an archive is never overwritten)"
+            f"{archive} already exists; choose another file name (tufa never overwrites it)"
         )
     response = api.request("GET", api.factory_path("/keys/archive"))
     data = response.content
@@ -54,7 +81,7 @@ def download(api: Api, archive: Path, as_json: bool) -> None:
         raise click.ClickException(
             f"the server sent the archive of factory {parsed.factory!r}, not {api.factory!r}"
         )
-    write_private_file(archive, data)
+    write_new_file(archive, data)
     if hashlib.sha256(archive.read_bytes()).hexdigest() != digest:
         raise click.ClickException(f"{archive} did not read back intact; check the disk, run again")
     api.request("POST", api.factory_path("/keys/archive/confirm"), json_body={"sha256": digest})

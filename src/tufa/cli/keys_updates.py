@@ -18,6 +18,7 @@ from tufa.cli.client import Api, with_api
 from tufa.cli.keys import keys
 from tufa.cli.output import console, json_option, print_json
 from tufa.cli.root_update import UPDATES_PATH, RootUpdate, load_archive
+from tufa.core.archive import OfflineArchive
 from tufa.core.keys import KeyPair, KeyType
 from tufa.core.metadata import MIN_PROD_TARGETS_THRESHOLD, ONLINE_ROLES, ROOT, TARGETS, Channel
 
@@ -167,8 +168,12 @@ def _edit(api: Api, change: Any, *, resign: bool = False, what: str) -> None:
 
 
 def _generate_into(archive_path: Path, role: str, key_type: str, factory: str) -> KeyPair:
-    """A new key, saved into the archive before anything else uses it."""
-    archive = load_archive(archive_path, factory)
+    """A new key, saved into the archive (created if missing) before anything uses it."""
+    if archive_path.exists():
+        archive = load_archive(archive_path, factory)
+    else:
+        archive = OfflineArchive(factory=factory)
+        click.echo(f"Creating {archive_path}, a new archive for factory {factory!r}.")
     pair = KeyPair.generate(KeyType(key_type))
     archive.add_key(role, pair)
     archive.save(archive_path)
@@ -177,11 +182,20 @@ def _generate_into(archive_path: Path, role: str, key_type: str, factory: str) -
 
 @updates.command("add-offline-key")
 @ROLE_OPTION
-@ARCHIVE_OPTION
+@click.option(
+    "-k",
+    "--keys",
+    "archive",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Archive to hold the new key (created if it does not exist).",
+)
 @KEY_TYPE_OPTION
 @with_api
 def add_offline_key(api: Api, role: str, archive: Path, key_type: str) -> None:
     """Generate a new offline key into ARCHIVE and add it to the staged roots.
+
+    ARCHIVE is created if it does not exist: a new key holder's own archive.
 
     \b
     Example (a release manager's own targets key):

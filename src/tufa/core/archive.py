@@ -22,8 +22,10 @@ import io
 import json
 import tarfile
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from tufa.core.files import write_private_file
 from tufa.core.keys import KeyPair, key_from_json, key_to_json
@@ -52,6 +54,8 @@ class OfflineArchive:
     keys: list[ArchiveKey] = field(default_factory=list)
     roots: dict[Channel, bytes] = field(default_factory=dict)
     extra: dict[str, bytes] = field(default_factory=dict)
+    # Settings in config.json that this version of tufa does not know, kept as they are.
+    config_extra: dict[str, Any] = field(default_factory=dict)
 
     def keys_for(self, role: str) -> list[ArchiveKey]:
         return [k for k in self.keys if k.role == role]
@@ -71,7 +75,7 @@ class OfflineArchive:
     def to_bytes(self) -> bytes:
         files: dict[str, bytes] = dict(self.extra)
         files["config.json"] = json.dumps(
-            {"format": FORMAT_VERSION, "factory": self.factory}, indent=2
+            {**self.config_extra, "format": FORMAT_VERSION, "factory": self.factory}, indent=2
         ).encode()
         for key in self.keys:
             files[f"keys/{key.name}.pub"] = key_to_json(key.pair.public)
@@ -110,7 +114,7 @@ class OfflineArchive:
             raise ArchiveError(f"{source}: missing or invalid config.json") from e
         if not isinstance(factory, str):
             raise ArchiveError(f"{source}: config.json names no factory")
-        archive = cls(factory=factory)
+        archive = cls(factory=factory, config_extra=_other_settings(config))
         for channel in Channel:
             root = files.pop(f"roles/{channel.value}/root.json", None)
             if root is not None:
@@ -128,10 +132,19 @@ class OfflineArchive:
                 pair = KeyPair.from_pem(files[name], key_from_json(pub))
             except (ValueError, KeyError, TypeError) as e:
                 raise ArchiveError(f"{source}: key {name} is unreadable: {e}") from e
+            named_id = stem.partition("-")[2]
+            if stem != FIRST_ROOT_KEY_NAME and named_id != pair.keyid:
+                raise ArchiveError(f"{source}: {name} holds key {pair.keyid}, not {named_id}")
+            if archive.find(pair.keyid) is not None:
+                raise ArchiveError(f"{source}: key {pair.keyid} is stored twice")
             archive.keys.append(ArchiveKey(role, stem, pair))
             del files[name], files[f"keys/{stem}.pub"]
         archive.extra = files
         return archive
+
+
+def _other_settings(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in ("format", "factory")}
 
 
 def _role_of_key_name(stem: str) -> str | None:
@@ -146,11 +159,12 @@ def _safe_members(data: bytes, source: str) -> dict[str, bytes]:
     try:
         with gzip.GzipFile(fileobj=io.BytesIO(data)) as gz:
             raw = gz.read(MAX_ARCHIVE_BYTES + 1)
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         raise ArchiveError(f"{source} is not a gzip'd tar archive: {e}") from e
     if len(raw) > MAX_ARCHIVE_BYTES:
         raise ArchiveError(f"{source} unpacks to more than {MAX_ARCHIVE_BYTES} bytes")
     files: dict[str, bytes] = {}
+    total = 0
     try:
         with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
             members = tar.getmembers()
@@ -163,11 +177,14 @@ def _safe_members(data: bytes, source: str) -> dict[str, bytes]:
                     raise ArchiveError(f"{source}: unsafe path {name!r} in archive")
                 if member.isdir():
                     continue
-                if not member.isfile():
+                if not member.isfile() or member.issparse():
                     raise ArchiveError(
-                        f"{source}: {name!r} is a link or special file; archives hold plain "
-                        "files only"
+                        f"{source}: {name!r} is a link, a sparse or a special file; archives hold "
+                        "plain files only"
                     )
+                total += member.size
+                if total > MAX_ARCHIVE_BYTES:
+                    raise ArchiveError(f"{source} unpacks to more than {MAX_ARCHIVE_BYTES} bytes")
                 clean = str(path)
                 if clean in files:
                     raise ArchiveError(f"{source}: {name!r} appears twice")

@@ -1,0 +1,432 @@
+"""A printable text backup of an archive's root private keys, and reading it back.
+
+The root private key is the one secret that nothing can replace, so the owner keeps it
+on paper too: a fire that takes the disks leaves the safe. Paper only helps if a person
+can type it back in, and a person makes typos, so every line carries its own number and
+a short checksum::
+
+    01  tufa root keys backup, format 1                                   3f1c2a
+    02  factory: acme                                                     9b0e44
+    ...
+    06  key root 4bfa5b...c93b1 ed25519 ed25519 as offline-root  51d0e7
+    07  -----BEGIN PRIVATE KEY-----                                       0a4c19
+    08  MC4CAQAwBQYDK2VwBCIEIJ3v...                                       c2d8f0
+    09  -----END PRIVATE KEY-----                                         6e7a12
+    10  end                                                               77b301
+
+(Key id and checks are made up here; a backup prints the key id in full.)
+
+The check is the first six hex digits of sha256 of ``"<number>:<text>"``. Because the
+number is part of it, a line typed in the wrong place fails just like a typo, and
+`parse_backup` can name the exact line (and the key and PEM line it belongs to) instead
+of a bare "invalid key". The key id on the `key` line is checked against the key that
+the PEM lines rebuild, which catches anything the per-line checks could miss.
+
+Only root keys are written: targets keys can be replaced with the root key, and the
+roles are public and fetched from the server when needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from securesystemslib.signer import CryptoSigner, SSlibKey
+
+from tufa.core.archive import FIRST_ROOT_KEY_NAME, ArchiveKey, OfflineArchive
+from tufa.core.keys import KeyPair
+from tufa.core.metadata import ROOT
+
+FORMAT_TITLE = "tufa root keys backup, format 1"
+INSTRUCTIONS = "type back every line: number, text, check; see tufa keys restore"
+CHECK_LENGTH = 6
+# A backup of a few RSA keys is a few KiB; anything much larger is not one.
+MAX_BACKUP_CHARS = 1024 * 1024
+# PEM lines are 64 characters: padding shorter lines to that width puts every check in
+# one column on paper, which makes a skipped line easy to see.
+_TEXT_WIDTH = 64
+_HEADER_LINES = 5
+_KEYID = re.compile(r"[0-9a-f]{64}")
+_CHECK = re.compile(rf"[0-9a-fA-F]{{{CHECK_LENGTH}}}")
+# Line numbers: five digits are plenty, and bound the work for a hostile file.
+_NUMBER = re.compile(r"[0-9]{1,5}")
+# Key names end up as `keys/<name>.sec` in the archive, which reads a key back as a
+# root key only under these names; anything else could be a path.
+_KEY_NAME = re.compile(rf"{FIRST_ROOT_KEY_NAME}|root-[A-Za-z0-9._-]{{1,128}}")
+# The server's rule for factory names (tufa.server.api.common.NAME_PATTERN); the core
+# package does not import server code.
+_FACTORY_NAME = re.compile(r"[a-z0-9][a-z0-9-]{1,62}")
+# Characters people confuse when reading a printout, to suggest the likely fix.
+_CONFUSABLE = ("0OoDQ", "1lIi", "5Ss", "2Zz", "8B", "6Gb", "9gq", "uvUV", "+t")
+
+
+class BackupError(ValueError):
+    """A text backup that cannot be restored; each problem names its line number."""
+
+    def __init__(self, problems: Iterable[str]) -> None:
+        self.problems = list(problems)
+        if len(self.problems) == 1:
+            message = self.problems[0]
+        else:
+            lines = "\n".join(f"  {p}" for p in self.problems)
+            message = f"the backup has {len(self.problems)} problems:\n{lines}"
+        super().__init__(message)
+
+
+def line_check(number: int, text: str) -> str:
+    """The check printed after line `number`: it covers the number, so order matters too."""
+    return hashlib.sha256(f"{number}:{text}".encode()).hexdigest()[:CHECK_LENGTH]
+
+
+def _normalise(text: str) -> str:
+    """Runs of spaces count as one, so retyping does not have to match the padding."""
+    return " ".join(text.split())
+
+
+def _default_name(keyid: str) -> str:
+    return f"{ROOT}-{keyid}"
+
+
+def _short(keyid: str) -> str:
+    return f"{keyid[:8]}…"
+
+
+# -- writing -------------------------------------------------------------------------
+
+
+def render_backup(archive: OfflineArchive, now: datetime | None = None) -> str:
+    """The printable backup of every root key of `archive`.
+
+    Raises ValueError if the archive holds no root key (a targets-only copy): a backup
+    without one would look reassuring and restore nothing useful. The text is parsed
+    back before it is returned, so a backup that could not be restored is never handed
+    out.
+    """
+    root_keys: list[ArchiveKey] = []
+    seen: set[str] = set()
+    for key in archive.keys_for(ROOT):
+        if key.pair.keyid not in seen:
+            seen.add(key.pair.keyid)
+            root_keys.append(key)
+    if not root_keys:
+        raise ValueError(
+            f"the archive of factory {archive.factory!r} holds no root private key "
+            "(is it a targets-only copy?); back up the archive that holds the root keys"
+        )
+    created = (now or datetime.now(UTC)).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    texts = [
+        FORMAT_TITLE,
+        f"factory: {archive.factory}",
+        f"created: {created}",
+        f"root keys: {len(root_keys)}",
+        INSTRUCTIONS,
+    ]
+    for key in root_keys:
+        public = key.pair.public
+        # Odd names (from archives written by other tools) cannot be carried safely;
+        # the key itself is what matters, so fall back to the standard name.
+        name = key.name if _KEY_NAME.fullmatch(key.name) else _default_name(public.keyid)
+        line = f"key {ROOT} {public.keyid} {public.keytype} {public.scheme}"
+        if name != _default_name(public.keyid):
+            line += f" as {name}"
+        texts.append(line)
+        try:
+            pem = key.pair.private_pem.decode("ascii")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"root key {public.keyid} is not an ASCII PEM file") from e
+        texts.extend(_normalise(t) for t in pem.splitlines() if t.strip())
+        texts.append("end")
+    width = max(2, len(str(len(texts))))
+    text = "".join(
+        f"{n:0{width}d}  {t.ljust(_TEXT_WIDTH)}  {line_check(n, t)}\n"
+        for n, t in enumerate(texts, start=1)
+    )
+    restored = parse_backup(text)
+    if [k.pair.keyid for k in restored.keys] != [k.pair.keyid for k in root_keys]:
+        raise ValueError("the backup does not restore the archive's root keys")  # pragma: no cover
+    return text
+
+
+# -- reading -------------------------------------------------------------------------
+
+
+@dataclass
+class _Context:
+    """Where a line sits, so a problem says "key 4bfa…, PEM line 3", not just "line 17"."""
+
+    keyid: str | None = None
+    pem_line: int = 0
+    last_keyid: str | None = None
+
+    def describe(self, text: str) -> str:
+        if text.startswith("key "):
+            parts = text.split()
+            self.keyid = parts[2] if len(parts) > 2 else "?"
+            self.pem_line = 0
+            return f" (key line of key {_short(self.keyid)})"
+        if self.keyid is None:
+            return " (header)" if self.last_keyid is None else f" (after key {self.last_keyid})"
+        if text == "end":
+            self.last_keyid, self.keyid = _short(self.keyid), None
+            return f" (end of key {self.last_keyid})"
+        self.pem_line += 1
+        return f" (key {_short(self.keyid)}, PEM line {self.pem_line})"
+
+
+@dataclass
+class _Lines:
+    numbers: list[int] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def _suggestion(number: int, text: str, check: str) -> str:
+    """A one-character fix among look-alikes (0/O, 1/l, ...) that makes the check match."""
+    if len(text) > 2 * _TEXT_WIDTH:
+        return ""  # not a PEM line: no look-alike search on long text
+    fixes = []
+    for column, char in enumerate(text):
+        alternatives = {char.swapcase()}
+        for group in _CONFUSABLE:
+            if char in group:
+                alternatives.update(group)
+        alternatives.discard(char)
+        for alt in sorted(alternatives):
+            candidate = text[:column] + alt + text[column + 1 :]
+            if line_check(number, candidate) == check:
+                fixes.append(f"; character {column + 1} is {char!r}: should it be {alt!r}?")
+    return fixes[0] if len(fixes) == 1 else ""
+
+
+def _read_lines(text: str) -> _Lines:
+    """Every numbered line with its check verified, and the problems found, in order."""
+    result = _Lines()
+    context = _Context()
+    previous = 0
+    for file_line, raw in enumerate(text.splitlines(), start=1):
+        tokens = raw.split()
+        if not tokens:
+            continue
+        expected = previous + 1
+        numbered = _NUMBER.fullmatch(tokens[0]) is not None
+        if not (numbered and len(tokens) >= 3 and _CHECK.fullmatch(tokens[-1])):
+            # Counted as present, so the sequence check does not report it missing too.
+            previous = int(tokens[0]) if numbered else expected
+            words = " ".join(tokens[1:] if numbered else tokens)
+            result.problems.append(
+                f"line {previous}{context.describe(words)} "
+                f"(line {file_line} of the file): expected 'NUMBER  TEXT  CHECK', where CHECK "
+                f"is {CHECK_LENGTH} characters 0-9/a-f"
+            )
+            result.numbers.append(previous)
+            result.texts.append(words)
+            continue
+        number, body, check = int(tokens[0]), " ".join(tokens[1:-1]), tokens[-1].lower()
+        where = context.describe(body)
+        if line_check(number, body) != check:
+            if number != expected and line_check(expected, body) == check:
+                result.problems.append(
+                    f"line {expected}{where}: the line number is typed as {number}; "
+                    f"it should be {expected}"
+                )
+                number = expected
+            else:
+                result.problems.append(
+                    f"line {number}{where}: checksum does not match: check for a typo"
+                    f"{_suggestion(number, body, check)}"
+                )
+        result.numbers.append(number)
+        result.texts.append(body)
+        previous = number
+    result.problems.extend(_sequence_problems(result.numbers))
+    return result
+
+
+def _sequence_problems(numbers: list[int]) -> list[str]:
+    """Repeated, out-of-order and missing line numbers."""
+    problems = []
+    seen: set[int] = set()
+    highest = 0
+    for number in numbers:
+        if number in seen:
+            problems.append(f"line {number} appears more than once")
+        elif number < highest:
+            problems.append(
+                f"line {number} comes after line {highest}: lines are out of order "
+                "(swapped?); put them in order"
+            )
+        seen.add(number)
+        highest = max(highest, number)
+    missing = sorted(set(range(1, highest + 1)) - seen)
+    if len(missing) == 1:
+        problems.append(f"line {missing[0]} is missing: type every line of the printout")
+    elif missing:
+        listed = ", ".join(str(n) for n in missing[:20]) + (", ..." if len(missing) > 20 else "")
+        problems.append(f"lines {listed} are missing: type every line of the printout")
+    return problems
+
+
+@dataclass
+class _Block:
+    first_line: int
+    keyid: str
+    keytype: str
+    scheme: str
+    name: str
+    pem: list[str] = field(default_factory=list)
+    last_line: int = 0
+
+
+def parse_backup(text: str) -> OfflineArchive:
+    """Rebuild an archive holding the root keys of a text backup.
+
+    The archive has the factory name and the root keys (under the names they had), and
+    no roles: those are public and fetched from the server when needed. Raises
+    BackupError naming every mistyped, missing or misplaced line, so the owner can fix
+    them all in one pass, and nothing is returned unless each key rebuilds to exactly
+    the key id that was recorded.
+    """
+    if len(text) > MAX_BACKUP_CHARS:
+        raise BackupError([f"the file is larger than {MAX_BACKUP_CHARS} characters: not a backup"])
+    lines = _read_lines(text)
+    if lines.problems:
+        raise BackupError(lines.problems)
+    if not lines.texts:
+        raise BackupError(["the file is empty: not a tufa root keys backup"])
+    numbered = list(zip(lines.numbers, lines.texts, strict=True))
+    factory, count = _parse_header(numbered)
+    blocks = _parse_blocks(numbered[_HEADER_LINES:], count)
+    archive = OfflineArchive(factory=factory)
+    problems: list[str] = []
+    for block in blocks:
+        try:
+            pair = _rebuild_key(block)
+        except BackupError as e:
+            problems.extend(e.problems)
+            continue
+        if archive.find(pair.keyid) is not None:
+            problems.append(f"line {block.first_line}: key {_short(pair.keyid)} appears twice")
+        elif any(k.name == block.name for k in archive.keys):
+            problems.append(f"line {block.first_line}: key name {block.name!r} appears twice")
+        else:
+            archive.add_key(ROOT, pair, block.name)
+    if problems:
+        raise BackupError(problems)
+    return archive
+
+
+def _parse_header(numbered: list[tuple[int, str]]) -> tuple[str, int]:
+    """The factory name and the number of keys the backup says it holds."""
+    if numbered[0][1] != FORMAT_TITLE:
+        title = numbered[0][1]
+        if title.startswith("tufa root keys backup"):
+            raise BackupError([f"line 1: {title!r}: this tufa reads {FORMAT_TITLE!r}"])
+        raise BackupError([f"line 1: not a tufa root keys backup (expected {FORMAT_TITLE!r})"])
+    if len(numbered) < _HEADER_LINES:
+        raise BackupError(["the header is incomplete: lines 1 to 5 must all be there"])
+    factory_line, created_line, count_line = numbered[1][1], numbered[2][1], numbered[3][1]
+    factory = factory_line.removeprefix("factory: ")
+    if factory == factory_line or not _FACTORY_NAME.fullmatch(factory):
+        raise BackupError([f"line 2: expected 'factory: NAME', found {factory_line!r}"])
+    if not created_line.startswith("created: "):
+        raise BackupError([f"line 3: expected 'created: DATE', found {created_line!r}"])
+    count_text = count_line.removeprefix("root keys: ")
+    if count_text == count_line or not count_text.isdigit() or int(count_text) < 1:
+        raise BackupError([f"line 4: expected 'root keys: NUMBER', found {count_line!r}"])
+    return factory, int(count_text)
+
+
+def _parse_blocks(numbered: list[tuple[int, str]], count: int) -> list[_Block]:
+    """The key blocks: a `key` line, the PEM lines, `end`; exactly `count` of them."""
+    blocks: list[_Block] = []
+    current: _Block | None = None
+    for number, text in numbered:
+        if current is None:
+            if len(blocks) == count:
+                raise BackupError(
+                    [f"line {number}: text after the last of the {count} key(s): {text!r}"]
+                )
+            current = _parse_key_line(number, text)
+        elif text.startswith("key "):
+            raise BackupError(
+                [
+                    f"line {number}: a new key starts, but key {_short(current.keyid)} "
+                    f"(line {current.first_line}) has no 'end' line"
+                ]
+            )
+        elif text == "end":
+            current.last_line = number
+            blocks.append(current)
+            current = None
+        else:
+            current.pem.append(text)
+    if current is not None:
+        raise BackupError(
+            [
+                f"key {_short(current.keyid)} (line {current.first_line}) has no 'end' line: "
+                "the end of the backup is missing"
+            ]
+        )
+    if len(blocks) < count:
+        raise BackupError(
+            [
+                f"line 4 says the backup holds {count} root key(s), but only {len(blocks)} "
+                "are there: the end of the backup is missing"
+            ]
+        )
+    return blocks
+
+
+def _parse_key_line(number: int, text: str) -> _Block:
+    """`key root <keyid> <keytype> <scheme> [as <name>]`."""
+    parts = text.split()
+    usage = "expected 'key root KEYID KEYTYPE SCHEME [as NAME]'"
+    if len(parts) not in (5, 7) or parts[0] != "key" or (len(parts) == 7 and parts[5] != "as"):
+        raise BackupError([f"line {number}: {usage}, found {text!r}"])
+    _, role, keyid, keytype, scheme = parts[:5]
+    if role != ROOT:
+        raise BackupError([f"line {number}: only root keys are backed up, not {role!r} keys"])
+    if not _KEYID.fullmatch(keyid):
+        raise BackupError([f"line {number}: {keyid!r} is not a key id (64 characters 0-9/a-f)"])
+    name = parts[6] if len(parts) == 7 else _default_name(keyid)
+    if not _KEY_NAME.fullmatch(name):
+        raise BackupError(
+            [f"line {number}: {name!r} is not a root key name ({FIRST_ROOT_KEY_NAME} or root-...)"]
+        )
+    return _Block(number, keyid, keytype, scheme, name)
+
+
+def _rebuild_key(block: _Block) -> KeyPair:
+    """The key pair from the PEM lines, refused unless it is exactly the recorded key."""
+    where = f"key {_short(block.keyid)} (lines {block.first_line}-{block.last_line})"
+    pem = ("\n".join(block.pem) + "\n").encode("ascii", errors="replace")
+    try:
+        private_key = load_pem_private_key(pem, password=None)
+        public = SSlibKey.from_crypto(private_key.public_key(), scheme=block.scheme)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+        raise BackupError([f"{where}: the PEM lines do not make a private key: {e}"]) from e
+    if public.keytype != block.keytype:
+        raise BackupError(
+            [f"{where}: the PEM lines hold a {public.keytype} key, not {block.keytype}"]
+        )
+    if public.keyid != block.keyid:
+        raise BackupError(
+            [
+                f"{where}: the PEM lines rebuild key {public.keyid}, not the recorded "
+                f"{block.keyid}: this backup was altered or mixes keys"
+            ]
+        )
+    # A key that signs is the proof that the scheme fits the key, which the key id alone
+    # does not give. The loaded key is reused: loading an RSA key costs ~0.2 s (cryptography
+    # validates it), so `KeyPair.from_pem`, which would load it again, is not called here.
+    try:
+        signature = CryptoSigner(private_key, public).sign(b"tufa backup self-test")
+        public.verify_signature(signature, b"tufa backup self-test")
+    except Exception as e:  # any failure here means the key cannot sign: say so
+        raise BackupError([f"{where}: the key cannot sign with scheme {block.scheme}: {e}"]) from e
+    return KeyPair(public=public, private_pem=pem)
