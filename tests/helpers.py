@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 import secrets
 import subprocess
@@ -17,6 +19,7 @@ from tuf.ngclient import Updater
 
 from tufa.cli.local_server import LocalServer, console_script
 from tufa.core.fetcher import BearerFetcher
+from tufa.core.files import write_private_file
 from tufa.server import db
 
 
@@ -204,3 +207,48 @@ def dump_database(server: Server) -> dict[str, list[tuple[Any, ...]]]:
             rows = conn.execute(select(db.schema.tables[name])).all()
             dump[name] = sorted((tuple(row) for row in rows), key=repr)
     return dump
+
+
+def dump_all_tables(server: Server) -> dict[str, list[tuple[Any, ...]]]:
+    """Like `dump_database`, over every table of the schema (open root updates too)."""
+    dump: dict[str, list[tuple[Any, ...]]] = {}
+    with _engine(server.local.db_url).connect() as conn:
+        for table in db.schema.sorted_tables:
+            rows = conn.execute(select(table)).all()
+            dump[table.name] = sorted((tuple(row) for row in rows), key=repr)
+    return dump
+
+
+def served_metadata(factory: Factory, channel: str) -> dict[str, bytes]:
+    """The bytes a client gets now: root.json, timestamp.json and, through them, the
+    snapshot and targets versions the timestamp names (consistent snapshots)."""
+
+    def get(filename: str) -> bytes:
+        path = factory.path(f"/repo/{channel}/metadata/{filename}")
+        response = send(factory.server, "GET", path, factory.admin_token)
+        assert response.status_code == 200, f"{filename}: {response.text}"
+        return response.content
+
+    timestamp = get("timestamp.json")
+    snapshot_version = json.loads(timestamp)["signed"]["meta"]["snapshot.json"]["version"]
+    snapshot = get(f"{snapshot_version}.snapshot.json")
+    targets_version = json.loads(snapshot)["signed"]["meta"]["targets.json"]["version"]
+    return {
+        "root": get("root.json"),
+        "timestamp": timestamp,
+        "snapshot": snapshot,
+        "targets": get(f"{targets_version}.targets.json"),
+    }
+
+
+def download_archive(factory: Factory, path: Path) -> bytes:
+    """What `tufa keys download` does, without starting a process: fetch the factory's
+    one-time offline keys archive, save it (mode 0600), confirm; return its bytes."""
+    response = factory.request("GET", "/keys/archive")
+    response.raise_for_status()
+    data = response.content
+    digest = hashlib.sha256(data).hexdigest()
+    assert digest == response.headers["x-tufa-archive-sha256"]
+    write_private_file(path, data)
+    factory.request("POST", "/keys/archive/confirm", json={"sha256": digest}).raise_for_status()
+    return data

@@ -311,8 +311,25 @@ WITH_EXAMPLES = (
     ("get",),
     ("factory", "create"),
     ("factory", "set"),
+    ("keys", "backup"),
+    ("keys", "copy-targets"),
     ("keys", "download"),
+    ("keys", "restore"),
+    ("keys", "rotate-root"),
+    ("keys", "rotate-targets"),
     ("keys", "show-root"),
+    ("keys", "sign-file"),
+    ("keys", "updates"),
+    ("keys", "updates", "add-offline-key"),
+    ("keys", "updates", "apply"),
+    ("keys", "updates", "delete-offline-key"),
+    ("keys", "updates", "export"),
+    ("keys", "updates", "extend-expiry"),
+    ("keys", "updates", "init"),
+    ("keys", "updates", "rotate-offline-key"),
+    ("keys", "updates", "rotate-online-key"),
+    ("keys", "updates", "set-threshold"),
+    ("keys", "updates", "sign"),
     ("tokens", "create"),
     ("tokens", "revoke"),
 )
@@ -320,13 +337,15 @@ WITH_EXAMPLES = (
 
 def _commands_with_examples() -> set[tuple[str, ...]]:
     found: set[tuple[str, ...]] = set()
-    for name, command in cli.commands.items():
-        subcommands = command.commands if isinstance(command, click.Group) else {}
-        if "Example" in (command.help or ""):
-            found.add((name,))
-        for sub_name, sub in subcommands.items():
-            if "Example" in (sub.help or ""):
-                found.add((name, sub_name))
+
+    def walk(path: tuple[str, ...], command: click.Command) -> None:
+        if path and "Example" in (command.help or ""):
+            found.add(path)
+        if isinstance(command, click.Group):
+            for name, sub in command.commands.items():
+                walk((*path, name), sub)
+
+    walk((), cli)
     return found
 
 

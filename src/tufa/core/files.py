@@ -40,6 +40,27 @@ def write_private_file(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+    _remove_abandoned_copies(folder, path.name)
+
+
+def _remove_abandoned_copies(folder: Path, name: str) -> None:
+    """Delete temporary copies that a killed writer left (they may hold private keys)."""
+    for leftover in folder.glob(f".{name}.*.tmp"):
+        pid = leftover.name[len(name) + 2 : -len(".tmp")]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            leftover.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def default_database_url(data_dir: Path) -> str:

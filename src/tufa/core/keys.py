@@ -7,12 +7,14 @@ with any securesystemslib tool. Key ids are the ones python-tuf computes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from securesystemslib.formats import encode_canonical
 from securesystemslib.signer import CryptoSigner, Key, SSlibKey
 
 
@@ -62,6 +64,15 @@ class KeyPair:
     def signer(self) -> CryptoSigner:
         private_key = load_pem_private_key(self.private_pem, password=None)
         return CryptoSigner(private_key, self.public)
+
+
+def computed_keyid(key: Key) -> str:
+    """The key id TUF computes for `key`: SHA-256 of its canonical JSON form."""
+    canonical = encode_canonical(
+        {"keytype": key.keytype, "scheme": key.scheme, "keyval": key.keyval}
+    )
+    assert isinstance(canonical, str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def key_to_json(key: Key) -> bytes:

@@ -10,6 +10,7 @@ roots list are counted.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 from securesystemslib.signer import Signature
 from tuf.api.metadata import Metadata, Root, Targets
 
+from tufa.core.keys import computed_keyid
 from tufa.core.metadata import (
     MIN_PROD_TARGETS_THRESHOLD,
     ROOT,
@@ -71,7 +73,19 @@ def check_staged_roots(
                     f"{where}: {role_name} threshold {role.threshold} cannot be met by its "
                     f"{len(role.keyids)} key(s)"
                 )
+        seen: dict[str, str] = {}
         for keyid, key in new.keys.items():
+            # A key listed twice under two ids would let one private key count twice
+            # towards a threshold, as python-tuf counts signatures by key id.
+            if keyid != computed_keyid(key):
+                raise RootUpdateError(
+                    f"{where}: key id {keyid} is not the id TUF computes for its key "
+                    f"({computed_keyid(key)})"
+                )
+            material = json.dumps(key.keyval, sort_keys=True)
+            if material in seen:
+                raise RootUpdateError(f"{where}: keys {seen[material]} and {keyid} are one key")
+            seen[material] = keyid
             if (key.keytype, key.scheme) not in SUPPORTED_SCHEMES:
                 raise RootUpdateError(
                     f"{where}: key {keyid} is {key.keytype}/{key.scheme}; supported are "

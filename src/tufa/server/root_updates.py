@@ -9,6 +9,7 @@ timestamps change in one transaction, or nothing does.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -389,7 +390,11 @@ class RootUpdates:
             targets.sign(self.repo.online_signer(conn, factory_id, TARGETS), append=True)
             prod_root.verify_delegate(TARGETS, targets.signed_bytes, targets.signatures)
             counter = self.repo.bump(conn, factory_id, Channel.PROD, TARGETS)[TARGETS]
-            assert counter == targets.signed.version
+            if counter != targets.signed.version:
+                raise conflict(
+                    "production targets changed while this update was open; stage and sign "
+                    "the re-signed production targets again"
+                )
             self.repo.store(conn, factory_id, Channel.PROD, targets, view)
             prod_version = counter
         ci_targets = self.repo.resign_ci_targets(conn, factory_id, now)
@@ -416,6 +421,10 @@ class RootUpdates:
         online_keyid = self._keyids_after(conn, factory_id)[TARGETS]
         for view, body in self._current_prod_targets(conn, factory_id).items():
             if view in staged_targets:
+                # Production targets may have moved on since staging; re-check.
+                self._check_staged_targets(
+                    conn, factory_id, view, copy.deepcopy(staged_targets[view]["signed"]), None
+                )
                 md = Metadata[Targets].from_dict(staged_targets[view])
                 complete, status = prod_targets_signing_status(prod_root, md, online_keyid)
                 if not complete:

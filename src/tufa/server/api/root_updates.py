@@ -16,22 +16,32 @@ from tufa.server.api.common import caller, field, json_object, ok, threaded
 from tufa.server.auth import Scope, require_factory
 from tufa.server.errors import bad_request
 from tufa.server.root_updates import RootUpdates
+from tufa.server.state import ServerState
 
 PREFIX = "/api/v1/factories/{factory}/keys/updates"
 
 
+async def _admin(request: Request) -> tuple[ServerState, int]:
+    """The server state and the factory id, if the caller is the factory's admin.
+
+    Checked before the request body is read, so a caller without the right learns
+    nothing from validation errors.
+    """
+    state, principal = await caller(request)
+    admin = require_factory(principal, request.path_params["factory"], {Scope.ADMIN})
+    assert admin.factory_id is not None
+    return state, admin.factory_id
+
+
 async def _run(
-    request: Request,
+    state: ServerState,
+    factory_id: int,
     step: Callable[[RootUpdates, Connection, int], dict[str, Any] | None],
     *,
     write: bool = True,
 ) -> dict[str, Any]:
-    """Authorise an admin and run `step` in one transaction; a step that returns nothing
-    answers with the update as it stands after the step."""
-    state, principal = await caller(request)
-    admin = require_factory(principal, request.path_params["factory"], {Scope.ADMIN})
-    factory_id = admin.factory_id
-    assert factory_id is not None
+    """Run `step` in one transaction; a step that returns nothing answers with the
+    update as it stands after the step."""
     updates = RootUpdates(state)
 
     def work() -> dict[str, Any]:
@@ -59,32 +69,38 @@ def _channels(data: dict[str, Any], name: str) -> dict[Channel, Any]:
 
 
 async def init(request: Request) -> JSONResponse:
+    state, factory_id = await _admin(request)
     data = await json_object(request)
     message = field(data, "message", str).strip()
     if not message:
         raise bad_request("field 'message' must say what the update is for")
-    return ok(await _run(request, lambda u, c, f: u.init(c, f, message)), status=201)
+    step = await _run(state, factory_id, lambda u, c, f: u.init(c, f, message))
+    return ok(step, status=201)
 
 
 async def show(request: Request) -> JSONResponse:
-    return ok(await _run(request, lambda u, c, f: u.describe(c, f), write=False))
+    state, factory_id = await _admin(request)
+    return ok(await _run(state, factory_id, lambda u, c, f: u.describe(c, f), write=False))
 
 
 async def stage(request: Request) -> JSONResponse:
+    state, factory_id = await _admin(request)
     data = await json_object(request)
     roots = _channels(field(data, "roots", dict), "roots")
     if set(roots) != set(Channel):
         raise bad_request("field 'roots' must hold the staged 'ci' and 'prod' roots")
     prod_targets = field(data, "prod_targets", dict, {})
-    return ok(await _run(request, lambda u, c, f: u.stage(c, f, roots, prod_targets)))
+    return ok(await _run(state, factory_id, lambda u, c, f: u.stage(c, f, roots, prod_targets)))
 
 
 async def online_keys(request: Request) -> JSONResponse:
+    state, factory_id = await _admin(request)
     roles = field(await json_object(request), "roles", list)
-    return ok(await _run(request, lambda u, c, f: u.rotate_online_keys(c, f, roles)))
+    return ok(await _run(state, factory_id, lambda u, c, f: u.rotate_online_keys(c, f, roles)))
 
 
 async def signatures(request: Request) -> JSONResponse:
+    state, factory_id = await _admin(request)
     data = await json_object(request)
     roots = {
         channel: _signatures(value, f"roots.{channel.value}")
@@ -94,15 +110,17 @@ async def signatures(request: Request) -> JSONResponse:
         view: _signatures(value, f"prod_targets.{view}")
         for view, value in field(data, "prod_targets", dict, {}).items()
     }
-    return ok(await _run(request, lambda u, c, f: u.add_signatures(c, f, roots, targets)))
+    return ok(await _run(state, factory_id, lambda u, c, f: u.add_signatures(c, f, roots, targets)))
 
 
 async def apply(request: Request) -> JSONResponse:
-    return ok(await _run(request, lambda u, c, f: u.apply(c, f)))
+    state, factory_id = await _admin(request)
+    return ok(await _run(state, factory_id, lambda u, c, f: u.apply(c, f)))
 
 
 async def cancel(request: Request) -> JSONResponse:
-    return ok(await _run(request, lambda u, c, f: u.cancel(c, f)))
+    state, factory_id = await _admin(request)
+    return ok(await _run(state, factory_id, lambda u, c, f: u.cancel(c, f)))
 
 
 routes = [

@@ -1,0 +1,713 @@
+"""Key rotations end to end: the real `tufa` CLI changes keys, and devices follow.
+
+Each test bootstraps python-tuf's ngclient with version 1 of each channel's root before
+anything changes, like a device provisioned at the factory, and has it poll again after
+every step: a device must follow every rotation through the root chain without error.
+At the end a device provisioned with root v1 only must still reach the current state.
+
+The last tests stage attacks with stolen keys against a copy of the repository served by
+a local HTTP server, to show what production devices refuse and CI devices accept.
+
+One full rotation scenario runs on both backends; the others are HTTP clients of the
+same server code and run on SQLite only.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import secrets
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from securesystemslib.signer import Signer
+from sqlalchemy import create_engine, select
+from sqlalchemy.pool import NullPool
+from tuf.api.exceptions import UnsignedMetadataError
+from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
+from tuf.ngclient import Updater
+from tuf.ngclient._internal.trusted_metadata_set import TrustedMetadataSet
+
+from tests.helpers import Factory, Server, cli_env, run_cli, send, served_metadata
+from tufa.cli.local_server import free_port
+from tufa.core.archive import OfflineArchive
+from tufa.core.fetcher import BearerFetcher
+from tufa.core.keys import KeyPair, key_from_json
+from tufa.core.metadata import ROOT, SNAPSHOT, TARGETS, TIMESTAMP, Channel
+from tufa.server import db
+from tufa.server.secrets import MasterKey
+
+CHANNELS = ("ci", "prod")
+TUFA_SETTINGS = ("TUFA_CONFIG", "TUFA_SERVER", "TUFA_FACTORY", "TUFA_TOKEN")
+# --key-type -> (keytype, scheme) of the TUF key it makes.
+KEY_TYPES = {
+    "ed25519": ("ed25519", "ed25519"),
+    "ecdsa": ("ecdsa", "ecdsa-sha2-nistp256"),
+    "rsa": ("rsa", "rsassa-pss-sha256"),
+}
+VIEW = ""  # the production targets every device of a fresh factory gets
+
+sqlite_only = pytest.mark.parametrize("server", ["sqlite"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def _no_inherited_cli_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in TUFA_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+
+
+# -- the owner, with the real CLI ---------------------------------------------------------
+
+
+@dataclass
+class Owner:
+    """The factory owner: admin token, CLI config, and the offline archive on disk."""
+
+    factory: Factory
+    home: Path
+    env: dict[str, str]
+
+    @classmethod
+    def start(cls, factory: Factory, home: Path) -> Owner:
+        home.mkdir(parents=True, exist_ok=True)
+        owner = cls(factory, home, cli_env(factory, home / "config.json"))
+        owner.tufa("keys", "download", str(owner.archive))
+        return owner
+
+    @property
+    def archive(self) -> Path:
+        return self.home / "keys.tgz"
+
+    def tufa(self, *args: str, env: dict[str, str] | None = None) -> str:
+        done = run_cli(*args, env=self.env if env is None else env)
+        assert done.returncode == 0, f"tufa {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+        return done.stdout
+
+    def fails(self, *args: str) -> subprocess.CompletedProcess[str]:
+        done = run_cli(*args, env=self.env)
+        assert done.returncode != 0, f"tufa {' '.join(args)} succeeded:\n{done.stdout}"
+        return done
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.tufa(*args, "--json"))
+
+    def review(self) -> dict[str, Any]:
+        review: dict[str, Any] = self.json("keys", "updates", "review")
+        return review
+
+    def keyids(self, role: str, archive: Path | None = None) -> set[str]:
+        held = OfflineArchive.load(archive or self.archive)
+        return {k.pair.keyid for k in held.keys_for(role)}
+
+    def online_keyids(self) -> dict[str, str]:
+        """What `tufa factory show --json` says the server's online keys are."""
+        shown = self.json("factory", "show")
+        return {k["role"]: k["keyid"] for k in shown["online_keys"]}
+
+
+def served_root(factory: Factory, channel: str) -> Metadata[Root]:
+    path = factory.path(f"/repo/{channel}/metadata/root.json")
+    response = send(factory.server, "GET", path, factory.admin_token)
+    assert response.status_code == 200, response.text
+    return Metadata[Root].from_bytes(response.content)
+
+
+def served_targets(factory: Factory, channel: str) -> Metadata[Targets]:
+    return Metadata[Targets].from_bytes(served_metadata(factory, channel)["targets"])
+
+
+def online_keyids_over_http(factory: Factory) -> dict[str, str]:
+    keys = send(factory.server, "GET", factory.path(), factory.admin_token).json()["online_keys"]
+    return {k["role"]: k["keyid"] for k in keys}
+
+
+def assert_signed_by(md: Metadata[Any], root: Root, role: str, keyids: set[str]) -> None:
+    """`md` carries signatures by exactly `keyids`, each verifying with `root`'s key."""
+    assert set(md.signatures) == keyids, f"{role} signed by {set(md.signatures)}, not {keyids}"
+    for keyid in keyids:
+        root.keys[keyid].verify_signature(md.signatures[keyid], md.signed_bytes)
+    root.verify_delegate(role, md.signed_bytes, md.signatures)
+
+
+# -- devices ------------------------------------------------------------------------------
+
+
+@dataclass
+class Device:
+    """A device's TUF client on its own channel, with its own credential.
+
+    It is provisioned with the channel's root v1; each poll is a new ngclient over the
+    same trusted-metadata directory, like an agent that restarts between polls.
+    """
+
+    factory: Factory
+    channel: str
+    trust_dir: Path
+    fetcher: BearerFetcher
+    bootstrap: bytes | None = None
+    seen: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def provision(cls, factory: Factory, channel: str, trust_dir: Path) -> Device:
+        trust_dir.mkdir(parents=True)
+        credential = factory.register_device(channel)["credential"]
+        fetcher = BearerFetcher(credential)
+        return cls(factory, channel, trust_dir, fetcher, factory.root_v1(channel))
+
+    def poll(self) -> TrustedMetadataSet:
+        updater = Updater(
+            str(self.trust_dir),
+            self.factory.metadata_url(self.channel),
+            fetcher=self.fetcher,
+            bootstrap=self.bootstrap,
+        )
+        self.bootstrap = None  # from now on, what it verified and stored
+        updater.refresh()
+        trusted = updater._trusted_set  # read-only look at what the client now trusts
+        versions = {
+            ROOT: trusted.root.version,
+            TIMESTAMP: trusted.timestamp.version,
+            SNAPSHOT: trusted.snapshot.version,
+            TARGETS: trusted.targets.version,
+        }
+        for role, version in versions.items():
+            assert version >= self.seen.get(role, 0), f"{role} went down to {version}"
+        self.seen = versions
+        return trusted
+
+    def follow(self) -> TrustedMetadataSet:
+        """Poll, and check the device now trusts exactly what the server serves."""
+        trusted = self.poll()
+        served = served_metadata(self.factory, self.channel)
+        assert trusted.root.version == Metadata[Root].from_bytes(served["root"]).signed.version
+        for role in (TIMESTAMP, SNAPSHOT, TARGETS):
+            version = json.loads(served[role])["signed"]["version"]
+            assert self.seen[role] == version, f"{self.channel} {role}"
+        return trusted
+
+
+def provision(factory: Factory, where: Path) -> dict[str, Device]:
+    suffix = secrets.token_hex(3)
+    return {c: Device.provision(factory, c, where / f"{c}-{suffix}") for c in CHANNELS}
+
+
+def follow_all(devices: dict[str, Device]) -> dict[str, TrustedMetadataSet]:
+    return {channel: device.follow() for channel, device in devices.items()}
+
+
+# -- rotate-root and rotate-targets, every key type, both backends ---------------------------
+
+
+def _check_root_rotated(owner: Owner, before: dict[str, Metadata[Root]], key_type: str) -> str:
+    """Both channels' roots moved to one new key, which the archive holds; return it."""
+    (old,) = before["ci"].signed.roles[ROOT].keyids
+    archive = OfflineArchive.load(owner.archive)
+    roots = {c: served_root(owner.factory, c) for c in CHANNELS}
+    (new,) = roots["ci"].signed.roles[ROOT].keyids
+    held = archive.find(new)
+    assert held is not None, "the archive lacks the new root key"
+    assert held.role == ROOT
+    assert held.pair.public == roots["ci"].signed.keys[new]
+    for channel, root in roots.items():
+        assert root.signed.version == before[channel].signed.version + 1
+        assert root.signed.roles[ROOT].keyids == [new]
+        assert root.signed.roles[ROOT].threshold == 1
+        key = root.signed.keys[new]
+        assert (key.keytype, key.scheme) == KEY_TYPES[key_type]
+        assert old not in root.signed.keys
+        # Signed by the old key (the old root's threshold) and the new one (its own).
+        assert set(root.signatures) == {old, new}
+        before[channel].signed.verify_delegate(ROOT, root.signed_bytes, root.signatures)
+        root.signed.verify_delegate(ROOT, root.signed_bytes, root.signatures)
+        # The archive documents the roots its keys now govern.
+        assert Metadata[Root].from_bytes(archive.roots[Channel(channel)]) == root
+    return new
+
+
+def _check_targets_rotated(
+    owner: Owner, before_root: Root, before_prod: Metadata[Targets], key_type: str
+) -> str:
+    online = online_keyids_over_http(owner.factory)[TARGETS]
+    (old,) = set(before_root.roles[TARGETS].keyids) - {online}
+    roots = {c: served_root(owner.factory, c).signed for c in CHANNELS}
+    (new,) = set(roots["prod"].roles[TARGETS].keyids) - {online}
+    assert new != old
+    held = OfflineArchive.load(owner.archive).find(new)
+    assert held is not None, "the archive lacks the new offline targets key"
+    assert held.role == TARGETS
+    for channel, threshold in (("ci", 1), ("prod", 2)):
+        root = roots[channel]
+        assert root.version == before_root.version + 1
+        assert set(root.roles[TARGETS].keyids) == {online, new}
+        assert root.roles[TARGETS].threshold == threshold
+        assert old not in root.keys
+        assert (root.keys[new].keytype, root.keys[new].scheme) == KEY_TYPES[key_type]
+        assert root.keys[new] == held.pair.public
+    # Production targets were re-signed in the same change: same content, next version,
+    # signed by the online key and the new offline key, which the new root requires.
+    prod = served_targets(owner.factory, "prod")
+    assert prod.signed.version == before_prod.signed.version + 1
+    assert prod.signed.targets == before_prod.signed.targets
+    assert_signed_by(prod, roots["prod"], TARGETS, {online, new})
+    # CI targets stay signed by the online key alone.
+    assert_signed_by(served_targets(owner.factory, "ci"), roots["ci"], TARGETS, {online})
+    return new
+
+
+def _rotate_root(owner: Owner, devices: dict[str, Device], key_type: str | None) -> str:
+    before = {c: served_root(owner.factory, c) for c in CHANNELS}
+    args = () if key_type is None else ("--key-type", key_type)
+    out = owner.tufa("keys", "rotate-root", str(owner.archive), *args)
+    new = _check_root_rotated(owner, before, key_type or "ed25519")
+    assert new in out
+    trusted = follow_all(devices)
+    for channel in CHANNELS:
+        assert trusted[channel].root.roles[ROOT].keyids == [new]
+    return new
+
+
+def _rotate_targets(owner: Owner, devices: dict[str, Device], key_type: str | None) -> str:
+    before_root = served_root(owner.factory, "prod").signed
+    before_prod = served_targets(owner.factory, "prod")
+    devices["prod"].follow()  # a production device polls right before the rotation
+    args = () if key_type is None else ("--key-type", key_type)
+    owner.tufa("keys", "rotate-targets", str(owner.archive), *args)
+    new = _check_targets_rotated(owner, before_root, before_prod, key_type or "ed25519")
+    trusted = follow_all(devices)  # and right after it
+    assert new in trusted["prod"].root.roles[TARGETS].keyids
+    assert trusted["prod"].targets.version == before_prod.signed.version + 1
+    return new
+
+
+def _fresh_devices_reach(factory: Factory, where: Path, root_version: int) -> None:
+    """A device provisioned with root v1 only walks the whole chain to the current state."""
+    fresh = follow_all(provision(factory, where))
+    for channel in CHANNELS:
+        assert fresh[channel].root.version == root_version
+        assert fresh[channel].root == served_root(factory, channel).signed
+
+
+def test_root_then_targets_rotation_is_followed_by_devices(
+    factory: Factory, tmp_path: Path
+) -> None:
+    owner = Owner.start(factory, tmp_path / "owner")
+    devices = provision(factory, tmp_path / "devices")
+    follow_all(devices)  # provisioned and polling before anything changes
+    _rotate_root(owner, devices, None)
+    _rotate_targets(owner, devices, None)
+    follow_all(devices)  # and later, with nothing new
+    _fresh_devices_reach(factory, tmp_path / "fresh", 3)
+
+
+@sqlite_only
+def test_rotations_in_a_row_with_every_key_type(factory: Factory, tmp_path: Path) -> None:
+    owner = Owner.start(factory, tmp_path / "owner")
+    devices = provision(factory, tmp_path / "devices")
+    follow_all(devices)
+    # RSA keys last: every later command would pay for loading them from the archive.
+    _rotate_targets(owner, devices, "ecdsa")
+    for key_type in ("ecdsa", "ed25519", "rsa"):  # three root rotations in a row
+        _rotate_root(owner, devices, key_type)
+    _rotate_targets(owner, devices, "rsa")
+    follow_all(devices)
+    _fresh_devices_reach(factory, tmp_path / "fresh", 1 + 3 + 2)
+
+
+# -- several root key holders: 2 of 3 ----------------------------------------------------------
+
+
+def _second_owner_archive(owner: Owner, name: str) -> Path:
+    """Another key holder's own archive: empty until a key is generated into it."""
+    path = owner.home / f"{name}.tgz"
+    OfflineArchive(factory=owner.factory.name).save(path)
+    return path
+
+
+def _root_status(review: dict[str, Any], channel: str) -> dict[str, Any]:
+    status: dict[str, Any] = review["channels"][channel]["status"]
+    return status
+
+
+@sqlite_only
+def test_root_threshold_two_of_three_keys(factory: Factory, tmp_path: Path) -> None:
+    owner = Owner.start(factory, tmp_path / "owner")
+    devices = provision(factory, tmp_path / "devices")
+    follow_all(devices)
+    (alice,) = owner.keyids(ROOT)
+    bob_archive = _second_owner_archive(owner, "bob")
+    carol_archive = _second_owner_archive(owner, "carol")
+
+    owner.tufa("keys", "updates", "init", "-m", "three root keys, two to sign")
+    owner.tufa("keys", "updates", "add-offline-key", "-r", "root", "-k", str(bob_archive))
+    owner.tufa("keys", "updates", "add-offline-key", "-r", "root", "-k", str(carol_archive))
+    (bob,) = owner.keyids(ROOT, bob_archive)
+    (carol,) = owner.keyids(ROOT, carol_archive)
+    owner.tufa("keys", "updates", "set-threshold", "-r", "root", "2")
+
+    # Nobody has signed: the old root needs alice, the new one two of the three.
+    review = owner.review()
+    assert review["message"] == "three root keys, two to sign"
+    for channel in CHANNELS:
+        status = _root_status(review, channel)
+        assert status["complete"] is False
+        assert status["old_root"] == {
+            "threshold": 1,
+            "signed": [],
+            "missing": 1,
+            "can_sign": [alice],
+        }
+        assert status["new_root"] == {
+            "threshold": 2,
+            "signed": [],
+            "missing": 2,
+            "can_sign": sorted([alice, bob, carol]),
+        }
+        assert review["channels"][channel]["changes"] == [
+            "version 1 -> 2",
+            *sorted(f"root: + key {k} (ed25519)" for k in (bob, carol)),
+            "root: threshold 1 -> 2",
+        ]
+    diff = owner.tufa("keys", "updates", "review", "--diff")
+    for line in (f"root: + key {bob} (ed25519)", f"root: + key {carol}", "root: threshold 1 -> 2"):
+        assert diff.count(line) == 2, diff  # once per channel
+
+    owner.tufa("keys", "updates", "sign", "-k", str(owner.archive))
+    review = owner.review()
+    for channel in CHANNELS:
+        status = _root_status(review, channel)
+        assert status["complete"] is False
+        assert status["old_root"]["signed"] == [alice]
+        assert status["old_root"]["missing"] == 0
+        assert status["new_root"]["signed"] == [alice]
+        assert status["new_root"]["missing"] == 1
+        assert status["new_root"]["can_sign"] == sorted([bob, carol])
+    refused = owner.fails("keys", "updates", "apply")
+    assert "1 by keys of the new root" in refused.stderr
+    follow_all(devices)  # still version 1
+
+    owner.tufa("keys", "updates", "sign", "-k", str(bob_archive))
+    review = owner.review()
+    for channel in CHANNELS:
+        status = _root_status(review, channel)
+        assert status["complete"] is True
+        assert status["new_root"]["signed"] == sorted([alice, bob])
+        assert status["new_root"]["missing"] == 0
+    owner.tufa("keys", "updates", "apply")
+    trusted = follow_all(devices)
+    for channel in CHANNELS:
+        assert trusted[channel].root.version == 2
+        assert set(trusted[channel].root.roles[ROOT].keyids) == {alice, bob, carol}
+        assert trusted[channel].root.roles[ROOT].threshold == 2
+
+    # One archive alone can no longer change the root: rotate-root stages and signs its
+    # part, says who else must sign, and leaves the update open.
+    refused = owner.fails("keys", "rotate-root", str(owner.archive))
+    assert "needs more signatures" in refused.stderr
+    assert "tufa keys updates sign -k" in refused.stderr
+    (alice2,) = owner.keyids(ROOT) - {alice}
+    review = owner.review()
+    assert review["message"] == "rotate-root"
+    for channel in CHANNELS:
+        status = _root_status(review, channel)
+        assert status["complete"] is False
+        assert status["old_root"]["signed"] == [alice]
+        assert status["old_root"]["missing"] == 1
+        assert status["new_root"]["signed"] == [alice2]
+        assert status["new_root"]["missing"] == 1
+        assert served_root(factory, channel).signed.version == 2
+    follow_all(devices)
+
+    owner.tufa("keys", "updates", "sign", "-k", str(carol_archive))
+    owner.tufa("keys", "updates", "apply", "-k", str(owner.archive))
+    trusted = follow_all(devices)
+    for channel in CHANNELS:
+        root = served_root(factory, channel)
+        assert trusted[channel].root == root.signed
+        assert root.signed.version == 3
+        assert set(root.signed.roles[ROOT].keyids) == {alice2, bob, carol}
+        assert root.signed.roles[ROOT].threshold == 2
+        assert set(root.signatures) == {alice, alice2, carol}
+    _fresh_devices_reach(factory, tmp_path / "fresh", 3)
+
+
+# -- online keys ---------------------------------------------------------------------------
+
+
+@sqlite_only
+def test_online_key_rotation_is_followed_by_both_channels(factory: Factory, tmp_path: Path) -> None:
+    owner = Owner.start(factory, tmp_path / "owner")
+    devices = provision(factory, tmp_path / "devices")
+    follow_all(devices)
+    before = owner.online_keyids()
+    (offline_targets,) = owner.keyids(TARGETS)
+    prod_before = served_targets(factory, "prod")
+
+    owner.tufa("keys", "updates", "init", "-m", "rotate online keys")
+    out = owner.tufa("keys", "updates", "rotate-online-key", "-r", "targets,snapshot,timestamp")
+    assert "Staged new online keys" in out
+    review = owner.review()
+    # Production targets must be re-signed under the new online targets key: the owner's
+    # offline targets key has to sign them too.
+    assert review["prod_targets"][VIEW] == {
+        "complete": False,
+        "threshold": 2,
+        "signed": [],
+        "missing": 1,
+        "can_sign": [offline_targets],
+    }
+    follow_all(devices)  # nothing served changes while the update is open
+    assert owner.online_keyids() == before
+
+    owner.tufa("keys", "updates", "sign", "-k", str(owner.archive))
+    review = owner.review()
+    assert review["prod_targets"][VIEW]["complete"] is True
+    assert review["prod_targets"][VIEW]["signed"] == [offline_targets]
+    assert all(_root_status(review, c)["complete"] for c in CHANNELS)
+    owner.tufa("keys", "updates", "apply")
+
+    after = owner.online_keyids()
+    assert set(after) == {TARGETS, SNAPSHOT, TIMESTAMP}
+    for role in after:
+        assert after[role] != before[role], role
+    for channel in CHANNELS:
+        served = served_metadata(factory, channel)
+        root = Metadata[Root].from_bytes(served["root"]).signed
+        assert root.version == 2
+        for role in (SNAPSHOT, TIMESTAMP):
+            assert root.roles[role].keyids == [after[role]]
+            assert_signed_by(Metadata.from_bytes(served[role]), root, role, {after[role]})
+        for old in before.values():
+            assert old not in root.keys
+        targets_signers = {after[TARGETS]} | ({offline_targets} if channel == "prod" else set())
+        assert set(root.roles[TARGETS].keyids) == {after[TARGETS], offline_targets}
+        assert_signed_by(Metadata.from_bytes(served[TARGETS]), root, TARGETS, targets_signers)
+    prod_after = served_targets(factory, "prod")
+    assert prod_after.signed.version == prod_before.signed.version + 1
+    assert prod_after.signed.targets == prod_before.signed.targets
+
+    follow_all(devices)
+    follow_all(devices)
+    _fresh_devices_reach(factory, tmp_path / "fresh", 2)
+
+
+# -- signing on an air-gapped machine ----------------------------------------------------------
+
+
+@sqlite_only
+def test_air_gapped_signing_through_an_exported_file(factory: Factory, tmp_path: Path) -> None:
+    owner = Owner.start(factory, tmp_path / "owner")
+    devices = provision(factory, tmp_path / "devices")
+    follow_all(devices)
+    (root_key,) = owner.keyids(ROOT)
+    (old_targets,) = owner.keyids(TARGETS)
+
+    owner.tufa("keys", "updates", "init", "-m", "signed offline")
+    owner.tufa("keys", "updates", "extend-expiry", "--days", "500")
+    owner.tufa("keys", "updates", "rotate-offline-key", "-r", "targets", "-k", str(owner.archive))
+    (new_targets,) = owner.keyids(TARGETS) - {old_targets}
+    exported = tmp_path / "update.json"
+    owner.tufa("keys", "updates", "export", str(exported))
+    assert exported.stat().st_mode & 0o777 == 0o600
+    data = json.loads(exported.read_text())
+    assert data["factory"] == factory.name
+    for channel in CHANNELS:
+        assert data["staged"][channel]["signatures"] == []
+    assert data["prod_targets"][VIEW]["signatures"] == []
+
+    # The offline machine has no server: nothing listens where TUFA_SERVER points, and
+    # there is no token, factory or config file.
+    offline_env = {
+        "TUFA_SERVER": f"http://127.0.0.1:{free_port()}",
+        "TUFA_CONFIG": str(tmp_path / "offline" / "no-config.json"),
+        "TUFA_FACTORY": "not-a-factory",
+        "TUFA_TOKEN": "tufa_not_a_token",
+    }
+    out = owner.tufa("keys", "sign-file", str(exported), "-k", str(owner.archive), env=offline_env)
+    assert "ready" in out
+    signed = json.loads(exported.read_text())
+    for channel in CHANNELS:
+        assert [s["keyid"] for s in signed["staged"][channel]["signatures"]] == [root_key]
+    assert [s["keyid"] for s in signed["prod_targets"][VIEW]["signatures"]] == [new_targets]
+    # Until imported, the server has none of these signatures.
+    review = owner.review()
+    assert not any(_root_status(review, c)["complete"] for c in CHANNELS)
+    assert review["prod_targets"][VIEW]["missing"] == 1
+
+    owner.tufa("keys", "updates", "import", str(exported))
+    review = owner.review()
+    assert all(_root_status(review, c)["complete"] for c in CHANNELS)
+    assert review["prod_targets"][VIEW]["complete"] is True
+    owner.tufa("keys", "updates", "apply", "-k", str(owner.archive))
+
+    trusted = follow_all(devices)
+    online = online_keyids_over_http(factory)[TARGETS]
+    for channel in CHANNELS:
+        root = trusted[channel].root
+        assert root.version == 2
+        assert abs(root.expires - (datetime.now(UTC) + timedelta(days=500))) < timedelta(hours=1)
+        assert set(root.roles[TARGETS].keyids) == {online, new_targets}
+    assert_signed_by(
+        served_targets(factory, "prod"), trusted["prod"].root, TARGETS, {online, new_targets}
+    )
+    archive = OfflineArchive.load(owner.archive)
+    assert Metadata[Root].from_bytes(archive.roots[Channel.PROD]).signed.version == 2
+    _fresh_devices_reach(factory, tmp_path / "fresh", 2)
+
+
+# -- attacks with stolen keys ------------------------------------------------------------------
+
+
+def stolen_online_signers(server: Server, factory: Factory) -> dict[str, Signer]:
+    """The online keys in force, decrypted from the server's database with its master key:
+    everything an attacker who took the server's disk has."""
+    master = MasterKey.load(server.local.data_dir / "master.key")
+    engine = create_engine(server.local.db_url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                select(db.online_keys)
+                .join(db.factories, db.factories.c.id == db.online_keys.c.factory_id)
+                .where(
+                    db.factories.c.name == factory.name,
+                    db.online_keys.c.pending.is_(False),
+                    db.online_keys.c.retired_at.is_(None),
+                )
+            ).all()
+    finally:
+        engine.dispose()
+    signers: dict[str, Signer] = {}
+    for row in rows:
+        private = master.decrypt(row.private_encrypted, f"online-key:{row.keyid}")
+        signers[row.role] = KeyPair.from_pem(private, key_from_json(row.public.encode())).signer()
+    assert set(signers) == {TARGETS, SNAPSHOT, TIMESTAMP}
+    return signers
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextmanager
+def serve_directory(directory: Path) -> Iterator[str]:
+    """A plain static HTTP server on loopback: the attacker's mirror."""
+    handler = functools.partial(_QuietHandler, directory=str(directory))
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+
+EVIL_PATH = "evil-firmware.bin"
+
+
+def forge_repository(
+    factory: Factory,
+    channel: str,
+    targets_signers: list[Signer],
+    stolen: dict[str, Signer],
+    directory: Path,
+) -> int:
+    """Write a copy of the channel's served metadata with one more targets version that
+    adds a malicious target, signed by `targets_signers`, and a snapshot and timestamp
+    naming it, signed by the stolen online keys. Return the forged targets version."""
+    served = served_metadata(factory, channel)
+    targets = Metadata[Targets].from_bytes(served[TARGETS])
+    targets.signed.version += 1
+    evil = TargetFile.from_data(EVIL_PATH, b"the attacker's firmware")
+    targets.signed.targets[EVIL_PATH] = evil
+    targets.signatures.clear()
+    for signer in targets_signers:
+        targets.sign(signer, append=True)
+    snapshot = Metadata[Snapshot].from_bytes(served[SNAPSHOT])
+    snapshot.signed.version += 1
+    snapshot.signed.meta["targets.json"] = MetaFile(targets.signed.version)
+    snapshot.signatures.clear()
+    snapshot.sign(stolen[SNAPSHOT])
+    snapshot_bytes = snapshot.to_bytes()
+    timestamp = Metadata[Timestamp].from_bytes(served[TIMESTAMP])
+    timestamp.signed.version += 1
+    timestamp.signed.snapshot_meta = MetaFile(
+        snapshot.signed.version,
+        length=len(snapshot_bytes),
+        hashes={"sha256": hashlib.sha256(snapshot_bytes).hexdigest()},
+    )
+    timestamp.signatures.clear()
+    timestamp.sign(stolen[TIMESTAMP])
+    metadata = directory / "metadata"
+    metadata.mkdir(parents=True)
+    (metadata / "root.json").write_bytes(served[ROOT])
+    (metadata / "timestamp.json").write_bytes(timestamp.to_bytes())
+    (metadata / f"{snapshot.signed.version}.snapshot.json").write_bytes(snapshot_bytes)
+    (metadata / f"{targets.signed.version}.targets.json").write_bytes(targets.to_bytes())
+    return targets.signed.version
+
+
+# id -> (channel, whose keys sign the forged targets, whether the device must accept it)
+ATTACKS = {
+    "prod-online-key-alone": ("prod", ("online",), False),
+    "prod-offline-key-alone": ("prod", ("offline",), False),
+    # Controls: the forgery itself is sound, so the refusals above come from the threshold.
+    "prod-online-and-offline-keys": ("prod", ("online", "offline"), True),
+    "ci-online-key-alone": ("ci", ("online",), True),  # the documented CI trust model
+}
+
+
+@sqlite_only
+@pytest.mark.parametrize("attack", list(ATTACKS))
+def test_stolen_keys_and_what_devices_accept(
+    server: Server, factory: Factory, tmp_path: Path, attack: str
+) -> None:
+    channel, holders, accepted = ATTACKS[attack]
+    owner = Owner.start(factory, tmp_path / "owner")
+    stolen = stolen_online_signers(server, factory)
+    (offline,) = OfflineArchive.load(owner.archive).keys_for(TARGETS)
+    by_holder = {"online": stolen[TARGETS], "offline": offline.pair.signer()}
+    device = Device.provision(factory, channel, tmp_path / "device")
+    honest = device.follow().targets
+
+    # The device's trusted state, as it would be when the attacker's mirror answers.
+    attacked_dir = tmp_path / "attacked"
+    shutil.copytree(device.trust_dir, attacked_dir)
+    mirror = tmp_path / "mirror"
+    forged_version = forge_repository(
+        factory, channel, [by_holder[h] for h in holders], stolen, mirror
+    )
+    with serve_directory(mirror) as url:
+        updater = Updater(
+            str(attacked_dir),
+            f"{url}/metadata/",
+            target_base_url=f"{url}/targets/",
+            bootstrap=None,  # what the device trusts: its stored, current root
+        )
+        if accepted:
+            updater.refresh()
+            found = updater.get_targetinfo(EVIL_PATH)
+            assert found is not None
+            assert updater._trusted_set.targets.version == forged_version
+            return
+        with pytest.raises(UnsignedMetadataError, match="targets"):
+            updater.refresh()
+
+    # The forged targets never became trusted: the stored copy is the honest one.
+    kept = Metadata[Targets].from_file(str(attacked_dir / "targets.json")).signed
+    assert kept == honest
+    assert EVIL_PATH not in kept.targets
+    assert kept.version == forged_version - 1
+    # And the real repository still serves the device without the attacker's target.
+    assert EVIL_PATH not in device.follow().targets.targets
