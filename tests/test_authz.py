@@ -10,6 +10,7 @@ it was.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import Callable
 from pathlib import Path
@@ -18,10 +19,14 @@ from typing import Any
 import pytest
 
 from tests.helpers import Factory, Server, assert_error, create_factory, dump_database, send
+from tufa.cli.root_update import RootUpdate
+from tufa.core.archive import OfflineArchive
 from tufa.server.api import devices as api_devices
 from tufa.server.api import factories as api_factories
 from tufa.server.api import keys as api_keys
 from tufa.server.api import repo as api_repo
+from tufa.server.api import root_updates as api_root_updates
+from tufa.server.api import targets as api_targets
 from tufa.server.api import tokens as api_tokens
 
 # The callers, in the matrix's column order.
@@ -57,6 +62,20 @@ devices-list     401  401   403   401     401     403    403      403      ok   
 device-show      401  401   403   401     401     403    403      403      ok    403 ok   403
 metadata-ci      401  401   403   401     401     ok     403      403      ok    ok  ok   403
 metadata-prod    401  401   403   401     401     403    ok       403      ok    ok  ok   403
+updates-init     401  401   403   401     401     403    403      403      ok    403 403  403
+updates-show     401  401   403   401     401     403    403      403      ok    403 403  403
+updates-cancel   401  401   403   401     401     403    403      403      ok    403 403  403
+updates-stage    401  401   403   401     401     403    403      403      ok    403 403  403
+updates-online   401  401   403   401     401     403    403      403      ok    403 403  403
+updates-sign     401  401   403   401     401     403    403      403      ok    403 403  403
+updates-apply    401  401   403   401     401     403    403      403      ok    403 403  403
+blob-upload      401  401   403   401     401     403    403      403      ok    ok  403  403
+targets-add      401  401   403   401     401     403    403      403      ok    ok  403  403
+targets-prune    401  401   403   401     401     403    403      403      ok    ok  403  403
+targets-list     401  401   403   401     401     403    403      403      ok    ok  ok   403
+target-show      401  401   403   401     401     403    403      403      ok    ok  ok   403
+target-ci        401  401   403   401     401     ok     403      403      ok    ok  ok   403
+target-prod      401  401   403   401     401     403    ok       403      ok    ok  ok   403
 """
 
 
@@ -87,9 +106,36 @@ ROUTES = {
     "device-show": ("GET", "/api/v1/factories/{factory}/devices/{device}"),
     "metadata-ci": ("GET", "/api/v1/factories/{factory}/repo/{channel}/metadata/{filename}"),
     "metadata-prod": ("GET", "/api/v1/factories/{factory}/repo/{channel}/metadata/{filename}"),
+    "updates-init": ("POST", "/api/v1/factories/{factory}/keys/updates"),
+    "updates-show": ("GET", "/api/v1/factories/{factory}/keys/updates"),
+    "updates-cancel": ("DELETE", "/api/v1/factories/{factory}/keys/updates"),
+    "updates-stage": ("PUT", "/api/v1/factories/{factory}/keys/updates/staged"),
+    "updates-online": ("POST", "/api/v1/factories/{factory}/keys/updates/online-keys"),
+    "updates-sign": ("POST", "/api/v1/factories/{factory}/keys/updates/signatures"),
+    "updates-apply": ("POST", "/api/v1/factories/{factory}/keys/updates/apply"),
+    "blob-upload": ("PUT", "/api/v1/factories/{factory}/blobs/{sha256}"),
+    "targets-add": ("POST", "/api/v1/factories/{factory}/targets"),
+    "targets-prune": ("POST", "/api/v1/factories/{factory}/targets/prune"),
+    "targets-list": ("GET", "/api/v1/factories/{factory}/targets"),
+    "target-show": ("GET", "/api/v1/factories/{factory}/targets/{name}"),
+    "target-ci": ("GET", "/api/v1/factories/{factory}/repo/{channel}/targets/{filename}"),
+    "target-prod": ("GET", "/api/v1/factories/{factory}/repo/{channel}/targets/{filename}"),
+}
+# Blob and target used by the targets rows: published once per tenant, on first use.
+BLOB = b"firmware image for the authorization matrix"
+BLOB_SHA256 = hashlib.sha256(BLOB).hexdigest()
+TARGET = {
+    "name": "matrix-fw-1",
+    "version": "1",
+    "hardware_ids": ["rpi4"],
+    "tags": ["main"],
+    "length": len(BLOB),
+    "sha256": BLOB_SHA256,
 }
 # Endpoints whose success changes the factory for everyone after: one factory per cell.
-FRESH_FACTORY = {"factory-patch", "archive-confirm"}
+FRESH_FACTORY = {"factory-patch", "archive-confirm"} | {
+    e for e in ROUTES if e.startswith("updates-")
+}
 ERROR_CODES = {"401": "unauthorized", "403": "forbidden"}
 # What a 401 must say, so that e.g. the expired token is refused for expiring, not by chance.
 WHY_UNAUTHORIZED = {
@@ -121,6 +167,7 @@ class Tenant:
         self.factory = factory
         self._credentials: dict[str, str | None] = {}
         self._device_id: str | None = None
+        self._published = False
 
     def admin(self, method: str, suffix: str, **kwargs: Any) -> Any:
         response = send(self.env.server, method, self.factory.path(suffix), **kwargs)
@@ -215,7 +262,70 @@ class Tenant:
             case "metadata-ci" | "metadata-prod":
                 channel = endpoint.removeprefix("metadata-")
                 return "GET", path(f"/repo/{channel}/metadata/timestamp.json"), None
+            case "updates-init":
+                return "POST", path("/keys/updates"), {"message": "matrix"}
+            case "updates-show" | "updates-cancel":
+                self._open_update()
+                method = "GET" if endpoint == "updates-show" else "DELETE"
+                return method, path("/keys/updates"), None
+            case "updates-stage":
+                staged = self._open_update()["staged"]
+                roots = {c: staged[c]["signed"] for c in ("ci", "prod")}
+                return "PUT", path("/keys/updates/staged"), {"roots": roots}
+            case "updates-online":
+                self._open_update()
+                return "POST", path("/keys/updates/online-keys"), {"roles": ["timestamp"]}
+            case "updates-sign":
+                self._open_update()
+                return "POST", path("/keys/updates/signatures"), {"roots": {}}
+            case "updates-apply":
+                self._signed_update()
+                return "POST", path("/keys/updates/apply"), None
+            case "blob-upload":
+                return "PUT", path(f"/blobs/{BLOB_SHA256}"), None
+            case "targets-add":
+                self._publish()
+                return "POST", path("/targets"), {"targets": [TARGET]}
+            case "targets-prune":
+                return "POST", path("/targets/prune"), {"keep": 5}
+            case "targets-list":
+                return "GET", path("/targets"), None
+            case "target-show":
+                self._publish()
+                return "GET", path(f"/targets/{TARGET['name']}"), None
+            case "target-ci" | "target-prod":
+                self._publish()
+                channel = endpoint.removeprefix("target-")
+                return "GET", path(f"/repo/{channel}/targets/{BLOB_SHA256}.{TARGET['name']}"), None
         raise AssertionError(f"no request for endpoint {endpoint!r}")
+
+    def _open_update(self) -> dict[str, Any]:
+        token = self.factory.admin_token
+        opened = send(self.env.server, "GET", self.factory.path("/keys/updates"), token)
+        if opened.status_code == 404:
+            return dict(self.admin("POST", "/keys/updates", token=token, json={"message": "m"}))
+        assert opened.status_code == 200, opened.text
+        return dict(opened.json())
+
+    def _signed_update(self) -> None:
+        """An update that apply accepts: signed with the (unconfirmed) archive's root key."""
+        token = self.factory.admin_token
+        download = send(self.env.server, "GET", self.factory.path("/keys/archive"), token)
+        assert download.status_code == 200, download.text
+        archive = OfflineArchive.from_bytes(download.content)
+        payload = RootUpdate(self._open_update()).sign_with(archive)
+        self.admin("POST", "/keys/updates/signatures", token=token, json=payload)
+
+    def _publish(self) -> None:
+        if self._published:
+            return
+        token = self.factory.admin_token
+        upload = send(
+            self.env.server, "PUT", self.factory.path(f"/blobs/{BLOB_SHA256}"), token, content=BLOB
+        )
+        assert upload.status_code == 201, upload.text
+        self.admin("POST", "/targets", token=token, json={"targets": [TARGET]})
+        self._published = True
 
 
 class MatrixServer:
@@ -254,7 +364,8 @@ def test_authorization_matrix(matrix_server: MatrixServer, endpoint: str, caller
     watch = expected != "ok" and method != "GET"
     before = dump_database(matrix_server.server) if watch else None
 
-    response = send(matrix_server.server, method, path, token, json=body)
+    content = BLOB if endpoint == "blob-upload" else None
+    response = send(matrix_server.server, method, path, token, json=body, content=content)
 
     if expected == "ok":
         assert response.is_success, f"{response.status_code} {response.text}"
@@ -269,7 +380,15 @@ def test_matrix_covers_every_route() -> None:
     """A new route must get a row in the matrix."""
     served = {
         (method, route.path)
-        for module in (api_factories, api_keys, api_tokens, api_devices, api_repo)
+        for module in (
+            api_factories,
+            api_keys,
+            api_tokens,
+            api_devices,
+            api_repo,
+            api_root_updates,
+            api_targets,
+        )
         for route in module.routes
         for method in (route.methods or set()) - {"HEAD"}
     }

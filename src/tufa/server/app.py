@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tufa.server.api import devices, factories, keys, repo, root_updates, tokens
+from tufa.server.api import devices, factories, keys, repo, root_updates, targets, tokens
 from tufa.server.errors import ApiError, api_error_handler, error_body
 from tufa.server.state import ServerState
 
@@ -23,38 +23,39 @@ log = logging.getLogger("tufa.server")
 
 
 class BodySizeLimit:
-    """Refuse request bodies over a limit before they are read into memory."""
+    """Refuse request bodies over a limit before they are read into memory.
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    Blob uploads stream to disk and have their own, much larger, limit.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, max_blob_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.max_blob_bytes = max_blob_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        is_blob = targets.BLOB_PATH.match(scope["path"]) is not None
+        limit = self.max_blob_bytes if is_blob else self.max_bytes
+        message = f"request body is larger than the limit of {limit} bytes"
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await self._refuse(scope, receive, send)
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            response = JSONResponse(error_body(413, "too_large", message), status_code=413)
+            await response(scope, receive, send)
             return
         received = 0
 
         async def limited_receive() -> Message:
             nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                raise ApiError(413, "too_large", self._message())
-            return message
+            received_message = await receive()
+            received += len(received_message.get("body", b""))
+            if received > limit:
+                raise ApiError(413, "too_large", message)
+            return received_message
 
         await self.app(scope, limited_receive, send)
-
-    def _message(self) -> str:
-        return f"request body is larger than the limit of {self.max_bytes} bytes"
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = JSONResponse(error_body(413, "too_large", self._message()), status_code=413)
-        await response(scope, receive, send)
 
 
 async def health(_request: Request) -> JSONResponse:
@@ -107,6 +108,7 @@ def create_app(state: ServerState) -> Starlette:
             *factories.routes,
             *keys.routes,
             *root_updates.routes,
+            *targets.routes,
             *tokens.routes,
             *devices.routes,
             *repo.routes,
@@ -119,5 +121,9 @@ def create_app(state: ServerState) -> Starlette:
         lifespan=lifespan,
     )
     app.state.tufa = state
-    app.add_middleware(BodySizeLimit, max_bytes=state.settings.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=state.settings.max_body_bytes,
+        max_blob_bytes=state.settings.max_blob_bytes,
+    )
     return app

@@ -19,6 +19,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     Connection,
@@ -123,6 +124,23 @@ online_keys = Table(
     Column("retired_at", UTCDateTime),
     # Generated for an open root update; signs nothing until the update is applied.
     Column("pending", Boolean, nullable=False, default=False, server_default=false()),
+)
+
+# Every target CI has published: the inventory behind the CI targets metadata, the
+# source that waves build production targets from, and what devices may download.
+# Blobs are shared by content; `url` is set for external targets (described only).
+targets = Table(
+    "targets",
+    schema,
+    Column("factory_id", Integer, ForeignKey("factories.id"), primary_key=True),
+    Column("name", String(255), primary_key=True),
+    Column("length", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("url", Text),
+    Column("custom", Text, nullable=False),
+    Column("version", String(64), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("pruned_at", UTCDateTime),
 )
 
 # The one open root update of a factory: the staged roots of both channels (signed

@@ -17,6 +17,7 @@ from tufa.core.files import default_database_url
 from tufa.core.keys import KeyType
 from tufa.server.app import create_app
 from tufa.server.auth import OPERATOR_SCOPE
+from tufa.server.blobs import BlobStore
 from tufa.server.db import Database, server_facts, tokens
 from tufa.server.repository import Repository
 from tufa.server.secrets import MasterKey
@@ -81,6 +82,13 @@ def cli() -> None:
     help="Type of the online keys the server generates for new factories and rotations.",
 )
 @click.option(
+    "--blob-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="TUFA_BLOB_DIR",
+    help="Where uploaded target files are stored [default: DATA_DIR/blobs]. Replicas "
+    "sharing one database must share it.",
+)
+@click.option(
     "--public-url",
     envvar="TUFA_PUBLIC_URL",
     help="Base URL devices use, if the server sits behind a proxy.",
@@ -128,6 +136,7 @@ def run(
     port: int,
     master_key_file: Path | None,
     online_key_type: str,
+    blob_dir: Path | None,
     public_url: str | None,
     timestamp_expiry: timedelta,
     snapshot_expiry: timedelta,
@@ -164,6 +173,7 @@ def run(
         public_url=public_url,
         master_key_file=master_key_file,
         online_key_type=KeyType(online_key_type),
+        blob_dir=blob_dir,
         timestamp_expiry=timestamp_expiry,
         snapshot_expiry=snapshot_expiry,
         ci_targets_expiry=ci_targets_expiry,
@@ -193,7 +203,11 @@ def open_state(settings: Settings) -> ServerState:
             flush=True,
         )
     return ServerState(
-        settings=settings, db=db, master_key=master_key, repo=Repository(db, master_key, settings)
+        settings=settings,
+        db=db,
+        master_key=master_key,
+        repo=Repository(db, master_key, settings),
+        blobs=BlobStore(settings.blob_path),
     )
 
 

@@ -54,9 +54,15 @@ class Settings:
     resign_interval: timedelta = timedelta(minutes=1)
     resign_enabled: bool = True
     max_body_bytes: int = 1024 * 1024
+    max_blob_bytes: int = 16 * 1024**3
+    blob_dir: Path | None = None
     clock: Clock = field(default_factory=Clock)
     master_key_file: Path | None = None
     online_key_type: KeyType = KeyType.ED25519
+
+    @property
+    def blob_path(self) -> Path:
+        return self.blob_dir or self.data_dir / "blobs"
 
     @property
     def master_key_path(self) -> Path:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from starlette.requests import Request
 
+from tufa.server.blobs import BlobStore
 from tufa.server.db import Database
 from tufa.server.repository import Repository
 from tufa.server.secrets import MasterKey
@@ -18,6 +19,7 @@ class ServerState:
     db: Database
     master_key: MasterKey
     repo: Repository
+    blobs: BlobStore
 
     def base_url(self, request: Request) -> str:
         return (self.settings.public_url or str(request.base_url)).rstrip("/")

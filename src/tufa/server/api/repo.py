@@ -9,10 +9,12 @@ straight from storage with their ETag; versioned files are immutable and cacheab
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import Any
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import Connection, bindparam, select
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from tufa.core.metadata import ROOT, TIMESTAMP, Channel
@@ -25,7 +27,7 @@ from tufa.server.auth import (
     require_factory,
     unauthorized,
 )
-from tufa.server.db import factories
+from tufa.server.db import factories, targets
 from tufa.server.errors import not_found
 from tufa.server.repository import StoredFile
 from tufa.server.state import ServerState, state_of
@@ -35,6 +37,11 @@ _LATEST = {"timestamp.json": TIMESTAMP, "root.json": ROOT}
 _IMMUTABLE = "max-age=31536000, immutable"
 CHANNELS = frozenset(c.value for c in Channel)
 READERS = {Scope.ADMIN, Scope.CI, Scope.READ}
+_TARGET_BY_NAME = select(targets.c.url).where(
+    targets.c.factory_id == bindparam("factory_id"),
+    targets.c.name == bindparam("name"),
+    targets.c.sha256 == bindparam("sha256"),
+)
 _FACTORY_BY_NAME = select(factories.c.id, factories.c.anonymous_read).where(
     factories.c.name == bindparam("name")
 )
@@ -54,30 +61,68 @@ def _parse_filename(filename: str) -> tuple[str, int | None]:
     raise not_found(f"{filename!r} is not a TUF metadata file of this repository")
 
 
+def _authorize(
+    state: ServerState, conn: Connection, secret: str | None, name: str, channel: str
+) -> Any:
+    """The factory row, if the caller may read `channel` of it."""
+    principal = (
+        authenticate(conn, secret, state.settings.clock.now()) if secret is not None else None
+    )
+    factory = conn.execute(_FACTORY_BY_NAME, {"name": name}).first()
+    if principal is None:
+        if factory is None or not factory.anonymous_read:
+            raise unauthorized(f"reading factory {name!r} needs a token or device credential")
+    else:
+        require_factory(principal, name, READERS, device_reads=True)
+        if principal.kind == "device" and principal.channel != channel:
+            raise forbidden(f"this device follows the {principal.channel} channel, not {channel}")
+    return factory
+
+
 def _lookup(
     state: ServerState, secret: str | None, name: str, channel: str, filename: str
 ) -> tuple[StoredFile, bool]:
     """Authenticate, authorise and find the file in one read transaction."""
     role, version = _parse_filename(filename)
     with state.db.read() as conn:
-        principal = (
-            authenticate(conn, secret, state.settings.clock.now()) if secret is not None else None
-        )
-        factory = conn.execute(_FACTORY_BY_NAME, {"name": name}).first()
-        if principal is None:
-            if factory is None or not factory.anonymous_read:
-                raise unauthorized(f"reading factory {name!r} needs a token or device credential")
-        else:
-            require_factory(principal, name, READERS, device_reads=True)
-            if principal.kind == "device" and principal.channel != channel:
-                raise forbidden(
-                    f"this device follows the {principal.channel} channel, not {channel}"
-                )
-        assert factory is not None
+        factory = _authorize(state, conn, secret, name, channel)
         stored = state.repo.read_file(conn, factory.id, channel, role, version)
     if stored is None:
         raise not_found(f"{filename} does not exist in the {channel} channel")
     return stored, bool(factory.anonymous_read)
+
+
+def _target_blob(
+    state: ServerState, secret: str | None, name: str, channel: str, filename: str
+) -> Path:
+    """The stored file behind `SHA256.NAME`, the consistent-snapshot target path."""
+    digest, _, target = filename.partition(".")
+    with state.db.read() as conn:
+        factory = _authorize(state, conn, secret, name, channel)
+        row = conn.execute(
+            _TARGET_BY_NAME, {"factory_id": factory.id, "name": target, "sha256": digest}
+        ).first()
+    if row is None:
+        raise not_found(f"{filename} is not a target of factory {name!r}")
+    if row.url is not None:
+        raise not_found(f"{target} is an external target: download it from {row.url}")
+    return state.blobs.path_for(digest)
+
+
+async def target_file(request: Request) -> Response:
+    state = state_of(request)
+    secret = bearer_secret(request.headers.get("authorization"))
+    name, channel = request.path_params["factory"], request.path_params["channel"]
+    if channel not in CHANNELS:
+        raise not_found(f"unknown channel {channel!r}: use 'ci' or 'prod'")
+    filename = request.path_params["filename"]
+    path = await threaded(lambda: _target_blob(state, secret, name, channel, filename))
+    # Range requests let a device resume a cut download; the content never changes.
+    return FileResponse(
+        path,
+        media_type="application/octet-stream",
+        headers={"Cache-Control": f"private, {_IMMUTABLE}"},
+    )
 
 
 def _matches(if_none_match: str | None, etag: str) -> bool:
@@ -109,6 +154,11 @@ async def metadata(request: Request) -> Response:
 
 
 routes = [
+    Route(
+        "/api/v1/factories/{factory}/repo/{channel}/targets/{filename}",
+        target_file,
+        methods=["GET", "HEAD"],
+    ),
     Route(
         "/api/v1/factories/{factory}/repo/{channel}/metadata/{filename}",
         metadata,

@@ -1,0 +1,150 @@
+"""`/api/v1/factories/{factory}/blobs` and `/targets`: CI publishing and the inventory."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from sqlalchemy import select
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from tuf.api.metadata import Metadata, TargetFile, Targets
+
+from tufa.core.metadata import TARGETS, Channel
+from tufa.server.api.common import caller, field, iso, json_object, ok, threaded
+from tufa.server.auth import Scope, require_factory
+from tufa.server.db import targets as targets_table
+from tufa.server.errors import bad_request, not_found
+from tufa.server.publishing import CiPublisher, PublishResult, parse_target, version_key
+from tufa.server.state import ServerState
+
+PUBLISHERS = {Scope.ADMIN, Scope.CI}
+READERS = {Scope.ADMIN, Scope.CI, Scope.READ}
+BLOB_PATH = re.compile(r"^/api/v1/factories/[^/]+/blobs/[^/]+$")
+
+
+def _result(result: PublishResult) -> dict[str, Any]:
+    return {
+        "added": result.added,
+        "unchanged": result.unchanged,
+        "removed": result.removed,
+        "targets_version": result.targets_version,
+    }
+
+
+def target_json(target: TargetFile) -> dict[str, Any]:
+    custom = target.custom
+    return {
+        "name": target.path,
+        "version": custom.get("version"),
+        "hardware_ids": custom.get("hardwareIds", []),
+        "tags": custom.get("tags", []),
+        "length": target.length,
+        "sha256": target.hashes.get("sha256"),
+        "url": custom.get("url"),
+        "custom": custom,
+    }
+
+
+async def upload_blob(request: Request) -> JSONResponse:
+    state, principal = await caller(request)
+    require_factory(principal, request.path_params["factory"], PUBLISHERS)
+    declared = request.headers.get("content-length")
+    if declared is None or not declared.isdigit():
+        raise bad_request("blob uploads need a Content-Length header")
+    sha256 = request.path_params["sha256"]
+    stored = await state.blobs.put(
+        request.stream(), sha256, int(declared), state.settings.max_blob_bytes
+    )
+    return ok({"sha256": sha256, "length": int(declared), "stored": stored}, status=201)
+
+
+async def add(request: Request) -> JSONResponse:
+    state, principal = await caller(request)
+    publisher = require_factory(principal, request.path_params["factory"], PUBLISHERS)
+    specs = [parse_target(item) for item in field(await json_object(request), "targets", list)]
+    assert publisher.factory_id is not None
+    factory_id = publisher.factory_id
+    result = await threaded(lambda: CiPublisher(state).add(factory_id, specs))
+    return ok(_result(result), status=201 if result.added else 200)
+
+
+async def prune(request: Request) -> JSONResponse:
+    state, principal = await caller(request)
+    publisher = require_factory(principal, request.path_params["factory"], PUBLISHERS)
+    keep = field(await json_object(request), "keep", int)
+    assert publisher.factory_id is not None
+    factory_id = publisher.factory_id
+    return ok(_result(await threaded(lambda: CiPublisher(state).prune(factory_id, keep))))
+
+
+def _listed(state: ServerState, factory_id: int, channel: str) -> dict[str, TargetFile]:
+    with state.db.read() as conn:
+        stored = state.repo.read_file(conn, factory_id, channel, TARGETS, None)
+    assert stored is not None
+    targets: dict[str, TargetFile] = Metadata[Targets].from_bytes(stored.body).signed.targets
+    return targets
+
+
+async def list_all(request: Request) -> JSONResponse:
+    state, principal = await caller(request)
+    reader = require_factory(principal, request.path_params["factory"], READERS)
+    channel = request.query_params.get("channel", Channel.CI.value)
+    if channel not in {c.value for c in Channel}:
+        raise bad_request("'channel' must be 'ci' or 'prod'")
+    tag = request.query_params.get("tag")
+    hardware_id = request.query_params.get("hardware_id")
+    assert reader.factory_id is not None
+    factory_id = reader.factory_id
+    listed = await threaded(lambda: _listed(state, factory_id, channel))
+    found = [
+        target_json(t)
+        for t in listed.values()
+        if (tag is None or tag in t.custom.get("tags", []))
+        and (hardware_id is None or hardware_id in t.custom.get("hardwareIds", []))
+    ]
+    found.sort(key=lambda t: (version_key(str(t["version"])), t["name"]))
+    return ok(found)
+
+
+async def show(request: Request) -> JSONResponse:
+    state, principal = await caller(request)
+    reader = require_factory(principal, request.path_params["factory"], READERS)
+    name = request.path_params["name"]
+    assert reader.factory_id is not None
+    factory_id = reader.factory_id
+
+    def describe() -> dict[str, Any]:
+        with state.db.read() as conn:
+            row = conn.execute(
+                select(targets_table).where(
+                    targets_table.c.factory_id == factory_id, targets_table.c.name == name
+                )
+            ).first()
+        if row is None:
+            raise not_found(f"no target named {name!r} was ever published")
+        listed_in = [c.value for c in Channel if name in _listed(state, factory_id, c.value)]
+        return {
+            "name": row.name,
+            "version": row.version,
+            "length": row.length,
+            "sha256": row.sha256,
+            "url": row.url,
+            "custom": json.loads(row.custom),
+            "created_at": iso(row.created_at),
+            "pruned_at": iso(row.pruned_at),
+            "channels": listed_in,
+        }
+
+    return ok(await threaded(describe))
+
+
+routes = [
+    Route("/api/v1/factories/{factory}/blobs/{sha256}", upload_blob, methods=["PUT"]),
+    Route("/api/v1/factories/{factory}/targets", add, methods=["POST"]),
+    Route("/api/v1/factories/{factory}/targets", list_all, methods=["GET"]),
+    Route("/api/v1/factories/{factory}/targets/prune", prune, methods=["POST"]),
+    Route("/api/v1/factories/{factory}/targets/{name}", show, methods=["GET"]),
+]
