@@ -11,6 +11,7 @@ from tufa.cli.devices import devices
 from tufa.cli.factory import factory
 from tufa.cli.keys import keys
 from tufa.cli.session import get, login
+from tufa.cli.targets import targets
 from tufa.cli.tokens import tokens
 
 
@@ -24,5 +25,5 @@ def cli() -> None:
     """
 
 
-for command in (factory, keys, tokens, devices, login, get, demo):
+for command in (factory, keys, targets, tokens, devices, login, get, demo):
     cli.add_command(command)

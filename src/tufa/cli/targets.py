@@ -1,0 +1,280 @@
+"""`tufa targets`: publish CI builds and inspect what each channel offers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+from rich.table import Table
+
+from tufa.cli.client import Api, with_api
+from tufa.cli.output import console, json_option, print_json
+
+CHUNK = 1024 * 1024
+
+
+@click.group()
+def targets() -> None:
+    """Publish CI targets and list what each channel offers."""
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _upload(api: Api, path: Path, sha256: str, quiet: bool) -> None:
+    """Stream `path` to the blob store with a progress bar (skipped if stored already)."""
+    size = path.stat().st_size
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=console(stderr=True),
+        disable=quiet,
+    ) as progress:
+        task = progress.add_task(f"uploading {path.name}", total=size)
+
+        def chunks() -> Iterator[bytes]:
+            with path.open("rb") as f:
+                while chunk := f.read(CHUNK):
+                    progress.advance(task, len(chunk))
+                    yield chunk
+
+        headers = {"Content-Length": str(size), "Content-Type": "application/octet-stream"}
+        if api.token:
+            headers["Authorization"] = f"Bearer {api.token}"
+        try:
+            response = httpx.put(
+                f"{api.server}{api.factory_path(f'/blobs/{sha256}')}",
+                content=chunks(),
+                headers=headers,
+                timeout=120,  # per read or write, not for the whole upload
+            )
+        except httpx.HTTPError as e:
+            raise click.ClickException(f"upload of {path} failed: {e}; run again") from e
+    if response.status_code not in (200, 201):
+        try:
+            message = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text[:200]
+        raise click.ClickException(f"the server refused the upload of {path}: {message}")
+
+
+def _spec(
+    name: str,
+    version: str,
+    hardware_ids: list[str],
+    tags: list[str],
+    file: Path | None,
+    url: str | None,
+    sha256: str | None,
+    length: int | None,
+    custom: dict[str, Any],
+) -> tuple[dict[str, Any], Path | None]:
+    """The JSON the server takes for one target, and the file to upload for it."""
+    if (file is None) == (url is None):
+        raise click.UsageError(f"{name}: give either --file, or --url with --sha256 and --length")
+    if file is not None:
+        if not file.is_file():
+            raise click.UsageError(f"{name}: {file} is not a file")
+        sha256, length = _sha256_of(file), file.stat().st_size
+    elif sha256 is None or length is None:
+        raise click.UsageError(f"{name}: an external target (--url) needs --sha256 and --length")
+    spec = {
+        "name": name,
+        "version": version,
+        "hardware_ids": hardware_ids,
+        "tags": tags,
+        "sha256": sha256.lower(),
+        "length": length,
+        "custom": custom,
+    }
+    if url is not None:
+        spec["url"] = url
+    return spec, file
+
+
+def _batch(path: Path) -> list[tuple[dict[str, Any], Path | None]]:
+    try:
+        items = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise click.UsageError(f"cannot read batch file {path}: {e}") from e
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise click.UsageError(f"{path} must hold a JSON list of target objects")
+    specs = []
+    for item in items:
+        file = item.get("file")
+        specs.append(
+            _spec(
+                str(item.get("name")),
+                str(item.get("version")),
+                list(item.get("hardware_ids", [])),
+                list(item.get("tags", [])),
+                (path.parent / file) if file else None,
+                item.get("url"),
+                item.get("sha256"),
+                item.get("length"),
+                dict(item.get("custom", {})),
+            )
+        )
+    return specs
+
+
+@targets.command()
+@click.argument("name", required=False)
+@click.option("--version", "version", help="The build's version (e.g. the CI build number).")
+@click.option("--hardware-id", "hardware_ids", multiple=True, help="Hardware id (repeatable).")
+@click.option("--tag", "tags", multiple=True, help="Tag such as main or beta (repeatable).")
+@click.option("--file", type=click.Path(path_type=Path), help="File to upload.")
+@click.option("--url", help="External target: where devices download it.")
+@click.option("--sha256", help="External target: its SHA-256.")
+@click.option("--length", type=int, help="External target: its length in bytes.")
+@click.option("--custom", default="{}", help="Extra custom metadata, a JSON object.")
+@click.option(
+    "--batch",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="JSON list of targets (name, version, hardware_ids, tags, file or url/sha256/length).",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@json_option
+@with_api
+def add(
+    api: Api,
+    name: str | None,
+    version: str | None,
+    hardware_ids: tuple[str, ...],
+    tags: tuple[str, ...],
+    file: Path | None,
+    url: str | None,
+    sha256: str | None,
+    length: int | None,
+    custom: str,
+    batch: Path | None,
+    quiet: bool,
+    as_json: bool,
+) -> None:
+    """Publish target NAME to the CI channel (a CI-scoped token is enough).
+
+    Files are uploaded once (the store is content-addressed); then the CI targets,
+    snapshot and timestamp are re-signed in one step. Re-adding an identical target
+    changes nothing; a different target under an existing name is refused.
+
+    \b
+    Examples:
+      tufa targets add rpi4-image-42 --version 42 --hardware-id rpi4 --tag main \\
+          --file build/image.img
+      tufa targets add app-7 --version 7 --hardware-id rpi4 --tag main \\
+          --url https://cdn.example/app-7.tar --sha256 9f86d0... --length 1048576
+      tufa targets add --batch build/targets.json
+    """
+    if batch is not None:
+        if name is not None:
+            raise click.UsageError("give either NAME with its options, or --batch")
+        specs = _batch(batch)
+    else:
+        if name is None or version is None or not hardware_ids or not tags:
+            raise click.UsageError("NAME, --version, --hardware-id and --tag are required")
+        try:
+            extra = json.loads(custom)
+        except ValueError as e:
+            raise click.UsageError(f"--custom is not valid JSON: {e}") from e
+        if not isinstance(extra, dict):
+            raise click.UsageError("--custom must be a JSON object")
+        specs = [
+            _spec(name, version, list(hardware_ids), list(tags), file, url, sha256, length, extra)
+        ]
+    for spec, upload in specs:
+        if upload is not None:
+            _upload(api, upload, spec["sha256"], quiet or as_json)
+    result = api.request(
+        "POST", api.factory_path("/targets"), json_body={"targets": [s for s, _ in specs]}
+    ).json()
+    if as_json:
+        print_json(result)
+        return
+    for added in result["added"]:
+        click.echo(f"Published {added}.")
+    for same in result["unchanged"]:
+        click.echo(f"{same} was already published, identical: nothing to do.")
+    click.echo(f"CI targets version {result['targets_version']}.")
+
+
+@targets.command("list")
+@click.option("--prod", is_flag=True, help="The production channel instead of CI.")
+@click.option("--tag", help="Only targets with this tag.")
+@click.option("--hardware-id", help="Only targets for this hardware id.")
+@json_option
+@with_api
+def list_targets(
+    api: Api, prod: bool, tag: str | None, hardware_id: str | None, as_json: bool
+) -> None:
+    """List the targets a channel offers, oldest version first."""
+    params = {"channel": "prod" if prod else "ci"}
+    if tag:
+        params["tag"] = tag
+    if hardware_id:
+        params["hardware_id"] = hardware_id
+    found = api.get_json(api.factory_path(f"/targets?{httpx.QueryParams(params)}"))
+    if as_json:
+        print_json(found)
+        return
+    table = Table()
+    for column in ("name", "version", "hardware ids", "tags", "length", "sha256"):
+        table.add_column(column)
+    for t in found:
+        table.add_row(
+            t["name"],
+            str(t["version"]),
+            ",".join(t["hardware_ids"]),
+            ",".join(t["tags"]),
+            str(t["length"]),
+            t["sha256"][:16] + "…",
+        )
+    console().print(table)
+
+
+@targets.command()
+@click.argument("name")
+@json_option
+@with_api
+def show(api: Api, name: str, as_json: bool) -> None:
+    """Show target NAME: hashes, custom metadata, and which channels list it."""
+    found = api.get_json(api.factory_path(f"/targets/{name}"))
+    if as_json:
+        print_json(found)
+        return
+    for key in ("name", "version", "length", "sha256", "url", "created_at", "pruned_at"):
+        click.echo(f"{key:>10}: {found[key] if found[key] is not None else '-'}")
+    click.echo(f"{'channels':>10}: {', '.join(found['channels']) or 'none'}")
+    click.echo(f"{'custom':>10}: {json.dumps(found['custom'], sort_keys=True)}")
+
+
+@targets.command()
+@click.option("--keep", required=True, type=click.IntRange(min=1), help="Versions to keep.")
+@json_option
+@with_api
+def prune(api: Api, keep: int, as_json: bool) -> None:
+    """Drop all but the KEEP newest versions per hardware id and tag from CI targets.
+
+    Production targets are not touched; files stay stored.
+    """
+    result = api.request(
+        "POST", api.factory_path("/targets/prune"), json_body={"keep": keep}
+    ).json()
+    if as_json:
+        print_json(result)
+        return
+    for removed in result["removed"]:
+        click.echo(f"Removed {removed} from CI targets.")
+    click.echo(f"CI targets version {result['targets_version']}.")
