@@ -115,7 +115,7 @@ class Owner:
     def resigned_targets(self) -> dict[str, Any]:
         """The current production targets as the next version: what key commands stage."""
         signed = self.current_prod_targets().signed
-        signed.version = self.update()["next_prod_targets_version"]
+        signed.version = self.update()["next_prod_targets_versions"][""]
         return signed.to_dict()
 
     def root_signatures(self, *pairs: KeyPair) -> dict[str, Any]:

@@ -56,11 +56,13 @@ class _Story:
         return done.stdout
 
 
-def _refresh(story: _Story, channel: str, credential: str, root: bytes | None) -> Updater:
+def _refresh(
+    story: _Story, device: str, channel: str, credential: str, root: bytes | None
+) -> Updater:
     """One TUF refresh, as a device does at each poll: a new client over the metadata it
     trusts on disk (bootstrapped with `root` the first time)."""
     metadata_url = f"{story.server.url}/api/v1/factories/demo/repo/{channel}/metadata/"
-    trust_dir = story.workdir / f"device-{channel}"
+    trust_dir = story.workdir / f"device-{device}"
     trust_dir.mkdir(exist_ok=True)
     updater = Updater(
         str(trust_dir), metadata_url, fetcher=BearerFetcher(credential), bootstrap=root
@@ -96,7 +98,8 @@ def _run_story(story: _Story) -> None:
 
     story.chapter("5. Devices register, one per channel")
     credentials: dict[str, str] = {}
-    for channel, name in (("ci", "dev-board-1"), ("prod", "field-unit-1")):
+    devices = (("ci", "dev-board-1"), ("prod", "field-unit-1"), ("prod", "field-unit-2"))
+    for channel, name in devices:
         body = {"name": name, "hardware_id": "rpi4", "tag": "main", "channel": channel}
         story.say(f"POST /api/v1/factories/demo/devices {json.dumps(body)}")
         response = httpx.post(
@@ -105,16 +108,20 @@ def _run_story(story: _Story) -> None:
             headers={"Authorization": f"Bearer {created['token']}"},
         )
         response.raise_for_status()
-        credentials[channel] = response.json()["credential"]
+        credentials[name] = response.json()["credential"]
     story.tufa("devices", "list")
 
     story.chapter("6. Each device refreshes its channel with python-tuf's ngclient")
-    for channel, credential in credentials.items():
-        root = story.tufa("get", f"/api/v1/factories/demo/repo/{channel}/metadata/1.root.json")
-        _report(story, channel, _refresh(story, channel, credential, root.encode()))
+    roots = {
+        channel: story.tufa("get", f"/api/v1/factories/demo/repo/{channel}/metadata/1.root.json")
+        for channel in ("ci", "prod")
+    }
+    for channel, name in devices:
+        updater = _refresh(story, name, channel, credentials[name], roots[channel].encode())
+        _report(story, name, updater)
     other = httpx.get(
         f"{url}/api/v1/factories/demo/repo/prod/metadata/timestamp.json",
-        headers={"Authorization": f"Bearer {credentials['ci']}"},
+        headers={"Authorization": f"Bearer {credentials['dev-board-1']}"},
     )
     story.say(f"the CI device asking for production metadata gets HTTP {other.status_code}")
     if other.status_code != 403:
@@ -137,16 +144,44 @@ def _run_story(story: _Story) -> None:
     story.tufa("keys", "updates", "apply", "-k", "demo-keys.tgz")
 
     story.chapter("9. The devices follow the new roots from the ones they trusted")
-    for channel, credential in credentials.items():
-        _report(story, channel, _refresh(story, channel, credential, None))
+    for channel, name in devices:
+        _report(story, name, _refresh(story, name, channel, credentials[name], None))
+
+    story.chapter("10. CI publishes builds: development devices see them at once")
+    ci_token = json.loads(story.tufa("tokens", "create", "--scope", "ci", "-d", "CI", "--json"))
+    for build in ("42", "43"):
+        (story.workdir / f"image-{build}.img").write_bytes(os.urandom(256 * 1024))
+        add = (
+            "targets", "add", f"rpi4-image-{build}", "--version", build,
+            "--hardware-id", "rpi4", "--tag", "main", "--file", f"image-{build}.img", "--quiet",
+            "--token",
+        )  # fmt: skip
+        story.tufa(*add, ci_token["token"], shown=(*add, "$CI_TOKEN"))
+    story.tufa("targets", "list")
+    for channel, name in devices:
+        _report(story, name, _refresh(story, name, channel, credentials[name], None))
+
+    story.chapter("11. A wave releases build 42 to production, signed with the offline key")
+    story.tufa("waves", "init", "release-42", "42", "main", "-k", "release-keys.tgz")
+    story.tufa("device-groups", "create", "canaries")
+    story.tufa("device-groups", "add", "canaries", "field-unit-1")
+    story.tufa("waves", "rollout", "release-42", "canaries")
+    story.tufa("waves", "status", "release-42")
+    for channel, name in devices[1:]:
+        _report(story, name, _refresh(story, name, channel, credentials[name], None))
+    story.tufa("waves", "complete", "release-42")
+    story.tufa("targets", "list", "--prod", "--tag", "main")
+    for channel, name in devices[1:]:
+        _report(story, name, _refresh(story, name, channel, credentials[name], None))
 
 
-def _report(story: _Story, channel: str, updater: Updater) -> None:
+def _report(story: _Story, device: str, updater: Updater) -> None:
     trusted = updater._trusted_set  # read-only look at what the client now trusts
+    names = ", ".join(sorted(trusted.targets.targets)) or "no targets"
     story.say(
-        f"{channel} device: verified root v{trusted.root.version}, timestamp "
+        f"{device}: verified root v{trusted.root.version}, timestamp "
         f"v{trusted.timestamp.version}, snapshot v{trusted.snapshot.version}, targets "
-        f"v{trusted.targets.version} ({len(trusted.targets.targets)} targets)"
+        f"v{trusted.targets.version}: {names}"
     )
 
 

@@ -13,6 +13,7 @@ from tufa.cli.keys import keys
 from tufa.cli.session import get, login
 from tufa.cli.targets import targets
 from tufa.cli.tokens import tokens
+from tufa.cli.waves import device_groups, waves
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -25,5 +26,5 @@ def cli() -> None:
     """
 
 
-for command in (factory, keys, targets, tokens, devices, login, get, demo):
+for command in (factory, keys, targets, waves, device_groups, tokens, devices, login, get, demo):
     cli.add_command(command)

@@ -141,7 +141,7 @@ class RootUpdate:
         resigned = {}
         for view, data in self.data["current_prod_targets"].items():
             signed = dict(data["signed"])
-            signed["version"] = self.data["next_prod_targets_version"]
+            signed["version"] = self.data["next_prod_targets_versions"][view]
             resigned[view] = signed
         return resigned
 

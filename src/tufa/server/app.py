@@ -15,7 +15,16 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tufa.server.api import devices, factories, keys, repo, root_updates, targets, tokens
+from tufa.server.api import (
+    devices,
+    factories,
+    keys,
+    repo,
+    root_updates,
+    targets,
+    tokens,
+    waves,
+)
 from tufa.server.errors import ApiError, api_error_handler, error_body
 from tufa.server.state import ServerState
 
@@ -109,6 +118,7 @@ def create_app(state: ServerState) -> Starlette:
             *keys.routes,
             *root_updates.routes,
             *targets.routes,
+            *waves.routes,
             *tokens.routes,
             *devices.routes,
             *repo.routes,

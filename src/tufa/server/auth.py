@@ -37,6 +37,7 @@ class Principal:
     scopes: frozenset[str] = frozenset()
     device_id: str | None = None
     channel: str | None = None
+    view: str = ""
 
 
 def unauthorized(message: str) -> ApiError:
@@ -91,6 +92,7 @@ def authenticate(conn: Connection, secret: str, now: datetime) -> Principal:
             factory_name=device.factory_name,
             device_id=device.id,
             channel=device.channel,
+            view=device.view,
         )
     raise unauthorized("unknown token; check --token, TUFA_TOKEN or `tufa login`")
 

@@ -143,6 +143,38 @@ targets = Table(
     Column("pruned_at", UTCDateTime),
 )
 
+# Releases on demand: production targets for a tag, signed offline, served to the
+# devices a rollout chose until the wave is completed (or cancelled).
+waves = Table(
+    "waves",
+    schema,
+    Column("factory_id", Integer, ForeignKey("factories.id"), primary_key=True),
+    Column("name", String(64), primary_key=True),
+    Column("tag", String(128), nullable=False),
+    Column("version", String(64), nullable=False),
+    Column("targets_version", Integer, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("targets", LargeBinary, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime),
+)
+
+device_groups = Table(
+    "device_groups",
+    schema,
+    Column("factory_id", Integer, ForeignKey("factories.id"), primary_key=True),
+    Column("name", String(64), primary_key=True),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+device_group_members = Table(
+    "device_group_members",
+    schema,
+    Column("factory_id", Integer, ForeignKey("factories.id"), primary_key=True),
+    Column("group_name", String(64), primary_key=True),
+    Column("device_id", String(36), ForeignKey("devices.id"), primary_key=True),
+)
+
 # The one open root update of a factory: the staged roots of both channels (signed
 # metadata JSON, collecting signatures) and any re-signed production targets per view.
 root_updates = Table(
@@ -190,6 +222,8 @@ devices = Table(
     Column("channel", String(8), nullable=False),
     Column("secret_sha256", String(64), nullable=False, unique=True),
     Column("created_at", UTCDateTime, nullable=False),
+    # Which production view the device is served: "tag:T" or "wave:NAME" ("" in CI).
+    Column("view", String(200), nullable=False, default="", server_default=""),
     UniqueConstraint("factory_id", "name"),
 )
 

@@ -57,18 +57,18 @@ class _ImmutableFileCache:
     """An LRU of versioned metadata files, which never change once published."""
 
     def __init__(self, size: int = 4096) -> None:
-        self._items: OrderedDict[tuple[int, str, str, str, int], StoredFile] = OrderedDict()
+        self._items: OrderedDict[tuple[int, str, str, int], StoredFile] = OrderedDict()
         self._size = size
         self._lock = threading.Lock()
 
-    def get(self, key: tuple[int, str, str, str, int]) -> StoredFile | None:
+    def get(self, key: tuple[int, str, str, int]) -> StoredFile | None:
         with self._lock:
             item = self._items.get(key)
             if item is not None:
                 self._items.move_to_end(key)
             return item
 
-    def put(self, key: tuple[int, str, str, str, int], item: StoredFile) -> None:
+    def put(self, key: tuple[int, str, str, int], item: StoredFile) -> None:
         with self._lock:
             self._items[key] = item
             if len(self._items) > self._size:
@@ -86,11 +86,17 @@ _FILE_COLUMNS = select(
 ).where(
     metadata_files.c.factory_id == bindparam("factory_id"),
     metadata_files.c.channel == bindparam("channel"),
-    metadata_files.c.view == bindparam("view"),
     metadata_files.c.role == bindparam("role"),
 )
-_FILE_BY_VERSION = _FILE_COLUMNS.where(metadata_files.c.version == bindparam("version"))
-_NEWEST_FILE = _FILE_COLUMNS.order_by(metadata_files.c.version.desc()).limit(1)
+# Versions come from counters shared by all views of a channel, so a version names one
+# file whichever view it was published in (a completed wave's targets, copied to its
+# tag's view, are the same bytes under the same version).
+_FILE_BY_VERSION = _FILE_COLUMNS.where(metadata_files.c.version == bindparam("version")).limit(1)
+_NEWEST_FILE = (
+    _FILE_COLUMNS.where(metadata_files.c.view == bindparam("view"))
+    .order_by(metadata_files.c.version.desc())
+    .limit(1)
+)
 
 
 def _in_force(factory_id: int) -> tuple[Any, ...]:
@@ -182,17 +188,23 @@ class Repository:
         version: int | None,
         view: str = DEFAULT_VIEW,
     ) -> StoredFile | None:
-        """A metadata file by version, or the newest one when `version` is None."""
+        """A metadata file by version, or the newest one of `view` when `version` is None.
+
+        A view that has published nothing yet (a tag before its first release) is served
+        the channel's default view.
+        """
         if role == ROOT:
             view = DEFAULT_VIEW
-        key = (factory_id, channel, view, role, version or 0)
+        key = (factory_id, channel, role, version or 0)
         if version is not None:
             cached = self._cache.get(key)
             if cached is not None:
                 return cached
-        params = {"factory_id": factory_id, "channel": channel, "view": view, "role": role}
+        params = {"factory_id": factory_id, "channel": channel, "role": role}
         if version is None:
-            row = conn.execute(_NEWEST_FILE, params).first()
+            row = conn.execute(_NEWEST_FILE, {**params, "view": view}).first()
+            if row is None and view != DEFAULT_VIEW:
+                row = conn.execute(_NEWEST_FILE, {**params, "view": DEFAULT_VIEW}).first()
         else:
             row = conn.execute(_FILE_BY_VERSION, {**params, "version": version}).first()
         if row is None:
@@ -270,31 +282,24 @@ class Repository:
                 log.exception("re-signing %s channel of factory %s failed", channel, factory_id)
         return refreshed
 
+    def live_views(self, conn: Connection, factory_id: int, channel: str) -> list[str]:
+        """The views of a channel that serve devices (those with a timestamp)."""
+        return sorted(
+            conn.execute(
+                select(metadata_files.c.view)
+                .where(
+                    metadata_files.c.factory_id == factory_id,
+                    metadata_files.c.channel == channel,
+                    metadata_files.c.role == TIMESTAMP,
+                )
+                .distinct()
+            ).scalars()
+        )
+
     def _resign_channel(self, conn: Connection, factory_id: int, channel: Channel) -> bool:
         now = self.settings.clock.now()
-
-        def stale(role: str) -> StoredFile:
-            found = self.read_file(conn, factory_id, channel.value, role, None)
-            assert found is not None, f"{channel} channel of factory {factory_id} has no {role}"
-            return found
-
-        def due(found: StoredFile, role: str) -> bool:
-            return found.expires - now < self.settings.expiry_for(role) / 2
-
-        targets = stale(TARGETS)
-        targets_version = targets.version
-        if channel is Channel.CI and due(targets, TARGETS):
-            targets_version = self.resign_ci_targets(conn, factory_id, now)
-        elif (
-            channel is Channel.PROD and targets.expires - now < self.settings.offline_expiry_warning
-        ):
-            log.warning(
-                "production targets of factory %s expire at %s: release a new wave or "
-                "re-sign them with an offline targets key",
-                factory_id,
-                targets.expires.isoformat(),
-            )
-        root = stale(ROOT)
+        root = self.read_file(conn, factory_id, channel.value, ROOT, None)
+        assert root is not None
         if root.expires - now < self.settings.offline_expiry_warning:
             log.warning(
                 "%s root of factory %s expires at %s: extend it with `tufa keys updates`",
@@ -302,12 +307,43 @@ class Repository:
                 factory_id,
                 root.expires.isoformat(),
             )
-        snapshot = stale(SNAPSHOT)
+        refreshed = False
+        for view in self.live_views(conn, factory_id, channel.value):
+            refreshed |= self._resign_view(conn, factory_id, channel, view, now)
+        return refreshed
+
+    def _resign_view(
+        self, conn: Connection, factory_id: int, channel: Channel, view: str, now: datetime
+    ) -> bool:
+        def newest(role: str) -> StoredFile:
+            found = self.read_file(conn, factory_id, channel.value, role, None, view)
+            assert found is not None, f"{channel} view {view!r} of {factory_id} has no {role}"
+            return found
+
+        def due(found: StoredFile, role: str) -> bool:
+            return found.expires - now < self.settings.expiry_for(role) / 2
+
+        targets = newest(TARGETS)
+        targets_version = targets.version
+        if channel is Channel.CI and due(targets, TARGETS):
+            targets_version = self.resign_ci_targets(conn, factory_id, now)
+        elif (
+            channel is Channel.PROD and targets.expires - now < self.settings.offline_expiry_warning
+        ):
+            log.warning(
+                "production targets (view %r) of factory %s expire at %s: release a new wave",
+                view,
+                factory_id,
+                targets.expires.isoformat(),
+            )
+        snapshot = newest(SNAPSHOT)
         if targets_version != targets.version or due(snapshot, SNAPSHOT):
-            self.publish_snapshot_and_timestamp(conn, factory_id, channel, targets_version, now)
+            self.publish_snapshot_and_timestamp(
+                conn, factory_id, channel, targets_version, now, view
+            )
             return True
-        if due(stale(TIMESTAMP), TIMESTAMP):
-            self._resign_timestamp(conn, factory_id, channel, snapshot, now)
+        if due(newest(TIMESTAMP), TIMESTAMP):
+            self._resign_timestamp(conn, factory_id, channel, snapshot, now, view)
             return True
         return False
 
@@ -331,6 +367,7 @@ class Repository:
         channel: Channel,
         snapshot: StoredFile,
         now: datetime,
+        view: str,
     ) -> None:
         version = self.bump(conn, factory_id, channel, TIMESTAMP)[TIMESTAMP]
         timestamp = sign(
@@ -342,4 +379,4 @@ class Repository:
             ),
             [self.online_signer(conn, factory_id, TIMESTAMP)],
         )
-        self.store(conn, factory_id, channel, timestamp)
+        self.store(conn, factory_id, channel, timestamp, view)

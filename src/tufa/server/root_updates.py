@@ -14,8 +14,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from securesystemslib.exceptions import UnverifiedSignatureError
-from securesystemslib.signer import Key, Signature
+from securesystemslib.signer import Signature
 from sqlalchemy import Connection, delete, insert, select, update
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, Root, Targets
@@ -34,10 +33,11 @@ from tufa.core.root_update import (
     prod_targets_signing_status,
     root_signing_status,
 )
-from tufa.server.db import channels, online_keys, root_updates
+from tufa.server.db import channels, online_keys, root_updates, waves
 from tufa.server.errors import ApiError, bad_request, conflict, not_found
-from tufa.server.repository import DEFAULT_VIEW
+from tufa.server.signatures import verify_signature
 from tufa.server.state import ServerState
+from tufa.server.waves import ACTIVE
 
 MAX_MESSAGE = 200
 
@@ -70,10 +70,13 @@ class RootUpdates:
         return found
 
     def _current_prod_targets(self, conn: Connection, factory_id: int) -> dict[str, bytes]:
-        """Production targets per view (the default view; one per tag once waves exist)."""
-        stored = self.repo.read_file(conn, factory_id, Channel.PROD.value, TARGETS, None)
-        assert stored is not None
-        return {DEFAULT_VIEW: stored.body}
+        """The production targets of every view that serves devices (default, tags, waves)."""
+        found = {}
+        for view in self.repo.live_views(conn, factory_id, Channel.PROD.value):
+            stored = self.repo.read_file(conn, factory_id, Channel.PROD.value, TARGETS, None, view)
+            assert stored is not None
+            found[view] = stored.body
+        return found
 
     def _row(self, conn: Connection, factory_id: int) -> Any:
         row = conn.execute(
@@ -99,13 +102,16 @@ class RootUpdates:
             **self._pending_keyids(conn, factory_id),
         }
 
-    def _next_prod_targets_version(self, conn: Connection, factory_id: int) -> int:
+    def _next_prod_targets_versions(self, conn: Connection, factory_id: int) -> dict[str, int]:
+        """The version each view's re-signed production targets must take: the next
+        numbers of the channel's counter, views in sorted order."""
         counter = conn.execute(
             select(channels.c.targets_version).where(
                 channels.c.factory_id == factory_id, channels.c.channel == Channel.PROD.value
             )
         ).scalar_one()
-        return int(counter) + 1
+        views = sorted(self._current_prod_targets(conn, factory_id))
+        return {view: int(counter) + 1 + i for i, view in enumerate(views)}
 
     def describe(self, conn: Connection, factory_id: int) -> dict[str, Any]:
         """The open update as the CLI sees it: current and staged metadata, key ids, and
@@ -135,7 +141,7 @@ class RootUpdates:
                 for view, body in self._current_prod_targets(conn, factory_id).items()
             },
             "prod_targets": {view: md.to_dict() for view, md in staged_targets.items()},
-            "next_prod_targets_version": self._next_prod_targets_version(conn, factory_id),
+            "next_prod_targets_versions": self._next_prod_targets_versions(conn, factory_id),
             "online_keys": self.repo.online_keyids(conn, factory_id),
             "pending_online_keys": self._pending_keyids(conn, factory_id),
             "status": status,
@@ -241,7 +247,7 @@ class RootUpdates:
                 "re-signed production targets must list exactly the current production "
                 "targets; releases go through waves",
             )
-        expected = self._next_prod_targets_version(conn, factory_id)
+        expected = self._next_prod_targets_versions(conn, factory_id)[view]
         if md.signed.version != expected:
             raise ApiError(
                 400,
@@ -308,7 +314,9 @@ class RootUpdates:
                         f"key {sig.keyid} is not a root key of the current or the staged "
                         f"{channel.value} root"
                     )
-                _verify(allowed[sig.keyid], sig, md.signed_bytes, f"staged {channel.value} root")
+                verify_signature(
+                    allowed[sig.keyid], sig, md.signed_bytes, f"staged {channel.value} root"
+                )
                 md.signatures[sig.keyid] = sig
         staged_targets = json.loads(row.prod_targets)
         prod_root = staged[Channel.PROD].signed
@@ -321,7 +329,9 @@ class RootUpdates:
                     raise bad_request(
                         f"key {sig.keyid} is not a targets key of the staged production root"
                     )
-                _verify(prod_root.keys[sig.keyid], sig, targets.signed_bytes, "staged targets")
+                verify_signature(
+                    prod_root.keys[sig.keyid], sig, targets.signed_bytes, "staged targets"
+                )
                 targets.signatures[sig.keyid] = sig
             staged_targets[view] = targets.to_dict()
         conn.execute(
@@ -374,6 +384,7 @@ class RootUpdates:
                     "with `tufa keys updates sign -k ARCHIVE`",
                 )
         prod_root = staged[Channel.PROD].signed
+        self._refuse_during_wave(conn, factory_id, current[Channel.PROD].signed, prod_root)
         new_prod_targets = self._prod_targets_after(
             conn, factory_id, prod_root, json.loads(row.prod_targets)
         )
@@ -385,8 +396,11 @@ class RootUpdates:
             .where(channels.c.factory_id == factory_id)
             .values(root_version=staged[Channel.CI].signed.version)
         )
-        prod_version = None
-        for view, targets in new_prod_targets.items():
+        prod_versions = {
+            view: Metadata[Targets].from_bytes(body).signed.version
+            for view, body in self._current_prod_targets(conn, factory_id).items()
+        }
+        for view, targets in sorted(new_prod_targets.items()):
             targets.sign(self.repo.online_signer(conn, factory_id, TARGETS), append=True)
             prod_root.verify_delegate(TARGETS, targets.signed_bytes, targets.signatures)
             counter = self.repo.bump(conn, factory_id, Channel.PROD, TARGETS)[TARGETS]
@@ -396,16 +410,34 @@ class RootUpdates:
                     "the re-signed production targets again"
                 )
             self.repo.store(conn, factory_id, Channel.PROD, targets, view)
-            prod_version = counter
+            prod_versions[view] = counter
         ci_targets = self.repo.resign_ci_targets(conn, factory_id, now)
         self.repo.publish_snapshot_and_timestamp(conn, factory_id, Channel.CI, ci_targets, now)
-        if prod_version is None:
-            stored = self.repo.read_file(conn, factory_id, Channel.PROD.value, TARGETS, None)
-            assert stored is not None
-            prod_version = stored.version
-        self.repo.publish_snapshot_and_timestamp(conn, factory_id, Channel.PROD, prod_version, now)
+        for view, version in sorted(prod_versions.items()):
+            self.repo.publish_snapshot_and_timestamp(
+                conn, factory_id, Channel.PROD, version, now, view
+            )
         conn.execute(delete(root_updates).where(root_updates.c.factory_id == factory_id))
         return {"root_version": staged[Channel.CI].signed.version}
+
+    def _refuse_during_wave(
+        self, conn: Connection, factory_id: int, current: Root, staged: Root
+    ) -> None:
+        """Targets keys may not change while a wave is active: its offline signatures
+        would no longer count, and re-signing it is the wave owner's decision."""
+        if current.roles[TARGETS] == staged.roles[TARGETS]:
+            return
+        active = list(
+            conn.execute(
+                select(waves.c.name).where(
+                    waves.c.factory_id == factory_id, waves.c.status == ACTIVE
+                )
+            ).scalars()
+        )
+        if active:
+            raise conflict(
+                f"wave {active[0]!r} is active: complete or cancel it before changing targets keys"
+            )
 
     def _prod_targets_after(
         self,
@@ -467,12 +499,3 @@ class RootUpdates:
             .where(online_keys.c.factory_id == factory_id, online_keys.c.pending.is_(True))
             .values(pending=False)
         )
-
-
-def _verify(key: Key, sig: Signature, payload: bytes, what: str) -> None:
-    try:
-        key.verify_signature(sig, payload)
-    except (UnverifiedSignatureError, ValueError) as e:
-        raise bad_request(
-            f"the signature by key {sig.keyid} does not verify over the {what}"
-        ) from e

@@ -17,6 +17,7 @@ from tufa.server.auth import Scope, require_factory
 from tufa.server.db import devices
 from tufa.server.errors import bad_request, conflict, not_found
 from tufa.server.secrets import new_secret, secret_digest
+from tufa.server.views import tag_view
 
 DEVICE_SECRET_PREFIX = "tufad"  # noqa: S105 (a label, not a secret)
 MAX_LABEL = 128
@@ -48,6 +49,8 @@ async def register(request: Request) -> JSONResponse:
         "tag": text_field(data, "tag", MAX_LABEL),
         "channel": channel,
     }
+    # A production device is served its tag's releases until a wave takes it.
+    values["view"] = tag_view(values["tag"]) if channel == Channel.PROD.value else ""
     secret = new_secret(DEVICE_SECRET_PREFIX)
 
     def insert_device() -> dict[str, Any]:

@@ -29,7 +29,7 @@ from tufa.server.auth import (
 )
 from tufa.server.db import factories, targets
 from tufa.server.errors import not_found
-from tufa.server.repository import StoredFile
+from tufa.server.repository import DEFAULT_VIEW, StoredFile
 from tufa.server.state import ServerState, state_of
 
 _VERSIONED = re.compile(r"^([1-9][0-9]{0,9})\.(root|snapshot|targets)\.json$")
@@ -63,8 +63,9 @@ def _parse_filename(filename: str) -> tuple[str, int | None]:
 
 def _authorize(
     state: ServerState, conn: Connection, secret: str | None, name: str, channel: str
-) -> Any:
-    """The factory row, if the caller may read `channel` of it."""
+) -> tuple[Any, str]:
+    """The factory row, if the caller may read `channel` of it, and the caller's view:
+    a production device's tag or wave; the channel's default view for everyone else."""
     principal = (
         authenticate(conn, secret, state.settings.clock.now()) if secret is not None else None
     )
@@ -76,7 +77,7 @@ def _authorize(
         require_factory(principal, name, READERS, device_reads=True)
         if principal.kind == "device" and principal.channel != channel:
             raise forbidden(f"this device follows the {principal.channel} channel, not {channel}")
-    return factory
+    return factory, principal.view if principal is not None else DEFAULT_VIEW
 
 
 def _lookup(
@@ -85,8 +86,8 @@ def _lookup(
     """Authenticate, authorise and find the file in one read transaction."""
     role, version = _parse_filename(filename)
     with state.db.read() as conn:
-        factory = _authorize(state, conn, secret, name, channel)
-        stored = state.repo.read_file(conn, factory.id, channel, role, version)
+        factory, view = _authorize(state, conn, secret, name, channel)
+        stored = state.repo.read_file(conn, factory.id, channel, role, version, view)
     if stored is None:
         raise not_found(f"{filename} does not exist in the {channel} channel")
     return stored, bool(factory.anonymous_read)
@@ -98,7 +99,7 @@ def _target_blob(
     """The stored file behind `SHA256.NAME`, the consistent-snapshot target path."""
     digest, _, target = filename.partition(".")
     with state.db.read() as conn:
-        factory = _authorize(state, conn, secret, name, channel)
+        factory, _ = _authorize(state, conn, secret, name, channel)
         row = conn.execute(
             _TARGET_BY_NAME, {"factory_id": factory.id, "name": target, "sha256": digest}
         ).first()

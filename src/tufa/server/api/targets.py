@@ -18,7 +18,9 @@ from tufa.server.auth import Scope, require_factory
 from tufa.server.db import targets as targets_table
 from tufa.server.errors import bad_request, not_found
 from tufa.server.publishing import CiPublisher, PublishResult, parse_target, version_key
+from tufa.server.repository import DEFAULT_VIEW
 from tufa.server.state import ServerState
+from tufa.server.views import tag_view
 
 PUBLISHERS = {Scope.ADMIN, Scope.CI}
 READERS = {Scope.ADMIN, Scope.CI, Scope.READ}
@@ -80,9 +82,11 @@ async def prune(request: Request) -> JSONResponse:
     return ok(_result(await threaded(lambda: CiPublisher(state).prune(factory_id, keep))))
 
 
-def _listed(state: ServerState, factory_id: int, channel: str) -> dict[str, TargetFile]:
+def _listed(
+    state: ServerState, factory_id: int, channel: str, view: str = DEFAULT_VIEW
+) -> dict[str, TargetFile]:
     with state.db.read() as conn:
-        stored = state.repo.read_file(conn, factory_id, channel, TARGETS, None)
+        stored = state.repo.read_file(conn, factory_id, channel, TARGETS, None, view)
     assert stored is not None
     targets: dict[str, TargetFile] = Metadata[Targets].from_bytes(stored.body).signed.targets
     return targets
@@ -98,7 +102,9 @@ async def list_all(request: Request) -> JSONResponse:
     hardware_id = request.query_params.get("hardware_id")
     assert reader.factory_id is not None
     factory_id = reader.factory_id
-    listed = await threaded(lambda: _listed(state, factory_id, channel))
+    # Production targets are kept per tag: a tag's view is what its devices are served.
+    view = tag_view(tag) if channel == Channel.PROD.value and tag else DEFAULT_VIEW
+    listed = await threaded(lambda: _listed(state, factory_id, channel, view))
     found = [
         target_json(t)
         for t in listed.values()

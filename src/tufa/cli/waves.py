@@ -1,0 +1,324 @@
+"""`tufa waves` and `tufa device-groups`: release on demand to production devices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.table import Table
+from tuf.api.metadata import Metadata, Targets
+
+from tufa.cli.client import Api, with_api
+from tufa.cli.output import console, json_option, print_json
+from tufa.cli.root_update import load_archive
+from tufa.core.archive import OfflineArchive
+from tufa.core.metadata import TARGETS
+
+ARCHIVE_OPTION = click.option(
+    "-k",
+    "--keys",
+    "archive",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Archive with an offline targets key (a targets-only copy is enough).",
+)
+
+
+@click.group()
+def waves() -> None:
+    """Release a CI build to production devices, signed with your offline key."""
+
+
+def _sign_with(api: Api, archive: OfflineArchive, md: Metadata[Targets]) -> list[str]:
+    """Sign `md` with the archive's offline targets keys that production trusts."""
+    prod_root = api.get_json(api.factory_path("/repo/prod/metadata/root.json"))["signed"]
+    online = {k["keyid"] for k in api.get_json(api.factory_path())["online_keys"]}
+    trusted = set(prod_root["roles"][TARGETS]["keyids"]) - online
+    used = []
+    for key in archive.keys_for(TARGETS):
+        if key.pair.keyid in trusted and key.pair.keyid not in md.signatures:
+            md.sign(key.pair.signer(), append=True)
+            used.append(key.pair.keyid)
+    if not used and not trusted & set(md.signatures):
+        raise click.ClickException(
+            "the archive holds no offline targets key of the production root; use the "
+            "archive `tufa keys rotate-targets` wrote (or a copy-targets copy of it)"
+        )
+    return used
+
+
+@waves.command()
+@click.argument("name")
+@click.argument("version")
+@click.argument("tag")
+@ARCHIVE_OPTION
+@click.option("--expires-days", default=365, show_default=True, type=click.IntRange(1, 3650))
+@click.option("--prune", default="", help="Comma-separated versions to drop from the tag.")
+@json_option
+@with_api
+def init(
+    api: Api,
+    name: str,
+    version: str,
+    tag: str,
+    archive: Path,
+    expires_days: int,
+    prune: str,
+    as_json: bool,
+) -> None:
+    """Create wave NAME: the production targets of TAG plus CI build VERSION.
+
+    The targets are signed here, with the archive's offline targets key (the private key
+    never leaves this machine); the server adds its online signature. VERSION must be
+    higher than every version released or attempted for TAG. Nothing reaches a device
+    until `tufa waves rollout`.
+
+    \b
+    Example:
+      tufa waves init release-43 43 main -k release-keys.tgz
+      tufa waves rollout release-43 --limit 10%
+      tufa waves complete release-43
+    """
+    keys = load_archive(archive, api.factory)
+    pruned = [v.strip() for v in prune.split(",") if v.strip()]
+    body = {"tag": tag, "version": version, "prune": pruned, "expires_days": expires_days}
+    signed = api.request("POST", api.factory_path("/waves/prepare"), json_body=body).json()
+    md = Metadata[Targets].from_dict({"signed": signed["signed"], "signatures": []})
+    _sign_with(api, keys, md)
+    created = api.request(
+        "POST",
+        api.factory_path("/waves"),
+        json_body={**body, "name": name, "targets": md.to_dict()},
+    ).json()
+    if as_json:
+        print_json(created)
+        return
+    click.echo(
+        f"Wave {name}: tag {tag}, version {version}, production targets version "
+        f"{created['targets_version']} ({len(created['targets'])} targets)."
+    )
+    if not created["signed"]:
+        click.echo("More offline signatures are needed: `tufa waves sign NAME -k OTHER.tgz`.")
+
+
+@waves.command()
+@click.argument("name")
+@ARCHIVE_OPTION
+@with_api
+def sign(api: Api, name: str, archive: Path) -> None:
+    """Add an offline signature to wave NAME (when production needs more than one).
+
+    \b
+    Example:
+      tufa waves sign release-43 -k carol-targets.tgz
+    """
+    wave = api.get_json(api.factory_path(f"/waves/{name}"))
+    md = Metadata[Targets].from_dict(wave["metadata"])
+    used = _sign_with(api, load_archive(archive, api.factory), md)
+    signatures = [md.signatures[keyid].to_dict() for keyid in used]
+    after = api.request(
+        "POST", api.factory_path(f"/waves/{name}/signatures"), json_body={"signatures": signatures}
+    ).json()
+    click.echo(f"Signed wave {name} with {', '.join(used) or 'no new key'}.")
+    click.echo("Ready to roll out." if after["signed"] else "Still needs more signatures.")
+
+
+@waves.command()
+@click.argument("name")
+@click.argument("group", required=False)
+@click.option("--uuids", help="Device ids or names, comma-separated, or @FILE (one a line).")
+@click.option("--limit", help="At most this many devices (10) or this share (25%).")
+@click.option("--dry-run", is_flag=True, help="Show the devices it would take, change nothing.")
+@json_option
+@with_api
+def rollout(
+    api: Api,
+    name: str,
+    group: str | None,
+    uuids: str | None,
+    limit: str | None,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Serve wave NAME to more production devices of its tag.
+
+    \b
+    Examples:
+      tufa waves rollout release-43 beta-testers
+      tufa waves rollout release-43 --uuids @canaries.txt
+      tufa waves rollout release-43 --limit 25% --dry-run
+    """
+    body: dict[str, Any] = {"dry_run": dry_run}
+    if group:
+        body["group"] = group
+    if limit:
+        body["limit"] = limit
+    if uuids:
+        if uuids.startswith("@"):
+            try:
+                lines = Path(uuids[1:]).read_text().splitlines()
+            except OSError as e:
+                raise click.UsageError(f"cannot read {uuids[1:]}: {e.strerror}") from e
+            body["devices"] = [line.strip() for line in lines if line.strip()]
+        else:
+            body["devices"] = [u.strip() for u in uuids.split(",") if u.strip()]
+    result = api.request("POST", api.factory_path(f"/waves/{name}/rollout"), json_body=body).json()
+    if as_json:
+        print_json(result)
+        return
+    verb = "Would roll out" if dry_run else "Rolled out"
+    click.echo(f"{verb} wave {name} to {len(result['devices'])} device(s).")
+    for device in result["devices"]:
+        click.echo(f"  {device['name']}  {device['id']}")
+
+
+def _finish(api: Api, name: str, action: str, as_json: bool) -> None:
+    result = api.request("POST", api.factory_path(f"/waves/{name}/{action}")).json()
+    if as_json:
+        print_json({k: v for k, v in result.items() if k != "metadata"})
+        return
+    click.echo(f"Wave {name} is now {result['status']}.")
+
+
+@waves.command()
+@click.argument("name")
+@json_option
+@with_api
+def complete(api: Api, name: str, as_json: bool) -> None:
+    """Make wave NAME the production targets of every device of its tag."""
+    _finish(api, name, "complete", as_json)
+
+
+@waves.command()
+@click.argument("name")
+@json_option
+@with_api
+def cancel(api: Api, name: str, as_json: bool) -> None:
+    """Stop wave NAME; devices that got it keep it until a newer release of their tag."""
+    _finish(api, name, "cancel", as_json)
+
+
+@waves.command("list")
+@json_option
+@with_api
+def list_waves(api: Api, as_json: bool) -> None:
+    """List waves, oldest first."""
+    found = api.get_json(api.factory_path("/waves"))
+    if as_json:
+        print_json(found)
+        return
+    table = Table()
+    for column in ("name", "tag", "version", "status", "targets", "devices"):
+        table.add_column(column)
+    for w in found:
+        table.add_row(
+            w["name"],
+            w["tag"],
+            w["version"],
+            w["status"],
+            str(w["targets_version"]),
+            f"{w['devices_served']}/{w['devices_of_tag']}",
+        )
+    console().print(table)
+
+
+@waves.command()
+@click.argument("name")
+@json_option
+@with_api
+def show(api: Api, name: str, as_json: bool) -> None:
+    """Show wave NAME: its targets, signatures and devices."""
+    wave = api.get_json(api.factory_path(f"/waves/{name}"))
+    if as_json:
+        print_json(wave)
+        return
+    for key in ("name", "tag", "version", "status", "targets_version", "expires", "created_at"):
+        click.echo(f"{key:>15}: {wave[key]}")
+    click.echo(f"{'signed':>15}: {'yes' if wave['signed'] else 'needs more signatures'}")
+    click.echo(f"{'signed by':>15}: {', '.join(wave['signed_by'])}")
+    click.echo(f"{'targets':>15}: {', '.join(wave['targets'])}")
+    click.echo(f"{'devices':>15}: {wave['devices_served']} of {wave['devices_of_tag']} of the tag")
+
+
+@waves.command()
+@click.argument("name", required=False)
+@json_option
+@with_api
+def status(api: Api, name: str | None, as_json: bool) -> None:
+    """How far wave NAME (or every active wave) has gone.
+
+    Counts devices served the wave. Install and failure counts come from device
+    reports, which the device agent sends (not part of this release yet).
+    """
+    found = (
+        [api.get_json(api.factory_path(f"/waves/{name}"))]
+        if name
+        else [w for w in api.get_json(api.factory_path("/waves")) if w["status"] == "active"]
+    )
+    rows = [
+        {
+            "name": w["name"],
+            "status": w["status"],
+            "devices_served": w["devices_served"],
+            "devices_of_tag": w["devices_of_tag"],
+        }
+        for w in found
+    ]
+    if as_json:
+        print_json(rows)
+        return
+    if not rows:
+        click.echo("No active wave.")
+    for row in rows:
+        click.echo(
+            f"{row['name']} ({row['status']}): served to {row['devices_served']} of "
+            f"{row['devices_of_tag']} device(s) of its tag"
+        )
+
+
+@click.group("device-groups")
+def device_groups() -> None:
+    """Name sets of devices, to roll waves out to."""
+
+
+@device_groups.command()
+@click.argument("name")
+@with_api
+def create(api: Api, name: str) -> None:
+    """Create device group NAME.
+
+    \b
+    Example:
+      tufa device-groups create beta-testers
+      tufa device-groups add beta-testers field-unit-1 field-unit-2
+    """
+    api.request("POST", api.factory_path("/device-groups"), json_body={"name": name})
+    click.echo(f"Created device group {name}.")
+
+
+@device_groups.command()
+@click.argument("name")
+@click.argument("devices", nargs=-1, required=True)
+@with_api
+def add(api: Api, name: str, devices: tuple[str, ...]) -> None:
+    """Add DEVICES (names or ids) to group NAME."""
+    result = api.request(
+        "POST",
+        api.factory_path(f"/device-groups/{name}/devices"),
+        json_body={"devices": list(devices)},
+    ).json()
+    click.echo(f"Group {name} has {len(result['devices'])} device(s).")
+
+
+@device_groups.command("list")
+@json_option
+@with_api
+def list_groups(api: Api, as_json: bool) -> None:
+    """List device groups and their members."""
+    found = api.get_json(api.factory_path("/device-groups"))
+    if as_json:
+        print_json(found)
+        return
+    for group in found:
+        click.echo(f"{group['name']}: {len(group['devices'])} device(s)")

@@ -1,0 +1,256 @@
+"""`/api/v1/factories/{factory}/waves` and `/device-groups`: releases on demand."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from securesystemslib.signer import Signature
+from sqlalchemy import Connection, insert, select
+from sqlalchemy.exc import IntegrityError
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from tuf.api.metadata import Metadata, Targets
+
+from tufa.server.api.common import caller, field, iso, json_object, ok, threaded
+from tufa.server.auth import Scope, require_factory
+from tufa.server.db import device_group_members, device_groups, devices
+from tufa.server.errors import bad_request, conflict, not_found
+from tufa.server.state import ServerState
+from tufa.server.waves import WAVE_NAME, Waves
+
+ADMIN = {Scope.ADMIN}
+READERS = {Scope.ADMIN, Scope.CI, Scope.READ}
+PREFIX = "/api/v1/factories/{factory}/waves"
+
+
+async def _allowed(request: Request, scopes: set[Scope]) -> tuple[ServerState, int]:
+    """Check the caller before anything of the request is read."""
+    state, principal = await caller(request)
+    allowed = require_factory(principal, request.path_params["factory"], scopes)
+    assert allowed.factory_id is not None
+    return state, allowed.factory_id
+
+
+async def _in_transaction(
+    state: ServerState,
+    step: Callable[[Connection], Any],
+    *,
+    write: bool = True,
+) -> Any:
+    def work() -> Any:
+        with state.db.write() if write else state.db.read() as conn:
+            return step(conn)
+
+    return await threaded(work)
+
+
+def _string_list(data: dict[str, Any], name: str) -> list[str]:
+    value = field(data, name, list, [])
+    if not all(isinstance(v, str) for v in value):
+        raise bad_request(f"field {name!r} must be a list of strings")
+    return value
+
+
+async def prepare(request: Request) -> JSONResponse:
+    state, factory_id = await _allowed(request, ADMIN)
+    data = await json_object(request)
+    tag, version = field(data, "tag", str), field(data, "version", str)
+    prune = _string_list(data, "prune")
+    days = field(data, "expires_days", int, 365)
+    waves = Waves(state)
+    built = await _in_transaction(
+        state, lambda c: waves.prepare(c, factory_id, tag, version, prune, days), write=False
+    )
+    return ok({"signed": built.to_dict()})
+
+
+async def create(request: Request) -> JSONResponse:
+    state, factory_id = await _allowed(request, ADMIN)
+    data = await json_object(request)
+    name, tag, version = (
+        field(data, "name", str),
+        field(data, "tag", str),
+        field(data, "version", str),
+    )
+    prune = _string_list(data, "prune")
+    try:
+        md = Metadata[Targets].from_dict(dict(field(data, "targets", dict)))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise bad_request(f"field 'targets' is not signed targets metadata: {e}") from e
+    waves = Waves(state)
+    created = await _in_transaction(
+        state, lambda c: waves.create(c, factory_id, name, tag, version, prune, md)
+    )
+    return ok(created, status=201)
+
+
+async def list_all(request: Request) -> JSONResponse:
+    state, factory_id = await _allowed(request, READERS)
+    waves = Waves(state)
+    return ok(await _in_transaction(state, lambda c: waves.list(c, factory_id), write=False))
+
+
+async def show(request: Request) -> JSONResponse:
+    state, factory_id = await _allowed(request, READERS)
+    name = request.path_params["name"]
+    waves = Waves(state)
+    return ok(
+        await _in_transaction(state, lambda c: waves.describe(c, factory_id, name), write=False)
+    )
+
+
+async def sign(request: Request) -> JSONResponse:
+    state, factory_id = await _allowed(request, ADMIN)
+    name = request.path_params["name"]
+    raw = field(await json_object(request), "signatures", list)
+    try:
+        signatures = [Signature.from_dict(dict(item)) for item in raw]
+    except (KeyError, TypeError, ValueError) as e:
+        raise bad_request(f"field 'signatures' holds a malformed signature: {e}") from e
+    waves = Waves(state)
+    return ok(
+        await _in_transaction(
+            state, lambda c: waves.add_signatures(c, factory_id, name, signatures)
+        )
+    )
+
+
+async def rollout(request: Request) -> JSONResponse:
+    state, factory_id = await _allowed(request, ADMIN)
+    name = request.path_params["name"]
+    data = await json_object(request)
+    group = field(data, "group", str, "") or None
+    device_ids = _string_list(data, "devices") if "devices" in data else None
+    limit = field(data, "limit", str, "") or None
+    dry_run = field(data, "dry_run", bool, False)
+    waves = Waves(state)
+    return ok(
+        await _in_transaction(
+            state,
+            lambda c: waves.rollout(c, factory_id, name, group, device_ids, limit, dry_run),
+        )
+    )
+
+
+async def complete(request: Request) -> JSONResponse:
+    state, factory_id = await _allowed(request, ADMIN)
+    name = request.path_params["name"]
+    waves = Waves(state)
+    return ok(await _in_transaction(state, lambda c: waves.complete(c, factory_id, name)))
+
+
+async def cancel(request: Request) -> JSONResponse:
+    state, factory_id = await _allowed(request, ADMIN)
+    name = request.path_params["name"]
+    waves = Waves(state)
+    return ok(await _in_transaction(state, lambda c: waves.cancel(c, factory_id, name)))
+
+
+async def create_group(request: Request) -> JSONResponse:
+    state, factory_id = await _allowed(request, ADMIN)
+    name = field(await json_object(request), "name", str)
+    if not WAVE_NAME.fullmatch(name):
+        raise bad_request("group names are 1-64 letters, digits, '.', '_' or '-'")
+
+    def insert_group(conn: Connection) -> dict[str, Any]:
+        try:
+            conn.execute(
+                insert(device_groups).values(
+                    factory_id=factory_id, name=name, created_at=state.settings.clock.now()
+                )
+            )
+        except IntegrityError as e:
+            raise conflict(f"a device group named {name!r} exists already") from e
+        return {"name": name, "devices": []}
+
+    return ok(await _in_transaction(state, insert_group), status=201)
+
+
+async def add_to_group(request: Request) -> JSONResponse:
+    state, factory_id = await _allowed(request, ADMIN)
+    group = request.path_params["group"]
+    wanted = _string_list(await json_object(request), "devices")
+    if not wanted:
+        raise bad_request("field 'devices' must name at least one device (id or name)")
+
+    def add(conn: Connection) -> dict[str, Any]:
+        exists = conn.execute(
+            select(device_groups.c.name).where(
+                device_groups.c.factory_id == factory_id, device_groups.c.name == group
+            )
+        ).first()
+        if exists is None:
+            raise not_found(f"no device group named {group!r}")
+        found = conn.execute(
+            select(devices.c.id, devices.c.name).where(
+                devices.c.factory_id == factory_id,
+                devices.c.id.in_(wanted) | devices.c.name.in_(wanted),
+            )
+        ).all()
+        missing = set(wanted) - {d.id for d in found} - {d.name for d in found}
+        if missing:
+            raise not_found(f"no such device(s): {', '.join(sorted(missing))}")
+        members = set(_members(conn, factory_id, group))
+        for device in found:
+            if device.id not in members:
+                conn.execute(
+                    insert(device_group_members).values(
+                        factory_id=factory_id, group_name=group, device_id=device.id
+                    )
+                )
+        return {"name": group, "devices": _members(conn, factory_id, group)}
+
+    return ok(await _in_transaction(state, add))
+
+
+def _members(conn: Connection, factory_id: int, group: str) -> list[str]:
+    return list(
+        conn.execute(
+            select(device_group_members.c.device_id)
+            .where(
+                device_group_members.c.factory_id == factory_id,
+                device_group_members.c.group_name == group,
+            )
+            .order_by(device_group_members.c.device_id)
+        ).scalars()
+    )
+
+
+async def list_groups(request: Request) -> JSONResponse:
+    state, factory_id = await _allowed(request, READERS)
+
+    def groups(conn: Connection) -> list[dict[str, Any]]:
+        rows = conn.execute(
+            select(device_groups)
+            .where(device_groups.c.factory_id == factory_id)
+            .order_by(device_groups.c.name)
+        ).all()
+        return [
+            {
+                "name": r.name,
+                "created_at": iso(r.created_at),
+                "devices": _members(conn, factory_id, r.name),
+            }
+            for r in rows
+        ]
+
+    return ok(await _in_transaction(state, groups, write=False))
+
+
+routes = [
+    Route(f"{PREFIX}/prepare", prepare, methods=["POST"]),
+    Route(PREFIX, create, methods=["POST"]),
+    Route(PREFIX, list_all, methods=["GET"]),
+    Route(f"{PREFIX}/{{name}}", show, methods=["GET"]),
+    Route(f"{PREFIX}/{{name}}/signatures", sign, methods=["POST"]),
+    Route(f"{PREFIX}/{{name}}/rollout", rollout, methods=["POST"]),
+    Route(f"{PREFIX}/{{name}}/complete", complete, methods=["POST"]),
+    Route(f"{PREFIX}/{{name}}/cancel", cancel, methods=["POST"]),
+    Route("/api/v1/factories/{factory}/device-groups", create_group, methods=["POST"]),
+    Route("/api/v1/factories/{factory}/device-groups", list_groups, methods=["GET"]),
+    Route(
+        "/api/v1/factories/{factory}/device-groups/{group}/devices", add_to_group, methods=["POST"]
+    ),
+]

@@ -1,0 +1,402 @@
+"""Waves: releases on demand to production devices.
+
+A wave is the production targets of one tag, grown by one CI build: built by the
+server (`prepare`), signed by the owner's offline targets key(s) on their machine,
+countersigned by the server's online key, and served in a view of its own to the
+devices a rollout picks. `complete` makes it the tag's production targets for every
+device of the tag; `cancel` stops further rollouts, and the devices that got it keep
+being served it until a newer release of their tag exists, so no version they have
+seen ever goes down.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import timedelta
+from typing import Any
+
+from securesystemslib.signer import Signature
+from sqlalchemy import Connection, insert, select, update
+from tuf.api.exceptions import UnsignedMetadataError
+from tuf.api.metadata import Metadata, Root, TargetFile, Targets
+
+from tufa.core.metadata import ROOT, TARGETS, Channel, build_targets, expiry
+from tufa.server.db import channels, device_group_members, devices, waves
+from tufa.server.errors import ApiError, bad_request, conflict, not_found
+from tufa.server.publishing import version_key
+from tufa.server.signatures import verify_signature
+from tufa.server.state import ServerState
+from tufa.server.views import tag_view, wave_view
+
+ACTIVE, COMPLETE, CANCELLED = "active", "complete", "cancelled"
+WAVE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MAX_EXPIRES_DAYS = 3650
+PROD = Channel.PROD
+
+
+class Waves:
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.repo = state.repo
+
+    # -- building and signing --------------------------------------------------------
+
+    def _prod_root(self, conn: Connection, factory_id: int) -> Root:
+        stored = self.repo.read_file(conn, factory_id, PROD.value, ROOT, None)
+        assert stored is not None
+        return Metadata[Root].from_bytes(stored.body).signed
+
+    def _next_version(self, conn: Connection, factory_id: int) -> int:
+        counter = conn.execute(
+            select(channels.c.targets_version).where(
+                channels.c.factory_id == factory_id, channels.c.channel == PROD.value
+            )
+        ).scalar_one()
+        return int(counter) + 1
+
+    def prepare(
+        self,
+        conn: Connection,
+        factory_id: int,
+        tag: str,
+        version: str,
+        prune: list[str],
+        expires_days: int,
+    ) -> Targets:
+        """The production targets a wave for build `version` of `tag` would serve, for
+        the owner to sign."""
+        if not 1 <= expires_days <= MAX_EXPIRES_DAYS:
+            raise bad_request(f"'expires_days' must be 1 to {MAX_EXPIRES_DAYS}")
+        return build_targets(
+            self._next_version(conn, factory_id),
+            expiry(self.state.settings.clock.now(), timedelta(days=expires_days)),
+            self._content(conn, factory_id, tag, version, prune),
+        )
+
+    def _content(
+        self, conn: Connection, factory_id: int, tag: str, version: str, prune: list[str]
+    ) -> dict[str, TargetFile]:
+        """The tag's production targets, less pruned versions, plus build `version`."""
+        attempted = conn.execute(
+            select(waves.c.version).where(waves.c.factory_id == factory_id, waves.c.tag == tag)
+        ).scalars()
+        highest = max(attempted, key=version_key, default=None)
+        if highest is not None and version_key(version) <= version_key(highest):
+            raise bad_request(
+                f"version {version} of tag {tag!r} must be higher than every version released "
+                f"or attempted for it (highest so far: {highest})"
+            )
+        ci = self.repo.read_file(conn, factory_id, Channel.CI.value, TARGETS, None)
+        assert ci is not None
+        build = {
+            name: target
+            for name, target in Metadata[Targets].from_bytes(ci.body).signed.targets.items()
+            if str(target.custom.get("version")) == version and tag in target.custom.get("tags", [])
+        }
+        if not build:
+            raise bad_request(
+                f"no CI target of version {version} has tag {tag!r}; publish the build with "
+                "`tufa targets add` first"
+            )
+        released = self.repo.read_file(conn, factory_id, PROD.value, TARGETS, None, tag_view(tag))
+        assert released is not None
+        current = Metadata[Targets].from_bytes(released.body).signed.targets
+        kept = {
+            name: target
+            for name, target in current.items()
+            if str(target.custom.get("version")) not in prune
+        }
+        return {**kept, **build}
+
+    def create(
+        self,
+        conn: Connection,
+        factory_id: int,
+        name: str,
+        tag: str,
+        version: str,
+        prune: list[str],
+        md: Metadata[Targets],
+    ) -> dict[str, Any]:
+        """Store a wave signed offline, after checking it is exactly what `prepare` builds."""
+        self.state.db.lock_channel(conn, factory_id, PROD.value)
+        if not WAVE_NAME.fullmatch(name):
+            raise bad_request("wave names are 1-64 letters, digits, '.', '_' or '-'")
+        if self._row(conn, factory_id, name, required=False) is not None:
+            raise conflict(f"a wave named {name!r} exists already; waves are never reused")
+        active = self._active_for(conn, factory_id, tag)
+        if active is not None:
+            raise conflict(
+                f"wave {active!r} is active for tag {tag!r}: complete or cancel it first"
+            )
+        expected = self._content(conn, factory_id, tag, version, prune)
+        expected_version = self._next_version(conn, factory_id)
+        if md.signed.targets != expected or md.signed.version != expected_version:
+            raise ApiError(
+                400,
+                "rule_violated",
+                "the signed targets are not what this wave must serve (the current production "
+                f"targets of {tag!r} plus build {version}, version {expected_version}); run "
+                "`tufa waves init` again",
+            )
+        now = self.state.settings.clock.now()
+        if not now < md.signed.expires <= now + timedelta(days=MAX_EXPIRES_DAYS):
+            raise bad_request(f"a wave must expire within {MAX_EXPIRES_DAYS} days from now")
+        self._check_offline_signatures(conn, factory_id, md)
+        md.sign(self.repo.online_signer(conn, factory_id, TARGETS), append=True)
+        counter = self.repo.bump(conn, factory_id, PROD, TARGETS)[TARGETS]
+        if counter != md.signed.version:
+            raise conflict("production targets changed meanwhile; run `tufa waves init` again")
+        conn.execute(
+            insert(waves).values(
+                factory_id=factory_id,
+                name=name,
+                tag=tag,
+                version=version,
+                targets_version=md.signed.version,
+                status=ACTIVE,
+                targets=md.to_bytes(),
+                created_at=self.state.settings.clock.now(),
+            )
+        )
+        self._publish_if_signed(conn, factory_id, name, md)
+        return self.describe(conn, factory_id, name)
+
+    def _check_offline_signatures(
+        self, conn: Connection, factory_id: int, md: Metadata[Targets]
+    ) -> None:
+        """Every signature but the server's must be a valid offline targets signature."""
+        root = self._prod_root(conn, factory_id)
+        online = self.repo.online_keyids(conn, factory_id)[TARGETS]
+        offline = set(root.roles[TARGETS].keyids) - {online}
+        offline_signatures = [s for s in md.signatures.values() if s.keyid != online]
+        if not offline_signatures:
+            raise bad_request("a wave must be signed with an offline targets key (-k ARCHIVE)")
+        for sig in offline_signatures:
+            if sig.keyid not in offline:
+                raise bad_request(
+                    f"key {sig.keyid} is not an offline targets key of the production root"
+                )
+            verify_signature(root.keys[sig.keyid], sig, md.signed_bytes, "wave's targets")
+
+    def _signed_enough(self, conn: Connection, factory_id: int, md: Metadata[Targets]) -> bool:
+        try:
+            self._prod_root(conn, factory_id).verify_delegate(
+                TARGETS, md.signed_bytes, md.signatures
+            )
+        except UnsignedMetadataError:
+            return False
+        return True
+
+    def _publish_if_signed(
+        self, conn: Connection, factory_id: int, name: str, md: Metadata[Targets]
+    ) -> None:
+        if self._signed_enough(conn, factory_id, md):
+            now = self.state.settings.clock.now()
+            self.repo.store(conn, factory_id, PROD, md, wave_view(name))
+            self.repo.publish_snapshot_and_timestamp(
+                conn, factory_id, PROD, md.signed.version, now, wave_view(name)
+            )
+
+    def add_signatures(
+        self, conn: Connection, factory_id: int, name: str, signatures: list[Signature]
+    ) -> dict[str, Any]:
+        self.state.db.lock_channel(conn, factory_id, PROD.value)
+        row = self._row(conn, factory_id, name)
+        if row.status != ACTIVE:
+            raise conflict(f"wave {name!r} is {row.status}")
+        md = Metadata[Targets].from_bytes(row.targets)
+        was_signed = self._signed_enough(conn, factory_id, md)
+        for sig in signatures:
+            md.signatures[sig.keyid] = sig
+        self._check_offline_signatures(conn, factory_id, md)
+        conn.execute(
+            update(waves)
+            .where(waves.c.factory_id == factory_id, waves.c.name == name)
+            .values(targets=md.to_bytes())
+        )
+        if not was_signed:
+            self._publish_if_signed(conn, factory_id, name, md)
+        return self.describe(conn, factory_id, name)
+
+    # -- rollout -------------------------------------------------------------------
+
+    def rollout(
+        self,
+        conn: Connection,
+        factory_id: int,
+        name: str,
+        group: str | None,
+        device_ids: list[str] | None,
+        limit: str | None,
+        dry_run: bool,
+    ) -> dict[str, Any]:
+        """Serve the wave to more devices of its tag: a group, a list, a count or a share."""
+        self.state.db.lock_channel(conn, factory_id, PROD.value)
+        row = self._row(conn, factory_id, name)
+        if row.status != ACTIVE:
+            raise conflict(f"wave {name!r} is {row.status}; only an active wave rolls out")
+        if not self._signed_enough(conn, factory_id, Metadata[Targets].from_bytes(row.targets)):
+            raise conflict(f"wave {name!r} needs more offline signatures first (`tufa waves sign`)")
+        query = select(devices.c.id, devices.c.name).where(
+            devices.c.factory_id == factory_id,
+            devices.c.channel == PROD.value,
+            devices.c.tag == row.tag,
+            devices.c.view != wave_view(name),
+        )
+        if group is not None:
+            members = select(device_group_members.c.device_id).where(
+                device_group_members.c.factory_id == factory_id,
+                device_group_members.c.group_name == group,
+            )
+            query = query.where(devices.c.id.in_(members))
+        if device_ids is not None:
+            query = query.where(devices.c.id.in_(device_ids) | devices.c.name.in_(device_ids))
+        candidates = conn.execute(query.order_by(devices.c.name)).all()
+        chosen = candidates[: _limit(limit, len(candidates))]
+        result = {
+            "wave": name,
+            "devices": [{"id": d.id, "name": d.name} for d in chosen],
+            "dry_run": dry_run,
+        }
+        if dry_run or not chosen:
+            return result
+        conn.execute(
+            update(devices)
+            .where(devices.c.id.in_([d.id for d in chosen]))
+            .values(view=wave_view(name))
+        )
+        # The wave's snapshot and timestamp are published again with new numbers, higher
+        # than any version the devices saw in the view they come from.
+        self.repo.publish_snapshot_and_timestamp(
+            conn,
+            factory_id,
+            PROD,
+            row.targets_version,
+            self.state.settings.clock.now(),
+            wave_view(name),
+        )
+        return result
+
+    def complete(self, conn: Connection, factory_id: int, name: str) -> dict[str, Any]:
+        """Make the wave the production targets of its tag, for every device of the tag."""
+        self.state.db.lock_channel(conn, factory_id, PROD.value)
+        row = self._row(conn, factory_id, name)
+        if row.status != ACTIVE:
+            raise conflict(f"wave {name!r} is {row.status}")
+        md = Metadata[Targets].from_bytes(row.targets)
+        if not self._signed_enough(conn, factory_id, md):
+            raise conflict(f"wave {name!r} needs more offline signatures (`tufa waves sign`)")
+        now = self.state.settings.clock.now()
+        view = tag_view(row.tag)
+        self.repo.store(conn, factory_id, PROD, md, view)
+        self.repo.publish_snapshot_and_timestamp(
+            conn, factory_id, PROD, md.signed.version, now, view
+        )
+        conn.execute(
+            update(devices)
+            .where(
+                devices.c.factory_id == factory_id,
+                devices.c.channel == PROD.value,
+                devices.c.tag == row.tag,
+            )
+            .values(view=view)
+        )
+        self._finish(conn, factory_id, name, COMPLETE)
+        return self.describe(conn, factory_id, name)
+
+    def cancel(self, conn: Connection, factory_id: int, name: str) -> dict[str, Any]:
+        row = self._row(conn, factory_id, name)
+        if row.status != ACTIVE:
+            raise conflict(f"wave {name!r} is {row.status}")
+        self._finish(conn, factory_id, name, CANCELLED)
+        return self.describe(conn, factory_id, name)
+
+    def _finish(self, conn: Connection, factory_id: int, name: str, status: str) -> None:
+        conn.execute(
+            update(waves)
+            .where(waves.c.factory_id == factory_id, waves.c.name == name)
+            .values(status=status, finished_at=self.state.settings.clock.now())
+        )
+
+    # -- reading -------------------------------------------------------------------
+
+    def _row(self, conn: Connection, factory_id: int, name: str, required: bool = True) -> Any:
+        row = conn.execute(
+            select(waves).where(waves.c.factory_id == factory_id, waves.c.name == name)
+        ).first()
+        if row is None and required:
+            raise not_found(f"no wave named {name!r}")
+        return row
+
+    def _active_for(self, conn: Connection, factory_id: int, tag: str) -> str | None:
+        name: str | None = conn.execute(
+            select(waves.c.name).where(
+                waves.c.factory_id == factory_id, waves.c.tag == tag, waves.c.status == ACTIVE
+            )
+        ).scalar()
+        return name
+
+    def describe(self, conn: Connection, factory_id: int, name: str) -> dict[str, Any]:
+        row = self._row(conn, factory_id, name)
+        md = Metadata[Targets].from_bytes(row.targets)
+        served = conn.execute(
+            select(devices.c.id).where(
+                devices.c.factory_id == factory_id, devices.c.view == wave_view(name)
+            )
+        ).all()
+        tag_devices = conn.execute(
+            select(devices.c.id).where(
+                devices.c.factory_id == factory_id,
+                devices.c.channel == PROD.value,
+                devices.c.tag == row.tag,
+            )
+        ).all()
+        return {
+            "name": row.name,
+            "tag": row.tag,
+            "version": row.version,
+            "status": row.status,
+            "targets_version": row.targets_version,
+            "signed": self._signed_enough(conn, factory_id, md),
+            "signed_by": sorted(md.signatures),
+            "targets": sorted(md.signed.targets),
+            "expires": md.signed.expires.isoformat().replace("+00:00", "Z"),
+            "devices_served": len(served),
+            "devices_of_tag": len(tag_devices),
+            "created_at": row.created_at.isoformat().replace("+00:00", "Z"),
+            "finished_at": row.finished_at.isoformat().replace("+00:00", "Z")
+            if row.finished_at
+            else None,
+            "metadata": md.to_dict(),
+        }
+
+    def list(self, conn: Connection, factory_id: int) -> list[dict[str, Any]]:
+        names = conn.execute(
+            select(waves.c.name)
+            .where(waves.c.factory_id == factory_id)
+            .order_by(waves.c.created_at)
+        ).scalars()
+        return [
+            {k: v for k, v in self.describe(conn, factory_id, n).items() if k != "metadata"}
+            for n in names
+        ]
+
+
+def _limit(limit: str | None, available: int) -> int:
+    if limit is None:
+        return available
+    text = limit.strip()
+    try:
+        if text.endswith("%"):
+            share = float(text[:-1])
+            if not 0 < share <= 100:
+                raise ValueError
+            return math.ceil(available * share / 100)
+        count = int(text)
+        if count < 1:
+            raise ValueError
+        return count
+    except ValueError:
+        raise bad_request("'limit' must be a count such as 10 or a share such as 25%") from None
