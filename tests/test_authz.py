@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tuf.api.metadata import Metadata, Targets
 
 from tests.helpers import Factory, Server, assert_error, create_factory, dump_database, send
 from tufa.cli.root_update import RootUpdate
@@ -28,6 +29,7 @@ from tufa.server.api import repo as api_repo
 from tufa.server.api import root_updates as api_root_updates
 from tufa.server.api import targets as api_targets
 from tufa.server.api import tokens as api_tokens
+from tufa.server.api import waves as api_waves
 
 # The callers, in the matrix's column order.
 CALLERS = (
@@ -76,6 +78,17 @@ targets-list     401  401   403   401     401     403    403      403      ok   
 target-show      401  401   403   401     401     403    403      403      ok    ok  ok   403
 target-ci        401  401   403   401     401     ok     403      403      ok    ok  ok   403
 target-prod      401  401   403   401     401     403    ok       403      ok    ok  ok   403
+waves-prepare    401  401   403   401     401     403    403      403      ok    403 403  403
+waves-create     401  401   403   401     401     403    403      403      ok    403 403  403
+waves-list       401  401   403   401     401     403    403      403      ok    ok  ok   403
+wave-show        401  401   403   401     401     403    403      403      ok    ok  ok   403
+wave-sign        401  401   403   401     401     403    403      403      ok    403 403  403
+wave-rollout     401  401   403   401     401     403    403      403      ok    403 403  403
+wave-complete    401  401   403   401     401     403    403      403      ok    403 403  403
+wave-cancel      401  401   403   401     401     403    403      403      ok    403 403  403
+groups-create    401  401   403   401     401     403    403      403      ok    403 403  403
+groups-list      401  401   403   401     401     403    403      403      ok    ok  ok   403
+group-add        401  401   403   401     401     403    403      403      ok    403 403  403
 """
 
 
@@ -120,6 +133,17 @@ ROUTES = {
     "target-show": ("GET", "/api/v1/factories/{factory}/targets/{name}"),
     "target-ci": ("GET", "/api/v1/factories/{factory}/repo/{channel}/targets/{filename}"),
     "target-prod": ("GET", "/api/v1/factories/{factory}/repo/{channel}/targets/{filename}"),
+    "waves-prepare": ("POST", "/api/v1/factories/{factory}/waves/prepare"),
+    "waves-create": ("POST", "/api/v1/factories/{factory}/waves"),
+    "waves-list": ("GET", "/api/v1/factories/{factory}/waves"),
+    "wave-show": ("GET", "/api/v1/factories/{factory}/waves/{name}"),
+    "wave-sign": ("POST", "/api/v1/factories/{factory}/waves/{name}/signatures"),
+    "wave-rollout": ("POST", "/api/v1/factories/{factory}/waves/{name}/rollout"),
+    "wave-complete": ("POST", "/api/v1/factories/{factory}/waves/{name}/complete"),
+    "wave-cancel": ("POST", "/api/v1/factories/{factory}/waves/{name}/cancel"),
+    "groups-create": ("POST", "/api/v1/factories/{factory}/device-groups"),
+    "groups-list": ("GET", "/api/v1/factories/{factory}/device-groups"),
+    "group-add": ("POST", "/api/v1/factories/{factory}/device-groups/{group}/devices"),
 }
 # Blob and target used by the targets rows: published once per tenant, on first use.
 BLOB = b"firmware image for the authorization matrix"
@@ -133,9 +157,11 @@ TARGET = {
     "sha256": BLOB_SHA256,
 }
 # Endpoints whose success changes the factory for everyone after: one factory per cell.
-FRESH_FACTORY = {"factory-patch", "archive-confirm"} | {
-    e for e in ROUTES if e.startswith("updates-")
-}
+FRESH_FACTORY = (
+    {"factory-patch", "archive-confirm", "waves-create", "wave-complete"}
+    | {e for e in ROUTES if e.startswith("updates-")}
+    | {"wave-cancel"}
+)
 ERROR_CODES = {"401": "unauthorized", "403": "forbidden"}
 # What a 401 must say, so that e.g. the expired token is refused for expiring, not by chance.
 WHY_UNAUTHORIZED = {
@@ -168,6 +194,7 @@ class Tenant:
         self._credentials: dict[str, str | None] = {}
         self._device_id: str | None = None
         self._published = False
+        self._waved = False
 
     def admin(self, method: str, suffix: str, **kwargs: Any) -> Any:
         response = send(self.env.server, method, self.factory.path(suffix), **kwargs)
@@ -293,6 +320,32 @@ class Tenant:
             case "target-show":
                 self._publish()
                 return "GET", path(f"/targets/{TARGET['name']}"), None
+            case "waves-prepare":
+                self._publish()
+                return "POST", path("/waves/prepare"), {"tag": "main", "version": "1"}
+            case "waves-create":
+                return "POST", path("/waves"), self._signed_wave("w-create")
+            case "waves-list":
+                return "GET", path("/waves"), None
+            case "wave-show":
+                return "GET", path(f"/waves/{self._wave()}"), None
+            case "wave-sign":
+                return "POST", path(f"/waves/{self._wave()}/signatures"), {"signatures": []}
+            case "wave-rollout":
+                return "POST", path(f"/waves/{self._wave()}/rollout"), {"dry_run": True}
+            case "wave-complete" | "wave-cancel":
+                action = endpoint.removeprefix("wave-")
+                return "POST", path(f"/waves/{self._wave()}/{action}"), None
+            case "groups-create":
+                return "POST", path("/device-groups"), {"name": f"g-{secrets.token_hex(4)}"}
+            case "groups-list":
+                return "GET", path("/device-groups"), None
+            case "group-add":
+                token = self.factory.admin_token
+                group = f"g-{secrets.token_hex(4)}"
+                self.admin("POST", "/device-groups", token=token, json={"name": group})
+                device = self.device("prod")["id"]
+                return "POST", path(f"/device-groups/{group}/devices"), {"devices": [device]}
             case "target-ci" | "target-prod":
                 self._publish()
                 channel = endpoint.removeprefix("target-")
@@ -310,11 +363,33 @@ class Tenant:
     def _signed_update(self) -> None:
         """An update that apply accepts: signed with the (unconfirmed) archive's root key."""
         token = self.factory.admin_token
+        payload = RootUpdate(self._open_update()).sign_with(self._archive())
+        self.admin("POST", "/keys/updates/signatures", token=token, json=payload)
+
+    def _archive(self) -> OfflineArchive:
+        """The factory's (unconfirmed) offline keys archive, for signing as its owner."""
+        token = self.factory.admin_token
         download = send(self.env.server, "GET", self.factory.path("/keys/archive"), token)
         assert download.status_code == 200, download.text
-        archive = OfflineArchive.from_bytes(download.content)
-        payload = RootUpdate(self._open_update()).sign_with(archive)
-        self.admin("POST", "/keys/updates/signatures", token=token, json=payload)
+        return OfflineArchive.from_bytes(download.content)
+
+    def _signed_wave(self, name: str) -> dict[str, Any]:
+        """The body of a valid wave creation: build 1 of tag main, offline-signed."""
+        self._publish()
+        token = self.factory.admin_token
+        body = {"tag": "main", "version": "1"}
+        prepared = self.admin("POST", "/waves/prepare", token=token, json=body)
+        md = Metadata[Targets].from_dict({"signed": prepared["signed"], "signatures": []})
+        for key in self._archive().keys_for("targets"):
+            md.sign(key.pair.signer(), append=True)
+        return {**body, "name": name, "targets": md.to_dict()}
+
+    def _wave(self) -> str:
+        if not self._waved:
+            token = self.factory.admin_token
+            self.admin("POST", "/waves", token=token, json=self._signed_wave("w1"))
+            self._waved = True
+        return "w1"
 
     def _publish(self) -> None:
         if self._published:
@@ -388,6 +463,7 @@ def test_matrix_covers_every_route() -> None:
             api_repo,
             api_root_updates,
             api_targets,
+            api_waves,
         )
         for route in module.routes
         for method in (route.methods or set()) - {"HEAD"}
