@@ -157,11 +157,14 @@ TARGET = {
     "sha256": BLOB_SHA256,
 }
 # Endpoints whose success changes the factory for everyone after: one factory per cell.
-FRESH_FACTORY = (
-    {"factory-patch", "archive-confirm", "waves-create", "wave-complete"}
-    | {e for e in ROUTES if e.startswith("updates-")}
-    | {"wave-cancel"}
-)
+FRESH_FACTORY = {
+    "factory-patch",
+    "archive-confirm",
+    "waves-create",
+    "wave-complete",
+    "wave-cancel",
+    *(e for e in ROUTES if e.startswith("updates-")),
+}
 ERROR_CODES = {"401": "unauthorized", "403": "forbidden"}
 # What a 401 must say, so that e.g. the expired token is refused for expiring, not by chance.
 WHY_UNAUTHORIZED = {
