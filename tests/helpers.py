@@ -252,3 +252,28 @@ def download_archive(factory: Factory, path: Path) -> bytes:
     write_private_file(path, data)
     factory.request("POST", "/keys/archive/confirm", json={"sha256": digest}).raise_for_status()
     return data
+
+
+def target_updater(
+    factory: Factory, channel: str, credential: str, metadata_dir: Path, target_dir: Path
+) -> Updater:
+    """ngclient as a device runs it: bootstrapped with the channel's version-1 root, with
+    the channel's target download base (consistent-snapshot `SHA256.NAME` paths)."""
+    metadata_dir.mkdir(parents=True, exist_ok=True)
+    target_dir.mkdir(parents=True, exist_ok=True)
+    return Updater(
+        str(metadata_dir),
+        factory.metadata_url(channel),
+        str(target_dir),
+        f"{factory.server.url}{factory.path(f'/repo/{channel}/targets/')}",
+        fetcher=BearerFetcher(credential),
+        bootstrap=factory.root_v1(channel),
+    )
+
+
+def blob_files(server: Server) -> list[str]:
+    """Every file (blobs and any leftover temporary file) under the server's blob dir."""
+    root = server.local.data_dir / "blobs"
+    if not root.exists():
+        return []
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir())

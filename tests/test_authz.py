@@ -160,6 +160,7 @@ TARGET = {
 FRESH_FACTORY = {
     "factory-patch",
     "archive-confirm",
+    "waves-prepare",
     "waves-create",
     "wave-complete",
     "wave-cancel",
@@ -350,7 +351,7 @@ class Tenant:
                 device = self.device("prod")["id"]
                 return "POST", path(f"/device-groups/{group}/devices"), {"devices": [device]}
             case "target-ci" | "target-prod":
-                self._publish()
+                self._wave()  # production devices may download only released targets
                 channel = endpoint.removeprefix("target-")
                 return "GET", path(f"/repo/{channel}/targets/{BLOB_SHA256}.{TARGET['name']}"), None
         raise AssertionError(f"no request for endpoint {endpoint!r}")

@@ -305,7 +305,7 @@ def test_errors_name_the_problem_on_stderr(factory: Factory, tmp_path: Path) -> 
 
 # -- help --------------------------------------------------------------------------------
 
-GROUPS = ("factory", "keys", "tokens", "devices")
+GROUPS = ("factory", "keys", "targets", "waves", "device-groups", "tokens", "devices")
 WITH_EXAMPLES = (
     ("login",),
     ("get",),
@@ -330,8 +330,13 @@ WITH_EXAMPLES = (
     ("keys", "updates", "rotate-online-key"),
     ("keys", "updates", "set-threshold"),
     ("keys", "updates", "sign"),
+    ("targets", "add"),
     ("tokens", "create"),
     ("tokens", "revoke"),
+    ("device-groups", "create"),
+    ("waves", "init"),
+    ("waves", "rollout"),
+    ("waves", "sign"),
 )
 
 

@@ -45,8 +45,9 @@ class BlobStore:
             async for _ in chunks:  # drain the request so the client sees the answer
                 pass
             return False
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".{sha256}.{secrets.token_hex(4)}.part"
+        incoming = self.root / "incoming"
+        incoming.mkdir(parents=True, exist_ok=True)
+        tmp = incoming / f"{sha256}.{secrets.token_hex(4)}.part"
         digest = hashlib.sha256()
         received = 0
         try:
@@ -65,6 +66,7 @@ class BlobStore:
                 raise bad_request(
                     f"the uploaded bytes have SHA-256 {digest.hexdigest()}, not {sha256}"
                 )
+            final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, final)
         finally:
             with contextlib.suppress(FileNotFoundError):

@@ -141,6 +141,8 @@ targets = Table(
     Column("version", String(64), nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     Column("pruned_at", UTCDateTime),
+    # Set when a wave first includes the target: production devices may download it.
+    Column("released_at", UTCDateTime),
 )
 
 # Releases on demand: production targets for a tag, signed offline, served to the

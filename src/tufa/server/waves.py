@@ -22,7 +22,7 @@ from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, Root, TargetFile, Targets
 
 from tufa.core.metadata import ROOT, TARGETS, Channel, build_targets, expiry
-from tufa.server.db import channels, device_group_members, devices, waves
+from tufa.server.db import channels, device_group_members, devices, targets, waves
 from tufa.server.errors import ApiError, bad_request, conflict, not_found
 from tufa.server.publishing import version_key
 from tufa.server.signatures import verify_signature
@@ -159,6 +159,15 @@ class Waves:
                 targets=md.to_bytes(),
                 created_at=self.state.settings.clock.now(),
             )
+        )
+        conn.execute(
+            update(targets)
+            .where(
+                targets.c.factory_id == factory_id,
+                targets.c.name.in_(list(md.signed.targets)),
+                targets.c.released_at.is_(None),
+            )
+            .values(released_at=self.state.settings.clock.now())
         )
         self._publish_if_signed(conn, factory_id, name, md)
         return self.describe(conn, factory_id, name)

@@ -37,7 +37,7 @@ _LATEST = {"timestamp.json": TIMESTAMP, "root.json": ROOT}
 _IMMUTABLE = "max-age=31536000, immutable"
 CHANNELS = frozenset(c.value for c in Channel)
 READERS = {Scope.ADMIN, Scope.CI, Scope.READ}
-_TARGET_BY_NAME = select(targets.c.url).where(
+_TARGET_BY_NAME = select(targets.c.url, targets.c.released_at).where(
     targets.c.factory_id == bindparam("factory_id"),
     targets.c.name == bindparam("name"),
     targets.c.sha256 == bindparam("sha256"),
@@ -103,8 +103,8 @@ def _target_blob(
         row = conn.execute(
             _TARGET_BY_NAME, {"factory_id": factory.id, "name": target, "sha256": digest}
         ).first()
-    if row is None:
-        raise not_found(f"{filename} is not a target of factory {name!r}")
+    if row is None or (channel == Channel.PROD.value and row.released_at is None):
+        raise not_found(f"{filename} is not a target of the {channel} channel of {name!r}")
     if row.url is not None:
         raise not_found(f"{target} is an external target: download it from {row.url}")
     return state.blobs.path_for(digest)

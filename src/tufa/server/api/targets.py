@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from typing import Any
 
 from sqlalchemy import select
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 from tuf.api.metadata import Metadata, TargetFile, Targets
@@ -22,6 +23,7 @@ from tufa.server.repository import DEFAULT_VIEW
 from tufa.server.state import ServerState
 from tufa.server.views import tag_view
 
+log = logging.getLogger("tufa.server")
 PUBLISHERS = {Scope.ADMIN, Scope.CI}
 READERS = {Scope.ADMIN, Scope.CI, Scope.READ}
 BLOB_PATH = re.compile(r"^/api/v1/factories/[^/]+/blobs/[^/]+$")
@@ -57,9 +59,14 @@ async def upload_blob(request: Request) -> JSONResponse:
     if declared is None or not declared.isdigit():
         raise bad_request("blob uploads need a Content-Length header")
     sha256 = request.path_params["sha256"]
-    stored = await state.blobs.put(
-        request.stream(), sha256, int(declared), state.settings.max_blob_bytes
-    )
+    try:
+        stored = await state.blobs.put(
+            request.stream(), sha256, int(declared), state.settings.max_blob_bytes
+        )
+    except ClientDisconnect as e:
+        # The uploader went away; nothing was stored, and it is not the server's fault.
+        log.info("upload of blob %s cut short by the client", sha256)
+        raise bad_request("the upload was cut short; nothing was stored") from e
     return ok({"sha256": sha256, "length": int(declared), "stored": stored}, status=201)
 
 

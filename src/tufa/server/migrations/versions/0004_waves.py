@@ -18,6 +18,8 @@ def upgrade() -> None:
         batch_op.add_column(
             sa.Column("view", sa.String(length=200), nullable=False, server_default="")
         )
+    with op.batch_alter_table("targets") as batch_op:
+        batch_op.add_column(sa.Column("released_at", sa.DateTime(), nullable=True))
     op.create_table(
         "waves",
         sa.Column("factory_id", sa.Integer(), nullable=False),
@@ -55,5 +57,7 @@ def downgrade() -> None:
     op.drop_table("device_group_members")
     op.drop_table("device_groups")
     op.drop_table("waves")
+    with op.batch_alter_table("targets") as batch_op:
+        batch_op.drop_column("released_at")
     with op.batch_alter_table("devices") as batch_op:
         batch_op.drop_column("view")
