@@ -13,6 +13,7 @@ from rich.table import Table
 
 from tufa.cli.client import Api, with_api
 from tufa.cli.output import console, json_option, print_json, warn
+from tufa.cli.root_update import archive_option
 from tufa.core.archive import ArchiveError, OfflineArchive
 from tufa.core.files import write_private_file
 from tufa.core.metadata import OFFLINE_EXPIRY_WARNING
@@ -99,13 +100,7 @@ def download(api: Api, archive: Path, as_json: bool) -> None:
 
 @keys.command("show-root")
 @click.option("--prod", is_flag=True, help="Show the production root instead of the CI root.")
-@click.option(
-    "-k",
-    "--keys",
-    "archive",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Offline keys archive: mark which keys it holds.",
-)
+@archive_option(required=False, help="Offline keys archive: mark which keys it holds.")
 @json_option
 @with_api
 def show_root(api: Api, prod: bool, archive: Path | None, as_json: bool) -> None:

@@ -9,14 +9,20 @@ trusts; an update left open by an interrupted run is cancelled by the next run.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
-from tuf.api.metadata import Root
 
 from tufa.cli.client import Api, with_api
 from tufa.cli.keys import keys
-from tufa.cli.keys_updates import KEY_TYPE_OPTION, print_status, refresh_archive_roots
+from tufa.cli.keys_updates import (
+    KEY_TYPE_OPTION,
+    print_status,
+    refresh_archive_roots,
+    replace_offline_keys,
+)
 from tufa.cli.root_update import UPDATES_PATH, RootUpdate, load_archive
+from tufa.core.archive import OfflineArchive
 from tufa.core.crashpoints import crashpoint
 from tufa.core.keys import KeyPair, KeyType
 from tufa.core.metadata import ROOT, TARGETS, Channel
@@ -66,6 +72,45 @@ def _finish(api: Api, archive_path: Path, update: RootUpdate, step: str) -> Root
     return signed
 
 
+def _current_root(api: Api, archive: Path, held: OfflineArchive) -> dict[str, Any]:
+    """The served CI root, if `held` holds one of its root keys (both commands need one)."""
+    current: dict[str, Any] = api.get_json(api.factory_path("/repo/ci/metadata/root.json"))
+    trusted = current["signed"]["roles"][ROOT]["keyids"]
+    if not any(k.pair.keyid in trusted for k in held.keys_for(ROOT)):
+        raise click.ClickException(
+            f"{archive} holds no root key of factory {api.factory!r}'s current root (is it a "
+            "targets-only copy made with `tufa keys copy-targets`?); changing the root or "
+            "the targets keys needs a root key"
+        )
+    return dict(current["signed"])
+
+
+def _rotate(
+    api: Api,
+    archive: Path,
+    held: OfflineArchive,
+    role: str,
+    replaced: list[str],
+    key_type: str,
+) -> KeyPair:
+    """Put a new `role` key in place of `replaced`, the key saved into the archive first."""
+    step = f"rotate-{role}"
+    _start(api, step)
+    crashpoint(f"{step}:opened")
+    pair = KeyPair.generate(KeyType(key_type))
+    held.add_key(role, pair)
+    held.save(archive)
+    crashpoint(f"{step}:key-saved")
+    update = RootUpdate.fetch(api).edit(
+        api,
+        lambda root: replace_offline_keys(root, role, replaced, pair),
+        resign_prod_targets=role == TARGETS,
+    )
+    crashpoint(f"{step}:staged")
+    _finish(api, archive, update, step)
+    return pair
+
+
 @keys.command("rotate-root")
 @ARCHIVE_ARGUMENT
 @KEY_TYPE_OPTION
@@ -83,30 +128,9 @@ def rotate_root(api: Api, archive: Path, key_type: str) -> None:
       tufa keys show-root --json | jq '.signed.roles.root.keyids'
     """
     held = load_archive(archive, api.factory)
-    current = api.get_json(api.factory_path("/repo/ci/metadata/root.json"))
-    trusted = current["signed"]["roles"][ROOT]["keyids"]
+    trusted = _current_root(api, archive, held)["roles"][ROOT]["keyids"]
     old = [k.pair.keyid for k in held.keys_for(ROOT) if k.pair.keyid in trusted]
-    if not old:
-        raise click.ClickException(
-            f"{archive} holds no root key of factory {api.factory!r}'s current root (is it a "
-            "targets-only copy made with `tufa keys copy-targets`?); a root change needs a "
-            "root key"
-        )
-    _start(api, "rotate-root")
-    crashpoint("rotate-root:opened")
-    pair = KeyPair.generate(KeyType(key_type))
-    held.add_key(ROOT, pair)
-    held.save(archive)
-    crashpoint("rotate-root:key-saved")
-
-    def change(root: Root) -> None:
-        root.add_key(pair.public, ROOT)
-        for keyid in old:
-            root.revoke_key(keyid, ROOT)
-
-    update = RootUpdate.fetch(api).edit(api, change)
-    crashpoint("rotate-root:staged")
-    _finish(api, archive, update, "rotate-root")
+    pair = _rotate(api, archive, held, ROOT, old, key_type)
     click.echo(f"Rotated the root key: {', '.join(old)} -> {pair.keyid}")
     click.echo(f"The new root private key is keys/{ROOT}-{pair.keyid}.sec in {archive}.")
     click.echo("Back the archive up now: it is the only copy of that key.")
@@ -123,7 +147,8 @@ def rotate_targets(api: Api, archive: Path, key_type: str) -> None:
     (threshold 1), the production root too (threshold 2), and the current production
     targets are re-signed in the same atomic change, so devices see no gap. ARCHIVE
     must hold a root key. If it holds none of the current offline targets keys, all of
-    them are replaced (the way back from a lost targets key).
+    them are replaced (the way back from a lost targets key). Refused while a wave is
+    active.
 
     \b
     Example:
@@ -131,30 +156,19 @@ def rotate_targets(api: Api, archive: Path, key_type: str) -> None:
       tufa keys copy-targets acme-keys.tgz release-keys.tgz
     """
     held = load_archive(archive, api.factory)
-    current = api.get_json(api.factory_path("/repo/ci/metadata/root.json"))["signed"]
-    if not any(k.pair.keyid in current["roles"][ROOT]["keyids"] for k in held.keys_for(ROOT)):
+    current = _current_root(api, archive, held)
+    active = [
+        w["name"] for w in api.get_json(api.factory_path("/waves")) if w["status"] == "active"
+    ]
+    if active:
         raise click.ClickException(
-            f"{archive} holds no root key of factory {api.factory!r}'s current root; changing "
-            "the targets keys needs a root key (a targets-only archive cannot)"
+            f"wave {active[0]!r} is active: complete or cancel it before rotating the targets "
+            "key (its offline signatures would no longer count)"
         )
     online = {k["keyid"] for k in api.get_json(api.factory_path())["online_keys"]}
     offline = [k for k in current["roles"][TARGETS]["keyids"] if k not in online]
     mine = [k.pair.keyid for k in held.keys_for(TARGETS) if k.pair.keyid in offline]
     replaced = mine or offline
-    _start(api, "rotate-targets")
-    crashpoint("rotate-targets:opened")
-    pair = KeyPair.generate(KeyType(key_type))
-    held.add_key(TARGETS, pair)
-    held.save(archive)
-    crashpoint("rotate-targets:key-saved")
-
-    def change(root: Root) -> None:
-        root.add_key(pair.public, TARGETS)
-        for keyid in replaced:
-            root.revoke_key(keyid, TARGETS)
-
-    update = RootUpdate.fetch(api).edit(api, change, resign_prod_targets=True)
-    crashpoint("rotate-targets:staged")
-    _finish(api, archive, update, "rotate-targets")
+    pair = _rotate(api, archive, held, TARGETS, replaced, key_type)
     click.echo(f"Rotated the offline targets key: {', '.join(replaced)} -> {pair.keyid}")
     click.echo("Production targets were re-signed with it in the same change.")

@@ -17,20 +17,13 @@ from tuf.api.metadata import Root
 from tufa.cli.client import Api, with_api
 from tufa.cli.keys import keys
 from tufa.cli.output import console, json_option, print_json
-from tufa.cli.root_update import UPDATES_PATH, RootUpdate, load_archive
+from tufa.cli.root_update import UPDATES_PATH, RootUpdate, archive_option, load_archive
 from tufa.core.archive import OfflineArchive
 from tufa.core.keys import KeyPair, KeyType
 from tufa.core.metadata import MIN_PROD_TARGETS_THRESHOLD, ONLINE_ROLES, ROOT, TARGETS, Channel
 
 OFFLINE_ROLES = (ROOT, TARGETS)
-ARCHIVE_OPTION = click.option(
-    "-k",
-    "--keys",
-    "archive",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Offline keys archive.",
-)
+ARCHIVE_OPTION = archive_option()
 ROLE_OPTION = click.option(
     "-r", "--role", required=True, type=click.Choice(OFFLINE_ROLES), help="Offline key role."
 )
@@ -182,14 +175,7 @@ def _generate_into(archive_path: Path, role: str, key_type: str, factory: str) -
 
 @updates.command("add-offline-key")
 @ROLE_OPTION
-@click.option(
-    "-k",
-    "--keys",
-    "archive",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Archive to hold the new key (created if it does not exist).",
-)
+@archive_option(exists=False, help="Archive to hold the new key (created if it does not exist).")
 @KEY_TYPE_OPTION
 @with_api
 def add_offline_key(api: Api, role: str, archive: Path, key_type: str) -> None:
@@ -380,13 +366,7 @@ def sign(api: Api, archive: Path) -> None:
 
 
 @updates.command()
-@click.option(
-    "-k",
-    "--keys",
-    "archive",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Archive whose copies of the roots to refresh afterwards.",
-)
+@archive_option(required=False, help="Archive whose copies of the roots to refresh afterwards.")
 @json_option
 @with_api
 def apply(api: Api, archive: Path | None, as_json: bool) -> None:

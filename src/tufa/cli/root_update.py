@@ -33,6 +33,20 @@ EXPORT_FORMAT = "tufa-root-update/1"
 UPDATES_PATH = "/keys/updates"
 
 
+def archive_option(
+    *, required: bool = True, exists: bool = True, help: str = "Offline keys archive."
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """-k/--keys ARCHIVE, the same flag on every command that uses an archive."""
+    return click.option(
+        "-k",
+        "--keys",
+        "archive",
+        required=required,
+        type=click.Path(exists=exists, dir_okay=False, path_type=Path),
+        help=help,
+    )
+
+
 def load_archive(path: Path, factory: str | None) -> OfflineArchive:
     try:
         archive = OfflineArchive.load(path)

@@ -11,17 +11,12 @@ from tuf.api.metadata import Metadata, Targets
 
 from tufa.cli.client import Api, with_api
 from tufa.cli.output import console, json_option, print_json
-from tufa.cli.root_update import load_archive
+from tufa.cli.root_update import archive_option, load_archive
 from tufa.core.archive import OfflineArchive
 from tufa.core.metadata import TARGETS
 
-ARCHIVE_OPTION = click.option(
-    "-k",
-    "--keys",
-    "archive",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Archive with an offline targets key (a targets-only copy is enough).",
+ARCHIVE_OPTION = archive_option(
+    help="Archive with an offline targets key (a targets-only copy is enough)."
 )
 
 

@@ -33,11 +33,11 @@ from tufa.core.root_update import (
     prod_targets_signing_status,
     root_signing_status,
 )
-from tufa.server.db import channels, online_keys, root_updates, waves
+from tufa.server.db import channels, online_keys, root_updates
 from tufa.server.errors import ApiError, bad_request, conflict, not_found
 from tufa.server.signatures import verify_signature
 from tufa.server.state import ServerState
-from tufa.server.waves import ACTIVE
+from tufa.server.waves import Waves
 
 MAX_MESSAGE = 200
 
@@ -197,6 +197,9 @@ class RootUpdates:
                 md.signatures.update(old[channel].signatures)
             new[channel] = md
         current = self._current_roots(conn, factory_id)
+        self._refuse_during_wave(
+            conn, factory_id, current[Channel.PROD].signed, new[Channel.PROD].signed
+        )
         try:
             check_staged_roots(
                 {c: md.signed for c, md in current.items()},
@@ -427,13 +430,7 @@ class RootUpdates:
         would no longer count, and re-signing it is the wave owner's decision."""
         if current.roles[TARGETS] == staged.roles[TARGETS]:
             return
-        active = list(
-            conn.execute(
-                select(waves.c.name).where(
-                    waves.c.factory_id == factory_id, waves.c.status == ACTIVE
-                )
-            ).scalars()
-        )
+        active = Waves(self.state).active(conn, factory_id)
         if active:
             raise conflict(
                 f"wave {active[0]!r} is active: complete or cancel it before changing targets keys"

@@ -22,7 +22,14 @@ from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, Root, TargetFile, Targets
 
 from tufa.core.metadata import ROOT, TARGETS, Channel, build_targets, expiry
-from tufa.server.db import channels, device_group_members, devices, targets, waves
+from tufa.server.db import (
+    channels,
+    device_group_members,
+    device_groups,
+    devices,
+    targets,
+    waves,
+)
 from tufa.server.errors import ApiError, bad_request, conflict, not_found
 from tufa.server.publishing import version_key
 from tufa.server.signatures import verify_signature
@@ -255,6 +262,13 @@ class Waves:
             devices.c.view != wave_view(name),
         )
         if group is not None:
+            known = conn.execute(
+                select(device_groups.c.name).where(
+                    device_groups.c.factory_id == factory_id, device_groups.c.name == group
+                )
+            ).first()
+            if known is None:
+                raise not_found(f"no device group named {group!r}")
             members = select(device_group_members.c.device_id).where(
                 device_group_members.c.factory_id == factory_id,
                 device_group_members.c.group_name == group,
@@ -263,6 +277,12 @@ class Waves:
         if device_ids is not None:
             query = query.where(devices.c.id.in_(device_ids) | devices.c.name.in_(device_ids))
         candidates = conn.execute(query.order_by(devices.c.name)).all()
+        if device_ids is not None:
+            matched = {d.id for d in candidates} | {d.name for d in candidates}
+            already = self._served(conn, factory_id, name)
+            unknown = sorted(set(device_ids) - matched - already)
+            if unknown:
+                raise not_found(f"not production devices of tag {row.tag!r}: {', '.join(unknown)}")
         chosen = candidates[: _limit(limit, len(candidates))]
         result = {
             "wave": name,
@@ -316,6 +336,7 @@ class Waves:
         return self.describe(conn, factory_id, name)
 
     def cancel(self, conn: Connection, factory_id: int, name: str) -> dict[str, Any]:
+        self.state.db.lock_channel(conn, factory_id, PROD.value)
         row = self._row(conn, factory_id, name)
         if row.status != ACTIVE:
             raise conflict(f"wave {name!r} is {row.status}")
@@ -346,6 +367,24 @@ class Waves:
             )
         ).scalar()
         return name
+
+    def _served(self, conn: Connection, factory_id: int, name: str) -> set[str]:
+        """Ids and names of the devices the wave is served to."""
+        rows = conn.execute(
+            select(devices.c.id, devices.c.name).where(
+                devices.c.factory_id == factory_id, devices.c.view == wave_view(name)
+            )
+        ).all()
+        return {r.id for r in rows} | {r.name for r in rows}
+
+    def active(self, conn: Connection, factory_id: int) -> list[str]:
+        return list(
+            conn.execute(
+                select(waves.c.name).where(
+                    waves.c.factory_id == factory_id, waves.c.status == ACTIVE
+                )
+            ).scalars()
+        )
 
     def describe(self, conn: Connection, factory_id: int, name: str) -> dict[str, Any]:
         row = self._row(conn, factory_id, name)
