@@ -54,6 +54,26 @@ def _load_root(body: bytes) -> Metadata[Root]:
     return Metadata[Root].from_bytes(body)
 
 
+def _staged_roots(row: Any) -> dict[Channel, Metadata[Root]]:
+    return {Channel.CI: _load_root(row.ci_root), Channel.PROD: _load_root(row.prod_root)}
+
+
+def _save_staged(
+    conn: Connection,
+    factory_id: int,
+    roots: Mapping[Channel, Metadata[Root]],
+    prod_targets: dict[str, Any] | None = None,
+) -> None:
+    """Store the staged roots (and re-signed production targets, when given)."""
+    values: dict[str, Any] = {
+        "ci_root": to_bytes(roots[Channel.CI]),
+        "prod_root": to_bytes(roots[Channel.PROD]),
+    }
+    if prod_targets is not None:
+        values["prod_targets"] = json.dumps(prod_targets)
+    conn.execute(update(root_updates).where(root_updates.c.factory_id == factory_id).values(values))
+
+
 class RootUpdates:
     def __init__(self, state: ServerState) -> None:
         self.state = state
@@ -118,7 +138,7 @@ class RootUpdates:
         the signing status as the server computes it (the CLI recomputes it locally)."""
         row = self._row(conn, factory_id)
         current = self._current_roots(conn, factory_id)
-        staged = {Channel.CI: _load_root(row.ci_root), Channel.PROD: _load_root(row.prod_root)}
+        staged = _staged_roots(row)
         staged_targets = {
             view: Metadata[Targets].from_dict(data)
             for view, data in json.loads(row.prod_targets).items()
@@ -186,7 +206,7 @@ class RootUpdates:
         """Replace the staged content. Signatures survive only where the signed part is
         unchanged, so nobody's signature ever covers something they did not see."""
         row = self._row(conn, factory_id)
-        old = {Channel.CI: _load_root(row.ci_root), Channel.PROD: _load_root(row.prod_root)}
+        old = _staged_roots(row)
         new: dict[Channel, Metadata[Root]] = {}
         for channel, signed in roots.items():
             try:
@@ -215,15 +235,7 @@ class RootUpdates:
             staged_targets[view] = self._check_staged_targets(
                 conn, factory_id, view, signed, kept_targets.get(view)
             )
-        conn.execute(
-            update(root_updates)
-            .where(root_updates.c.factory_id == factory_id)
-            .values(
-                ci_root=to_bytes(new[Channel.CI]),
-                prod_root=to_bytes(new[Channel.PROD]),
-                prod_targets=json.dumps(staged_targets),
-            )
-        )
+        _save_staged(conn, factory_id, new, staged_targets)
 
     def _check_staged_targets(
         self,
@@ -269,7 +281,7 @@ class RootUpdates:
         unknown = set(roles) - set(ONLINE_ROLES)
         if not roles or unknown:
             raise bad_request(f"roles must be among {', '.join(ONLINE_ROLES)}")
-        staged = {Channel.CI: _load_root(row.ci_root), Channel.PROD: _load_root(row.prod_root)}
+        staged = _staged_roots(row)
         before = self._keyids_after(conn, factory_id)
         now = self.state.settings.clock.now()
         for role in sorted(set(roles)):
@@ -288,11 +300,7 @@ class RootUpdates:
                 md.signed.revoke_key(before[role], role)
                 md.signed.add_key(pair.public, role)
                 md.signatures.clear()
-        conn.execute(
-            update(root_updates)
-            .where(root_updates.c.factory_id == factory_id)
-            .values(ci_root=to_bytes(staged[Channel.CI]), prod_root=to_bytes(staged[Channel.PROD]))
-        )
+        _save_staged(conn, factory_id, staged)
 
     def add_signatures(
         self,
@@ -304,7 +312,7 @@ class RootUpdates:
         """Accept only signatures that verify, by keys that may sign what they sign."""
         row = self._row(conn, factory_id)
         current = self._current_roots(conn, factory_id)
-        staged = {Channel.CI: _load_root(row.ci_root), Channel.PROD: _load_root(row.prod_root)}
+        staged = _staged_roots(row)
         for channel, signatures in roots.items():
             md = staged[channel]
             allowed = {**current[channel].signed.keys, **md.signed.keys}
@@ -337,15 +345,7 @@ class RootUpdates:
                 )
                 targets.signatures[sig.keyid] = sig
             staged_targets[view] = targets.to_dict()
-        conn.execute(
-            update(root_updates)
-            .where(root_updates.c.factory_id == factory_id)
-            .values(
-                ci_root=to_bytes(staged[Channel.CI]),
-                prod_root=to_bytes(staged[Channel.PROD]),
-                prod_targets=json.dumps(staged_targets),
-            )
-        )
+        _save_staged(conn, factory_id, staged, staged_targets)
 
     def cancel(self, conn: Connection, factory_id: int) -> dict[str, Any]:
         self._row(conn, factory_id)
@@ -364,7 +364,7 @@ class RootUpdates:
         row = self._row(conn, factory_id)
         now = self.state.settings.clock.now()
         current = self._current_roots(conn, factory_id)
-        staged = {Channel.CI: _load_root(row.ci_root), Channel.PROD: _load_root(row.prod_root)}
+        staged = _staged_roots(row)
         after = self._keyids_after(conn, factory_id)
         try:
             check_staged_roots(
