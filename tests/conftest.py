@@ -18,8 +18,17 @@ import pytest
 from tests.helpers import Factory, Server, create_factory
 from tufa.cli.local_server import LocalServer
 
+# Settings the CLI or a crash point would read from the environment of whoever runs the
+# tests; each test sets what it needs.
+TUFA_SETTINGS = ("TUFA_CONFIG", "TUFA_SERVER", "TUFA_FACTORY", "TUFA_TOKEN", "TUFA_CRASH_AT")
 PG_ADMIN_URL = os.environ.get("TUFA_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 BACKENDS = ["sqlite", "postgres"]
+
+
+@pytest.fixture(autouse=True)
+def _no_inherited_cli_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in TUFA_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
 
 
 def _pg_database(name: str) -> str:

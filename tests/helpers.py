@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from securesystemslib.signer import Signer
 from sqlalchemy import Engine, create_engine, select
 from sqlalchemy.pool import NullPool
+from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, Targets, Timestamp
 from tuf.ngclient import Updater
 
 from tufa.cli.local_server import LocalServer, console_script
@@ -277,3 +279,33 @@ def blob_files(server: Server) -> list[str]:
     if not root.exists():
         return []
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir())
+
+
+def write_forged_mirror(
+    served: dict[str, bytes],
+    targets: Metadata[Targets],
+    stolen: dict[str, Signer],
+    metadata: Path,
+) -> None:
+    """Write what a mirror holding the stolen online keys would serve: the channel's
+    root, `targets`, and a snapshot and timestamp naming it, re-signed with those keys."""
+    snapshot = Metadata[Snapshot].from_bytes(served[Snapshot.type])
+    snapshot.signed.version += 1
+    snapshot.signed.meta["targets.json"] = MetaFile(targets.signed.version)
+    snapshot.signatures.clear()
+    snapshot.sign(stolen[Snapshot.type])
+    snapshot_bytes = snapshot.to_bytes()
+    timestamp = Metadata[Timestamp].from_bytes(served[Timestamp.type])
+    timestamp.signed.version += 1
+    timestamp.signed.snapshot_meta = MetaFile(
+        snapshot.signed.version,
+        length=len(snapshot_bytes),
+        hashes={"sha256": hashlib.sha256(snapshot_bytes).hexdigest()},
+    )
+    timestamp.signatures.clear()
+    timestamp.sign(stolen[Timestamp.type])
+    metadata.mkdir(parents=True)
+    (metadata / "root.json").write_bytes(served[Root.type])
+    (metadata / "timestamp.json").write_bytes(timestamp.to_bytes())
+    (metadata / f"{snapshot.signed.version}.snapshot.json").write_bytes(snapshot_bytes)
+    (metadata / f"{targets.signed.version}.targets.json").write_bytes(targets.to_bytes())

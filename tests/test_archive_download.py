@@ -8,7 +8,6 @@ import tarfile
 from pathlib import Path
 
 import httpx
-import pytest
 from sqlalchemy import create_engine, select
 from tuf.api.metadata import Metadata, Root
 
@@ -18,12 +17,6 @@ from tufa.core.metadata import Channel
 from tufa.server.db import factories, key_archives
 
 ARCHIVE_PATH = "/keys/archive"
-
-
-@pytest.fixture(autouse=True)
-def _no_inherited_cli_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("TUFA_CONFIG", "TUFA_SERVER", "TUFA_FACTORY", "TUFA_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
 
 
 def _download(factory: Factory, tmp_path: Path, target: Path) -> None:

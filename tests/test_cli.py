@@ -20,17 +20,9 @@ from tufa.cli.main import cli
 from tufa.core.archive import FIRST_ROOT_KEY_NAME, OfflineArchive
 from tufa.core.fetcher import BearerFetcher
 
-TUFA_SETTINGS = ("TUFA_CONFIG", "TUFA_SERVER", "TUFA_FACTORY", "TUFA_TOKEN")
-
 # The CLI is an HTTP client: the server's database makes no difference to it, so these
 # tests use the shared SQLite server only (the API on both backends is tested elsewhere).
 sqlite_only = pytest.mark.parametrize("server", ["sqlite"], indirect=True)
-
-
-@pytest.fixture(autouse=True)
-def _no_inherited_cli_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in TUFA_SETTINGS:
-        monkeypatch.delenv(name, raising=False)
 
 
 def _json(*args: str, env: dict[str, str]) -> Any:

@@ -25,12 +25,6 @@ CHANNELS = ("ci", "prod")
 RESIGN_WAIT_SECONDS = 10.0
 
 
-@pytest.fixture(autouse=True)
-def _no_inherited_cli_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("TUFA_CONFIG", "TUFA_SERVER", "TUFA_FACTORY", "TUFA_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-
-
 def _start(
     make_server: Callable[..., Server], backend: str, offset_file: Path, *extra: str
 ) -> Server:

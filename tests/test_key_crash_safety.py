@@ -40,7 +40,6 @@ from tests.helpers import (
 from tufa.core.archive import OfflineArchive
 from tufa.core.metadata import Channel
 
-TUFA_SETTINGS = ("TUFA_CONFIG", "TUFA_SERVER", "TUFA_FACTORY", "TUFA_TOKEN", "TUFA_CRASH_AT")
 CHANNELS = tuple(c.value for c in Channel)
 PROOF = b"proof of possession"
 
@@ -61,12 +60,6 @@ CRASH_POINTS = (
 )
 # Before these points, the new key has not reached the archive on disk yet.
 BEFORE_KEY_SAVED = ("write:half-written", "write:before-rename", "opened")
-
-
-@pytest.fixture(autouse=True)
-def _no_inherited_cli_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in TUFA_SETTINGS:
-        monkeypatch.delenv(name, raising=False)
 
 
 # -- helpers ------------------------------------------------------------------------------

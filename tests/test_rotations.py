@@ -15,7 +15,6 @@ same server code and run on SQLite only.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import secrets
 import shutil
@@ -34,11 +33,19 @@ from securesystemslib.signer import Signer
 from sqlalchemy import create_engine, select
 from sqlalchemy.pool import NullPool
 from tuf.api.exceptions import UnsignedMetadataError
-from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
+from tuf.api.metadata import Metadata, Root, TargetFile, Targets
 from tuf.ngclient import Updater
 from tuf.ngclient._internal.trusted_metadata_set import TrustedMetadataSet
 
-from tests.helpers import Factory, Server, cli_env, run_cli, send, served_metadata
+from tests.helpers import (
+    Factory,
+    Server,
+    cli_env,
+    run_cli,
+    send,
+    served_metadata,
+    write_forged_mirror,
+)
 from tufa.cli.local_server import free_port
 from tufa.core.archive import OfflineArchive
 from tufa.core.fetcher import BearerFetcher
@@ -48,7 +55,6 @@ from tufa.server import db
 from tufa.server.secrets import MasterKey
 
 CHANNELS = ("ci", "prod")
-TUFA_SETTINGS = ("TUFA_CONFIG", "TUFA_SERVER", "TUFA_FACTORY", "TUFA_TOKEN")
 # --key-type -> (keytype, scheme) of the TUF key it makes.
 KEY_TYPES = {
     "ed25519": ("ed25519", "ed25519"),
@@ -58,12 +64,6 @@ KEY_TYPES = {
 VIEW = ""  # the production targets every device of a fresh factory gets
 
 sqlite_only = pytest.mark.parametrize("server", ["sqlite"], indirect=True)
-
-
-@pytest.fixture(autouse=True)
-def _no_inherited_cli_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in TUFA_SETTINGS:
-        monkeypatch.delenv(name, raising=False)
 
 
 # -- the owner, with the real CLI ---------------------------------------------------------
@@ -634,27 +634,7 @@ def forge_repository(
     targets.signatures.clear()
     for signer in targets_signers:
         targets.sign(signer, append=True)
-    snapshot = Metadata[Snapshot].from_bytes(served[SNAPSHOT])
-    snapshot.signed.version += 1
-    snapshot.signed.meta["targets.json"] = MetaFile(targets.signed.version)
-    snapshot.signatures.clear()
-    snapshot.sign(stolen[SNAPSHOT])
-    snapshot_bytes = snapshot.to_bytes()
-    timestamp = Metadata[Timestamp].from_bytes(served[TIMESTAMP])
-    timestamp.signed.version += 1
-    timestamp.signed.snapshot_meta = MetaFile(
-        snapshot.signed.version,
-        length=len(snapshot_bytes),
-        hashes={"sha256": hashlib.sha256(snapshot_bytes).hexdigest()},
-    )
-    timestamp.signatures.clear()
-    timestamp.sign(stolen[TIMESTAMP])
-    metadata = directory / "metadata"
-    metadata.mkdir(parents=True)
-    (metadata / "root.json").write_bytes(served[ROOT])
-    (metadata / "timestamp.json").write_bytes(timestamp.to_bytes())
-    (metadata / f"{snapshot.signed.version}.snapshot.json").write_bytes(snapshot_bytes)
-    (metadata / f"{targets.signed.version}.targets.json").write_bytes(targets.to_bytes())
+    write_forged_mirror(served, targets, stolen, directory / "metadata")
     return targets.signed.version
 
 

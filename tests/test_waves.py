@@ -32,12 +32,9 @@ import pytest
 from tuf.api.exceptions import RepositoryError, UnsignedMetadataError
 from tuf.api.metadata import (
     Metadata,
-    MetaFile,
     Root,
-    Snapshot,
     TargetFile,
     Targets,
-    Timestamp,
 )
 from tuf.ngclient import Updater
 from tuf.ngclient._internal.trusted_metadata_set import TrustedMetadataSet
@@ -51,6 +48,7 @@ from tests.helpers import (
     download_archive,
     dump_all_tables,
     send,
+    write_forged_mirror,
 )
 from tests.test_rotations import Owner, serve_directory, stolen_online_signers
 from tufa.core.archive import OfflineArchive
@@ -58,18 +56,11 @@ from tufa.core.fetcher import BearerFetcher
 from tufa.core.keys import KeyPair
 from tufa.core.metadata import ROOT, SNAPSHOT, TARGETS, TIMESTAMP
 
-TUFA_SETTINGS = ("TUFA_CONFIG", "TUFA_SERVER", "TUFA_FACTORY", "TUFA_TOKEN")
 HARDWARE_ID = "rpi4"
 EVIL = "evil-firmware.bin"
 TARGETS_FILE = "targets.json"  # where ngclient stores the targets it trusts
 
 sqlite_only = pytest.mark.parametrize("server", ["sqlite"], indirect=True)
-
-
-@pytest.fixture(autouse=True)
-def _no_inherited_cli_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in TUFA_SETTINGS:
-        monkeypatch.delenv(name, raising=False)
 
 
 # -- CI builds ------------------------------------------------------------------------------
@@ -365,27 +356,7 @@ def refresh_from_mirror(device: Device, targets_md: Metadata[Targets], where: Pa
     assert device.bootstrap is None, f"{device.name} must have polled: it trusts its own copy"
     stolen = stolen_online_signers(device.factory.server, device.factory)
     served = device.served()
-    snapshot = Metadata[Snapshot].from_bytes(served[SNAPSHOT])
-    snapshot.signed.version += 1
-    snapshot.signed.meta["targets.json"] = MetaFile(targets_md.signed.version)
-    snapshot.signatures.clear()
-    snapshot.sign(stolen[SNAPSHOT])
-    snapshot_bytes = snapshot.to_bytes()
-    timestamp = Metadata[Timestamp].from_bytes(served[TIMESTAMP])
-    timestamp.signed.version += 1
-    timestamp.signed.snapshot_meta = MetaFile(
-        snapshot.signed.version,
-        length=len(snapshot_bytes),
-        hashes={"sha256": hashlib.sha256(snapshot_bytes).hexdigest()},
-    )
-    timestamp.signatures.clear()
-    timestamp.sign(stolen[TIMESTAMP])
-    metadata = where / "mirror" / "metadata"
-    metadata.mkdir(parents=True)
-    (metadata / "root.json").write_bytes(served[ROOT])
-    (metadata / "timestamp.json").write_bytes(timestamp.to_bytes())
-    (metadata / f"{snapshot.signed.version}.snapshot.json").write_bytes(snapshot_bytes)
-    (metadata / f"{targets_md.signed.version}.targets.json").write_bytes(targets_md.to_bytes())
+    write_forged_mirror(served, targets_md, stolen, where / "mirror" / "metadata")
     trusted = where / "trusted"
     shutil.copytree(device.trust_dir, trusted)
     with serve_directory(where / "mirror") as url:

@@ -57,7 +57,6 @@ PROD_DEVICES = {
     "prod-main-2": "main",
 }
 DEVICES = (*CI_DEVICES, *sorted(PROD_DEVICES))
-TUFA_SETTINGS = ("TUFA_CONFIG", "TUFA_SERVER", "TUFA_FACTORY", "TUFA_TOKEN")
 # The CLI takes over a second a run: at most this many rotations an example.
 MAX_ROTATIONS = 2
 
@@ -66,12 +65,6 @@ MAX_ROTATIONS = 2
 def waves_server(make_server: Callable[..., Server]) -> Server:
     """A server of this module's own: its examples make many factories."""
     return make_server("sqlite")
-
-
-@pytest.fixture(autouse=True)
-def _no_inherited_cli_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in TUFA_SETTINGS:
-        monkeypatch.delenv(name, raising=False)
 
 
 # -- devices --------------------------------------------------------------------------
