@@ -17,7 +17,8 @@ from securesystemslib.signer import Signer
 from sqlalchemy import Engine, create_engine, select
 from sqlalchemy.pool import NullPool
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, Targets, Timestamp
-from tuf.ngclient import Updater
+from tuf.ngclient import FetcherInterface, Updater
+from tuf.ngclient._internal.trusted_metadata_set import TrustedMetadataSet
 
 from tufa.cli.local_server import LocalServer, console_script
 from tufa.core.fetcher import BearerFetcher
@@ -309,3 +310,30 @@ def write_forged_mirror(
     (metadata / "timestamp.json").write_bytes(timestamp.to_bytes())
     (metadata / f"{snapshot.signed.version}.snapshot.json").write_bytes(snapshot_bytes)
     (metadata / f"{targets.signed.version}.targets.json").write_bytes(targets.to_bytes())
+
+
+def poll_device(
+    metadata_dir: Path,
+    metadata_url: str,
+    fetcher: FetcherInterface,
+    bootstrap: bytes | None,
+    seen: dict[str, int],
+    who: str,
+) -> tuple[TrustedMetadataSet, dict[str, int]]:
+    """One device poll: a new ngclient over the metadata the device trusts on disk (the
+    way an agent restarts between polls), refreshed; fails the test if any role's version
+    fell below what the device had `seen`. Returns what it trusts now and the versions."""
+    updater = Updater(str(metadata_dir), metadata_url, fetcher=fetcher, bootstrap=bootstrap)
+    updater.refresh()
+    trusted = updater._trusted_set  # read-only look at what the client now trusts
+    versions = {
+        Root.type: trusted.root.version,
+        Timestamp.type: trusted.timestamp.version,
+        Snapshot.type: trusted.snapshot.version,
+        Targets.type: trusted.targets.version,
+    }
+    for role, version in versions.items():
+        assert version >= seen.get(role, 0), (
+            f"{who}: {role} went down from {seen.get(role)} to {version}"
+        )
+    return trusted, versions

@@ -41,6 +41,7 @@ from tests.helpers import (
     Factory,
     Server,
     cli_env,
+    poll_device,
     run_cli,
     send,
     served_metadata,
@@ -165,24 +166,15 @@ class Device:
         return cls(factory, channel, trust_dir, fetcher, factory.root_v1(channel))
 
     def poll(self) -> TrustedMetadataSet:
-        updater = Updater(
-            str(self.trust_dir),
+        trusted, self.seen = poll_device(
+            self.trust_dir,
             self.factory.metadata_url(self.channel),
-            fetcher=self.fetcher,
-            bootstrap=self.bootstrap,
+            self.fetcher,
+            self.bootstrap,
+            self.seen,
+            self.channel,
         )
         self.bootstrap = None  # from now on, what it verified and stored
-        updater.refresh()
-        trusted = updater._trusted_set  # read-only look at what the client now trusts
-        versions = {
-            ROOT: trusted.root.version,
-            TIMESTAMP: trusted.timestamp.version,
-            SNAPSHOT: trusted.snapshot.version,
-            TARGETS: trusted.targets.version,
-        }
-        for role, version in versions.items():
-            assert version >= self.seen.get(role, 0), f"{role} went down to {version}"
-        self.seen = versions
         return trusted
 
     def follow(self) -> TrustedMetadataSet:

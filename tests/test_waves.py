@@ -47,6 +47,7 @@ from tests.helpers import (
     create_factory,
     download_archive,
     dump_all_tables,
+    poll_device,
     send,
     write_forged_mirror,
 )
@@ -175,28 +176,19 @@ class Device:
     def poll(self) -> TrustedMetadataSet:
         """One refresh, as at each poll; it must succeed, move no version down, and end
         with the device trusting exactly what the server serves it."""
-        updater = Updater(
-            str(self.trust_dir),
+        trusted, self.seen = poll_device(
+            self.trust_dir,
             self.factory.metadata_url(self.channel),
-            fetcher=BearerFetcher(self.credential),
-            bootstrap=self.bootstrap,
+            BearerFetcher(self.credential),
+            self.bootstrap,
+            self.seen,
+            self.name,
         )
         self.bootstrap = None  # from now on, what it verified and stored
-        updater.refresh()
-        trusted = updater._trusted_set  # read-only look at what the client now trusts
-        versions = {
-            ROOT: trusted.root.version,
-            TIMESTAMP: trusted.timestamp.version,
-            SNAPSHOT: trusted.snapshot.version,
-            TARGETS: trusted.targets.version,
-        }
-        for role, version in versions.items():
-            assert version >= self.seen.get(role, 0), f"{self.name}: {role} went down"
-        self.seen = versions
         served = self.served()
         assert trusted.root == Metadata[Root].from_bytes(served[ROOT]).signed
         for role in (TIMESTAMP, SNAPSHOT, TARGETS):
-            assert versions[role] == json.loads(served[role])["signed"]["version"], role
+            assert self.seen[role] == json.loads(served[role])["signed"]["version"], role
         return trusted
 
     def download(self, name: str, where: Path) -> bytes:

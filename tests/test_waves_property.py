@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from tuf.api.exceptions import DownloadHTTPError
 from tuf.api.metadata import Metadata, Root, Targets, Timestamp
-from tuf.ngclient import FetcherInterface, Updater
+from tuf.ngclient import FetcherInterface
 
 from tests.helpers import (
     Factory,
@@ -41,6 +41,7 @@ from tests.helpers import (
     create_factory,
     download_archive,
     http,
+    poll_device,
     run_cli,
     send,
 )
@@ -90,28 +91,18 @@ class Device:
 
     def poll(self) -> Polled:
         self.metadata_dir.mkdir(parents=True, exist_ok=True)
-        updater = Updater(
-            str(self.metadata_dir),
+        # Properties: no refresh ever fails (an exception fails the test), and no version
+        # this device has seen ever goes down, for any role (poll_device checks both).
+        trusted, self.seen = poll_device(
+            self.metadata_dir,
             self.metadata_url,
-            fetcher=DeviceFetcher(self.credential),
-            bootstrap=self.bootstrap,
+            DeviceFetcher(self.credential),
+            self.bootstrap,
+            self.seen,
+            self.name,
         )
         self.bootstrap = None  # from now on, what it verified and stored
-        updater.refresh()  # property: no refresh ever fails (an exception fails the test)
-        trusted = updater._trusted_set  # read-only look at what the client now trusts
-        versions = {
-            ROOT: trusted.root.version,
-            TIMESTAMP: trusted.timestamp.version,
-            SNAPSHOT: trusted.snapshot.version,
-            TARGETS: trusted.targets.version,
-        }
-        # Property: no version this device has seen ever goes down, for any role.
-        for role in ROLES:
-            assert versions[role] >= self.seen[role], (
-                f"{self.name}: {role} went down from {self.seen[role]} to {versions[role]}"
-            )
-        self.seen = versions
-        return Polled(versions, frozenset(trusted.targets.targets))
+        return Polled(self.seen, frozenset(trusted.targets.targets))
 
 
 class DeviceFetcher(FetcherInterface):
