@@ -62,6 +62,7 @@ token-revoke     401  401   403   401     401     403    403      403      ok   
 devices-register 401  401   403   401     401     403    403      403      ok    403 403  ok
 devices-list     401  401   403   401     401     403    403      403      ok    403 ok   403
 device-show      401  401   403   401     401     403    403      403      ok    403 ok   403
+device-report    401  401   403   401     401     ok     ok       403      403   403 403  403
 metadata-ci      401  401   403   401     401     ok     403      403      ok    ok  ok   403
 metadata-prod    401  401   403   401     401     403    ok       403      ok    ok  ok   403
 updates-init     401  401   403   401     401     403    403      403      ok    403 403  403
@@ -117,6 +118,7 @@ ROUTES = {
     "devices-register": ("POST", "/api/v1/factories/{factory}/devices"),
     "devices-list": ("GET", "/api/v1/factories/{factory}/devices"),
     "device-show": ("GET", "/api/v1/factories/{factory}/devices/{device}"),
+    "device-report": ("POST", "/api/v1/factories/{factory}/device-reports"),
     "metadata-ci": ("GET", "/api/v1/factories/{factory}/repo/{channel}/metadata/{filename}"),
     "metadata-prod": ("GET", "/api/v1/factories/{factory}/repo/{channel}/metadata/{filename}"),
     "updates-init": ("POST", "/api/v1/factories/{factory}/keys/updates"),
@@ -156,6 +158,22 @@ TARGET = {
     "length": len(BLOB),
     "sha256": BLOB_SHA256,
 }
+
+
+def device_report() -> dict[str, Any]:
+    """A device report: build 1 installed, and one event that no report sent before."""
+    installed = {"version": "1", "target": TARGET["name"], "sha256": BLOB_SHA256}
+    event = {
+        "id": f"e-{secrets.token_hex(4)}",
+        "at": "2026-12-01T10:00:00Z",
+        "kind": "installed",
+        "version": "1",
+        "target": TARGET["name"],
+        "detail": "",
+    }
+    return {"installed": installed, "events": [event]}
+
+
 # Endpoints whose success changes the factory for everyone after: one factory per cell.
 FRESH_FACTORY = {
     "factory-patch",
@@ -290,6 +308,8 @@ class Tenant:
                 if self._device_id is None:
                     self._device_id = self.device("ci")["id"]
                 return "GET", path(f"/devices/{self._device_id}"), None
+            case "device-report":
+                return "POST", path("/device-reports"), device_report()
             case "metadata-ci" | "metadata-prod":
                 channel = endpoint.removeprefix("metadata-")
                 return "GET", path(f"/repo/{channel}/metadata/timestamp.json"), None

@@ -243,8 +243,9 @@ def show(api: Api, name: str, as_json: bool) -> None:
 def status(api: Api, name: str | None, as_json: bool) -> None:
     """How far wave NAME (or every active wave) has gone.
 
-    Counts devices served the wave. Install and failure counts come from device
-    reports, which the device agent sends (not part of this release yet).
+    Counts the devices served the wave, and of those the ones that report its version
+    installed, and the ones that report it failed to install or rolled it back (and
+    run another version).
     """
     found = (
         [api.get_json(api.factory_path(f"/waves/{name}"))]
@@ -257,6 +258,8 @@ def status(api: Api, name: str | None, as_json: bool) -> None:
             "status": w["status"],
             "devices_served": w["devices_served"],
             "devices_of_tag": w["devices_of_tag"],
+            "devices_installed": w["devices_installed"],
+            "devices_failed": w["devices_failed"],
         }
         for w in found
     ]
@@ -268,7 +271,8 @@ def status(api: Api, name: str | None, as_json: bool) -> None:
     for row in rows:
         click.echo(
             f"{row['name']} ({row['status']}): served to {row['devices_served']} of "
-            f"{row['devices_of_tag']} device(s) of its tag"
+            f"{row['devices_of_tag']} device(s) of its tag; installed on "
+            f"{row['devices_installed']}, failed on {row['devices_failed']}"
         )
 
 

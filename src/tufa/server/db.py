@@ -26,6 +26,7 @@ from sqlalchemy import (
     DateTime,
     Engine,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -226,7 +227,31 @@ devices = Table(
     Column("created_at", UTCDateTime, nullable=False),
     # Which production view the device is served: "tag:T" or "wave:NAME" ("" in CI).
     Column("view", String(200), nullable=False, default="", server_default=""),
+    # What the device last said it runs (all None until it reports something installed),
+    # and when its last report arrived, by the server's clock.
+    Column("installed_version", String(64)),
+    Column("installed_target", String(255)),
+    Column("installed_sha256", String(64)),
+    Column("last_report_at", UTCDateTime),
     UniqueConstraint("factory_id", "name"),
+)
+
+# What devices report happened: downloads, installs, failures. `id` is the agent's own,
+# so a report resent after a crash stores nothing twice; `at` is the device's clock,
+# `received_at` the server's. Waves count failures per version of a factory.
+device_events = Table(
+    "device_events",
+    schema,
+    Column("device_id", String(36), ForeignKey("devices.id"), primary_key=True),
+    Column("id", String(64), primary_key=True),
+    Column("factory_id", Integer, ForeignKey("factories.id"), nullable=False),
+    Column("at", UTCDateTime, nullable=False),
+    Column("received_at", UTCDateTime, nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("version", String(64)),
+    Column("target", String(255)),
+    Column("detail", Text, nullable=False),
+    Index("ix_device_events_factory_id_version", "factory_id", "version"),
 )
 
 

@@ -19,6 +19,7 @@ from sqlalchemy import Connection, insert, select, update
 from tuf.api.metadata import Metadata, TargetFile, Targets
 
 from tufa.core.metadata import TARGETS, Channel, build_targets, expiry, sign
+from tufa.core.selection import version_key
 from tufa.server.blobs import SHA256_PATTERN
 from tufa.server.db import targets as targets_table
 from tufa.server.errors import bad_request, conflict
@@ -93,11 +94,6 @@ def _labels(value: Any, name: str, field: str) -> list[str]:
     ):
         raise bad_request(f"target {name!r}: '{field}' must be a non-empty list of short labels")
     return sorted(set(value))
-
-
-def version_key(version: str) -> tuple[int, int, str]:
-    """Build numbers sort as numbers; other labels after them, as text."""
-    return (0, int(version), "") if version.isdigit() else (1, 0, version)
 
 
 @dataclass(frozen=True)

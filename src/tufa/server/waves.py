@@ -17,13 +17,15 @@ from datetime import timedelta
 from typing import Any
 
 from securesystemslib.signer import Signature
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, exists, func, insert, select, update
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, Root, TargetFile, Targets
 
 from tufa.core.metadata import ROOT, TARGETS, Channel, build_targets, expiry
+from tufa.core.selection import version_key
 from tufa.server.db import (
     channels,
+    device_events,
     device_group_members,
     device_groups,
     devices,
@@ -31,12 +33,13 @@ from tufa.server.db import (
     waves,
 )
 from tufa.server.errors import ApiError, bad_request, conflict, not_found
-from tufa.server.publishing import version_key
 from tufa.server.signatures import verify_signature
 from tufa.server.state import ServerState
 from tufa.server.views import tag_view, wave_view
 
 ACTIVE, COMPLETE, CANCELLED = "active", "complete", "cancelled"
+# Device report events that say a version did not stay installed.
+FAILED_KINDS = ("install-failed", "rolled-back")
 WAVE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MAX_EXPIRES_DAYS = 3650
 PROD = Channel.PROD
@@ -401,6 +404,35 @@ class Waves:
                 devices.c.tag == row.tag,
             )
         ).all()
+        # Once complete, the wave's release is what every device of its tag is served, so
+        # its install counts cover them all.
+        reached = (
+            (devices.c.channel == PROD.value) & (devices.c.tag == row.tag)
+            if row.status == COMPLETE
+            else devices.c.view == wave_view(name)
+        )
+        served_query = (
+            select(func.count())
+            .select_from(devices)
+            .where(devices.c.factory_id == factory_id, reached)
+        )
+        installed = conn.execute(
+            served_query.where(devices.c.installed_version == row.version)
+        ).scalar_one()
+        # A failure counts until the device reports the version installed after all (a
+        # retry that worked); a device that never reported the version installed counts
+        # too (installed_version is NULL, hence IS DISTINCT FROM rather than !=).
+        failed = conn.execute(
+            served_query.where(
+                devices.c.installed_version.is_distinct_from(row.version),
+                exists().where(
+                    device_events.c.factory_id == factory_id,
+                    device_events.c.version == row.version,
+                    device_events.c.device_id == devices.c.id,
+                    device_events.c.kind.in_(FAILED_KINDS),
+                ),
+            )
+        ).scalar_one()
         return {
             "name": row.name,
             "tag": row.tag,
@@ -413,6 +445,8 @@ class Waves:
             "expires": md.signed.expires.isoformat().replace("+00:00", "Z"),
             "devices_served": len(served),
             "devices_of_tag": len(tag_devices),
+            "devices_installed": installed,
+            "devices_failed": failed,
             "created_at": row.created_at.isoformat().replace("+00:00", "Z"),
             "finished_at": row.finished_at.isoformat().replace("+00:00", "Z")
             if row.finished_at

@@ -1,11 +1,14 @@
-"""`/api/v1/factories/{factory}/devices`: registration (register scope) and inventory."""
+"""`/api/v1/factories/{factory}/devices`: registration (register scope) and inventory;
+`/device-reports`: what a device says it runs and what happened (device credentials)."""
 
 from __future__ import annotations
 
+import re
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -13,14 +16,31 @@ from starlette.routing import Route
 
 from tufa.core.metadata import Channel
 from tufa.server.api.common import caller, field, iso, json_object, ok, text_field, threaded
-from tufa.server.auth import Scope, require_factory
-from tufa.server.db import devices
+from tufa.server.auth import Principal, Scope, forbidden, require_factory, unauthorized
+from tufa.server.db import device_events, devices
 from tufa.server.errors import bad_request, conflict, not_found
 from tufa.server.secrets import new_secret, secret_digest
 from tufa.server.views import tag_view
 
 DEVICE_SECRET_PREFIX = "tufad"  # noqa: S105 (a label, not a secret)
 MAX_LABEL = 128
+# Device reports: the limits match the columns of `devices` and `device_events`.
+EVENT_KINDS = (
+    "download-started",
+    "download-finished",
+    "download-failed",
+    "installed",
+    "install-failed",
+    "rolled-back",
+    "check-failed",
+)
+MAX_EVENTS = 100
+MAX_VERSION = 64
+MAX_TARGET = 255
+MAX_DETAIL = 1000
+SHOWN_EVENTS = 20
+EVENT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def _device_json(row: Any) -> dict[str, Any]:
@@ -31,6 +51,18 @@ def _device_json(row: Any) -> dict[str, Any]:
         "tag": row.tag,
         "channel": row.channel,
         "created_at": iso(row.created_at),
+    }
+
+
+def _event_json(row: Any) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "at": iso(row.at),
+        "received_at": iso(row.received_at),
+        "kind": row.kind,
+        "version": row.version,
+        "target": row.target,
+        "detail": row.detail,
     }
 
 
@@ -85,7 +117,14 @@ async def list_all(request: Request) -> JSONResponse:
                 .where(devices.c.factory_id == reader.factory_id)
                 .order_by(devices.c.name)
             ).all()
-        return [_device_json(r) for r in found]
+        return [
+            {
+                **_device_json(r),
+                "installed_version": r.installed_version,
+                "last_report_at": iso(r.last_report_at),
+            }
+            for r in found
+        ]
 
     return ok(await threaded(rows))
 
@@ -103,15 +142,200 @@ async def show(request: Request) -> JSONResponse:
                     (devices.c.id == ident) | (devices.c.name == ident),
                 )
             ).first()
-        if found is None:
-            raise not_found(f"no device {ident!r} in this factory")
-        return _device_json(found)
+            if found is None:
+                raise not_found(f"no device {ident!r} in this factory")
+            # Newest by the device's clock; ties (same second) in a stable order.
+            events = conn.execute(
+                select(device_events)
+                .where(device_events.c.device_id == found.id)
+                .order_by(
+                    device_events.c.at.desc(),
+                    device_events.c.received_at.desc(),
+                    device_events.c.id.desc(),
+                )
+                .limit(SHOWN_EVENTS)
+            ).all()
+        return {
+            **_device_json(found),
+            "installed_version": found.installed_version,
+            "installed_target": found.installed_target,
+            "installed_sha256": found.installed_sha256,
+            "last_report_at": iso(found.last_report_at),
+            "events": [_event_json(e) for e in events],
+        }
 
     return ok(await threaded(row))
+
+
+# -- device reports ---------------------------------------------------------------------
+
+
+def _require_device(principal: Principal | None, factory: str) -> Principal:
+    """The caller, if it is a device of `factory`: reports describe the caller itself,
+    so no token, whatever its scopes, may send one."""
+    if principal is None:
+        raise unauthorized(f"this request needs a device credential of factory {factory!r}")
+    if principal.kind != "device":
+        raise forbidden("only a device credential may send device reports")
+    if principal.factory_name != factory:
+        raise forbidden(f"this credential is not valid for factory {factory!r}")
+    return principal
+
+
+def _text(
+    data: dict[str, Any],
+    key: str,
+    label: str,
+    max_length: int,
+    *,
+    nullable: bool = False,
+) -> str | None:
+    """`data[key]`: 1 to `max_length` printable characters, or None (null or left out)
+    if `nullable`. `label` names the field in the message, e.g. `events[3].version`."""
+    value = data.get(key)
+    if value is None:
+        if nullable:
+            return None
+        raise bad_request(f"field {label!r} is required")
+    if not isinstance(value, str) or not 1 <= len(value) <= max_length or not value.isprintable():
+        least = " or null" if nullable else ""
+        raise bad_request(f"field {label!r} must be 1-{max_length} printable characters{least}")
+    return value
+
+
+def _installed(data: dict[str, Any]) -> dict[str, str | None]:
+    if "installed" not in data:
+        raise bad_request("field 'installed' is required (null when nothing is installed yet)")
+    installed = data["installed"]
+    if installed is None:
+        return {"installed_version": None, "installed_target": None, "installed_sha256": None}
+    if not isinstance(installed, dict):
+        raise bad_request("field 'installed' must be an object or null")
+    sha256 = installed.get("sha256")
+    if not isinstance(sha256, str) or not SHA256.fullmatch(sha256):
+        raise bad_request("field 'installed.sha256' must be 64 hexadecimal digits")
+    return {
+        "installed_version": _text(installed, "version", "installed.version", MAX_VERSION),
+        "installed_target": _text(installed, "target", "installed.target", MAX_TARGET),
+        "installed_sha256": sha256.lower(),
+    }
+
+
+def _timestamp(value: Any, label: str) -> datetime:
+    """An ISO 8601 time with its offset (`Z` or `+00:00`): a time without one could be
+    any time zone's, and the device's own is unknown here."""
+    message = f"field {label!r} must be an ISO 8601 time in UTC, such as 2026-12-01T10:00:00Z"
+    if not isinstance(value, str) or len(value) > 64:
+        raise bad_request(message)
+    try:
+        parsed = datetime.fromisoformat(value)
+        if parsed.tzinfo is None:
+            raise ValueError
+        return parsed.astimezone(UTC)
+    except (ValueError, OverflowError):  # overflow: year 1 or 9999 moved past by its offset
+        raise bad_request(message) from None
+
+
+def _detail(event: dict[str, Any], label: str) -> str:
+    """Any text the agent has, such as an install command's output with its colours and
+    carriage returns (refusing those would keep the agent's report queue stuck); only
+    what no database can store is refused: NUL (PostgreSQL) and lone surrogates."""
+    value = event.get("detail")
+    if isinstance(value, str) and len(value) <= MAX_DETAIL and "\x00" not in value:
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            pass
+        else:
+            return value
+    raise bad_request(
+        f"field {label!r} must be a text of at most {MAX_DETAIL} characters (no NUL "
+        "characters or lone surrogates)"
+    )
+
+
+def _events(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The events of a report, checked; an id given twice counts once (the first)."""
+    events = field(data, "events", list)
+    if len(events) > MAX_EVENTS:
+        raise bad_request(f"field 'events' holds at most {MAX_EVENTS} events; send the rest next")
+    checked: dict[str, dict[str, Any]] = {}
+    for index, event in enumerate(events):
+        where = f"events[{index}]"
+        if not isinstance(event, dict):
+            raise bad_request(f"field {where!r} must be an object")
+        ident = event.get("id")
+        if not isinstance(ident, str) or not EVENT_ID.fullmatch(ident):
+            raise bad_request(f"field '{where}.id' must be 1-64 letters, digits, '_' or '-'")
+        kind = event.get("kind")
+        if kind not in EVENT_KINDS:
+            raise bad_request(f"field '{where}.kind' must be one of {', '.join(EVENT_KINDS)}")
+        checked.setdefault(
+            ident,
+            {
+                "id": ident,
+                "at": _timestamp(event.get("at"), f"{where}.at"),
+                "kind": kind,
+                "version": _text(event, "version", f"{where}.version", MAX_VERSION, nullable=True),
+                "target": _text(event, "target", f"{where}.target", MAX_TARGET, nullable=True),
+                "detail": _detail(event, f"{where}.detail"),
+            },
+        )
+    return list(checked.values())
+
+
+async def report(request: Request) -> JSONResponse:
+    """A device says what it runs now and what happened since its last report."""
+    state, principal = await caller(request)
+    device = _require_device(principal, request.path_params["factory"])
+    device_id, factory_id = device.device_id, device.factory_id
+    data = await json_object(request)
+    installed = _installed(data)
+    events = _events(data)
+
+    def store() -> int:
+        now = state.settings.clock.now()
+        with state.db.write() as conn:
+            # The update comes first: on PostgreSQL it locks the device's row, so two
+            # reports of one device (a resend racing the original) take turns, and the
+            # second sees the events the first stored.
+            conn.execute(
+                update(devices)
+                .where(devices.c.id == device_id)
+                .values(**installed, last_report_at=now)
+            )
+            if not events:
+                return 0
+            known = set(
+                conn.execute(
+                    select(device_events.c.id).where(
+                        device_events.c.device_id == device_id,
+                        device_events.c.id.in_([e["id"] for e in events]),
+                    )
+                ).scalars()
+            )
+            new = [e for e in events if e["id"] not in known]
+            if new:
+                conn.execute(
+                    insert(device_events),
+                    [
+                        {
+                            **e,
+                            "device_id": device_id,
+                            "factory_id": factory_id,
+                            "received_at": now,
+                        }
+                        for e in new
+                    ],
+                )
+        return len(new)
+
+    return ok({"accepted": await threaded(store)})
 
 
 routes = [
     Route("/api/v1/factories/{factory}/devices", register, methods=["POST"]),
     Route("/api/v1/factories/{factory}/devices", list_all, methods=["GET"]),
     Route("/api/v1/factories/{factory}/devices/{device}", show, methods=["GET"]),
+    Route("/api/v1/factories/{factory}/device-reports", report, methods=["POST"]),
 ]

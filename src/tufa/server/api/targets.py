@@ -14,11 +14,12 @@ from starlette.routing import Route
 from tuf.api.metadata import Metadata, TargetFile, Targets
 
 from tufa.core.metadata import TARGETS, Channel
+from tufa.core.selection import version_key
 from tufa.server.api.common import caller, field, iso, json_object, ok, threaded
 from tufa.server.auth import Scope, require_factory
 from tufa.server.db import targets as targets_table
 from tufa.server.errors import bad_request, not_found
-from tufa.server.publishing import CiPublisher, PublishResult, parse_target, version_key
+from tufa.server.publishing import CiPublisher, PublishResult, parse_target
 from tufa.server.repository import DEFAULT_VIEW
 from tufa.server.state import ServerState
 from tufa.server.views import tag_view
