@@ -323,6 +323,7 @@ WITH_EXAMPLES = (
     ("keys", "updates", "set-threshold"),
     ("keys", "updates", "sign"),
     ("targets", "add"),
+    ("targets", "offline-update"),
     ("tokens", "create"),
     ("tokens", "revoke"),
     ("device-groups", "create"),

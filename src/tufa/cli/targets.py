@@ -1,10 +1,16 @@
-"""`tufa targets`: publish CI builds and inspect what each channel offers."""
+"""`tufa targets`: publish CI builds, inspect what each channel offers, and write
+offline (USB) update bundles."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +18,21 @@ import click
 import httpx
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
+from tuf.api import exceptions
+from tuf.api.metadata import Metadata, TargetFile, Targets
+from tuf.ngclient import Updater, UpdaterConfig
 
 from tufa.cli.client import Api, with_api
 from tufa.cli.output import console, json_option, print_json
+from tufa.core.bundle import (
+    BUNDLE_METADATA_URL,
+    BUNDLE_TARGETS_URL,
+    MANIFEST_FILE,
+    METADATA_DIR,
+    TARGETS_DIR,
+    BundleFetcher,
+    BundleManifest,
+)
 
 CHUNK = 1024 * 1024
 
@@ -278,3 +296,326 @@ def prune(api: Api, keep: int, as_json: bool) -> None:
     for removed in result["removed"]:
         click.echo(f"Removed {removed} from CI targets.")
     click.echo(f"CI targets version {result['targets_version']}.")
+
+
+# -- offline (USB) update bundles ------------------------------------------------------
+
+
+def _metadata_field(data: bytes, filename: str, *keys: str) -> Any:
+    """A field of served metadata, read before verification only to know which file to
+    fetch next; ngclient checks everything once the bundle's metadata is complete."""
+    try:
+        value: Any = json.loads(data)
+        for key in keys:
+            value = value[key]
+    except (ValueError, KeyError, TypeError, IndexError):
+        value = None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise click.ClickException(
+            f"the server served a malformed {filename} (no {'.'.join(keys)}); nothing was "
+            "written. Run again; if it persists, tell the server's operator"
+        )
+    return value
+
+
+def _served_metadata(api: Api, channel: str, tag: str) -> dict[str, bytes]:
+    """What a device of `channel` and `tag` is served, by bundle file name: the root chain
+    1..N, the timestamp of its view, and the snapshot and targets versions it names."""
+    base = api.factory_path(f"/repo/{channel}/metadata/")
+
+    def get(filename: str) -> bytes:
+        return api.request("GET", f"{base}{filename}").content
+
+    files: dict[str, bytes] = {}
+    newest = _metadata_field(get("root.json"), "root.json", "signed", "version")
+    for version in range(1, newest + 1):
+        files[f"{version}.root.json"] = get(f"{version}.root.json")
+    # CI devices of every tag are served the default view; production devices their tag's.
+    query = f"?{httpx.QueryParams({'tag': tag})}" if channel == "prod" else ""
+    timestamp = get(f"timestamp.json{query}")
+    files["timestamp.json"] = timestamp
+    snapshot_version = _metadata_field(
+        timestamp, "timestamp.json", "signed", "meta", "snapshot.json", "version"
+    )
+    snapshot = get(f"{snapshot_version}.snapshot.json")
+    files[f"{snapshot_version}.snapshot.json"] = snapshot
+    targets_version = _metadata_field(
+        snapshot, "snapshot.json", "signed", "meta", "targets.json", "version"
+    )
+    files[f"{targets_version}.targets.json"] = get(f"{targets_version}.targets.json")
+    return files
+
+
+def _write_synced(path: Path, chunks: Iterator[bytes]) -> None:
+    """Write and fsync: a USB stick is pulled soon after the command ends."""
+    with path.open("wb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sync_dir(path: Path) -> None:
+    # Some file systems (FAT on USB sticks among them) refuse fsync on a directory;
+    # the files themselves are synced already.
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _verified_updater(bundle: Path, trust_dir: Path, root_v1: bytes) -> Updater:
+    """python-tuf's ngclient over the bundle, from root 1, refreshed: the checks a device
+    runs on it (root chain, signatures, thresholds, consistent versions, expiry)."""
+    updater = Updater(
+        str(trust_dir),
+        BUNDLE_METADATA_URL,
+        target_base_url=BUNDLE_TARGETS_URL,
+        fetcher=BundleFetcher(bundle),
+        config=UpdaterConfig(prefix_targets_with_hash=False),
+        bootstrap=root_v1,
+    )
+    updater.refresh()
+    return updater
+
+
+def _custom(target: TargetFile) -> dict[str, Any]:
+    custom = target.unrecognized_fields.get("custom")
+    return custom if isinstance(custom, dict) else {}
+
+
+def _tags_of(target: TargetFile) -> list[str]:
+    tags = _custom(target).get("tags")
+    return [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else []
+
+
+def _pick(targets_md: Targets, tag: str, version: str, channel: str) -> list[str]:
+    """The names of every target of `version` and `tag`, for all hardware ids."""
+    chosen = sorted(
+        name
+        for name, target in targets_md.targets.items()
+        if _custom(target).get("version") == version and tag in _tags_of(target)
+    )
+    if chosen:
+        return chosen
+    offered = sorted(
+        {str(_custom(t).get("version")) for t in targets_md.targets.values() if tag in _tags_of(t)}
+    )
+    if channel == "prod":
+        have = f"released: {', '.join(offered)}" if offered else "nothing is released to it yet"
+        raise click.ClickException(
+            f"version {version} of tag {tag} is not released to production devices of tag "
+            f"{tag} ({have}): release it first (`tufa waves init NAME {version} {tag} -k "
+            "ARCHIVE`, then `tufa waves complete NAME`), or check `tufa targets list --prod "
+            f"--tag {tag}`"
+        )
+    have = f"it has versions {', '.join(offered)}" if offered else f"none has tag {tag}"
+    raise click.ClickException(
+        f"the CI channel has no target of tag {tag} and version {version} ({have}): check "
+        f"`tufa targets list --tag {tag}`, or publish it with `tufa targets add`"
+    )
+
+
+def _download_target(
+    api: Api, channel: str, info: TargetFile, dest: Path, label: str, quiet: bool
+) -> None:
+    """Fetch one target into `dest`, refusing any byte past its signed length and any
+    content whose SHA-256 differs from the signed one."""
+    sha256 = info.hashes.get("sha256")
+    if sha256 is None:
+        raise click.ClickException(f"target {info.path} has no SHA-256 in its metadata")
+    external = _custom(info).get("url")
+    headers: dict[str, str] = {}
+    if isinstance(external, str):
+        # The token goes to the tufa server only, never to an external target's host;
+        # only the signed length and hash are trusted, so its redirects may be followed.
+        url = external
+    else:
+        url = f"{api.server}{api.factory_path(f'/repo/{channel}/targets/{sha256}.{info.path}')}"
+        if api.token:
+            headers["Authorization"] = f"Bearer {api.token}"
+    digest = hashlib.sha256()
+    received = 0
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=console(stderr=True),
+        disable=quiet,
+    ) as progress:
+        task = progress.add_task(label, total=info.length)
+
+        def chunks(response: httpx.Response) -> Iterator[bytes]:
+            nonlocal received
+            for chunk in response.iter_bytes(CHUNK):
+                received += len(chunk)
+                if received > info.length:
+                    raise click.ClickException(
+                        f"{url} sends more than the {info.length} bytes signed for "
+                        f"{info.path}: the file there is not the one published"
+                    )
+                digest.update(chunk)
+                progress.advance(task, len(chunk))
+                yield chunk
+
+        try:
+            with httpx.stream(
+                "GET", url, headers=headers, timeout=120, follow_redirects=isinstance(external, str)
+            ) as response:
+                if response.status_code != 200:
+                    response.read()
+                    raise click.ClickException(
+                        f"cannot download {info.path} from {url}: "
+                        f"{_refusal(response)}; nothing was written"
+                    )
+                _write_synced(dest, chunks(response))
+        except httpx.HTTPError as e:
+            raise click.ClickException(
+                f"download of {info.path} from {url} failed: {e}; nothing was written, run again"
+            ) from e
+    if received != info.length or digest.hexdigest() != sha256:
+        raise click.ClickException(
+            f"{info.path} from {url} does not match its signed length and SHA-256: the file "
+            "there is not the one published; nothing was written"
+        )
+
+
+def _refusal(response: httpx.Response) -> str:
+    try:
+        message = str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        message = response.text[:200]
+    return f"HTTP {response.status_code} {message}".strip()
+
+
+def _check_destination(directory: Path) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise click.ClickException(
+            f"{directory} exists and is not a directory: give a new or empty directory"
+        )
+    if directory.is_dir() and any(directory.iterdir()):
+        raise click.ClickException(
+            f"{directory} exists and is not empty: give a new or empty directory (a bundle "
+            "is never written among other files, so a device reads only what it verifies)"
+        )
+
+
+def _expires(metadata: dict[str, bytes]) -> datetime:
+    """When devices stop accepting the bundle: the earliest expiry of the newest root,
+    timestamp, snapshot and targets (older roots only lead to the newest)."""
+    roots = [name for name in metadata if name.endswith(".root.json")]
+    newest_root = max(roots, key=lambda name: int(name.split(".")[0]))
+    return min(
+        Metadata.from_bytes(data).signed.expires
+        for name, data in metadata.items()
+        if name not in roots or name == newest_root
+    )
+
+
+def _build_bundle(
+    api: Api, partial: Path, tag: str, version: str, channel: str, quiet: bool
+) -> tuple[BundleManifest, list[TargetFile], datetime]:
+    """Fetch, verify and write the whole bundle into `partial`."""
+    metadata = _served_metadata(api, channel, tag)
+    (partial / METADATA_DIR).mkdir(parents=True)
+    (partial / TARGETS_DIR).mkdir()
+    for filename, data in metadata.items():
+        _write_synced(partial / METADATA_DIR / filename, iter([data]))
+    with tempfile.TemporaryDirectory(prefix="tufa-bundle-trust-") as trust:
+        try:
+            updater = _verified_updater(partial, Path(trust), metadata["1.root.json"])
+        except (exceptions.RepositoryError, exceptions.DownloadError) as e:
+            raise click.ClickException(
+                f"the metadata the server serves does not verify with python-tuf ({e}); "
+                "nothing was written. Run again (a key rotation may have been under way); "
+                "if it persists, tell the server's operator"
+            ) from e
+        # The very bytes ngclient just verified; it keeps its own copy private.
+        (targets_bytes,) = (
+            data for name, data in metadata.items() if name.endswith(".targets.json")
+        )
+        names = _pick(Metadata[Targets].from_bytes(targets_bytes).signed, tag, version, channel)
+        infos = []
+        for number, name in enumerate(names, start=1):
+            info = updater.get_targetinfo(name)  # from what ngclient verified
+            if info is None:  # pragma: no cover - listed in the very targets it verified
+                raise click.ClickException(f"target {name} vanished from the verified targets")
+            label = f"[{number}/{len(names)}] {name}"
+            _download_target(api, channel, info, partial / TARGETS_DIR / name, label, quiet)
+            infos.append(info)
+    manifest = BundleManifest(
+        factory=api.factory,
+        channel=channel,
+        tag=tag,
+        version=version,
+        created_at=datetime.now(UTC).replace(microsecond=0),
+        targets=tuple(names),
+    )
+    _write_synced(partial / MANIFEST_FILE, iter([manifest.to_json().encode()]))
+    for folder in (partial / METADATA_DIR, partial / TARGETS_DIR, partial):
+        _sync_dir(folder)
+    return manifest, infos, _expires(metadata)
+
+
+@targets.command("offline-update")
+@click.argument("tag")
+@click.argument("version")
+@click.argument("directory", metavar="DIR", type=click.Path(path_type=Path))
+@click.option("--prod", is_flag=True, help="What production devices of TAG are served.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@json_option
+@with_api
+def offline_update(
+    api: Api, tag: str, version: str, directory: Path, prod: bool, quiet: bool, as_json: bool
+) -> None:
+    """Write an offline (USB) update bundle of build VERSION of tag TAG into DIR.
+
+    The bundle holds the TUF metadata a device of the channel and tag is served (the
+    whole root chain, timestamp, snapshot, targets) and every target of VERSION with
+    TAG, for all hardware ids. It is verified with python-tuf first, and written into
+    DIR.partial then renamed, so DIR is either a complete bundle or absent. DIR must
+    be new or empty. A device installs it with `tufa-agent install-bundle DIR`, with
+    the same checks as an online update: it must do so before the bundle expires.
+
+    Without --prod: the CI channel. With --prod: production, where VERSION must have
+    been released to TAG (a completed wave).
+
+    \b
+    Examples:
+      tufa targets offline-update main 42 /media/usb/update-42
+      tufa targets offline-update main 42 /media/usb/update-42 --prod
+    """
+    channel = "prod" if prod else "ci"
+    directory = Path(os.path.abspath(directory))
+    _check_destination(directory)
+    partial = directory.with_name(f"{directory.name}.partial")
+    # Left by a cut run of this command: never a bundle, so it goes.
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        manifest, infos, expires = _build_bundle(
+            api, partial, tag, version, channel, quiet or as_json
+        )
+        _check_destination(directory)  # again: something may have written there meanwhile
+        if directory.is_dir():
+            directory.rmdir()
+        partial.rename(directory)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    _sync_dir(directory.parent)
+    if as_json:
+        click.echo(manifest.to_json(), nl=False)
+        return
+    click.echo(
+        f"Wrote {directory}: version {version} of tag {tag}, {channel} channel of "
+        f"{manifest.factory}, {len(infos)} target(s):"
+    )
+    for info in infos:
+        click.echo(f"  {info.path}  {info.length} bytes  sha256 {info.hashes['sha256'][:16]}…")
+    click.echo(
+        f"Devices accept it until {expires:%Y-%m-%d %H:%M:%S} UTC, when its metadata "
+        f"expires. On a device: tufa-agent install-bundle {directory}"
+    )

@@ -4,6 +4,9 @@
 client can use with consistent snapshots: `N.root.json`, `timestamp.json`,
 `N.snapshot.json`, `N.targets.json` (plus `root.json` for the newest root). Bytes come
 straight from storage with their ETag; versioned files are immutable and cacheable.
+
+`timestamp.json?tag=T` on the production channel gives a token holder the timestamp a
+production device of tag T is served (what `tufa targets offline-update --prod` bundles).
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ from tufa.server.auth import (
     unauthorized,
 )
 from tufa.server.db import factories, targets
-from tufa.server.errors import not_found
+from tufa.server.errors import bad_request, not_found
+from tufa.server.publishing import LABEL
 from tufa.server.repository import DEFAULT_VIEW, StoredFile
 from tufa.server.state import ServerState, state_of
+from tufa.server.views import tag_view
 
 _VERSIONED = re.compile(r"^([1-9][0-9]{0,9})\.(root|snapshot|targets)\.json$")
 _LATEST = {"timestamp.json": TIMESTAMP, "root.json": ROOT}
@@ -62,10 +67,16 @@ def _parse_filename(filename: str) -> tuple[str, int | None]:
 
 
 def _authorize(
-    state: ServerState, conn: Connection, secret: str | None, name: str, channel: str
+    state: ServerState,
+    conn: Connection,
+    secret: str | None,
+    name: str,
+    channel: str,
+    tag: str | None = None,
 ) -> tuple[Any, str]:
     """The factory row, if the caller may read `channel` of it, and the caller's view:
-    a production device's tag or wave; the channel's default view for everyone else."""
+    a production device's tag or wave; for a token, the production view of `tag` if one
+    is asked for; the channel's default view for everyone else."""
     principal = (
         authenticate(conn, secret, state.settings.clock.now()) if secret is not None else None
     )
@@ -73,20 +84,39 @@ def _authorize(
     if principal is None:
         if factory is None or not factory.anonymous_read:
             raise unauthorized(f"reading factory {name!r} needs a token or device credential")
+        if tag is not None:
+            # Refused rather than ignored: the caller would silently take the default
+            # view for what the tag's devices are served.
+            raise unauthorized("reading a tag's timestamp (?tag=) needs a token")
     else:
         require_factory(principal, name, READERS, device_reads=True)
-        if principal.kind == "device" and principal.channel != channel:
-            raise forbidden(f"this device follows the {principal.channel} channel, not {channel}")
+        if principal.kind == "device":
+            # A device is served its own view whatever it asks for.
+            if principal.channel != channel:
+                raise forbidden(
+                    f"this device follows the {principal.channel} channel, not {channel}"
+                )
+            return factory, principal.view
+        if tag is not None and channel == Channel.PROD.value:
+            if not LABEL.fullmatch(tag):
+                raise bad_request(f"?tag={tag!r} is not a tag: tags are labels such as 'main'")
+            # CI devices of any tag are served the default view, so only prod has tags.
+            return factory, tag_view(tag)
     return factory, principal.view if principal is not None else DEFAULT_VIEW
 
 
 def _lookup(
-    state: ServerState, secret: str | None, name: str, channel: str, filename: str
+    state: ServerState,
+    secret: str | None,
+    name: str,
+    channel: str,
+    filename: str,
+    tag: str | None = None,
 ) -> tuple[StoredFile, bool]:
     """Authenticate, authorise and find the file in one read transaction."""
     role, version = _parse_filename(filename)
     with state.db.read() as conn:
-        factory, view = _authorize(state, conn, secret, name, channel)
+        factory, view = _authorize(state, conn, secret, name, channel, tag)
         stored = state.repo.read_file(conn, factory.id, channel, role, version, view)
     if stored is None:
         raise not_found(f"{filename} does not exist in the {channel} channel")
@@ -142,8 +172,11 @@ async def metadata(request: Request) -> Response:
     if channel not in CHANNELS:
         raise not_found(f"unknown channel {channel!r}: use 'ci' or 'prod'")
     filename = request.path_params["filename"]
-    stored, public = await threaded(lambda: _lookup(state, secret, name, channel, filename))
-    visibility = "public" if public else "private"
+    # Only timestamp.json depends on the view; versioned files name one file in all views.
+    tag = request.query_params.get("tag") if filename == "timestamp.json" else None
+    stored, public = await threaded(lambda: _lookup(state, secret, name, channel, filename, tag))
+    # A tag's timestamp is for token holders only: no shared cache may hand it on.
+    visibility = "public" if public and tag is None else "private"
     versioned = version_of(filename) is not None
     headers = {
         "ETag": stored.etag,
