@@ -13,15 +13,19 @@ import shlex
 import subprocess
 import tarfile
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import click
 import httpx
-from tuf.ngclient import Updater
 
+from tufa.cli.impostor import Impostor
 from tufa.cli.local_server import LocalServer, console_script
-from tufa.core.fetcher import BearerFetcher
+
+AGENT_INTERVAL = "1"
+WAIT_SECONDS = 60.0
 
 
 @dataclass
@@ -29,6 +33,7 @@ class _Story:
     workdir: Path
     server: LocalServer
     env: dict[str, str] = field(default_factory=dict)
+    agents: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def chapter(self, title: str) -> None:
         click.secho(f"\n== {title}", bold=True, fg="cyan")
@@ -36,11 +41,13 @@ class _Story:
     def say(self, text: str) -> None:
         click.secho(text, fg="bright_black")
 
-    def tufa(self, *args: str, fails: bool = False, shown: tuple[str, ...] | None = None) -> str:
-        """Run `tufa ARGS`, echoing it; `fails` means the step is meant to be refused."""
-        click.secho(f"$ tufa {shlex.join(shown or args)}", fg="green")
+    def command(
+        self, program: str, *args: str, fails: bool = False, shown: tuple[str, ...] | None = None
+    ) -> str:
+        """Run PROGRAM ARGS, echoing it; `fails` means the step is meant to be refused."""
+        click.secho(f"$ {program} {shlex.join(shown or args)}", fg="green")
         done = subprocess.run(
-            [console_script("tufa"), *args],
+            [console_script(program), *args],
             cwd=self.workdir,
             env={**os.environ, **self.env},
             capture_output=True,
@@ -52,23 +59,59 @@ class _Story:
             click.echo(output)
         if (done.returncode != 0) != fails:
             expected = "be refused" if fails else "succeed"
-            raise click.ClickException(f"demo step `tufa {shlex.join(args)}` did not {expected}")
+            raise click.ClickException(
+                f"demo step `{program} {shlex.join(args)}` did not {expected}"
+            )
         return done.stdout
 
+    def tufa(self, *args: str, fails: bool = False, shown: tuple[str, ...] | None = None) -> str:
+        return self.command("tufa", *args, fails=fails, shown=shown)
 
-def _refresh(
-    story: _Story, device: str, channel: str, credential: str, root: bytes | None
-) -> Updater:
-    """One TUF refresh, as a device does at each poll: a new client over the metadata it
-    trusts on disk (bootstrapped with `root` the first time)."""
-    metadata_url = f"{story.server.url}/api/v1/factories/demo/repo/{channel}/metadata/"
-    trust_dir = story.workdir / f"device-{device}"
-    trust_dir.mkdir(exist_ok=True)
-    updater = Updater(
-        str(trust_dir), metadata_url, fetcher=BearerFetcher(credential), bootstrap=root
-    )
-    updater.refresh()
-    return updater
+    def agent_dir(self, device: str) -> Path:
+        return self.workdir / "devices" / device
+
+    def start_agent(self, device: str) -> None:
+        """`tufa-agent run` for DEVICE in the background, logging to devices/DEVICE.log."""
+        args = ("run", "--interval", AGENT_INTERVAL, "--dir", f"devices/{device}")
+        click.secho(f"$ tufa-agent {shlex.join(args)} &", fg="green")
+        with (self.workdir / "devices" / f"{device}.log").open("ab") as log:
+            self.agents[device] = subprocess.Popen(
+                [console_script("tufa-agent"), *args], cwd=self.workdir, stdout=log, stderr=log
+            )
+
+    def stop_agents(self) -> None:
+        for process in self.agents.values():
+            process.terminate()
+            process.wait(timeout=10)
+        self.agents.clear()
+
+    def agent_status(self, device: str) -> dict[str, Any]:
+        status_file = self.agent_dir(device) / "status.json"
+        found: dict[str, Any] = json.loads(status_file.read_bytes()) if status_file.exists() else {}
+        return found
+
+    def wait_installed(self, device: str, version: str) -> None:
+        """Wait until DEVICE's running agent has installed VERSION, then show its status."""
+        deadline = time.monotonic() + WAIT_SECONDS
+        while (self.agent_status(device).get("installed") or {}).get("version") != version:
+            process = self.agents.get(device)
+            if process is not None and process.poll() is not None:
+                raise click.ClickException(f"the agent of {device} exited")
+            if time.monotonic() > deadline:
+                raise click.ClickException(f"{device} did not install version {version}")
+            time.sleep(0.2)
+        self.command("tufa-agent", "status", "--dir", f"devices/{device}")
+
+
+def _register(story: _Story, device: str, channel: str, registration_token: str) -> None:
+    args = (
+        "register", "--server", story.server.url, "--factory", "demo", "--token",
+        registration_token, "--hardware-id", "rpi4", "--tag", "main", "--root",
+        f"{channel}-root.json", "--name", device, "--dir", f"devices/{device}",
+        "--health-check", 'test -s "$TUFA_TARGET_PATH"',
+    )  # fmt: skip
+    shown = tuple("$REGISTRATION_TOKEN" if a == registration_token else a for a in args)
+    story.command("tufa-agent", *args, shown=shown)
 
 
 def _run_story(story: _Story) -> None:
@@ -89,6 +132,10 @@ def _run_story(story: _Story) -> None:
     story.tufa("keys", "show-root", "-k", "demo-keys.tgz")
     story.tufa("keys", "show-root", "--prod", "-k", "demo-keys.tgz")
     story.tufa("factory", "show")
+    for channel in ("ci", "prod"):
+        root = story.tufa("get", f"/api/v1/factories/demo/repo/{channel}/metadata/1.root.json")
+        (story.workdir / f"{channel}-root.json").write_text(root)
+    story.say("ci-root.json and prod-root.json are flashed onto devices at the factory")
 
     story.chapter("4. Tokens: one for the assembly line that registers devices")
     created = json.loads(
@@ -96,38 +143,24 @@ def _run_story(story: _Story) -> None:
     )
     story.tufa("tokens", "list")
 
-    story.chapter("5. Devices register, one per channel")
-    credentials: dict[str, str] = {}
+    story.chapter("5. Devices register with the root they were provisioned with")
     devices = (("ci", "dev-board-1"), ("prod", "field-unit-1"), ("prod", "field-unit-2"))
     for channel, name in devices:
-        body = {"name": name, "hardware_id": "rpi4", "tag": "main", "channel": channel}
-        story.say(f"POST /api/v1/factories/demo/devices {json.dumps(body)}")
-        response = httpx.post(
-            f"{url}/api/v1/factories/demo/devices",
-            json=body,
-            headers={"Authorization": f"Bearer {created['token']}"},
-        )
-        response.raise_for_status()
-        credentials[name] = response.json()["credential"]
+        _register(story, name, channel, created["token"])
     story.tufa("devices", "list")
-
-    story.chapter("6. Each device refreshes its channel with python-tuf's ngclient")
-    roots = {
-        channel: story.tufa("get", f"/api/v1/factories/demo/repo/{channel}/metadata/1.root.json")
-        for channel in ("ci", "prod")
-    }
-    for channel, name in devices:
-        updater = _refresh(story, name, channel, credentials[name], roots[channel].encode())
-        _report(story, name, updater)
+    story.say("two of them run the agent from now on, checking every second")
+    story.start_agent("dev-board-1")
+    story.start_agent("field-unit-1")
+    credential = (story.agent_dir("dev-board-1") / "credential").read_text().strip()
     other = httpx.get(
         f"{url}/api/v1/factories/demo/repo/prod/metadata/timestamp.json",
-        headers={"Authorization": f"Bearer {credentials['dev-board-1']}"},
+        headers={"Authorization": f"Bearer {credential}"},
     )
     story.say(f"the CI device asking for production metadata gets HTTP {other.status_code}")
     if other.status_code != 403:
         raise click.ClickException("a CI device could read the production channel")
 
-    story.chapter("7. The owner takes the keys: new root key, new offline targets key")
+    story.chapter("6. The owner takes the keys: new root key, new offline targets key")
     story.tufa("keys", "rotate-root", "demo-keys.tgz")
     story.tufa("keys", "rotate-targets", "demo-keys.tgz", "--key-type", "ecdsa")
     story.tufa("keys", "show-root", "--prod", "-k", "demo-keys.tgz")
@@ -135,7 +168,7 @@ def _run_story(story: _Story) -> None:
     story.tufa("keys", "copy-targets", "demo-keys.tgz", "release-keys.tgz")
     story.tufa("keys", "rotate-root", "release-keys.tgz", fails=True)
 
-    story.chapter("8. A root update as a transaction: a second release manager's key")
+    story.chapter("7. A root update as a transaction: a second release manager's key")
     story.tufa("keys", "updates", "init", "-m", "add carol as release manager")
     story.tufa("keys", "updates", "add-offline-key", "-r", "targets", "-k", "carol.tgz")
     story.tufa("keys", "updates", "review", "--diff")
@@ -143,11 +176,7 @@ def _run_story(story: _Story) -> None:
     story.tufa("keys", "updates", "sign", "-k", "demo-keys.tgz")
     story.tufa("keys", "updates", "apply", "-k", "demo-keys.tgz")
 
-    story.chapter("9. The devices follow the new roots from the ones they trusted")
-    for channel, name in devices:
-        _report(story, name, _refresh(story, name, channel, credentials[name], None))
-
-    story.chapter("10. CI publishes builds: development devices see them at once")
+    story.chapter("8. CI publishes builds: the development device installs them at once")
     ci_token = json.loads(story.tufa("tokens", "create", "--scope", "ci", "-d", "CI", "--json"))
     for build in ("42", "43"):
         (story.workdir / f"image-{build}.img").write_bytes(os.urandom(256 * 1024))
@@ -158,31 +187,50 @@ def _run_story(story: _Story) -> None:
         )  # fmt: skip
         story.tufa(*add, ci_token["token"], shown=(*add, "$CI_TOKEN"))
     story.tufa("targets", "list")
-    for channel, name in devices:
-        _report(story, name, _refresh(story, name, channel, credentials[name], None))
+    story.wait_installed("dev-board-1", "43")
+    story.say("it followed the root from v1 to the owner's newest on the way")
+    story.tufa("devices", "show", "dev-board-1")
+    story.say("production devices install nothing that the owner did not sign")
+    story.command("tufa-agent", "check", "--dir", "devices/field-unit-1")
 
-    story.chapter("11. A wave releases build 42 to production, signed with the offline key")
+    story.chapter("9. A wave releases build 42 to production, signed with the offline key")
     story.tufa("waves", "init", "release-42", "42", "main", "-k", "release-keys.tgz")
     story.tufa("device-groups", "create", "canaries")
     story.tufa("device-groups", "add", "canaries", "field-unit-1")
     story.tufa("waves", "rollout", "release-42", "canaries")
+    story.wait_installed("field-unit-1", "42")
+    story.command("tufa-agent", "run", "--once", "--dir", "devices/field-unit-2")
     story.tufa("waves", "status", "release-42")
-    for channel, name in devices[1:]:
-        _report(story, name, _refresh(story, name, channel, credentials[name], None))
     story.tufa("waves", "complete", "release-42")
+    story.command("tufa-agent", "run", "--once", "--dir", "devices/field-unit-2")
     story.tufa("targets", "list", "--prod", "--tag", "main")
-    for channel, name in devices[1:]:
-        _report(story, name, _refresh(story, name, channel, credentials[name], None))
 
-
-def _report(story: _Story, device: str, updater: Updater) -> None:
-    trusted = updater._trusted_set  # read-only look at what the client now trusts
-    names = ", ".join(sorted(trusted.targets.targets)) or "no targets"
-    story.say(
-        f"{device}: verified root v{trusted.root.version}, timestamp "
-        f"v{trusted.timestamp.version}, snapshot v{trusted.snapshot.version}, targets "
-        f"v{trusted.targets.version}: {names}"
-    )
+    story.chapter("10. Friday night: an impostor answers for the update server")
+    story.stop_agents()
+    trusted_root = json.loads(
+        story.command("tufa-agent", "status", "--json", "--dir", "devices/dev-board-1")
+    )["trusted_metadata"]["root"]
+    impostor = Impostor("demo", "ci", trusted_root + 1, "rpi4", "main")
+    try:
+        config_file = story.agent_dir("dev-board-1") / "config.json"
+        genuine = config_file.read_bytes()
+        config = json.loads(genuine)
+        config_file.write_text(json.dumps({**config, "server": impostor.url}))
+        story.say(
+            f"a hijacked DNS name sends dev-board-1 to {impostor.url}, which offers build 765 "
+            "under a newer root, all signed with its own keys"
+        )
+        story.command("tufa-agent", "run", "--once", "--dir", "devices/dev-board-1", fails=True)
+        status = json.loads(
+            story.command("tufa-agent", "status", "--json", "--dir", "devices/dev-board-1")
+        )
+        if (status["installed"] or {}).get("version") != "43":
+            raise click.ClickException("the impostor changed what dev-board-1 runs")
+        story.say("refused: dev-board-1 still runs build 43; with its server back, it carries on")
+        config_file.write_bytes(genuine)
+        story.command("tufa-agent", "run", "--once", "--dir", "devices/dev-board-1")
+    finally:
+        impostor.close()
 
 
 @click.command()
@@ -198,9 +246,10 @@ def demo(data_dir: Path | None, keep_running: bool) -> None:
     """Run the end-to-end demo against a fresh server on SQLite.
 
     Starts `tufa-server run` on a free loopback port, then walks through factory
-    creation, the one-time keys download, roots, tokens, device registration, TUF
-    refreshes of both channels, the owner's key rotations and a root update
-    transaction. Exits non-zero if any step misbehaves.
+    creation, the one-time keys download, roots, tokens, devices registering with
+    `tufa-agent`, the owner's key rotations, a root update transaction, CI builds
+    installed by a development device's agent, a wave to production agents, and a
+    device refusing an impostor server. Exits non-zero if any step misbehaves.
     """
     if keep_running and data_dir is None:
         raise click.UsageError("--keep-running needs --data-dir, so the data outlives the demo")
@@ -217,6 +266,7 @@ def demo(data_dir: Path | None, keep_running: bool) -> None:
         server.start()
         story = _Story(workdir, server, env={"TUFA_CONFIG": str(workdir / "config.json")})
         try:
+            (workdir / "devices").mkdir()
             _run_story(story)
             click.secho("\nDemo finished: every step behaved as described.", bold=True, fg="green")
             if keep_running:
@@ -224,6 +274,9 @@ def demo(data_dir: Path | None, keep_running: bool) -> None:
                 server.process = None
         except BaseException:
             click.echo(f"--- server log ---\n{server.log()}", err=True)
+            for log in sorted((workdir / "devices").glob("*.log")):
+                click.echo(f"--- {log.stem} agent log ---\n{log.read_text()}", err=True)
             raise
         finally:
+            story.stop_agents()
             server.stop()

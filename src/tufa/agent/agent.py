@@ -1,0 +1,326 @@
+"""One device's update cycle: refresh, select, download, install, report.
+
+Each step starts from what ngclient verified. The cycle never goes down: it installs a
+target only if its version is higher than the one installed, and a release that failed
+to install is not tried again until a newer one is published.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import tuf
+from tuf.api import exceptions
+from tuf.api.metadata import TargetFile
+from tuf.ngclient import FetcherInterface
+
+import tufa
+from tufa.agent.download import (
+    DownloadFailed,
+    copy_verified,
+    download,
+    sha256_of,
+    verified_file,
+)
+from tufa.agent.install import CommandInstaller, Installer, Outcome, SlotInstaller
+from tufa.agent.reports import EventQueue, send_reports
+from tufa.agent.state import AgentError, AgentStatus, Release, StateDir, now_iso
+from tufa.agent.trust import VERIFICATION_ERRORS, open_updater, trusted_targets
+from tufa.core.bundle import BUNDLE_METADATA_URL, TARGETS_DIR, BundleFetcher, read_manifest
+from tufa.core.crashpoints import crashpoint
+from tufa.core.fetcher import BearerFetcher
+from tufa.core.selection import custom_of, newest_for, target_version, version_key
+
+log = logging.getLogger("tufa.agent")
+
+USER_AGENT = f"tufa-agent/{tufa.__version__} python-tuf/{tuf.__version__}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a check found: the release to install, or why nothing is to be done."""
+
+    release: Release | None
+    reason: str
+    target: TargetFile | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"install": asdict(self.release) if self.release else None, "reason": self.reason}
+
+
+def release_of(target: TargetFile) -> Release:
+    return Release(
+        version=target_version(target) or "",
+        target=target.path,
+        sha256=sha256_of(target),
+        length=target.length,
+    )
+
+
+def plan_for(status: AgentStatus, hardware_id: str, tag: str, targets: list[TargetFile]) -> Plan:
+    target = newest_for(targets, hardware_id, tag)
+    if target is None:
+        return Plan(None, f"no target is published for hardware id {hardware_id!r} and tag {tag!r}")
+    release = release_of(target)
+    installed = status.installed
+    if installed is not None and installed.sha256 == release.sha256:
+        return Plan(None, f"version {installed.version} ({installed.target}) is up to date")
+    if release.sha256 in status.failed:
+        return Plan(
+            None,
+            f"version {release.version} ({release.target}) failed to install before; "
+            "waiting for a newer version",
+        )
+    if installed is not None and version_key(release.version) <= version_key(installed.version):
+        return Plan(
+            None,
+            f"refusing to move from version {installed.version} to {release.version} "
+            f"({release.target}): the agent never installs a lower or equal version",
+        )
+    return Plan(release, f"version {release.version} ({release.target}) is to be installed", target)
+
+
+def make_installer(
+    state: StateDir, kind: str, command: str | None, health_check: str | None, timeout: float
+) -> Installer:
+    if kind == "command":
+        if not command:
+            raise AgentError("the command installer needs --install-command")
+        return CommandInstaller(state, command, timeout)
+    return SlotInstaller(state, health_check, timeout)
+
+
+class Agent:
+    def __init__(self, state: StateDir, timeout: float = 30.0) -> None:
+        self.state = state
+        self.config = state.config()
+        credential = state.credential()
+        self.events = EventQueue(state.path)
+        self.installer = make_installer(
+            state,
+            self.config.installer,
+            self.config.install_command,
+            self.config.health_check,
+            self.config.health_timeout,
+        )
+        limits = httpx.Timeout(timeout, connect=min(timeout, 10.0))
+        headers = {"User-Agent": USER_AGENT}
+        self.client = httpx.Client(
+            headers={**headers, "Authorization": f"Bearer {credential}"}, timeout=limits
+        )
+        # Targets hosted elsewhere (a CDN, a bucket) never see the device credential.
+        self.external = httpx.Client(headers=headers, timeout=limits, follow_redirects=True)
+        self.fetcher = BearerFetcher(credential, timeout=timeout)
+
+    def close(self) -> None:
+        self.client.close()
+        self.external.close()
+        self.fetcher.close()
+
+    # Recovery ---------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Finish or undo an install that a power cut interrupted."""
+        status = self.state.status()
+        pending = status.pending
+        if pending is None:
+            return
+        outcome = self.installer.resume(pending)
+        if outcome is None:
+            log.warning(
+                "the install of version %s was cut before it took effect; the device still "
+                "runs %s and will install it again",
+                pending.version,
+                status.installed.version if status.installed else "nothing",
+            )
+            status.pending = None
+            self.state.save_status(status)
+            return
+        log.info("finishing the install of version %s that a restart interrupted", pending.version)
+        self._conclude(status, pending, outcome)
+
+    # One cycle ----------------------------------------------------------------------------
+
+    def check(
+        self, metadata_url: str | None = None, fetcher: FetcherInterface | None = None
+    ) -> Plan:
+        """Refresh the trusted metadata (from the server, or another source such as an
+        offline bundle) and decide; nothing is downloaded."""
+        status = self.state.status()
+        try:
+            updater = open_updater(
+                self.state.metadata,
+                metadata_url or self.config.metadata_url,
+                fetcher or self.fetcher,
+            )
+            updater.refresh()
+            targets = list(trusted_targets(self.state.metadata).values())
+        except Exception as e:
+            self._record_error(status, e)
+            raise
+        status.last_check = now_iso()
+        self.state.save_status(status)
+        return plan_for(status, self.config.hardware_id, self.config.tag, targets)
+
+    def poll(self) -> Plan:
+        """One full cycle: check, and install what the check found; then report."""
+        try:
+            plan = self.check()
+            log.info("%s", plan.reason)
+            if plan.release is not None and plan.target is not None:
+                file = self._download(plan.release, plan.target)
+                self.install(plan.release, file)
+            status = self.state.status()
+            status.last_error = None
+            self.state.save_status(status)
+            return plan
+        finally:
+            self.report()
+
+    def report(self) -> None:
+        status = self.state.status()
+        if status.reported and not self.events.pending():
+            return
+        if send_reports(self.client, self.config.reports_url, self.events, status.installed):
+            status = self.state.status()
+            status.reported = True
+            self.state.save_status(status)
+
+    def _record_error(self, status: AgentStatus, error: BaseException) -> None:
+        message = describe_error(error)
+        if isinstance(error, VERIFICATION_ERRORS) and message != status.last_error:
+            self.events.add("check-failed", None, message)
+        status.last_error = message
+        status.last_check = now_iso()
+        self.state.save_status(status)
+
+    def _download(self, release: Release, target: TargetFile) -> Path:
+        external = custom_of(target).get("url")
+        url = (
+            external
+            if isinstance(external, str)
+            else f"{self.config.targets_url}{release.sha256}.{release.target}"
+        )
+        client = self.external if isinstance(external, str) else self.client
+        if verified_file(target, self.state.downloads) is None:
+            self.events.add("download-started", release)
+        try:
+            file = download(client, url, target, self.state.downloads)
+        except DownloadFailed as e:
+            self._record_error(self.state.status(), e)
+            raise
+        except AgentError as e:
+            self.events.add("download-failed", release, str(e))
+            self._record_error(self.state.status(), e)
+            raise
+        self.events.add("download-finished", release)
+        return file
+
+    def install_bundle(self, bundle_dir: Path) -> Plan:
+        """Verify an offline bundle with the same rules as the server's metadata, and
+        install what it holds for this device. Events wait for the next online check."""
+        manifest = read_manifest(bundle_dir)
+        if manifest.channel != self.config.channel:
+            flag = "--prod" if self.config.channel == "prod" else "no --prod"
+            raise AgentError(
+                f"{bundle_dir} is a {manifest.channel} bundle and this device follows the "
+                f"{self.config.channel} channel: write the bundle with {flag}"
+            )
+        try:
+            plan = self.check(BUNDLE_METADATA_URL, BundleFetcher(bundle_dir))
+        except AgentError:
+            raise
+        except Exception as e:
+            raise AgentError(f"{bundle_dir} failed verification: {describe_error(e)}") from e
+        if plan.release is not None and plan.target is not None:
+            source = bundle_dir / TARGETS_DIR / plan.target.path
+            self.install(plan.release, copy_verified(source, plan.target, self.state.downloads))
+        return plan
+
+    # Installing -------------------------------------------------------------------------
+
+    def install(self, release: Release, file: Path) -> Outcome:
+        """Install a verified file: stage it, record it as pending, switch, check."""
+        status = self.state.status()
+        staged = self.installer.stage(release, file)
+        status.pending = staged
+        self.state.save_status(status)
+        crashpoint("install:pending-saved")
+        return self._conclude(status, staged, self.installer.activate(staged))
+
+    def _conclude(self, status: AgentStatus, release: Release, outcome: Outcome) -> Outcome:
+        if outcome.ok:
+            previous = status.installed
+            status.installed = release
+            status.reported = False
+            self.events.add("installed", release)
+            if previous is not None and previous.sha256 != release.sha256:
+                (self.state.downloads / previous.sha256).unlink(missing_ok=True)
+        else:
+            self.installer.roll_back(status.installed)
+            crashpoint("install:rolled-back")
+            status.failed = [*status.failed, release.sha256][-50:]
+            self.events.add("install-failed", release, outcome.detail)
+            if isinstance(self.installer, SlotInstaller):
+                running = status.installed.version if status.installed else "nothing"
+                self.events.add("rolled-back", release, f"back to {running}")
+            (self.state.downloads / release.sha256).unlink(missing_ok=True)
+            status.last_error = f"version {release.version} failed to install: {outcome.detail}"
+        status.pending = None
+        self.state.save_status(status)
+        crashpoint("install:concluded")
+        if not outcome.ok:
+            raise AgentError(status.last_error or "install failed")
+        return outcome
+
+    # The loop -----------------------------------------------------------------------------
+
+    def run(self, interval: float, max_backoff: float, once: bool) -> bool:
+        """Poll forever (or once). Failures back off exponentially, bounded by
+        `max_backoff`, and never touch what is installed."""
+        self.recover()
+        failures = 0
+        while True:
+            try:
+                self.poll()
+                failures = 0
+            except Exception as e:  # the loop must outlive any bad response
+                failures += 1
+                log.error("check failed: %s", describe_error(e))
+                if once:
+                    return False
+            if once:
+                return True
+            delay = interval if failures == 0 else min(interval * 2**failures, max_backoff)
+            time.sleep(delay * random.uniform(0.9, 1.1))  # noqa: S311 (jitter, not crypto)
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for logs and status: which check failed and what it means."""
+    if isinstance(error, exceptions.ExpiredMetadataError):
+        return f"refused: expired metadata ({error})"
+    if isinstance(error, exceptions.BadVersionNumberError):
+        return f"refused: rollback attack or bad version ({error})"
+    if isinstance(error, exceptions.UnsignedMetadataError):
+        return f"refused: metadata not signed by the trusted keys ({error})"
+    if isinstance(error, exceptions.LengthOrHashMismatchError):
+        return f"refused: length or hash mismatch ({error})"
+    if isinstance(error, exceptions.DownloadLengthMismatchError):
+        return f"refused: response longer than allowed ({error})"
+    if isinstance(error, exceptions.RepositoryError):
+        return f"refused: {type(error).__name__}: {error}"
+    if isinstance(error, exceptions.DownloadHTTPError):
+        return f"server error: HTTP {error.status_code}"
+    if isinstance(error, exceptions.SlowRetrievalError):  # raised with no message
+        return "cannot reach the server: it did not answer in time"
+    if isinstance(error, exceptions.DownloadError | httpx.HTTPError):
+        return f"cannot reach the server: {error}"
+    if isinstance(error, AgentError):
+        return str(error)
+    return f"{type(error).__name__}: {error}"

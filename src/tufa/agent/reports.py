@@ -1,0 +1,75 @@
+"""Reports to the server: what the device runs, and what happened on the way.
+
+Events are queued in `events.json` first and sent when the server can be reached, so
+an offline install or an outage loses nothing; each carries an id, and the server
+ignores an id it already has, so resending after a crash is harmless.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tufa.agent.state import EVENTS_FILE, Release, now_iso, write_json
+
+log = logging.getLogger("tufa.agent")
+
+MAX_QUEUED = 500  # the oldest go first when a device is offline for very long
+BATCH = 100  # the server's limit per report
+
+
+class EventQueue:
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / EVENTS_FILE
+
+    def pending(self) -> list[dict[str, Any]]:
+        try:
+            found = json.loads(self.path.read_bytes())
+        except (FileNotFoundError, ValueError):
+            return []
+        return found if isinstance(found, list) else []
+
+    def add(self, kind: str, release: Release | None, detail: str = "") -> None:
+        event = {
+            "id": uuid.uuid4().hex,
+            "at": now_iso(),
+            "kind": kind,
+            "version": release.version if release else None,
+            "target": release.target if release else None,
+            "detail": detail.replace("\x00", "")[:1000],  # the databases store no NUL
+        }
+        log.info("event %s %s %s", kind, event["version"] or "", detail)
+        write_json(self.path, [*self.pending(), event][-MAX_QUEUED:])
+
+    def drop(self, ids: set[str]) -> None:
+        write_json(self.path, [e for e in self.pending() if e.get("id") not in ids])
+
+
+def send_reports(
+    client: httpx.Client, url: str, queue: EventQueue, installed: Release | None
+) -> bool:
+    """Deliver the installed release and the queued events; False if the server could
+    not be reached or refused (the events stay queued)."""
+    while True:
+        batch = queue.pending()[:BATCH]
+        body = {"installed": installed.to_report() if installed else None, "events": batch}
+        try:
+            response = client.post(url, json=body)
+        except httpx.HTTPError as e:
+            log.info("reports not delivered (%s); they stay queued", e)
+            return False
+        if response.status_code >= 300:
+            log.warning(
+                "the server refused the report: HTTP %s %s",
+                response.status_code,
+                response.text[:200],
+            )
+            return False
+        queue.drop({e["id"] for e in batch})
+        if len(batch) < BATCH:
+            return True

@@ -1,0 +1,171 @@
+"""The agent's state directory: configuration, credential, trust store and status.
+
+Layout of STATE_DIR (all of it written atomically, so a power cut leaves the old or
+the new version of each file, never a mix):
+
+    config.json    server, factory, channel, hardware id, tag, installer settings
+    credential     the device credential (mode 0600)
+    metadata/      the TUF trust store that python-tuf's ngclient keeps (root.json ...)
+    downloads/     <sha256>.part while downloading, <sha256> once verified
+    slots/a, b     the two install slots of the default installer
+    current        symlink to the slot that runs
+    status.json    installed release, an install in progress, failed versions, last check
+    events.json    events not yet delivered to the server
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Self, TypeVar
+
+from tufa.core.files import write_private_file
+
+CONFIG_FILE = "config.json"
+CREDENTIAL_FILE = "credential"
+STATUS_FILE = "status.json"
+EVENTS_FILE = "events.json"
+
+_T = TypeVar("_T")
+
+
+class AgentError(Exception):
+    """A problem the agent reports in one line, naming the cause and the fix."""
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_private_file(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as e:
+        raise AgentError(f"cannot read the {what} {path}: {e}") from e
+
+
+def _from_dict(cls: type[_T], data: Any) -> _T:
+    """Build a dataclass from JSON, ignoring keys a newer agent may have added."""
+    if not isinstance(data, dict):
+        raise AgentError(f"{cls.__name__}: expected a JSON object")
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    server: str
+    factory: str
+    channel: str
+    device_id: str
+    name: str
+    hardware_id: str
+    tag: str
+    installer: str = "slots"
+    install_command: str | None = None
+    health_check: str | None = None
+    health_timeout: float = 60.0
+
+    @property
+    def metadata_url(self) -> str:
+        return f"{self.server}/api/v1/factories/{self.factory}/repo/{self.channel}/metadata/"
+
+    @property
+    def targets_url(self) -> str:
+        return f"{self.server}/api/v1/factories/{self.factory}/repo/{self.channel}/targets/"
+
+    @property
+    def reports_url(self) -> str:
+        return f"{self.server}/api/v1/factories/{self.factory}/device-reports"
+
+
+@dataclass(frozen=True)
+class Release:
+    """A verified target as installed (or being installed) on this device."""
+
+    version: str
+    target: str
+    sha256: str
+    length: int
+    slot: str | None = None
+
+    def to_report(self) -> dict[str, str]:
+        return {"version": self.version, "target": self.target, "sha256": self.sha256}
+
+
+@dataclass
+class AgentStatus:
+    installed: Release | None = None
+    pending: Release | None = None
+    failed: list[str] = field(default_factory=list)  # sha256 of releases that failed
+    last_check: str | None = None
+    last_error: str | None = None
+    reported: bool = False  # has the server heard of `installed`?
+
+    @classmethod
+    def from_json(cls, data: Any) -> Self:
+        status = _from_dict(cls, data)
+        for name in ("installed", "pending"):
+            value = getattr(status, name)
+            if value is not None:
+                setattr(status, name, _from_dict(Release, value))
+        return status
+
+
+class StateDir:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.metadata = self.path / "metadata"
+        self.downloads = self.path / "downloads"
+        self.slots = self.path / "slots"
+        self.current = self.path / "current"
+
+    def is_registered(self) -> bool:
+        return (self.path / CONFIG_FILE).exists()
+
+    def config(self) -> AgentConfig:
+        try:
+            data = _read_json(self.path / CONFIG_FILE, "agent configuration")
+        except FileNotFoundError:
+            raise AgentError(
+                f"{self.path} holds no registered device: run `tufa-agent register ... "
+                f"--dir {self.path}` first, with the root this device was provisioned with"
+            ) from None
+        config = _from_dict(AgentConfig, data)
+        if not (self.metadata / "root.json").exists():
+            raise AgentError(
+                f"{self.metadata} has no trusted root: re-provision this device with "
+                "`tufa-agent register --root ROOT.json` (the agent never trusts on first use)"
+            )
+        return config
+
+    def save_config(self, config: AgentConfig) -> None:
+        write_json(self.path / CONFIG_FILE, asdict(config))
+
+    def credential(self) -> str:
+        try:
+            return (self.path / CREDENTIAL_FILE).read_text().strip()
+        except FileNotFoundError:
+            raise AgentError(
+                f"{self.path / CREDENTIAL_FILE} is missing: register this device again"
+            ) from None
+
+    def save_credential(self, secret: str) -> None:
+        write_private_file(self.path / CREDENTIAL_FILE, secret.encode() + b"\n")
+
+    def status(self) -> AgentStatus:
+        try:
+            return AgentStatus.from_json(_read_json(self.path / STATUS_FILE, "agent status"))
+        except FileNotFoundError:
+            return AgentStatus()
+
+    def save_status(self, status: AgentStatus) -> None:
+        write_json(self.path / STATUS_FILE, asdict(status))

@@ -1,0 +1,106 @@
+"""The device's TUF trust store, kept and refreshed by python-tuf's ngclient.
+
+Every decision the agent takes starts from metadata that ngclient verified against the
+root the device was provisioned with: thresholds, expiry, rollback, lengths and hashes
+as in the TUF specification. This module only provisions that root, opens the client
+with size limits that fit tufa's metadata, and reads back what it now trusts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tuf.api import exceptions
+from tuf.api.metadata import Metadata, Root, TargetFile, Targets
+from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
+
+from tufa.agent.state import AgentError
+from tufa.core.files import write_private_file
+
+# tufa's metadata carries no delegations and only the top-level targets in snapshot,
+# so the limits are far below python-tuf's defaults: a server (or a man in the middle)
+# cannot make a device swallow megabytes of "metadata".
+UPDATER_CONFIG = UpdaterConfig(
+    max_root_rotations=64,
+    root_max_length=256 * 1024,
+    timestamp_max_length=16 * 1024,
+    snapshot_max_length=64 * 1024,
+    targets_max_length=8 * 1024 * 1024,
+    max_delegations=1,
+)
+
+# Anything that means "this repository's metadata or files cannot be trusted".
+VERIFICATION_ERRORS = (exceptions.RepositoryError, exceptions.DownloadLengthMismatchError)
+
+
+def load_root(data: bytes, source: str) -> Metadata[Root]:
+    """A root the device can be provisioned with: well-formed and signed by enough of
+    its own root keys (the check ngclient repeats before trusting it)."""
+    try:
+        root = Metadata[Root].from_bytes(data)
+        if root.signed.type != Root.type:
+            raise AgentError(f"{source} is {root.signed.type} metadata, not a root")
+        root.verify_delegate(Root.type, root)
+    except AgentError:
+        raise
+    except exceptions.UnsignedMetadataError as e:
+        raise AgentError(
+            f"{source} is not signed by enough of its own root keys ({e}): provision the "
+            "root.json that `tufa keys show-root` or the factory owner gave you"
+        ) from e
+    except Exception as e:  # any parse error of untrusted input
+        raise AgentError(f"{source} is not valid TUF root metadata: {e}") from e
+    return root
+
+
+def provision_root(metadata_dir: Path, data: bytes, source: str) -> Metadata[Root]:
+    """Check `data` and make it the trust anchor of `metadata_dir`."""
+    root = load_root(data, source)
+    metadata_dir.mkdir(parents=True, exist_ok=True)
+    write_private_file(metadata_dir / "root.json", data)
+    return root
+
+
+def channel_of(root: Metadata[Root]) -> str:
+    """A production root asks for the online and an offline targets signature; a CI
+    root for one. The root a device is provisioned with is what fixes its channel."""
+    return "prod" if root.signed.roles[Targets.type].threshold >= 2 else "ci"
+
+
+def open_updater(
+    metadata_dir: Path,
+    metadata_url: str,
+    fetcher: FetcherInterface,
+    target_dir: Path | None = None,
+    target_url: str | None = None,
+) -> Updater:
+    if not (metadata_dir / "root.json").exists():
+        raise AgentError(
+            f"{metadata_dir} has no trusted root.json: provision one first (the agent never "
+            "trusts on first use)"
+        )
+    return Updater(
+        str(metadata_dir),
+        metadata_url,
+        target_dir=str(target_dir) if target_dir else None,
+        target_base_url=target_url,
+        fetcher=fetcher,
+        config=UPDATER_CONFIG,
+        bootstrap=None,
+    )
+
+
+def trusted_targets(metadata_dir: Path) -> dict[str, TargetFile]:
+    """The top-level targets ngclient verified and stored during the last refresh."""
+    targets = Metadata[Targets].from_file(str(metadata_dir / "targets.json"))
+    return targets.signed.targets
+
+
+def trusted_versions(metadata_dir: Path) -> dict[str, int]:
+    """Versions of the roles in the trust store, for status output."""
+    found: dict[str, int] = {}
+    for role in ("root", "timestamp", "snapshot", "targets"):
+        path = metadata_dir / f"{role}.json"
+        if path.exists():
+            found[role] = Metadata.from_file(str(path)).signed.version
+    return found

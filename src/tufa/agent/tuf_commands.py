@@ -1,0 +1,133 @@
+"""`tufa-agent tuf`: plain TUF client commands, for debugging a trust store.
+
+They work against any TUF repository with consistent snapshots (no tufa server
+needed) and exit 0 on success, 1 on any verification failure, so scripts can test a
+repository or a mirror the way a device would see it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from tufa.agent.agent import describe_error
+from tufa.agent.state import AgentError
+from tufa.agent.trust import open_updater, provision_root, trusted_versions
+from tufa.core.fetcher import BearerFetcher
+
+metadata_dir_option = click.option(
+    "--metadata-dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The trust store: root.json and the metadata verified so far.",
+)
+metadata_url_option = click.option(
+    "--metadata-url", required=True, help="Base URL of the repository's metadata."
+)
+token_option = click.option(
+    "--token",
+    envvar="TUFA_TOKEN",
+    help="Bearer token or device credential, for a tufa server (env TUFA_TOKEN).",
+)
+
+
+def _fail(error: BaseException) -> click.ClickException:
+    return click.ClickException(f"verification failed: {describe_error(error)}")
+
+
+@click.group("tuf")
+def tuf_group() -> None:
+    """Plain TUF client operations on a trust store (debugging)."""
+
+
+@tuf_group.command()
+@metadata_dir_option
+@click.argument("root", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+def init(metadata_dir: Path, root: Path) -> None:
+    """Start a trust store in METADATA_DIR from ROOT (checked to be self-signed).
+
+    \b
+    Example:
+      tufa-agent tuf init --metadata-dir ./trust ci-root.json
+    """
+    if (metadata_dir / "root.json").exists():
+        raise click.ClickException(
+            f"{metadata_dir} already holds a trusted root; use an empty directory"
+        )
+    try:
+        trusted = provision_root(metadata_dir, root.read_bytes(), str(root))
+    except AgentError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"Trusting root version {trusted.signed.version} in {metadata_dir}.")
+
+
+@tuf_group.command()
+@metadata_url_option
+@metadata_dir_option
+@token_option
+def refresh(metadata_url: str, metadata_dir: Path, token: str | None) -> None:
+    """Update the trust store from METADATA_URL, verifying every step.
+
+    \b
+    Example:
+      tufa-agent tuf refresh --metadata-dir ./trust \\
+          --metadata-url http://127.0.0.1:8443/api/v1/factories/acme/repo/ci/metadata/
+    """
+    fetcher = BearerFetcher(token)
+    try:
+        open_updater(metadata_dir, metadata_url, fetcher).refresh()
+    except Exception as e:
+        raise _fail(e) from e
+    finally:
+        fetcher.close()
+    versions = trusted_versions(metadata_dir)
+    click.echo("Trusted: " + ", ".join(f"{role} v{v}" for role, v in versions.items()))
+
+
+@tuf_group.command()
+@metadata_url_option
+@metadata_dir_option
+@click.option("--target-base-url", required=True, help="Base URL of the target files.")
+@click.option(
+    "--target-dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where verified files are written.",
+)
+@token_option
+@click.argument("names", nargs=-1, required=True)
+def download(
+    metadata_url: str,
+    metadata_dir: Path,
+    target_base_url: str,
+    target_dir: Path,
+    token: str | None,
+    names: tuple[str, ...],
+) -> None:
+    """Refresh, then download and verify the targets NAMES into TARGET_DIR.
+
+    \b
+    Example:
+      tufa-agent tuf download --metadata-dir ./trust \\
+          --metadata-url http://127.0.0.1:8443/api/v1/factories/acme/repo/ci/metadata/ \\
+          --target-base-url http://127.0.0.1:8443/api/v1/factories/acme/repo/ci/targets/ \\
+          --target-dir ./files rpi4-image-42
+    """
+    target_dir.mkdir(parents=True, exist_ok=True)
+    fetcher = BearerFetcher(token)
+    try:
+        updater = open_updater(metadata_dir, metadata_url, fetcher, target_dir, target_base_url)
+        updater.refresh()
+        for name in names:
+            info = updater.get_targetinfo(name)
+            if info is None:
+                raise click.ClickException(f"{name} is not a target of this repository")
+            path = updater.find_cached_target(info) or updater.download_target(info)
+            click.echo(f"{name}: {path}")
+    except click.ClickException:
+        raise
+    except Exception as e:
+        raise _fail(e) from e
+    finally:
+        fetcher.close()

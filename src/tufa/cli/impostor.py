@@ -1,0 +1,94 @@
+"""A fake update server for `tufa demo`: seed 003's man in the middle.
+
+It answers at the same URLs as a tufa server and serves a complete, well-formed TUF
+repository, a newer root included, offering a "build 765". Everything is signed, but
+with the impostor's own keys: a device that trusts the factory's root must refuse it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from tuf.api.metadata import TargetFile
+
+from tufa.core.keys import KeyPair
+from tufa.core.metadata import (
+    build_root,
+    build_snapshot,
+    build_targets,
+    build_timestamp,
+    expiry,
+    sign,
+    to_bytes,
+    utcnow,
+)
+
+FAKE_BUILD = b"an impostor's firmware that would revert the day's fixes\n" * 1024
+
+
+class Impostor:
+    """Serves a repository for `factory`/`channel` signed by keys nobody trusts."""
+
+    def __init__(self, factory: str, channel: str, root_version: int, hardware_id: str, tag: str):
+        key = KeyPair.generate()
+        signer = key.signer()
+        expires = expiry(utcnow(), timedelta(days=365))
+        target = TargetFile.from_data("rpi4-image-765", FAKE_BUILD, ["sha256"])
+        target.unrecognized_fields["custom"] = {
+            "version": "765",
+            "hardwareIds": [hardware_id],
+            "tags": [tag],
+        }
+        root = build_root(
+            version=root_version,
+            expires=expires,
+            root_keys=[key.public],
+            root_threshold=1,
+            targets_keys=[key.public],
+            targets_threshold=1,
+            snapshot_key=key.public,
+            timestamp_key=key.public,
+        )
+        targets = to_bytes(sign(build_targets(900, expires, {target.path: target}), [signer]))
+        snapshot = to_bytes(sign(build_snapshot(900, expires, 900), [signer]))
+        timestamp = build_timestamp(900, expires, snapshot, 900)
+        digest = hashlib.sha256(FAKE_BUILD).hexdigest()
+        prefix = f"/api/v1/factories/{factory}/repo/{channel}"
+        self.files = {
+            f"{prefix}/metadata/{root_version}.root.json": to_bytes(sign(root, [signer])),
+            f"{prefix}/metadata/timestamp.json": to_bytes(sign(timestamp, [signer])),
+            f"{prefix}/metadata/900.snapshot.json": snapshot,
+            f"{prefix}/metadata/900.targets.json": targets,
+            f"{prefix}/targets/{digest}.{target.path}": FAKE_BUILD,
+        }
+        self.requests: list[str] = []
+        impostor = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                impostor.requests.append(self.path)
+
+            def do_GET(self) -> None:
+                body = impostor.files.get(self.path)
+                self.send_response(200 if body is not None else 404)
+                self.send_header("Content-Length", str(len(body or b"")))
+                self.end_headers()
+                self.wfile.write(body or b"")
+
+            do_POST = do_GET
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
