@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import secrets
 import stat
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,7 +16,8 @@ import pytest
 from tuf.ngclient import Updater
 
 from tests.helpers import Factory, Server, cli_env, run_cli
-from tufa.cli.local_server import free_port
+from tufa.agent.main import cli as agent_cli
+from tufa.cli.local_server import console_script, free_port
 from tufa.cli.main import cli
 from tufa.core.archive import FIRST_ROOT_KEY_NAME, OfflineArchive
 from tufa.core.fetcher import BearerFetcher
@@ -333,7 +335,19 @@ WITH_EXAMPLES = (
 )
 
 
-def _commands_with_examples() -> set[tuple[str, ...]]:
+AGENT_WITH_EXAMPLES = (
+    ("register",),
+    ("run",),
+    ("check",),
+    ("status",),
+    ("install-bundle",),
+    ("tuf", "init"),
+    ("tuf", "refresh"),
+    ("tuf", "download"),
+)
+
+
+def _commands_with_examples(group: click.Group) -> set[tuple[str, ...]]:
     found: set[tuple[str, ...]] = set()
 
     def walk(path: tuple[str, ...], command: click.Command) -> None:
@@ -343,12 +357,13 @@ def _commands_with_examples() -> set[tuple[str, ...]]:
             for name, sub in command.commands.items():
                 walk((*path, name), sub)
 
-    walk((), cli)
+    walk((), group)
     return found
 
 
 def test_every_command_with_examples_is_checked() -> None:
-    assert _commands_with_examples() == set(WITH_EXAMPLES)
+    assert _commands_with_examples(cli) == set(WITH_EXAMPLES)
+    assert _commands_with_examples(agent_cli) == set(AGENT_WITH_EXAMPLES)
 
 
 def test_help_exits_zero_and_shows_examples() -> None:
@@ -365,3 +380,25 @@ def test_help_exits_zero_and_shows_examples() -> None:
     top = results[0].stdout
     for group in (*GROUPS, "login", "get"):
         assert f"  {group} " in top, group
+
+
+def test_agent_help_exits_zero_and_shows_examples() -> None:
+    commands: list[tuple[str, ...]] = [(), ("tuf",), *AGENT_WITH_EXAMPLES]
+
+    def agent_help(args: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [console_script("tufa-agent"), *args, "--help"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(agent_help, commands))
+    for args, done in zip(commands, results, strict=True):
+        assert done.returncode == 0, (args, done.stderr)
+        assert done.stdout.startswith("Usage: tufa-agent"), args
+        if args in AGENT_WITH_EXAMPLES:
+            assert f"\n    tufa-agent {args[0]}" in done.stdout, (args, done.stdout)
+    for command in ("register", "run", "check", "status", "install-bundle", "tuf"):
+        assert f"  {command} " in results[0].stdout, command
