@@ -148,10 +148,14 @@ class Agent:
     # One cycle ----------------------------------------------------------------------------
 
     def check(
-        self, metadata_url: str | None = None, fetcher: FetcherInterface | None = None
+        self,
+        metadata_url: str | None = None,
+        fetcher: FetcherInterface | None = None,
+        only: tuple[str, ...] | None = None,
     ) -> Plan:
         """Refresh the trusted metadata (from the server, or another source such as an
-        offline bundle) and decide; nothing is downloaded."""
+        offline bundle) and decide, among the targets named `only` if given; nothing is
+        downloaded."""
         status = self.state.status()
         try:
             updater = open_updater(
@@ -161,6 +165,8 @@ class Agent:
             )
             updater.refresh()
             targets = list(trusted_targets(self.state.metadata).values())
+            if only is not None:
+                targets = [t for t in targets if t.path in only]
         except Exception as e:
             self._record_error(status, e)
             raise
@@ -232,8 +238,14 @@ class Agent:
                 f"{bundle_dir} is a {manifest.channel} bundle and this device follows the "
                 f"{self.config.channel} channel: write the bundle with {flag}"
             )
+        if manifest.tag != self.config.tag:
+            raise AgentError(
+                f"{bundle_dir} is a bundle for tag {manifest.tag} and this device follows tag "
+                f"{self.config.tag}: write the bundle for tag {self.config.tag}"
+            )
         try:
-            plan = self.check(BUNDLE_METADATA_URL, BundleFetcher(bundle_dir))
+            # The metadata may list newer builds than the bundle holds: pick among its own.
+            plan = self.check(BUNDLE_METADATA_URL, BundleFetcher(bundle_dir), manifest.targets)
         except AgentError:
             raise
         except Exception as e:
@@ -284,7 +296,16 @@ class Agent:
     def run(self, interval: float, max_backoff: float, once: bool) -> bool:
         """Poll forever (or once). Failures back off exponentially, bounded by
         `max_backoff`, and never touch what is installed."""
-        self.recover()
+        try:
+            self.recover()
+            recovered = True
+        except AgentError as e:
+            if self.state.status().pending is not None:
+                raise
+            # The interrupted install failed its check and was rolled back: poll (which
+            # reports it) and go on, as after any failed install.
+            recovered = False
+            log.error("%s", e)
         failures = 0
         while True:
             try:
@@ -296,8 +317,10 @@ class Agent:
                 if once:
                     return False
             if once:
-                return True
-            delay = interval if failures == 0 else min(interval * 2**failures, max_backoff)
+                return recovered
+            # The exponent is capped: 2**1024 does not fit a float (a device offline for weeks).
+            backoff = interval * 2 ** min(failures, 60)
+            delay = interval if failures == 0 else min(backoff, max_backoff)
             time.sleep(delay * random.uniform(0.9, 1.1))  # noqa: S311 (jitter, not crypto)
 
 

@@ -13,7 +13,12 @@ import click
 
 from tufa.agent.agent import describe_error
 from tufa.agent.state import AgentError
-from tufa.agent.trust import open_updater, provision_root, trusted_versions
+from tufa.agent.trust import (
+    VERIFICATION_ERRORS,
+    open_updater,
+    provision_root,
+    trusted_versions,
+)
 from tufa.core.fetcher import BearerFetcher
 
 metadata_dir_option = click.option(
@@ -33,7 +38,8 @@ token_option = click.option(
 
 
 def _fail(error: BaseException) -> click.ClickException:
-    return click.ClickException(f"verification failed: {describe_error(error)}")
+    what = "verification failed" if isinstance(error, VERIFICATION_ERRORS) else "failed"
+    return click.ClickException(f"{what}: {describe_error(error)}")
 
 
 @click.group("tuf")

@@ -392,11 +392,6 @@ class Waves:
     def describe(self, conn: Connection, factory_id: int, name: str) -> dict[str, Any]:
         row = self._row(conn, factory_id, name)
         md = Metadata[Targets].from_bytes(row.targets)
-        served = conn.execute(
-            select(devices.c.id).where(
-                devices.c.factory_id == factory_id, devices.c.view == wave_view(name)
-            )
-        ).all()
         tag_devices = conn.execute(
             select(devices.c.id).where(
                 devices.c.factory_id == factory_id,
@@ -416,6 +411,7 @@ class Waves:
             .select_from(devices)
             .where(devices.c.factory_id == factory_id, reached)
         )
+        served = conn.execute(served_query).scalar_one()
         installed = conn.execute(
             served_query.where(devices.c.installed_version == row.version)
         ).scalar_one()
@@ -443,7 +439,7 @@ class Waves:
             "signed_by": sorted(md.signatures),
             "targets": sorted(md.signed.targets),
             "expires": md.signed.expires.isoformat().replace("+00:00", "Z"),
-            "devices_served": len(served),
+            "devices_served": served,
             "devices_of_tag": len(tag_devices),
             "devices_installed": installed,
             "devices_failed": failed,
