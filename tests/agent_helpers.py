@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import secrets
-import signal
 import subprocess
 import threading
 import time
@@ -20,7 +19,7 @@ from typing import Any
 import httpx
 
 from tests.helpers import Factory
-from tufa.cli.local_server import console_script
+from tufa.cli.local_server import console_script, stop_process
 
 HARDWARE_ID = "rpi4"
 TAG = "main"
@@ -162,12 +161,7 @@ class AgentDevice:
 
     def stop(self) -> None:
         if self.process is not None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            stop_process(self.process)
             self.process = None
 
     def wait_for(self, condition: Callable[[dict[str, Any]], bool], timeout: float = 30) -> None:

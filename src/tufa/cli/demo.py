@@ -22,7 +22,7 @@ import click
 import httpx
 
 from tufa.cli.impostor import Impostor
-from tufa.cli.local_server import LocalServer, console_script
+from tufa.cli.local_server import LocalServer, console_script, stop_process
 
 AGENT_INTERVAL = "1"
 WAIT_SECONDS = 60.0
@@ -81,8 +81,7 @@ class _Story:
 
     def stop_agents(self) -> None:
         for process in self.agents.values():
-            process.terminate()
-            process.wait(timeout=10)
+            stop_process(process)
         self.agents.clear()
 
     def agent_status(self, device: str) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
 # Key ids and URLs must print whole even when the output goes to a pipe or a log,
 # where rich would otherwise assume 80 columns and cut them.
@@ -29,3 +30,15 @@ def print_json(data: Any) -> None:
 
 def json_option(func: Any) -> Any:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(func)
+
+
+def transfer_progress(*, quiet: bool) -> Progress:
+    """Progress bars for uploads and downloads, on stderr so --json output stays clean."""
+    return Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=console(stderr=True),
+        disable=quiet,
+    )

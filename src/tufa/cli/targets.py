@@ -16,14 +16,13 @@ from typing import Any
 
 import click
 import httpx
-from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 from tuf.api import exceptions
 from tuf.api.metadata import Metadata, TargetFile, Targets
 from tuf.ngclient import Updater, UpdaterConfig
 
 from tufa.cli.client import Api, with_api
-from tufa.cli.output import console, json_option, print_json
+from tufa.cli.output import console, json_option, print_json, transfer_progress
 from tufa.core.bundle import (
     BUNDLE_METADATA_URL,
     BUNDLE_TARGETS_URL,
@@ -53,14 +52,7 @@ def _sha256_of(path: Path) -> str:
 def _upload(api: Api, path: Path, sha256: str, quiet: bool) -> None:
     """Stream `path` to the blob store with a progress bar (skipped if stored already)."""
     size = path.stat().st_size
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        console=console(stderr=True),
-        disable=quiet,
-    ) as progress:
+    with transfer_progress(quiet=quiet) as progress:
         task = progress.add_task(f"uploading {path.name}", total=size)
 
         def chunks() -> Iterator[bytes]:
@@ -438,14 +430,7 @@ def _download_target(
             headers["Authorization"] = f"Bearer {api.token}"
     digest = hashlib.sha256()
     received = 0
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        console=console(stderr=True),
-        disable=quiet,
-    ) as progress:
+    with transfer_progress(quiet=quiet) as progress:
         task = progress.add_task(label, total=info.length)
 
         def chunks(response: httpx.Response) -> Iterator[bytes]:
