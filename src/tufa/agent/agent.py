@@ -25,7 +25,6 @@ from tufa.agent.download import (
     DownloadFailed,
     copy_verified,
     download,
-    sha256_of,
     verified_file,
 )
 from tufa.agent.install import CommandInstaller, Installer, Outcome, SlotInstaller
@@ -55,10 +54,23 @@ class Plan:
 
 
 def release_of(target: TargetFile) -> Release:
+    # The name and the digest become file names on the device (slots, downloads): signed
+    # or not, a path there would write or delete files outside them (the trusted root).
+    sha256 = target.hashes.get("sha256", "")
+    if (
+        target.path in ("", ".", "..")
+        or any(c in target.path for c in "/\\\0")
+        or len(sha256) != 64
+        or any(c not in "0123456789abcdef" for c in sha256)
+    ):
+        raise AgentError(
+            f"refused: target {target.path!r} (sha256 {sha256!r}) is not a plain file name "
+            "with a SHA-256 digest, as the server publishes; nothing was downloaded"
+        )
     return Release(
         version=target_version(target) or "",
         target=target.path,
-        sha256=sha256_of(target),
+        sha256=sha256,
         length=target.length,
     )
 
@@ -170,9 +182,14 @@ class Agent:
         except Exception as e:
             self._record_error(status, e)
             raise
+        try:
+            plan = plan_for(status, self.config.hardware_id, self.config.tag, targets)
+        except AgentError as e:
+            self._record_error(status, e)
+            raise
         status.last_check = now_iso()
         self.state.save_status(status)
-        return plan_for(status, self.config.hardware_id, self.config.tag, targets)
+        return plan
 
     def poll(self) -> Plan:
         """One full cycle: check, and install what the check found; then report."""
