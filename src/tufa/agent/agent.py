@@ -34,6 +34,7 @@ from tufa.agent.trust import VERIFICATION_ERRORS, open_updater, trusted_targets
 from tufa.core.bundle import BUNDLE_METADATA_URL, TARGETS_DIR, BundleFetcher, read_manifest
 from tufa.core.crashpoints import crashpoint
 from tufa.core.fetcher import BearerFetcher
+from tufa.core.files import is_plain_name
 from tufa.core.selection import custom_of, newest_for, target_version, version_key
 
 log = logging.getLogger("tufa.agent")
@@ -58,8 +59,7 @@ def release_of(target: TargetFile) -> Release:
     # or not, a path there would write or delete files outside them (the trusted root).
     sha256 = target.hashes.get("sha256", "")
     if (
-        target.path in ("", ".", "..")
-        or any(c in target.path for c in "/\\\0")
+        not is_plain_name(target.path)
         or len(sha256) != 64
         or any(c not in "0123456789abcdef" for c in sha256)
     ):

@@ -32,6 +32,8 @@ from typing import IO, Any
 from tuf.api import exceptions
 from tuf.ngclient import FetcherInterface
 
+from tufa.core.files import is_plain_name
+
 BUNDLE_FORMAT = 1
 MANIFEST_FILE = "bundle.json"
 METADATA_DIR = "metadata"
@@ -47,15 +49,6 @@ _WRITE_IT_AGAIN = "write the bundle again with `tufa targets offline-update TAG 
 
 class BundleError(ValueError):
     """The directory is not a usable bundle; the message names the problem and the fix."""
-
-
-def is_plain_name(name: str) -> bool:
-    """A file name that stays inside its folder: no separator, not `.` or `..`.
-
-    tufa target names are letters, digits and `._+-` only, so this refuses none of
-    them; it keeps a bundle (a directory anyone can write) from naming other files.
-    """
-    return name not in ("", ".", "..") and not any(c in name for c in "/\\\x00")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -63,6 +63,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def is_plain_name(name: str) -> bool:
+    """A file name that stays inside its folder: no separator, not `.` or `..`.
+
+    tufa target names are letters, digits and `._+-` only, so this refuses none of
+    them; it keeps names from untrusted places (a bundle directory anyone can write,
+    metadata signed with stolen keys) from reaching other files.
+    """
+    return name not in ("", ".", "..") and not any(c in name for c in "/\\\x00")
+
+
 def default_database_url(data_dir: Path) -> str:
     """The embedded SQLite database of a server data directory."""
     return f"sqlite:///{(Path(data_dir) / 'tufa.db').resolve()}"
