@@ -19,6 +19,7 @@ and the rest on SQLite.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import itertools
 import json
@@ -792,6 +793,103 @@ def test_install_bundle_installs_the_version_it_holds_with_no_network(
 
 
 # -- the agent's footprint -------------------------------------------------------------------
+
+
+# -- what the review of the agent found ----------------------------------------------------
+
+
+@sqlite_only
+def test_a_health_check_printing_bytes_that_are_not_text_still_decides(
+    factory: Factory, tmp_path: Path
+) -> None:
+    check = "printf '\\377\\376 not UTF-8\\n'; test \"$TUFA_TARGET_VERSION\" != 43"
+    device = AgentDevice.register(factory, tmp_path, extra=("--health-check", check))
+    data = publish_build(factory, "42")
+    succeeds(device.run_once())
+    publish_build(factory, "43")
+    failed = device.run_once()
+    assert failed.returncode == 1
+    assert "Traceback" not in failed.stderr, failed.stderr
+    assert "version 43 failed to install" in error_line(failed)
+    assert device.running_bytes() == data
+    status = device.status()
+    assert (status["installed"]["version"], status["installing"]) == ("42", None)
+
+
+@sqlite_only
+def test_a_second_agent_process_waits_for_the_first(factory: Factory, tmp_path: Path) -> None:
+    device = AgentDevice.register(factory, tmp_path)
+    publish_build(factory, "42")
+    with (device.dir / ".lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as a `run` in the middle of its cycle holds it
+        waiting = subprocess.Popen(
+            [console_script("tufa-agent"), "check", "--dir", str(device.dir)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(2)
+        assert waiting.poll() is None, "check ran while another agent held the state"
+    out, err = waiting.communicate(timeout=60)
+    assert waiting.returncode == 0, err
+    assert "waiting for another tufa-agent process" in err
+    assert "Version 42 (rpi4-image-42) is to be installed." in out
+
+
+@sqlite_only
+def test_register_says_why_the_server_refused(factory: Factory, tmp_path: Path) -> None:
+    AgentDevice.register(factory, tmp_path / "first", name="twin")
+    root = tmp_path / "root.json"
+    root.write_bytes(factory.root_v1("ci"))
+    second = unregistered(factory, tmp_path / "second", "twin")
+    done = second.agent(*register_args(factory, root, "twin"))
+    assert "HTTP 409" in error_line(done)
+    assert "a device named 'twin' is already registered" in done.stderr
+    assert not second.dir.exists()
+
+
+@sqlite_only
+def test_reports_the_server_refuses_do_not_hold_up_later_ones(
+    factory: Factory, proxy: TamperingProxy, tmp_path: Path
+) -> None:
+    device = AgentDevice.register(factory, tmp_path, server_url=proxy.url)
+    publish_build(factory, "42")
+
+    def refuse_reports(exchange: Exchange) -> None:
+        if exchange.path.endswith("/device-reports"):
+            exchange.status, exchange.body = 400, b'{"error": {"message": "no"}}'
+
+    proxy.tamper = refuse_reports
+    done = succeeds(device.run_once())
+    assert "the server refused 3 event(s)" in done.stderr
+    assert device.status()["unsent_events"] == 0
+    proxy.tamper = None
+    publish_build(factory, "43")
+    succeeds(device.run_once())
+    record = device_record(factory, device.name)
+    assert record["installed_version"] == "43"
+    assert events_of(record)[("installed", "43")] == 1
+
+
+@sqlite_only
+def test_tuf_debug_commands_never_send_the_admin_token_from_the_environment(
+    factory: Factory, proxy: TamperingProxy, tmp_path: Path
+) -> None:
+    root = tmp_path / "root.json"
+    root.write_bytes(factory.root_v1("ci"))
+    trust = tmp_path / "trust"
+    agent = console_script("tufa-agent")
+    subprocess.run([agent, "tuf", "init", "--metadata-dir", str(trust), str(root)], check=True)
+    done = subprocess.run(
+        [agent, "tuf", "refresh", "--metadata-dir", str(trust), "--metadata-url",
+         f"{proxy.url}{factory.path('/repo/ci/metadata/')}"],
+        env={**os.environ, "TUFA_TOKEN": factory.admin_token},
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "HTTP 401" in done.stderr
+    assert proxy.seen, "the refresh reached no server"
+    assert all(header(e, "authorization") is None for e in proxy.seen)
 
 
 def test_the_agent_imports_nothing_of_the_server() -> None:

@@ -10,6 +10,10 @@ line naming the problem) and change nothing that runs.
 a plain python-tuf repository written here with the Metadata API and served by a static
 `http.server`: exit 0 with the right bytes, exit 1 on any verification failure.
 
+A bundle expires like the metadata it carries: the device's clock cannot be moved, so
+the server's is (`--clock-offset-file`), and time passes for a bundle whose timestamp the
+server signed almost a day late.
+
 The agent does not depend on the database backend: SQLite only.
 """
 
@@ -21,6 +25,8 @@ import os
 import shutil
 import signal
 import subprocess
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -39,7 +45,17 @@ from tuf.api.metadata import (
 )
 
 from tests.agent_helpers import AgentDevice, image_name, publish_build
-from tests.helpers import Factory, cli_env, run_cli, send
+from tests.helpers import (
+    Factory,
+    Server,
+    cli_env,
+    create_factory,
+    run_cli,
+    send,
+    served_metadata,
+    set_clock_offset,
+)
+from tests.test_agent_attacks import DAY, EXPIRED, expires
 from tests.test_rotations import serve_directory
 from tests.test_waves import release, start_owner
 from tufa.cli.local_server import console_script, free_port
@@ -261,6 +277,83 @@ def test_bundles_a_device_must_refuse(factory: Factory, tmp_path: Path) -> None:
     (newer,) = (bundle / "metadata").glob("*.targets.json")
     newest_seen = Metadata[Targets].from_bytes(newer.read_bytes()).signed.version
     assert ci.status()["trusted_metadata"][TARGETS] == newest_seen
+
+
+def test_an_expired_bundle_is_refused_and_a_fresh_one_installs(
+    make_server: Callable[..., Server], tmp_path: Path
+) -> None:
+    """The server's clock runs late when the bundle is written: its timestamp, valid
+    for a day of the server's time, expires seconds later for everyone else. Two days
+    late, it has expired already and `offline-update` writes nothing; almost a day
+    late, the bundle is written, and refused once it expires. With the clock right, the
+    server re-signs and a fresh bundle installs."""
+    offset_file = tmp_path / "clock-offset"
+    set_clock_offset(offset_file, 0)
+    extra = ("--clock-offset-file", str(offset_file), "--resign-interval", "1s")
+    factory = create_factory(make_server("sqlite", extra_args=extra))
+    env = ci_env(factory, tmp_path)
+    device = AgentDevice.register(factory, tmp_path)
+    builds = {"42": publish_build(factory, "42")}
+    assert device.run_once().returncode == 0
+    runs(device, "42", builds)
+    trusted = device.status()["trusted_metadata"]
+    device.point_at(unreachable())
+
+    def served_timestamp_expires() -> datetime:
+        return expires(served_metadata(factory, "ci")[TIMESTAMP])
+
+    margin = 5  # seconds a timestamp stays valid after the late server signs it
+    try:
+        set_clock_offset(offset_file, -2 * DAY)
+        builds["43"] = publish_build(factory, "43")
+        assert served_timestamp_expires() < datetime.now(UTC) - timedelta(hours=23)
+        stale = tmp_path / "usb" / "stale-43"
+        done = run_cli("targets", "offline-update", "main", "43", str(stale), env=env)
+        assert done.returncode == 1, done.stdout
+        assert "does not verify with python-tuf" in done.stderr, done.stderr
+        assert "expired" in done.stderr, done.stderr
+        assert not stale.exists()
+        assert not stale.with_name(f"{stale.name}.partial").exists()
+
+        # The re-signer sees the timestamp expired for the server and signs a new one.
+        set_clock_offset(offset_file, -(DAY - margin))
+        deadline = time.monotonic() + 15
+        while served_timestamp_expires() < datetime.now(UTC):
+            assert time.monotonic() < deadline, "the server did not re-sign its timestamp"
+            time.sleep(0.2)
+        bundle = write_bundle(env, tmp_path / "usb" / "update-43", "43")
+    finally:
+        set_clock_offset(offset_file, 0)
+    until = expires((bundle / "metadata" / "timestamp.json").read_bytes())
+    assert until <= datetime.now(UTC) + timedelta(seconds=margin + 1), until
+    time.sleep(max(0.0, (until - datetime.now(UTC)).total_seconds()) + 1.0)
+
+    line = refuses(device, bundle, f"{bundle} failed verification: {EXPIRED}")
+    assert "timestamp" in line, line
+    runs(device, "42", builds)
+    assert sorted(p.name for p in (device.dir / "downloads").iterdir()) == [
+        hashlib.sha256(builds["42"]).hexdigest()
+    ]
+    assert device.status()["trusted_metadata"] == trusted
+    assert [(e["kind"], e["version"]) for e in queued(device)] == [("check-failed", None)]
+
+    # The clock right again: the server re-signs; a bundle written now installs.
+    deadline = time.monotonic() + 15
+    while served_timestamp_expires() < datetime.now(UTC) + timedelta(hours=12):
+        assert time.monotonic() < deadline, "the server did not re-sign its timestamp"
+        time.sleep(0.2)
+    fresh = write_bundle(env, tmp_path / "usb" / "fresh-43", "43")
+    done = device.agent("install-bundle", str(fresh))
+    assert done.returncode == 0, done.stderr
+    assert "Version 43 (rpi4-image-43) is to be installed." in done.stdout
+    runs(device, "43", builds)
+    assert sorted(p.name for p in (device.dir / "downloads").iterdir()) == [
+        hashlib.sha256(builds["43"]).hexdigest()
+    ]
+    assert [(e["kind"], e["version"]) for e in queued(device)] == [
+        ("check-failed", None),
+        ("installed", "43"),
+    ]
 
 
 # -- tufa-agent tuf -------------------------------------------------------------------------

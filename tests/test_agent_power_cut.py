@@ -14,9 +14,14 @@ dangling; status.json parses. The next run, with no crash, ends on 43 (or on 42,
 nothing, with 43 marked failed when its health check fails), with every event delivered
 and no partial or temporary file left behind.
 
+The command installer (`--installer command`) is cut the same way: its command logs
+each run and copies the verified file to an `installed` file. A cut before the agent
+recorded the command's outcome (during the command too) runs it again, once; any other
+cut does not, and no later poll runs it again.
+
 To keep this fast the devices are prepared once per module (42 installed, 43 published;
-and one with nothing installed); each case boots the real agent from a copy of that
-state directory, the disk the device would come back with.
+one with nothing installed; one whose command installed 42); each case boots the real
+agent from a copy of that state directory, the disk the device would come back with.
 """
 
 from __future__ import annotations
@@ -70,6 +75,8 @@ INSTALL_POINTS = (
 WRITE_POINTS = ("write:half-written", "write:before-rename")
 # The points a working update passes, in order (a failing one also rolls back).
 WORKING_UPDATE = (DOWNLOAD_POINT, *(p for p in INSTALL_POINTS if p != "install:rolled-back"))
+# The points a working update passes with the command installer, which has no slots.
+COMMAND_UPDATE = (DOWNLOAD_POINT, "install:pending-saved", "install:concluded")
 
 # (crash point, whether 43's health check fails); the writes are cut one by one below.
 UPDATE_CASES = [
@@ -98,6 +105,18 @@ FIRST_INSTALL_CASES = [
     ("install:switched", True),
     ("install:rolled-back", True),
 ]
+
+# The command installer's command: it logs each run (the version) and copies the verified
+# file to `installed`, both on the device's disk (next to the agent's state, so a booted
+# copy has them). `cp` overwrites: safe to repeat. With TUFA_TEST_CUT_COMMAND set, the
+# power goes off halfway through the copy: the agent and the command are killed.
+INSTALL_COMMAND = (
+    'disk="$(dirname "$(dirname "$TUFA_TARGET_PATH")")" '
+    '&& echo "$TUFA_TARGET_VERSION" >> "$disk/install-command.log" '
+    '&& if [ -n "$TUFA_TEST_CUT_COMMAND" ]; then '
+    'head -c 1000 "$TUFA_TARGET_PATH" > "$disk/installed"; kill -KILL "$PPID" "$$"; fi '
+    '&& cp "$TUFA_TARGET_PATH" "$disk/installed"'
+)
 
 # Loaded before the agent by `sitecustomize` (PYTHONPATH): records each crash point
 # reached in TUFA_TEST_TRACE, and crashes at the TUFA_TEST_CRASH_HIT-th time the point
@@ -143,6 +162,7 @@ class Prepared:
     factory: Factory
     upgrading: AgentDevice  # 42 installed, 43 published and not yet seen
     new: AgentDevice  # registered, nothing installed, 43 published
+    command: AgentDevice  # 42 installed by the command installer, 43 published
     builds: dict[str, bytes]
 
 
@@ -155,9 +175,16 @@ def prepared(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Prepar
     done = upgrading.run_once()
     assert done.returncode == 0, done.stderr
     assert upgrading.running_bytes() == builds["42"]
+    command = AgentDevice.register(
+        factory, where, extra=("--installer", "command", "--install-command", INSTALL_COMMAND)
+    )
+    done = command.run_once()
+    assert done.returncode == 0, done.stderr
+    assert command_runs(command) == ["42"]
+    assert (command.dir / "installed").read_bytes() == builds["42"]
     builds["43"] = publish_build(factory, "43", build_bytes("43", BIG))
     new = AgentDevice.register(factory, where, extra=("--health-check", HEALTH_CHECK))
-    return Prepared(factory, upgrading, new, builds)
+    return Prepared(factory, upgrading, new, command, builds)
 
 
 def boot_copy(device: AgentDevice, where: Path) -> AgentDevice:
@@ -167,6 +194,12 @@ def boot_copy(device: AgentDevice, where: Path) -> AgentDevice:
     copy = where / device.name
     shutil.copytree(device.dir, copy, symlinks=True)
     return AgentDevice(device.factory, copy, device.name, device.channel)
+
+
+def command_runs(device: AgentDevice) -> list[str]:
+    """The versions the install command was run for, in order (its log)."""
+    log = device.dir / "install-command.log"
+    return log.read_text().split() if log.exists() else []
 
 
 def tracer_env(where: Path, **settings: str) -> dict[str, str]:
@@ -237,9 +270,12 @@ def assert_settled(
     installed: str | None,
     failed: bool,
     with_cli: bool = False,
+    by_command: bool = False,
 ) -> None:
     """The status agrees with what runs (`tufa-agent status` too, `with_cli`); every
-    event was delivered and the server knows what runs; nothing is left over."""
+    event was delivered and the server knows what runs; nothing is left over. What runs
+    is the `current` slot, or with the command installer (`by_command`) what its
+    command copied to `installed`."""
     status = read_status(device)
     assert (status.installed.version if status.installed else None) == installed, status
     assert status.pending is None, status
@@ -250,7 +286,12 @@ def assert_settled(
         assert (report["installed"] or {}).get("version") == installed, report
         assert (report["installing"], report["unsent_events"]) == (None, 0), report
         assert report["failed_sha256"] == status.failed, report
-    assert device.running_bytes() == (None if installed is None else builds[installed])
+    expected = None if installed is None else builds[installed]
+    if by_command:
+        assert not os.path.lexists(device.dir / "current")  # no slots of the agent's own
+        assert (device.dir / "installed").read_bytes() == expected
+    else:
+        assert device.running_bytes() == expected
     assert leftovers(device) == []
     kept = sorted(p.name for p in (device.dir / "downloads").iterdir())
     assert kept == ([] if installed is None else [sha256(builds[installed])])
@@ -271,6 +312,11 @@ def test_every_crash_point_of_the_agent_is_tested() -> None:
     assert found == {DOWNLOAD_POINT, *INSTALL_POINTS, *WRITE_POINTS} == tested
 
 
+# A failed release is recorded as failed before the rollback: a cut after that point
+# finishes the rollback and does not try the release again.
+AFTER_THE_VERDICT = ("install:rolled-back", "install:concluded")
+
+
 @sqlite_only
 @pytest.mark.parametrize(
     ("point", "broken"),
@@ -286,8 +332,8 @@ def test_power_cut_during_an_update(
 
     done = device.run_once(env=health(broken))
     assert "Traceback" not in done.stderr, done.stderr
-    # A failing 43 fails again in this run, unless the cut came after the verdict.
-    assert done.returncode == (1 if broken and point != "install:concluded" else 0), done.stderr
+    # A failing 43 fails again in this run, unless the cut came after the verdict was saved.
+    assert done.returncode == (1 if broken and point not in AFTER_THE_VERDICT else 0), done.stderr
     assert_settled(device, prepared.builds, "42" if broken else "43", broken)
 
 
@@ -306,7 +352,7 @@ def test_power_cut_during_a_first_install(
 
     done = device.run_once(env=health(broken))
     assert "Traceback" not in done.stderr, done.stderr
-    assert done.returncode == (1 if broken else 0), done.stderr
+    assert done.returncode == (1 if broken and point not in AFTER_THE_VERDICT else 0), done.stderr
     assert_settled(device, prepared.builds, None if broken else "43", broken, with_cli=True)
 
 
@@ -401,3 +447,101 @@ def test_the_daemon_outlives_an_interrupted_install_that_fails(
         device.stop()
     assert "finishing the install of version 43" in device.log()
     assert_settled(device, prepared.builds, "42", True, with_cli=True)
+
+
+# -- the command installer -----------------------------------------------------------------
+
+DURING_THE_COMMAND = "during-the-command"
+# (how the power is cut, how many times the command ran for 43 before the cut, and in all).
+COMMAND_CASES = [
+    (DOWNLOAD_POINT, 0, 1),
+    ("install:pending-saved", 0, 1),  # recorded as pending, the command not yet run
+    (DURING_THE_COMMAND, 1, 2),  # halfway through its copy: run again
+    ("install:concluded", 1, 1),  # its success recorded: not run again
+]
+
+
+def cut_the_command_installer(
+    prepared: Prepared,
+    where: Path,
+    crash: dict[str, str],
+    ran: int,
+    runs: int,
+    with_cli: bool = False,
+) -> None:
+    """Boot a copy of the command device, cut its update to 43 with the environment
+    `crash`; then a clean run. After the cut the device is known to run 42 or 43, the
+    command's copy holds exactly 42's or 43's bytes (a prefix of 43's when the cut came
+    during the copy), and the status says 43 is installed only once the command copied it.
+    The clean run ends on 43 with the command run `runs` times for it in all (`ran` of
+    them before the cut); a later poll does not run it again."""
+    builds = prepared.builds
+    device = boot_copy(prepared.command, where)
+    done = device.run_once(env=crash)
+    assert done.returncode == -signal.SIGKILL, f"{crash}: {done.returncode}\n{done.stderr}"
+    assert command_runs(device) == ["42", *["43"] * ran], crash
+    status = read_status(device)
+    assert status.installed is not None, status
+    assert status.installed.version in ("42", "43"), status
+    assert status.pending is None or status.pending.version == "43", status
+    copied = (device.dir / "installed").read_bytes()
+    if crash.get("TUFA_TEST_CUT_COMMAND"):
+        assert copied == builds["43"][:1000]
+    else:
+        assert copied in (builds["42"], builds["43"]), crash
+    if status.installed.version == "43":
+        assert copied == builds["43"], f"{crash}: 43 recorded as installed before its copy"
+
+    done = device.run_once()
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 0, f"{crash}: {done.stderr}"
+    assert command_runs(device) == ["42", *["43"] * runs], crash
+    assert_settled(device, builds, "43", False, with_cli=with_cli, by_command=True)
+    again = device.run_once()
+    assert again.returncode == 0, f"{crash}: {again.stderr}"
+    assert "version 43 (rpi4-image-43) is up to date" in again.stderr, again.stderr
+    assert command_runs(device) == ["42", *["43"] * runs], f"{crash}: run again by a poll"
+
+
+@sqlite_only
+@pytest.mark.parametrize(
+    ("cut", "ran", "runs"), COMMAND_CASES, ids=[cut for cut, _, _ in COMMAND_CASES]
+)
+def test_power_cut_during_an_update_by_the_install_command(
+    prepared: Prepared, tmp_path: Path, cut: str, ran: int, runs: int
+) -> None:
+    crash = {"TUFA_TEST_CUT_COMMAND": "1"} if cut == DURING_THE_COMMAND else {CRASH_AT: cut}
+    cut_the_command_installer(prepared, tmp_path, crash, ran, runs, with_cli=True)
+
+
+@sqlite_only
+@pytest.mark.parametrize("half", [0, 1], ids=["odd-writes", "even-writes"])
+def test_power_cut_at_each_file_write_of_an_update_by_the_install_command(
+    prepared: Prepared, tmp_path: Path, half: int
+) -> None:
+    """Every atomic write of the update cut in turn, as in the slots' test above. A write
+    after the install was recorded as pending and before its success was (the events,
+    the status) leaves the command run and its outcome unknown: it is run again."""
+    trace = tmp_path / "trace"
+    clean = boot_copy(prepared.command, tmp_path / "clean")
+    done = clean.run_once(env=tracer_env(tmp_path, TUFA_TEST_TRACE=str(trace)))
+    assert done.returncode == 0, done.stderr
+    assert command_runs(clean) == ["42", "43"]
+    passed = trace.read_text().split()
+    assert [p for p in passed if p not in WRITE_POINTS] == list(COMMAND_UPDATE)
+    writes = passed.count(WRITE_POINTS[0])
+    assert writes == passed.count(WRITE_POINTS[1])
+    pending, concluded = passed.index("install:pending-saved"), passed.index("install:concluded")
+    assert WRITE_POINTS[0] in passed[pending:concluded], passed  # some cuts rerun the command
+
+    for hit in range(1 + half, writes + 1, 2):
+        point = WRITE_POINTS[(hit - 1) % 2]
+        at = [i for i, p in enumerate(passed) if p == point][hit - 1]
+        crash = tracer_env(tmp_path, TUFA_TEST_CRASH_POINT=point, TUFA_TEST_CRASH_HIT=str(hit))
+        cut_the_command_installer(
+            prepared,
+            tmp_path / f"write-{hit}",
+            crash,
+            ran=1 if at > pending else 0,
+            runs=2 if pending < at < concluded else 1,
+        )

@@ -25,11 +25,11 @@ from tufa.agent.download import (
     DownloadFailed,
     copy_verified,
     download,
-    verified_file,
+    partial_download_exists,
 )
 from tufa.agent.install import CommandInstaller, Installer, Outcome, SlotInstaller
 from tufa.agent.reports import EventQueue, send_reports
-from tufa.agent.state import AgentError, AgentStatus, Release, StateDir, now_iso
+from tufa.agent.state import AgentError, AgentStatus, Release, StateDir, now_iso, printable
 from tufa.agent.trust import VERIFICATION_ERRORS, open_updater, trusted_targets
 from tufa.core.bundle import BUNDLE_METADATA_URL, TARGETS_DIR, BundleFetcher, read_manifest
 from tufa.core.crashpoints import crashpoint
@@ -40,6 +40,7 @@ from tufa.core.selection import custom_of, newest_for, target_version, version_k
 log = logging.getLogger("tufa.agent")
 
 USER_AGENT = f"tufa-agent/{tufa.__version__} python-tuf/{tuf.__version__}"
+HEARTBEAT = 3600.0  # seconds between reports of an idle device
 
 
 @dataclass(frozen=True)
@@ -101,11 +102,13 @@ def plan_for(status: AgentStatus, hardware_id: str, tag: str, targets: list[Targ
 def make_installer(
     state: StateDir, kind: str, command: str | None, health_check: str | None, timeout: float
 ) -> Installer:
+    if kind == "slots":
+        return SlotInstaller(state, health_check, timeout)
     if kind == "command":
         if not command:
             raise AgentError("the command installer needs --install-command")
         return CommandInstaller(state, command, timeout)
-    return SlotInstaller(state, health_check, timeout)
+    raise AgentError(f"unknown installer {kind!r} in the configuration: use slots or command")
 
 
 class Agent:
@@ -128,7 +131,7 @@ class Agent:
         )
         # Targets hosted elsewhere (a CDN, a bucket) never see the device credential.
         self.external = httpx.Client(headers=headers, timeout=limits, follow_redirects=True)
-        self.fetcher = BearerFetcher(credential, timeout=timeout)
+        self.fetcher = BearerFetcher(credential, timeout=timeout, user_agent=USER_AGENT)
 
     def close(self) -> None:
         self.client.close()
@@ -138,12 +141,22 @@ class Agent:
     # Recovery ---------------------------------------------------------------------------
 
     def recover(self) -> None:
-        """Finish or undo an install that a power cut interrupted."""
+        """Finish or undo an install that a power cut (or a broken step) interrupted."""
         status = self.state.status()
         pending = status.pending
         if pending is None:
             return
-        outcome = self.installer.resume(pending)
+        if pending.sha256 in status.failed:
+            log.warning("finishing the rollback of version %s", pending.version)
+            self.installer.roll_back(status.installed)
+            status.pending = None
+            self.state.save_status(status)
+            (self.state.downloads / pending.sha256).unlink(missing_ok=True)
+            return
+        try:
+            outcome = self.installer.resume(pending)
+        except Exception as e:
+            outcome = Outcome(False, f"the install step broke: {describe_error(e)}")
         if outcome is None:
             log.warning(
                 "the install of version %s was cut before it took effect; the device still "
@@ -192,8 +205,10 @@ class Agent:
         return plan
 
     def poll(self) -> Plan:
-        """One full cycle: check, and install what the check found; then report."""
+        """One full cycle: finish an interrupted install, check, install what the check
+        found; then report."""
         try:
+            self.recover()
             plan = self.check()
             log.info("%s", plan.reason)
             if plan.release is not None and plan.target is not None:
@@ -207,12 +222,16 @@ class Agent:
             self.report()
 
     def report(self) -> None:
+        """Send queued events and the installed release; an idle device still reports
+        once an hour, so the server can tell it is alive."""
         status = self.state.status()
-        if status.reported and not self.events.pending():
+        due = status.reported_at is None or time.time() - status.reported_at >= HEARTBEAT
+        if status.reported and not due and not self.events.pending():
             return
         if send_reports(self.client, self.config.reports_url, self.events, status.installed):
             status = self.state.status()
             status.reported = True
+            status.reported_at = time.time()
             self.state.save_status(status)
 
     def _record_error(self, status: AgentStatus, error: BaseException) -> None:
@@ -231,16 +250,16 @@ class Agent:
             else f"{self.config.targets_url}{release.sha256}.{release.target}"
         )
         client = self.external if isinstance(external, str) else self.client
-        if verified_file(target, self.state.downloads) is None:
+        if not partial_download_exists(target, self.state.downloads):
             self.events.add("download-started", release)
         try:
             file = download(client, url, target, self.state.downloads)
-        except DownloadFailed as e:
-            self._record_error(self.state.status(), e)
-            raise
         except AgentError as e:
-            self.events.add("download-failed", release, str(e))
-            self._record_error(self.state.status(), e)
+            status = self.state.status()
+            # An outage can cut the same download at every check: say it once.
+            if not isinstance(e, DownloadFailed) or str(e) != status.last_error:
+                self.events.add("download-failed", release, str(e))
+            self._record_error(status, e)
             raise
         self.events.add("download-finished", release)
         return file
@@ -249,6 +268,11 @@ class Agent:
         """Verify an offline bundle with the same rules as the server's metadata, and
         install what it holds for this device. Events wait for the next online check."""
         manifest = read_manifest(bundle_dir)
+        if manifest.factory != self.config.factory:
+            raise AgentError(
+                f"{bundle_dir} is a bundle of factory {manifest.factory!r}; this device "
+                f"belongs to {self.config.factory!r}"
+            )
         if manifest.channel != self.config.channel:
             flag = "--prod" if self.config.channel == "prod" else "no --prod"
             raise AgentError(
@@ -281,28 +305,40 @@ class Agent:
         status.pending = staged
         self.state.save_status(status)
         crashpoint("install:pending-saved")
-        return self._conclude(status, staged, self.installer.activate(staged))
+        try:
+            outcome = self.installer.activate(staged)
+        except Exception as e:  # a switch or a command that broke: the release failed
+            outcome = Outcome(False, f"the install step broke: {describe_error(e)}")
+        return self._conclude(status, staged, outcome)
 
     def _conclude(self, status: AgentStatus, release: Release, outcome: Outcome) -> Outcome:
+        """Keep or undo `release`. Each step is saved before the next, so `recover` can
+        finish this after a power cut at any point; events may then be sent twice, which
+        costs less than losing them."""
         if outcome.ok:
             previous = status.installed
+            self.events.add("installed", release)
             status.installed = release
             status.reported = False
-            self.events.add("installed", release)
+            status.pending = None
+            self.state.save_status(status)
             if previous is not None and previous.sha256 != release.sha256:
                 (self.state.downloads / previous.sha256).unlink(missing_ok=True)
         else:
+            running = status.installed.version if status.installed else "nothing"
+            self.events.add("install-failed", release, outcome.detail)
+            if self.installer.rolls_back:
+                self.events.add("rolled-back", release, f"back to {running}")
+            # Failed first, rolled back second: a cut in between finishes the rollback
+            # and never tries this release again.
+            status.failed = [*status.failed, release.sha256][-50:]
+            status.last_error = f"version {release.version} failed to install: {outcome.detail}"
+            self.state.save_status(status)
             self.installer.roll_back(status.installed)
             crashpoint("install:rolled-back")
-            status.failed = [*status.failed, release.sha256][-50:]
-            self.events.add("install-failed", release, outcome.detail)
-            if isinstance(self.installer, SlotInstaller):
-                running = status.installed.version if status.installed else "nothing"
-                self.events.add("rolled-back", release, f"back to {running}")
+            status.pending = None
+            self.state.save_status(status)
             (self.state.downloads / release.sha256).unlink(missing_ok=True)
-            status.last_error = f"version {release.version} failed to install: {outcome.detail}"
-        status.pending = None
-        self.state.save_status(status)
         crashpoint("install:concluded")
         if not outcome.ok:
             raise AgentError(status.last_error or "install failed")
@@ -313,28 +349,17 @@ class Agent:
     def run(self, interval: float, max_backoff: float, once: bool) -> bool:
         """Poll forever (or once). Failures back off exponentially, bounded by
         `max_backoff`, and never touch what is installed."""
-        try:
-            self.recover()
-            recovered = True
-        except AgentError as e:
-            if self.state.status().pending is not None:
-                raise
-            # The interrupted install failed its check and was rolled back: poll (which
-            # reports it) and go on, as after any failed install.
-            recovered = False
-            log.error("%s", e)
         failures = 0
         while True:
             try:
-                self.poll()
+                with self.state.locked():
+                    self.poll()
                 failures = 0
             except Exception as e:  # the loop must outlive any bad response
                 failures += 1
                 log.error("check failed: %s", describe_error(e))
-                if once:
-                    return False
             if once:
-                return recovered
+                return failures == 0
             # The exponent is capped: 2**1024 does not fit a float (a device offline for weeks).
             backoff = interval * 2 ** min(failures, 60)
             delay = interval if failures == 0 else min(backoff, max_backoff)
@@ -343,6 +368,10 @@ class Agent:
 
 def describe_error(error: BaseException) -> str:
     """One line for logs and status: which check failed and what it means."""
+    return printable(_describe(error))
+
+
+def _describe(error: BaseException) -> str:
     if isinstance(error, exceptions.ExpiredMetadataError):
         return f"refused: expired metadata ({error})"
     if isinstance(error, exceptions.BadVersionNumberError):

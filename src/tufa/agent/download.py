@@ -41,7 +41,7 @@ def sha256_of(target: TargetFile) -> str:
     return target.hashes["sha256"]
 
 
-def verified_file(target: TargetFile, downloads: Path) -> Path | None:
+def _verified_file(target: TargetFile, downloads: Path) -> Path | None:
     """A completed download of `target`, if one is on disk and still matches."""
     path = downloads / sha256_of(target)
     if not path.exists():
@@ -55,13 +55,23 @@ def verified_file(target: TargetFile, downloads: Path) -> Path | None:
     return path
 
 
+def partial_download_exists(target: TargetFile, downloads: Path) -> bool:
+    """Is some of `target` on disk already (complete, or cut and to be resumed)?"""
+    sha256 = sha256_of(target)
+    return (downloads / sha256).exists() or (downloads / f"{sha256}.part").exists()
+
+
 def download(client: httpx.Client, url: str, target: TargetFile, downloads: Path) -> Path:
     """Fetch `target` from `url` into `downloads`, resuming a cut transfer."""
     downloads.mkdir(parents=True, exist_ok=True)
-    done = verified_file(target, downloads)
+    done = _verified_file(target, downloads)
     if done is not None:
         return done
     part = downloads / f"{sha256_of(target)}.part"
+    # A cut download of a release that has since been superseded would never finish.
+    for stale in downloads.glob("*.part"):
+        if stale != part:
+            stale.unlink(missing_ok=True)
     offset = part.stat().st_size if part.exists() else 0
     if offset > target.length:
         part.unlink()
@@ -76,10 +86,9 @@ def copy_verified(source: Path, target: TargetFile, downloads: Path) -> Path:
     """Copy a local file (from an offline bundle) into `downloads`, with the same
     length bound and hash check as a download."""
     downloads.mkdir(parents=True, exist_ok=True)
-    try:
-        size = source.stat().st_size
-    except FileNotFoundError:
-        raise AgentError(f"{source} is missing from the bundle") from None
+    if not source.is_file():  # missing, or a FIFO that would never end
+        raise AgentError(f"{source} is missing from the bundle or not a regular file")
+    size = source.stat().st_size
     if size != target.length:
         raise AgentError(
             f"{source} holds {size} bytes; the signed metadata says {target.length}: refused"
@@ -127,6 +136,13 @@ def _transfer(client: httpx.Client, url: str, target: TargetFile, part: Path, of
                 mode = "ab"
             elif response.status_code == 200:
                 offset, mode = 0, "wb"
+            elif offset and response.status_code in (206, 416):
+                # The server cannot resume where we stopped: start over next time.
+                part.unlink(missing_ok=True)
+                raise DownloadFailed(
+                    f"{target.path}: the server could not resume at byte {offset} "
+                    f"(HTTP {response.status_code}); the download starts over"
+                )
             else:
                 raise DownloadFailed(
                     f"{target.path}: the server answered HTTP {response.status_code} for {url}"

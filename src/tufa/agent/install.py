@@ -35,6 +35,9 @@ class Outcome:
 
 
 class Installer(Protocol):
+    # Whether a failed activation puts the previous release back (worth an event).
+    rolls_back: bool
+
     def stage(self, release: Release, file: Path) -> Release:
         """Prepare `release` without changing what runs; returns it as staged."""
 
@@ -66,11 +69,14 @@ def _run(command: str, env: dict[str, str], timeout: float, what: str) -> Outcom
             env={**os.environ, **env},
             capture_output=True,
             text=True,
+            errors="replace",  # a command may print anything; its verdict is its status
             timeout=timeout,
             check=False,
         )
     except subprocess.TimeoutExpired:
         return Outcome(False, f"{what} did not finish within {timeout:g} s")
+    except OSError as e:
+        return Outcome(False, f"{what} could not be started: {e}")
     if done.returncode != 0:
         output = (done.stderr or done.stdout).strip()[-500:]
         return Outcome(False, f"{what} exited with status {done.returncode}: {output}")
@@ -87,6 +93,8 @@ def _release_env(release: Release, path: Path) -> dict[str, str]:
 
 
 class SlotInstaller:
+    rolls_back = True
+
     def __init__(self, state: StateDir, health_check: str | None, timeout: float) -> None:
         self.state = state
         self.health_check = health_check
@@ -159,6 +167,8 @@ class SlotInstaller:
 
 
 class CommandInstaller:
+    rolls_back = False
+
     def __init__(self, state: StateDir, command: str, timeout: float) -> None:
         self.state = state
         self.command = command

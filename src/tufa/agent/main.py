@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 import uuid
 from collections.abc import Callable
@@ -17,7 +18,7 @@ import httpx
 
 from tufa.agent.agent import USER_AGENT, Agent, Plan, describe_error
 from tufa.agent.reports import EventQueue
-from tufa.agent.state import AgentConfig, AgentError, StateDir
+from tufa.agent.state import CREDENTIAL_FILE, AgentConfig, AgentError, StateDir, printable
 from tufa.agent.trust import channel_of, load_root, provision_root, trusted_versions
 from tufa.agent.tuf_commands import tuf_group
 from tufa.core.bundle import BundleError
@@ -44,17 +45,22 @@ def _one_line_errors(fn: Callable[P, R]) -> Callable[P, R]:
         try:
             return fn(*args, **kwargs)
         except (AgentError, BundleError) as e:
-            raise click.ClickException(str(e)) from e
+            raise click.ClickException(printable(str(e))) from e
+        except OSError as e:  # the disk, the state directory, a bundle on a bad stick
+            raise click.ClickException(f"{e.strerror or e}: {e.filename or ''}") from e
 
     return wrapper
 
 
+class _PrintableFormatter(logging.Formatter):
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return printable(super().formatMessage(record))
+
+
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_PrintableFormatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     # httpx logs every request at INFO; a device polling every minute needs none of it.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     # python-tuf logs each key that did not sign; the agent reports the verdict instead.
@@ -154,10 +160,49 @@ def register(
         )
     if installer == "command" and not install_command:
         raise AgentError("--installer command needs --install-command")
-    root = load_root(root_file.read_bytes(), str(root_file))
-    channel = channel_of(root)
+    root_bytes = root_file.read_bytes()
+    channel = channel_of(load_root(root_bytes, str(root_file)))
     name = name or f"{hardware_id}-{uuid.uuid4().hex[:8]}"
     server = server.rstrip("/")
+    existed = state.path.exists()
+    try:
+        # Everything that can fail locally happens before the server creates the device,
+        # so a refused write leaves no device behind that nobody holds a credential of.
+        state.path.mkdir(parents=True, exist_ok=True)
+        provision_root(state.metadata, root_bytes, str(root_file))
+        device = _register_with_server(server, factory, token, name, hardware_id, tag, channel)
+        state.save_credential(device["credential"])
+        # The configuration goes last: its presence marks the device as registered.
+        state.save_config(
+            AgentConfig(
+                server=server,
+                factory=factory,
+                channel=channel,
+                device_id=device["id"],
+                name=name,
+                hardware_id=hardware_id,
+                tag=tag,
+                installer=installer,
+                install_command=install_command,
+                health_check=health_check,
+                health_timeout=health_timeout,
+            )
+        )
+    except BaseException as e:
+        if existed:
+            shutil.rmtree(state.metadata, ignore_errors=True)
+            (state.path / CREDENTIAL_FILE).unlink(missing_ok=True)
+        else:
+            shutil.rmtree(state.path, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise AgentError(f"cannot write the state directory {state_dir}: {e}") from e
+        raise
+    click.echo(f"Registered {name} ({device['id']}) on the {channel} channel of {factory}.")
+
+
+def _register_with_server(
+    server: str, factory: str, token: str, name: str, hardware_id: str, tag: str, channel: str
+) -> dict[str, str]:
     try:
         response = httpx.post(
             f"{server}/api/v1/factories/{factory}/devices",
@@ -169,46 +214,35 @@ def register(
         raise AgentError(f"cannot reach {server}: {e}") from e
     if response.status_code != 201:
         raise AgentError(
-            f"the server refused the registration: HTTP {response.status_code} "
+            f"the server refused the registration: HTTP {response.status_code}: "
             f"{_server_message(response)}"
         )
-    device = response.json()
-    state.path.mkdir(parents=True, exist_ok=True)
-    provision_root(state.metadata, root_file.read_bytes(), str(root_file))
-    state.save_credential(device["credential"])
-    # The configuration goes last: its presence is what marks the device as registered.
-    state.save_config(
-        AgentConfig(
-            server=server,
-            factory=factory,
-            channel=channel,
-            device_id=device["id"],
-            name=name,
-            hardware_id=hardware_id,
-            tag=tag,
-            installer=installer,
-            install_command=install_command,
-            health_check=health_check,
-            health_timeout=health_timeout,
-        )
-    )
-    click.echo(f"Registered {name} ({device['id']}) on the {channel} channel of {factory}.")
+    try:
+        device = response.json()
+        return {"id": str(device["id"]), "credential": str(device["credential"])}
+    except (ValueError, KeyError, TypeError) as e:
+        raise AgentError(f"{server} answered the registration with no credential") from e
 
 
 def _server_message(response: httpx.Response) -> str:
+    """The message of a tufa API error, or the start of whatever else came back."""
     try:
-        return str(response.json().get("message", ""))
-    except ValueError:
-        return response.text[:200]
+        return printable(str(response.json()["error"]["message"]))
+    except (ValueError, KeyError, TypeError):
+        return printable(response.text[:200])
 
 
 @cli.command()
 @click.option(
-    "--interval", type=float, default=300.0, show_default=True, help="Seconds between checks."
+    "--interval",
+    type=click.FloatRange(min=0),
+    default=300.0,
+    show_default=True,
+    help="Seconds between checks.",
 )
 @click.option(
     "--max-backoff",
-    type=float,
+    type=click.FloatRange(min=0),
     default=3600.0,
     show_default=True,
     help="Longest wait after repeated failures.",
@@ -246,9 +280,11 @@ def check(as_json: bool, state_dir: Path) -> None:
     Example:
       tufa-agent check --dir ./agent-state
     """
-    agent = Agent(StateDir(state_dir))
+    state = StateDir(state_dir)
+    agent = Agent(state)
     try:
-        plan = agent.check()
+        with state.locked():
+            plan = agent.check()
     except AgentError:
         raise
     except Exception as e:
@@ -262,7 +298,7 @@ def _print_plan(plan: Plan, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(plan.to_json(), indent=2))
     else:
-        click.echo(plan.reason[0].upper() + plan.reason[1:] + ".")
+        click.echo(printable(plan.reason[0].upper() + plan.reason[1:] + "."))
 
 
 @cli.command()
@@ -301,6 +337,9 @@ def status(as_json: bool, state_dir: Path) -> None:
     lines = {
         "device": f"{config.name} ({config.channel}, {config.hardware_id}, tag {config.tag})",
         "installed": f"{installed.version} ({installed.target})" if installed else "-",
+        "installing": f"{current.pending.version} (finished at the next start)"
+        if current.pending
+        else "-",
         "last check": current.last_check or "never",
         "last error": current.last_error or "-",
         "trusted": ", ".join(f"{r} v{v}" for r, v in report["trusted_metadata"].items()),
@@ -324,10 +363,12 @@ def install_bundle(bundle_dir: Path, as_json: bool, state_dir: Path) -> None:
     Example:
       tufa-agent install-bundle /media/usb/release-42 --dir ./agent-state
     """
-    agent = Agent(StateDir(state_dir))
+    state = StateDir(state_dir)
+    agent = Agent(state)
     try:
-        agent.recover()
-        plan = agent.install_bundle(bundle_dir)
+        with state.locked():
+            agent.recover()
+            plan = agent.install_bundle(bundle_dir)
     finally:
         agent.close()
     _print_plan(plan, as_json)

@@ -39,8 +39,8 @@ class EventQueue:
             "id": uuid.uuid4().hex,
             "at": now_iso(),
             "kind": kind,
-            "version": release.version if release else None,
-            "target": release.target if release else None,
+            "version": release.version[:64] if release else None,
+            "target": release.target[:255] if release else None,
             "detail": detail.replace("\x00", "")[:1000],  # the databases store no NUL
         }
         log.info("event %s %s %s", kind, event["version"] or "", detail)
@@ -63,6 +63,14 @@ def send_reports(
         except httpx.HTTPError as e:
             log.info("reports not delivered (%s); they stay queued", e)
             return False
+        if response.status_code == 400 and batch:
+            # The server will never take these events: keeping them would block every
+            # later report behind them.
+            log.warning(
+                "the server refused %d event(s), dropped: %s", len(batch), response.text[:300]
+            )
+            queue.drop({e["id"] for e in batch})
+            continue
         if response.status_code >= 300:
             log.warning(
                 "the server refused the report: HTTP %s %s",

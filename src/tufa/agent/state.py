@@ -15,7 +15,11 @@ the new version of each file, never a mix):
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +37,12 @@ _T = TypeVar("_T")
 
 class AgentError(Exception):
     """A problem the agent reports in one line, naming the cause and the fix."""
+
+
+def printable(text: str) -> str:
+    """`text` with control characters escaped: names and messages from a server or from
+    metadata reach the device's terminal and logs, and must not drive them."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def now_iso() -> str:
@@ -98,7 +108,8 @@ class Release:
     slot: str | None = None
 
     def to_report(self) -> dict[str, str]:
-        return {"version": self.version, "target": self.target, "sha256": self.sha256}
+        # Cut to the server's field sizes: a report it refuses would hold up every later one.
+        return {"version": self.version[:64], "target": self.target[:255], "sha256": self.sha256}
 
 
 @dataclass
@@ -109,6 +120,7 @@ class AgentStatus:
     last_check: str | None = None
     last_error: str | None = None
     reported: bool = False  # has the server heard of `installed`?
+    reported_at: float | None = None  # when the last report was delivered (Unix time)
 
     @classmethod
     def from_json(cls, data: Any) -> Self:
@@ -127,6 +139,24 @@ class StateDir:
         self.downloads = self.path / "downloads"
         self.slots = self.path / "slots"
         self.current = self.path / "current"
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """One agent process at a time changes the state (a running service and an
+        `install-bundle` or `check` typed by hand would otherwise undo each other)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with (self.path / ".lock").open("a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                logging.getLogger("tufa.agent").info(
+                    "waiting for another tufa-agent process working on %s", self.path
+                )
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def is_registered(self) -> bool:
         return (self.path / CONFIG_FILE).exists()

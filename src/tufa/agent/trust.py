@@ -73,6 +73,7 @@ def open_updater(
     fetcher: FetcherInterface,
     target_dir: Path | None = None,
     target_url: str | None = None,
+    config: UpdaterConfig = UPDATER_CONFIG,
 ) -> Updater:
     if not (metadata_dir / "root.json").exists():
         raise AgentError(
@@ -85,7 +86,7 @@ def open_updater(
         target_dir=str(target_dir) if target_dir else None,
         target_base_url=target_url,
         fetcher=fetcher,
-        config=UPDATER_CONFIG,
+        config=config,
         bootstrap=None,
     )
 
@@ -100,7 +101,8 @@ def trusted_versions(metadata_dir: Path) -> dict[str, int]:
     """Versions of the roles in the trust store, for status output."""
     found: dict[str, int] = {}
     for role in ("root", "timestamp", "snapshot", "targets"):
-        path = metadata_dir / f"{role}.json"
-        if path.exists():
-            found[role] = Metadata.from_file(str(path)).signed.version
+        try:
+            found[role] = Metadata.from_file(str(metadata_dir / f"{role}.json")).signed.version
+        except Exception:  # noqa: S112 (missing or damaged: the next refresh replaces it)
+            continue
     return found

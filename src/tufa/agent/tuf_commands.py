@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from tuf.ngclient import UpdaterConfig
 
 from tufa.agent.agent import describe_error
 from tufa.agent.state import AgentError
@@ -30,11 +31,16 @@ metadata_dir_option = click.option(
 metadata_url_option = click.option(
     "--metadata-url", required=True, help="Base URL of the repository's metadata."
 )
+# No environment variable on purpose: the admin CLI's TUFA_TOKEN must not reach a mirror
+# that someone is debugging.
 token_option = click.option(
     "--token",
-    envvar="TUFA_TOKEN",
-    help="Bearer token or device credential, for a tufa server (env TUFA_TOKEN).",
+    help="Bearer token or device credential for a tufa server; sent with every request.",
 )
+
+
+# Any TUF repository, delegations included: python-tuf's own limits, not the agent's.
+DEBUG_CONFIG = UpdaterConfig()
 
 
 def _fail(error: BaseException) -> click.ClickException:
@@ -82,7 +88,7 @@ def refresh(metadata_url: str, metadata_dir: Path, token: str | None) -> None:
     """
     fetcher = BearerFetcher(token)
     try:
-        open_updater(metadata_dir, metadata_url, fetcher).refresh()
+        open_updater(metadata_dir, metadata_url, fetcher, config=DEBUG_CONFIG).refresh()
     except Exception as e:
         raise _fail(e) from e
     finally:
@@ -123,7 +129,9 @@ def download(
     target_dir.mkdir(parents=True, exist_ok=True)
     fetcher = BearerFetcher(token)
     try:
-        updater = open_updater(metadata_dir, metadata_url, fetcher, target_dir, target_base_url)
+        updater = open_updater(
+            metadata_dir, metadata_url, fetcher, target_dir, target_base_url, config=DEBUG_CONFIG
+        )
         updater.refresh()
         for name in names:
             info = updater.get_targetinfo(name)

@@ -201,6 +201,9 @@ class BundleFetcher(FetcherInterface):
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         path = self._path_for(url)
+        if path.exists() and not path.is_file():
+            # A FIFO or a device node on a stick would block or never end.
+            raise exceptions.DownloadError(f"{path} is not a regular file")
         try:
             # Opened here, not in the generator, so a missing file fails the fetch itself.
             file = path.open("rb")

@@ -19,8 +19,11 @@ CHUNK_SIZE = 256 * 1024
 
 
 class BearerFetcher(FetcherInterface):
-    def __init__(self, token: str | None, timeout: float = 30.0) -> None:
-        headers = {"User-Agent": f"tufa/{tufa.__version__} python-tuf/{tuf.__version__}"}
+    def __init__(
+        self, token: str | None, timeout: float = 30.0, user_agent: str | None = None
+    ) -> None:
+        default = f"tufa/{tufa.__version__} python-tuf/{tuf.__version__}"
+        headers = {"User-Agent": user_agent or default}
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self._client = httpx.Client(headers=headers, timeout=timeout)

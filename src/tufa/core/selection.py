@@ -2,19 +2,31 @@
 
 A target's custom metadata carries `version`, `hardwareIds` and `tags`; a device takes
 the highest version listed for both its hardware id and its tag. Build numbers sort as
-numbers ("9" < "10"); other labels sort after every number, as text.
+numbers ("9" < "10"); other labels sort after every build number, part by part
+("1.9" < "1.10").
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
 from tuf.api.metadata import TargetFile
 
+_PARTS = re.compile(r"[0-9]+|[^0-9]+")
 
-def version_key(version: str) -> tuple[int, int, str]:
-    return (0, int(version), "") if version.isdigit() else (1, 0, version)
+VersionKey = tuple[int, tuple[tuple[int, int, str], ...]]
+
+
+def version_key(version: str) -> VersionKey:
+    """Build numbers first, as numbers; then other labels, part by part with their
+    numbers as numbers, so "1.9" < "1.10"."""
+    parts = tuple(
+        (0, int(part), "") if part[0] in "0123456789" else (1, 0, part)
+        for part in _PARTS.findall(version)
+    )
+    return (0 if len(parts) == 1 and parts[0][0] == 0 else 1, parts)
 
 
 def custom_of(target: TargetFile) -> dict[str, Any]:

@@ -27,6 +27,8 @@ from tufa.server.state import ServerState
 
 TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,254}")
 LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}")
+# Versions are stored (targets, waves, device reports) in 64 characters.
+VERSION_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,63}")
 MAX_TARGETS_PER_PUBLISH = 1000
 
 
@@ -76,8 +78,10 @@ def parse_target(data: Any) -> TargetSpec:
     if not isinstance(custom, dict):
         raise bad_request(f"target {name!r}: 'custom' must be a JSON object")
     version = data.get("version")
-    if not isinstance(version, str) or not LABEL.fullmatch(version):
-        raise bad_request(f"target {name!r}: 'version' must be a short label such as '42'")
+    if not isinstance(version, str) or not VERSION_LABEL.fullmatch(version):
+        raise bad_request(
+            f"target {name!r}: 'version' must be up to 64 letters, digits or . _ : + - such as '42'"
+        )
     hardware_ids = _labels(data.get("hardware_ids"), name, "hardware_ids")
     tags = _labels(data.get("tags"), name, "tags")
     fixed = {"version": version, "hardwareIds": hardware_ids, "tags": tags}

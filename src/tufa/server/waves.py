@@ -393,12 +393,14 @@ class Waves:
         row = self._row(conn, factory_id, name)
         md = Metadata[Targets].from_bytes(row.targets)
         tag_devices = conn.execute(
-            select(devices.c.id).where(
+            select(func.count())
+            .select_from(devices)
+            .where(
                 devices.c.factory_id == factory_id,
                 devices.c.channel == PROD.value,
                 devices.c.tag == row.tag,
             )
-        ).all()
+        ).scalar_one()
         # Once complete, the wave's release is what every device of its tag is served, so
         # its install counts cover them all.
         reached = (
@@ -440,7 +442,7 @@ class Waves:
             "targets": sorted(md.signed.targets),
             "expires": md.signed.expires.isoformat().replace("+00:00", "Z"),
             "devices_served": served,
-            "devices_of_tag": len(tag_devices),
+            "devices_of_tag": tag_devices,
             "devices_installed": installed,
             "devices_failed": failed,
             "created_at": row.created_at.isoformat().replace("+00:00", "Z"),
