@@ -310,8 +310,7 @@ def test_an_expired_bundle_is_refused_and_a_fresh_one_installs(
         stale = tmp_path / "usb" / "stale-43"
         done = run_cli("targets", "offline-update", "main", "43", str(stale), env=env)
         assert done.returncode == 1, done.stdout
-        assert "does not verify with python-tuf" in done.stderr, done.stderr
-        assert "expired" in done.stderr, done.stderr
+        assert "the metadata the server serves has expired" in done.stderr, done.stderr
         assert not stale.exists()
         assert not stale.with_name(f"{stale.name}.partial").exists()
 

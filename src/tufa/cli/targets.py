@@ -512,6 +512,12 @@ def _build_bundle(
     with tempfile.TemporaryDirectory(prefix="tufa-bundle-trust-") as trust:
         try:
             updater = _verified_updater(partial, Path(trust), metadata["1.root.json"])
+        except exceptions.ExpiredMetadataError as e:
+            raise click.ClickException(
+                f"the metadata the server serves has expired ({e}); nothing was written. "
+                "The server re-signs it on its own: check that it runs with re-signing on "
+                "and that its clock is right, then run again"
+            ) from e
         except (exceptions.RepositoryError, exceptions.DownloadError) as e:
             raise click.ClickException(
                 f"the metadata the server serves does not verify with python-tuf ({e}); "
