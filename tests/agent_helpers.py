@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 
 from tests.helpers import Factory
+from tufa.cli.impostor import SeenRequest
 from tufa.cli.local_server import console_script, stop_process
 
 HARDWARE_ID = "rpi4"
@@ -192,13 +193,10 @@ Tamper = Callable[["Exchange"], None]
 
 
 @dataclass
-class Exchange:
+class Exchange(SeenRequest):
     """One request through the proxy and the upstream answer, which a tamper hook may
     rewrite before the device sees it."""
 
-    method: str
-    path: str
-    headers: dict[str, str]
     status: int = 0
     response_headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""

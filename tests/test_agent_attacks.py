@@ -28,12 +28,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +69,7 @@ from tests.helpers import (
 )
 from tests.test_rotations import stolen_online_signers
 from tests.test_waves import release, start_owner
+from tufa.cli.impostor import FileServer, SeenRequest
 from tufa.core.archive import OfflineArchive
 from tufa.core.metadata import ROOT, SNAPSHOT, TARGETS, TIMESTAMP
 
@@ -106,53 +105,9 @@ def proxy_to(stack: ExitStack, upstream: str) -> TamperingProxy:
     return proxy
 
 
-class FakeServer:
-    """A plain HTTP server on loopback: it answers GET from `files` (URL path -> bytes),
-    404 otherwise, and keeps every request in `seen`. An impersonator of the update
-    server, or the evil host a forged target points at."""
-
-    def __init__(self, files: Mapping[str, bytes] | None = None) -> None:
-        self.files = dict(files or {})
-        self.seen: list[Exchange] = []
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                """Quiet: the tests assert on `seen`."""
-
-            def _answer(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                if length:
-                    self.rfile.read(length)
-                fake.seen.append(Exchange(self.command, self.path, dict(self.headers.items())))
-                found = fake.files.get(self.path.split("?")[0])
-                status, body = (200, found) if found is not None else (404, b"not found")
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(body)
-
-            do_GET = do_POST = do_PUT = do_HEAD = _answer
-
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-        self._thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
-
-    def close(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-
-
-def fake_server(stack: ExitStack, files: Mapping[str, bytes] | None = None) -> FakeServer:
-    fake = FakeServer(files)
+def fake_server(stack: ExitStack, files: Mapping[str, bytes] | None = None) -> FileServer:
+    """An impersonator of the update server, or the evil host a forged target points at."""
+    fake = FileServer(files)
     stack.callback(fake.close)
     return fake
 
@@ -246,13 +201,13 @@ def version_of(data: bytes) -> int:
 # -- tampering ----------------------------------------------------------------------------------
 
 
-def filename(exchange: Exchange) -> str:
+def filename(exchange: SeenRequest) -> str:
     """The last component of the request path: `timestamp.json`, `3.snapshot.json`,
     `SHA256.NAME` of a target."""
     return exchange.path.split("?")[0].rsplit("/", 1)[-1]
 
 
-def is_role(exchange: Exchange, role: str) -> bool:
+def is_role(exchange: SeenRequest, role: str) -> bool:
     """A request for `role`'s metadata (consistent snapshots: `N.ROLE.json`)."""
     name = filename(exchange)
     if "/metadata/" not in exchange.path:
@@ -260,7 +215,7 @@ def is_role(exchange: Exchange, role: str) -> bool:
     return name == "timestamp.json" if role == TIMESTAMP else name.endswith(f".{role}.json")
 
 
-def is_target(exchange: Exchange) -> bool:
+def is_target(exchange: SeenRequest) -> bool:
     return "/repo/" in exchange.path and "/targets/" in exchange.path
 
 
@@ -387,7 +342,7 @@ def fake_repository(
 
 
 def assert_sound_repository(
-    fake: FakeServer, factory: Factory, channel: str, root_v1: bytes, where: Path
+    fake: FileServer, factory: Factory, channel: str, root_v1: bytes, where: Path
 ) -> TargetFile:
     """Control: python-tuf's ngclient, trusting the fake's own root, refreshes from it
     without error. So a device refuses it for its keys, not for a malformed repository."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -30,7 +32,56 @@ from tufa.core.metadata import (
 FAKE_BUILD = b"an impostor's firmware that would revert the day's fixes\n" * 1024
 
 
-class Impostor:
+@dataclass
+class SeenRequest:
+    method: str
+    path: str
+    headers: dict[str, str]
+
+
+class FileServer:
+    """A plain HTTP server on loopback: GET (or POST) of a path in `files` answers its
+    bytes, anything else 404. Every request is kept in `seen`."""
+
+    def __init__(self, files: Mapping[str, bytes] | None = None) -> None:
+        self.files = dict(files or {})
+        self.seen: list[SeenRequest] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                """Quiet: callers look at `seen`."""
+
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(length)
+                server.seen.append(SeenRequest(self.command, self.path, dict(self.headers)))
+                body = server.files.get(self.path.split("?")[0])
+                self.send_response(200 if body is not None else 404)
+                self.send_header("Content-Length", str(len(body or b"")))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body or b"")
+
+            do_GET = do_POST = do_PUT = do_HEAD = _answer
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+class Impostor(FileServer):
     """Serves a repository for `factory`/`channel` signed by keys nobody trusts."""
 
     def __init__(self, factory: str, channel: str, root_version: int, hardware_id: str, tag: str):
@@ -58,37 +109,12 @@ class Impostor:
         timestamp = build_timestamp(900, expires, snapshot, 900)
         digest = hashlib.sha256(FAKE_BUILD).hexdigest()
         prefix = f"/api/v1/factories/{factory}/repo/{channel}"
-        self.files = {
-            f"{prefix}/metadata/{root_version}.root.json": to_bytes(sign(root, [signer])),
-            f"{prefix}/metadata/timestamp.json": to_bytes(sign(timestamp, [signer])),
-            f"{prefix}/metadata/900.snapshot.json": snapshot,
-            f"{prefix}/metadata/900.targets.json": targets,
-            f"{prefix}/targets/{digest}.{target.path}": FAKE_BUILD,
-        }
-        self.requests: list[str] = []
-        impostor = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:
-                impostor.requests.append(self.path)
-
-            def do_GET(self) -> None:
-                body = impostor.files.get(self.path)
-                self.send_response(200 if body is not None else 404)
-                self.send_header("Content-Length", str(len(body or b"")))
-                self.end_headers()
-                self.wfile.write(body or b"")
-
-            do_POST = do_GET
-
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
-
-    def close(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        super().__init__(
+            {
+                f"{prefix}/metadata/{root_version}.root.json": to_bytes(sign(root, [signer])),
+                f"{prefix}/metadata/timestamp.json": to_bytes(sign(timestamp, [signer])),
+                f"{prefix}/metadata/900.snapshot.json": snapshot,
+                f"{prefix}/metadata/900.targets.json": targets,
+                f"{prefix}/targets/{digest}.{target.path}": FAKE_BUILD,
+            }
+        )
