@@ -201,6 +201,18 @@ def version_of(data: bytes) -> int:
 # -- tampering ----------------------------------------------------------------------------------
 
 
+def running_build_1(
+    factory: Factory, where: Path, stack: ExitStack
+) -> tuple[TamperingProxy, AgentDevice]:
+    """The genuine path first: a CI device behind a proxy that tampers with nothing yet,
+    with build 1 published and installed through it."""
+    proxy = proxy_to(stack, factory.server.url)
+    device = device_behind(factory, proxy, where)
+    publish_build(factory, "1")
+    install(device, "1")
+    return proxy, device
+
+
 def filename(exchange: SeenRequest) -> str:
     """The last component of the request path: `timestamp.json`, `3.snapshot.json`,
     `SHA256.NAME` of a target."""
@@ -426,10 +438,7 @@ def test_replayed_old_metadata_is_refused(
     factory: Factory, tmp_path: Path, stack: ExitStack, replayed: str
 ) -> None:
     roles, says = REPLAYS[replayed]
-    proxy = proxy_to(stack, factory.server.url)
-    device = device_behind(factory, proxy, tmp_path)
-    publish_build(factory, "1")
-    install(device, "1")
+    proxy, device = running_build_1(factory, tmp_path, stack)
     old = trusted_files(device)  # genuine, captured while build 1 was the newest
     publish_build(factory, "2")
     install(device, "2")
@@ -537,10 +546,7 @@ SWAPS: dict[str, Callable[[bytes], bytes]] = {
 def test_target_bytes_that_differ_from_their_hash_are_thrown_away(
     factory: Factory, tmp_path: Path, stack: ExitStack, swap: str
 ) -> None:
-    proxy = proxy_to(stack, factory.server.url)
-    device = device_behind(factory, proxy, tmp_path)
-    publish_build(factory, "1")
-    install(device, "1")
+    proxy, device = running_build_1(factory, tmp_path, stack)
     publish_build(factory, "2")
     proxy.tamper = rewriting_targets(SWAPS[swap])
     assert_refused(device, BAD_HASH, "1", image_name("2"))
@@ -554,10 +560,7 @@ def test_a_forged_tail_on_a_resumed_download_is_thrown_away(
 ) -> None:
     """The link drops halfway through build 2; when the device resumes (a Range request),
     the man in the middle supplies the rest. The whole file fails the hash and goes."""
-    proxy = proxy_to(stack, factory.server.url)
-    device = device_behind(factory, proxy, tmp_path)
-    publish_build(factory, "1")
-    install(device, "1")
+    proxy, device = running_build_1(factory, tmp_path, stack)
     data = publish_build(factory, "2")
     half = len(data) // 2
     proxy.tamper = rewriting_targets(lambda body: body[:half])
@@ -594,10 +597,7 @@ def test_a_forged_tail_on_a_resumed_download_is_thrown_away(
 def test_a_target_download_far_longer_than_signed_is_cut_off(
     factory: Factory, tmp_path: Path, stack: ExitStack
 ) -> None:
-    proxy = proxy_to(stack, factory.server.url)
-    device = device_behind(factory, proxy, tmp_path)
-    publish_build(factory, "1")
-    install(device, "1")
+    proxy, device = running_build_1(factory, tmp_path, stack)
     data = publish_build(factory, "2")
     proxy.tamper = rewriting_targets(lambda body: body + os.urandom(8 * 1024 * 1024))
     assert_refused(device, OVERSIZED, "1", f"more than the {len(data)} bytes")
@@ -617,10 +617,7 @@ PADDINGS = {
 def test_metadata_far_longer_than_allowed_is_refused(
     factory: Factory, tmp_path: Path, stack: ExitStack, role: str
 ) -> None:
-    proxy = proxy_to(stack, factory.server.url)
-    device = device_behind(factory, proxy, tmp_path)
-    publish_build(factory, "1")
-    install(device, "1")
+    proxy, device = running_build_1(factory, tmp_path, stack)
     publish_build(factory, "2")
     padded = rewriting(role, lambda body: body + b" " * PADDINGS[role])
     # Control: padded, the metadata still parses and verifies; only its size is wrong.
@@ -664,10 +661,7 @@ def timestamp_pinning(body: bytes, snapshot: bytes) -> bytes:
 def test_targets_that_do_not_match_the_snapshot_are_refused(
     factory: Factory, tmp_path: Path, stack: ExitStack, how: str
 ) -> None:
-    proxy = proxy_to(stack, factory.server.url)
-    device = device_behind(factory, proxy, tmp_path)
-    publish_build(factory, "1")
-    install(device, "1")
+    proxy, device = running_build_1(factory, tmp_path, stack)
     kept = trusted_versions(device)[TARGETS]
     publish_build(factory, "2")
     genuine = served_metadata(factory, "ci")
@@ -772,10 +766,7 @@ def test_a_fake_server_redirecting_targets_to_an_evil_host_is_refused(
     host. Refused before any download: the evil host never hears from the device."""
     evil_host = fake_server(stack, {"/firmware.bin": EVIL})
     url = f"{evil_host.url}/firmware.bin"
-    proxy = proxy_to(stack, factory.server.url)
-    device = device_behind(factory, proxy, tmp_path)
-    publish_build(factory, "1")
-    install(device, "1")
+    proxy, device = running_build_1(factory, tmp_path, stack)
     files, fake_root = fake_repository(factory, "ci", "2", EVIL, root_v2=False, url=url)
     fake = fake_server(stack, files)
     offered = assert_sound_repository(fake, factory, "ci", fake_root, tmp_path / "control")
@@ -832,10 +823,7 @@ def test_a_target_download_redirected_to_an_evil_host_is_not_followed(
     """The man in the middle answers the download of build 2 with a redirect to its own
     host: the device does not follow it (its credential stays home), installs nothing."""
     evil_host = fake_server(stack, {"/firmware.bin": EVIL})
-    proxy = proxy_to(stack, factory.server.url)
-    device = device_behind(factory, proxy, tmp_path)
-    publish_build(factory, "1")
-    install(device, "1")
+    proxy, device = running_build_1(factory, tmp_path, stack)
     publish_build(factory, "2")
 
     def redirect(exchange: Exchange) -> None:
@@ -862,10 +850,7 @@ def test_validly_signed_metadata_never_moves_the_device_down(
     1 again, or other bytes as build 2, the device keeps build 2: its own rule is that the
     version only goes up. This is a decision, not a failure: `run --once` exits 0."""
     stolen = stolen_online_signers(server, factory)
-    proxy = proxy_to(stack, factory.server.url)
-    device = device_behind(factory, proxy, tmp_path)
-    publish_build(factory, "1")
-    install(device, "1")
+    proxy, device = running_build_1(factory, tmp_path, stack)
     publish_build(factory, "2")
     install(device, "2")
 
@@ -930,10 +915,7 @@ def test_a_new_root_without_enough_signatures_is_refused(
     the device trusts and by the new key. With one of them missing (or corrupted) the
     device refuses it and keeps trusting root v1; with both, as a control, it follows."""
     owner = start_owner(factory, tmp_path / "owner")
-    proxy = proxy_to(stack, factory.server.url)
-    device = device_behind(factory, proxy, tmp_path)
-    publish_build(factory, "1")
-    install(device, "1")
+    proxy, device = running_build_1(factory, tmp_path, stack)
     trusted = trusted_files(device)[ROOT]
     root_keyids = Metadata[Root].from_bytes(trusted).signed.roles[ROOT].keyids
     (old,) = [
@@ -979,10 +961,7 @@ BAD_SIGNATURES = {
 def test_metadata_with_a_bad_signature_is_refused(
     factory: Factory, tmp_path: Path, stack: ExitStack, role: str
 ) -> None:
-    proxy = proxy_to(stack, factory.server.url)
-    device = device_behind(factory, proxy, tmp_path)
-    publish_build(factory, "1")
-    install(device, "1")
+    proxy, device = running_build_1(factory, tmp_path, stack)
     kept = trusted_versions(device)[TARGETS]
     publish_build(factory, "2")
     proxy.tamper = rewriting(role, flip_signature)
@@ -1013,10 +992,7 @@ def test_target_names_and_hashes_that_are_paths_are_refused(
     agent's downloads and slots is written or removed. (The server only accepts plain
     names and hex digests.)"""
     stolen = stolen_online_signers(server, factory)
-    proxy = proxy_to(stack, factory.server.url)
-    device = device_behind(factory, proxy, tmp_path)
-    publish_build(factory, "1")
-    install(device, "1")
+    proxy, device = running_build_1(factory, tmp_path, stack)
     root = trusted_files(device)[ROOT]
     name, sha256 = ESCAPES[escape]
     target = target_file("3", EVIL)
