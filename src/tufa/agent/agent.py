@@ -192,12 +192,8 @@ class Agent:
             targets = list(trusted_targets(self.state.metadata).values())
             if only is not None:
                 targets = [t for t in targets if t.path in only]
-        except Exception as e:
-            self._record_error(status, e)
-            raise
-        try:
             plan = plan_for(status, self.config.hardware_id, self.config.tag, targets)
-        except AgentError as e:
+        except Exception as e:
             self._record_error(status, e)
             raise
         status.last_check = now_iso()
@@ -244,12 +240,11 @@ class Agent:
 
     def _download(self, release: Release, target: TargetFile) -> Path:
         external = custom_of(target).get("url")
-        url = (
-            external
-            if isinstance(external, str)
-            else f"{self.config.targets_url}{release.sha256}.{release.target}"
-        )
-        client = self.external if isinstance(external, str) else self.client
+        if isinstance(external, str):
+            url, client = external, self.external
+        else:
+            url = f"{self.config.targets_url}{release.sha256}.{release.target}"
+            client = self.client
         if not partial_download_exists(target, self.state.downloads):
             self.events.add("download-started", release)
         try:

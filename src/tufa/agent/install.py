@@ -22,7 +22,7 @@ from typing import Protocol
 
 from tufa.agent.state import Release, StateDir
 from tufa.core.crashpoints import crashpoint
-from tufa.core.files import write_private_file
+from tufa.core.files import fsync_dir, write_private_file
 
 SLOT_NAMES = ("a", "b")
 RELEASE_FILE = "release.json"
@@ -50,14 +50,6 @@ class Installer(Protocol):
 
     def roll_back(self, previous: Release | None) -> None:
         """Return to `previous` (None: to nothing installed) after a failed activation."""
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _run(command: str, env: dict[str, str], timeout: float, what: str) -> Outcome:
@@ -126,7 +118,7 @@ class SlotInstaller:
         crashpoint("install:file-placed")
         staged = replace(release, slot=slot)
         write_private_file(folder / RELEASE_FILE, json.dumps(staged.to_report()).encode())
-        _fsync_dir(folder)
+        fsync_dir(folder)
         crashpoint("install:slot-written")
         return staged
 
@@ -138,7 +130,7 @@ class SlotInstaller:
             link.unlink(missing_ok=True)
             link.symlink_to(Path("slots") / slot)
             os.replace(link, self.state.current)
-        _fsync_dir(self.state.path)
+        fsync_dir(self.state.path)
 
     def activate(self, release: Release) -> Outcome:
         self._point_current_at(release.slot)

@@ -22,6 +22,7 @@ from tufa.agent.state import CREDENTIAL_FILE, AgentConfig, AgentError, StateDir,
 from tufa.agent.trust import channel_of, load_root, provision_root, trusted_versions
 from tufa.agent.tuf_commands import tuf_group
 from tufa.core.bundle import BundleError
+from tufa.core.responses import refusal_message
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -215,21 +216,13 @@ def _register_with_server(
     if response.status_code != 201:
         raise AgentError(
             f"the server refused the registration: HTTP {response.status_code}: "
-            f"{_server_message(response)}"
+            f"{refusal_message(response)}"
         )
     try:
         device = response.json()
         return {"id": str(device["id"]), "credential": str(device["credential"])}
     except (ValueError, KeyError, TypeError) as e:
         raise AgentError(f"{server} answered the registration with no credential") from e
-
-
-def _server_message(response: httpx.Response) -> str:
-    """The message of a tufa API error, or the start of whatever else came back."""
-    try:
-        return printable(str(response.json()["error"]["message"]))
-    except (ValueError, KeyError, TypeError):
-        return printable(response.text[:200])
 
 
 @cli.command()

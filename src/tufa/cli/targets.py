@@ -32,6 +32,9 @@ from tufa.core.bundle import (
     BundleFetcher,
     BundleManifest,
 )
+from tufa.core.files import fsync_dir
+from tufa.core.responses import refusal_message
+from tufa.core.selection import custom_of, target_version
 
 CHUNK = 1024 * 1024
 
@@ -74,11 +77,9 @@ def _upload(api: Api, path: Path, sha256: str, quiet: bool) -> None:
         except httpx.HTTPError as e:
             raise click.ClickException(f"upload of {path} failed: {e}; run again") from e
     if response.status_code not in (200, 201):
-        try:
-            message = response.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = response.text[:200]
-        raise click.ClickException(f"the server refused the upload of {path}: {message}")
+        raise click.ClickException(
+            f"the server refused the upload of {path}: {refusal_message(response)}"
+        )
 
 
 def _spec(
@@ -351,11 +352,7 @@ def _sync_dir(path: Path) -> None:
     # Some file systems (FAT on USB sticks among them) refuse fsync on a directory;
     # the files themselves are synced already.
     with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(path)
 
 
 def _verified_updater(bundle: Path, trust_dir: Path, root_v1: bytes) -> Updater:
@@ -373,13 +370,8 @@ def _verified_updater(bundle: Path, trust_dir: Path, root_v1: bytes) -> Updater:
     return updater
 
 
-def _custom(target: TargetFile) -> dict[str, Any]:
-    custom = target.unrecognized_fields.get("custom")
-    return custom if isinstance(custom, dict) else {}
-
-
 def _tags_of(target: TargetFile) -> list[str]:
-    tags = _custom(target).get("tags")
+    tags = custom_of(target).get("tags")
     return [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else []
 
 
@@ -388,12 +380,12 @@ def _pick(targets_md: Targets, tag: str, version: str, channel: str) -> list[str
     chosen = sorted(
         name
         for name, target in targets_md.targets.items()
-        if _custom(target).get("version") == version and tag in _tags_of(target)
+        if target_version(target) == version and tag in _tags_of(target)
     )
     if chosen:
         return chosen
     offered = sorted(
-        {str(_custom(t).get("version")) for t in targets_md.targets.values() if tag in _tags_of(t)}
+        {str(target_version(t)) for t in targets_md.targets.values() if tag in _tags_of(t)}
     )
     if channel == "prod":
         have = f"released: {', '.join(offered)}" if offered else "nothing is released to it yet"
@@ -418,7 +410,7 @@ def _download_target(
     sha256 = info.hashes.get("sha256")
     if sha256 is None:
         raise click.ClickException(f"target {info.path} has no SHA-256 in its metadata")
-    external = _custom(info).get("url")
+    external = custom_of(info).get("url")
     headers: dict[str, str] = {}
     if isinstance(external, str):
         # The token goes to the tufa server only, never to an external target's host;
@@ -469,11 +461,7 @@ def _download_target(
 
 
 def _refusal(response: httpx.Response) -> str:
-    try:
-        message = str(response.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        message = response.text[:200]
-    return f"HTTP {response.status_code} {message}".strip()
+    return f"HTTP {response.status_code} {refusal_message(response)}".strip()
 
 
 def _check_destination(directory: Path) -> None:
