@@ -483,10 +483,7 @@ def test_a_timestamp_signed_already_expired_is_refused(
     right again the server re-signs, and the device installs build 2."""
     server, offset_file = clock_server
     factory = create_factory(server)
-    proxy = proxy_to(stack, server.url)
-    device = device_behind(factory, proxy, tmp_path)
-    publish_build(factory, "1")
-    install(device, "1")
+    proxy, device = running_build_1(factory, tmp_path, stack)
     try:
         set_clock_offset(offset_file, -2 * DAY)
         publish_build(factory, "2")
@@ -510,10 +507,7 @@ def test_a_frozen_timestamp_is_refused_once_it_expires(
     believe nothing is new."""
     server, offset_file = clock_server
     factory = create_factory(server)
-    proxy = proxy_to(stack, server.url)
-    device = device_behind(factory, proxy, tmp_path)
-    publish_build(factory, "1")
-    install(device, "1")
+    proxy, device = running_build_1(factory, tmp_path, stack)
     try:
         # A timestamp valid for eight more seconds of the device's time (the server's
         # clock is almost a day late when it signs it).
