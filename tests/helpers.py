@@ -190,6 +190,7 @@ DB_TABLES = (
     "channels",
     "metadata_files",
     "online_keys",
+    "root_key_pairs",
     "key_archives",
     "tokens",
     "devices",
@@ -200,6 +201,12 @@ DB_TABLES = (
 def _engine(url: str) -> Engine:
     # No pool: the session drops PostgreSQL test databases, and SQLite files belong to servers.
     return create_engine(url, poolclass=NullPool)
+
+
+def online_keyids(factory: Factory, channel: str) -> dict[str, str]:
+    """Role -> key id of `channel`'s online keys in force, as `GET /factories/F` lists them."""
+    keys = send(factory.server, "GET", factory.path(), factory.admin_token).json()["online_keys"]
+    return {k["role"]: k["keyid"] for k in keys if k["channel"] == channel}
 
 
 def dump_database(server: Server) -> dict[str, list[tuple[Any, ...]]]:

@@ -592,7 +592,7 @@ def test_a_lower_version_is_never_installed(
     del targets.signed.targets[image_name("43")]
     targets.signed.version += 1
     targets.signatures.clear()
-    stolen = stolen_online_signers(factory.server, factory)
+    stolen = stolen_online_signers(factory.server, factory, "ci")
     targets.sign(stolen[TARGETS])
     mirror = tmp_path / "mirror"
     write_forged_mirror(served, targets, stolen, mirror)
@@ -669,7 +669,7 @@ def test_wave_status_counts_what_production_agents_report(
     # GOOD,BAD`, over HTTP (a CLI process costs a second; test_waves runs those).
     wave = prepared(factory, "7")
     for key in OfflineArchive.load(owner.archive).keys_for(TARGETS):
-        wave.sign(key.pair.signer(), append=True)
+        wave.sign(key.prod.signer(), append=True)
     assert post_wave(factory, "rel-7", "7", wave).status_code == 201
     path = factory.path("/waves/rel-7/rollout")
     body = {"devices": [good.name, bad.name]}

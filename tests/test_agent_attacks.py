@@ -427,7 +427,7 @@ def test_a_fake_server_with_its_own_keys_is_refused(
 REPLAYS = {
     "timestamp": ((TIMESTAMP,), ROLLBACK),
     "snapshot": ((SNAPSHOT,), MISMATCH),  # the newer timestamp pins the snapshot's hash
-    "targets": ((TARGETS,), ROLLBACK),  # the newer snapshot names another version
+    "targets": ((TARGETS,), MISMATCH),  # the newer snapshot pins the targets' hash too
     "whole-set": ((TIMESTAMP, SNAPSHOT, TARGETS), ROLLBACK),
 }
 
@@ -661,7 +661,8 @@ def test_targets_that_do_not_match_the_snapshot_are_refused(
     genuine = served_metadata(factory, "ci")
     if how == "other-genuine-targets":
         # Genuine timestamp and snapshot for build 2, and under the targets file name
-        # they ask for, the genuine (newer) targets of build 3.
+        # they ask for, the genuine (newer) targets of build 3: the snapshot pins the
+        # targets it names by length and hash, and the longer file is cut off there.
         named = json.loads(genuine[SNAPSHOT])["signed"]["meta"]["targets.json"]["version"]
         publish_build(factory, "3")
         other = served_metadata(factory, "ci")[TARGETS]
@@ -673,7 +674,7 @@ def test_targets_that_do_not_match_the_snapshot_are_refused(
                 f"{named}.targets.json": other,
             }
         )
-        says, also, after = ROLLBACK, "targets", "3"
+        says, also, after = TOO_LONG, "", "3"
     else:
         # The snapshot of build 2 rewritten to name the targets the device already has:
         # accepted, it would keep the device on build 1 without a word.
@@ -723,9 +724,9 @@ def test_production_targets_need_the_online_and_an_offline_signature(
     online one. A production device refuses both; the same forgery with both signatures,
     as a control, is installed."""
     owner = start_owner(factory, tmp_path / "owner")
-    stolen = stolen_online_signers(server, factory)
+    stolen = stolen_online_signers(server, factory, "prod")
     (offline,) = OfflineArchive.load(owner.archive).keys_for(TARGETS)
-    by_holder = {"online": stolen[TARGETS], "offline": offline.pair.signer()}
+    by_holder = {"online": stolen[TARGETS], "offline": offline.prod.signer()}
     proxy = proxy_to(stack, factory.server.url)
     device = device_behind(factory, proxy, tmp_path, "prod")
     publish_build(factory, "1")
@@ -747,7 +748,7 @@ def test_production_targets_need_the_online_and_an_offline_signature(
 
     # Control: the forgery signed by both keys is what a production device installs.
     control = target_file("3", EVIL)
-    both = [stolen[TARGETS], offline.pair.signer()]
+    both = [stolen[TARGETS], offline.prod.signer()]
     forge_production(device, proxy, control, EVIL, both, stolen, tmp_path / "control")
     install(device, "3", EVIL)
 
@@ -785,7 +786,7 @@ def test_production_targets_on_an_evil_host_need_the_offline_signature(
     evil_host = fake_server(stack, {"/firmware.bin": EVIL})
     url = f"{evil_host.url}/firmware.bin"
     owner = start_owner(factory, tmp_path / "owner")
-    stolen = stolen_online_signers(server, factory)
+    stolen = stolen_online_signers(server, factory, "prod")
     proxy = proxy_to(stack, factory.server.url)
     device = device_behind(factory, proxy, tmp_path, "prod")
     publish_build(factory, "1")
@@ -801,7 +802,7 @@ def test_production_targets_on_an_evil_host_need_the_offline_signature(
     install(device, "2")
 
     (offline,) = OfflineArchive.load(owner.archive).keys_for(TARGETS)
-    both = [stolen[TARGETS], offline.pair.signer()]
+    both = [stolen[TARGETS], offline.prod.signer()]
     control = target_file("3", EVIL, url)
     forge_production(device, proxy, control, EVIL, both, stolen, tmp_path / "control")
     assert evil_host.seen == []
@@ -843,7 +844,7 @@ def test_validly_signed_metadata_never_moves_the_device_down(
     server, or a thief of its disk) signs metadata the device accepts. Offered only build
     1 again, or other bytes as build 2, the device keeps build 2: its own rule is that the
     version only goes up. This is a decision, not a failure: `run --once` exits 0."""
-    stolen = stolen_online_signers(server, factory)
+    stolen = stolen_online_signers(server, factory, "ci")
     proxy, device = running_build_1(factory, tmp_path, stack)
     publish_build(factory, "2")
     install(device, "2")
@@ -913,9 +914,9 @@ def test_a_new_root_without_enough_signatures_is_refused(
     trusted = trusted_files(device)[ROOT]
     root_keyids = Metadata[Root].from_bytes(trusted).signed.roles[ROOT].keyids
     (old,) = [
-        k.pair.signer()
+        k.ci.signer()
         for k in OfflineArchive.load(owner.archive).keys_for(ROOT)
-        if k.pair.keyid in root_keyids
+        if k.ci.keyid in root_keyids
     ]
     new = CryptoSigner.generate_ed25519()
     if forgery == "new-key-only":
@@ -943,10 +944,12 @@ def test_a_new_root_without_enough_signatures_is_refused(
 
 # role -> what the agent says. The snapshot's bytes are pinned by the timestamp, so a
 # changed byte there is caught by the hash before its signature is looked at.
+# The timestamp pins the snapshot's hash and the snapshot the targets', so a flipped
+# signature in either is caught as a hash mismatch before its signature is checked.
 BAD_SIGNATURES = {
     TIMESTAMP: (UNSIGNED, "timestamp was signed by 0/1 keys"),
     SNAPSHOT: (MISMATCH, ""),
-    TARGETS: (UNSIGNED, "targets was signed by 0/1 keys"),
+    TARGETS: (MISMATCH, ""),
 }
 
 
@@ -985,7 +988,7 @@ def test_target_names_and_hashes_that_are_paths_are_refused(
     helps) or a "hash" naming a file of the device is refused, and nothing outside the
     agent's downloads and slots is written or removed. (The server only accepts plain
     names and hex digests.)"""
-    stolen = stolen_online_signers(server, factory)
+    stolen = stolen_online_signers(server, factory, "ci")
     proxy, device = running_build_1(factory, tmp_path, stack)
     root = trusted_files(device)[ROOT]
     name, sha256 = ESCAPES[escape]

@@ -243,7 +243,8 @@ def test_bundles_a_device_must_refuse(factory: Factory, tmp_path: Path) -> None:
     assert "write the bundle for tag beta" in line
     runs(beta, None, builds)
 
-    # The targets metadata edited to vouch for other bytes: its signature breaks.
+    # The targets metadata edited to vouch for other bytes: the snapshot pins the
+    # targets by hash, and the targets' own signature breaks too.
     name = image_name("43")
     forged = bytearray(builds["43"])
     forged[len(forged) // 2] ^= 0x01
@@ -254,7 +255,7 @@ def test_bundles_a_device_must_refuse(factory: Factory, tmp_path: Path) -> None:
     md = Metadata[Targets].from_bytes(targets_file.read_bytes())
     md.signed.targets[name].hashes = {"sha256": hashlib.sha256(forged).hexdigest()}
     targets_file.write_bytes(md.to_bytes())
-    line = refuses(ci, edited, f"{edited} failed verification: refused: metadata not signed")
+    line = refuses(ci, edited, f"{edited} failed verification: refused: length or hash mismatch")
     runs(ci, "42", builds)
 
     # One byte of the target flipped: the metadata verifies, the file does not.

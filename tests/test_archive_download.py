@@ -63,8 +63,10 @@ def test_download_saves_private_archive_with_root_key_and_served_roots(
         names = set(tar.getnames())
     assert {
         "config.json",
-        f"keys/{FIRST_ROOT_KEY_NAME}.sec",
-        f"keys/{FIRST_ROOT_KEY_NAME}.pub",
+        f"keys/{FIRST_ROOT_KEY_NAME}.ci.sec",
+        f"keys/{FIRST_ROOT_KEY_NAME}.ci.pub",
+        f"keys/{FIRST_ROOT_KEY_NAME}.prod.sec",
+        f"keys/{FIRST_ROOT_KEY_NAME}.prod.pub",
         "roles/ci/root.json",
         "roles/prod/root.json",
     } <= names
@@ -78,11 +80,14 @@ def test_download_saves_private_archive_with_root_key_and_served_roots(
     for channel in Channel:
         assert archive.roots[channel] == served[channel], channel
         root = Metadata[Root].from_bytes(served[channel]).signed
-        assert root.roles["root"].keyids == [first_root.pair.keyid], channel
+        half = first_root.half(channel)
+        assert root.roles["root"].keyids == [half.keyid], channel
         # The private key in the archive is the one the served root trusts: a signature
         # made with it verifies against the root's key.
-        signature = first_root.pair.signer().sign(b"proof of possession")
-        root.keys[first_root.pair.keyid].verify_signature(signature, b"proof of possession")
+        signature = half.signer().sign(b"proof of possession")
+        root.keys[half.keyid].verify_signature(signature, b"proof of possession")
+    # Each channel has its own half of the root key (ADR 0009).
+    assert not first_root.is_shared
 
 
 def test_second_download_is_refused_because_the_archive_is_gone(
@@ -117,7 +122,7 @@ def test_downloaded_archive_leaves_no_bytes_in_the_database(
     target = tmp_path / "keys.tgz"
     _download(factory, tmp_path, target)
     (first_root,) = [k for k in OfflineArchive.load(target).keys if k.name == FIRST_ROOT_KEY_NAME]
-    pem_body = _pem_body(first_root.pair.private_pem)
+    pem_body = _pem_body(first_root.prod.private_pem)
 
     assert _stored_blob(server, factory.name) is None
     assert factory.request("GET", ARCHIVE_PATH).status_code == 410

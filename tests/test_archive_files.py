@@ -28,10 +28,10 @@ from click.testing import CliRunner
 from tests.helpers import run_cli
 from tufa.cli.keys_archive import backup, copy_targets, restore
 from tufa.cli.main import cli
-from tufa.core.archive import FIRST_ROOT_KEY_NAME, ArchiveError, OfflineArchive
+from tufa.core.archive import FIRST_ROOT_KEY_NAME, ArchiveError, ArchiveKey, OfflineArchive
 from tufa.core.backup import FORMAT_TITLE, BackupError, line_check, parse_backup, render_backup
 from tufa.core.keys import KeyPair, KeyType, key_to_json
-from tufa.core.metadata import Channel
+from tufa.core.metadata import ROOT, Channel
 
 FACTORY = "acme"
 CI_ROOT = b'{"signed": {"_type": "root", "version": 3}, "signatures": []}'
@@ -53,11 +53,18 @@ def _pair(key_type: KeyType, index: int = 0) -> KeyPair:
 def _archive(
     root_types: tuple[KeyType, ...] = (KeyType.ED25519,),
     targets_types: tuple[KeyType, ...] = (KeyType.ED25519,),
+    *,
+    shared_root: bool = False,
 ) -> OfflineArchive:
-    """An archive like a real one: the first root key as offline-root, roots, extras."""
+    """An archive like a real one: root keys as pairs (the first as offline-root), roots,
+    extras. With `shared_root`, root keys are one key for both channels, as in archives
+    of factories created before the channels were separated."""
     archive = OfflineArchive(factory=FACTORY)
     for i, key_type in enumerate(root_types):
-        archive.add_key("root", _pair(key_type, i), FIRST_ROOT_KEY_NAME if i == 0 else None)
+        ci = _pair(key_type, i)
+        name = FIRST_ROOT_KEY_NAME if i == 0 else f"root-{ci.keyid}"
+        prod = ci if shared_root else _pair(key_type, 50 + i)
+        archive.add(ArchiveKey(ROOT, name, ci, prod))
     for i, key_type in enumerate(targets_types):
         archive.add_key("targets", _pair(key_type, 10 + i))
     archive.roots = {Channel.CI: CI_ROOT, Channel.PROD: PROD_ROOT}
@@ -66,8 +73,11 @@ def _archive(
 
 
 def _pairs(archive: OfflineArchive, role: str) -> dict[str, tuple[str, KeyPair]]:
-    """The archive's keys of `role` by key id, with their names: order is not kept."""
-    return {k.pair.keyid: (k.name, k.pair) for k in archive.keys_for(role)}
+    """The archive's private keys of `role` (both halves of root keys) by key id, with
+    their file names under keys/."""
+    return {
+        pair.keyid: (stem, pair) for key in archive.keys_for(role) for stem, pair in key.files()
+    }
 
 
 def _save(archive: OfflineArchive, path: Path) -> Path:
@@ -129,7 +139,7 @@ def test_copy_targets_keeps_targets_keys_and_roots_and_drops_every_root_key(
         root_types=(KeyType.ED25519, KeyType.RSA, KeyType.ECDSA),
         targets_types=(KeyType.ECDSA, KeyType.ED25519, KeyType.RSA),
     )
-    root_pem = source.keys_for("root")[0].pair.private_pem
+    root_pem = source.keys_for("root")[0].ci.private_pem
     # A root key under a name tufa does not read, and one outside keys/: neither may
     # reach the copy. A harmless unknown entry must.
     source.extra["keys/root-no-pub-file.sec"] = root_pem
@@ -141,7 +151,7 @@ def test_copy_targets_keeps_targets_keys_and_roots_and_drops_every_root_key(
         done = _tufa("keys", "copy-targets", src, dst)
 
     assert done.returncode == 0, done.stderr
-    targets = [k.pair.keyid for k in source.keys_for("targets")]
+    targets = [k.keyid for k in source.keys_for("targets")]
     for keyid in targets:
         assert keyid in done.stdout
     assert _mode(dst) == 0o600
@@ -159,9 +169,9 @@ def test_copy_targets_keeps_targets_keys_and_roots_and_drops_every_root_key(
             extracted = tar.extractfile(member)
             assert extracted is not None
             contents += extracted.read()
-    for key in source.keys_for("root"):
-        assert key.pair.keyid not in contents.decode()
-        assert key.pair.private_pem not in contents
+    for keyid, (_, pair) in _pairs(source, "root").items():
+        assert keyid not in contents.decode()
+        assert pair.private_pem not in contents
     assert b"PRIVATE KEY" in contents  # the targets keys are there
     assert set(os.listdir(tmp_path)) == {"keys.tgz", "targets-only.tgz"}
 
@@ -301,6 +311,38 @@ def _lying_keyid() -> bytes:
     return gzip.compress(_tar(files))
 
 
+def _with_key_files(stem: str, pair: KeyPair) -> dict[str, bytes]:
+    files = _valid_files()
+    files[f"keys/{stem}.pub"] = key_to_json(pair.public)
+    files[f"keys/{stem}.sec"] = pair.private_pem
+    return files
+
+
+def _lone_root_half() -> bytes:
+    """The CI half of a root key without its production half."""
+    ci = _pair(KeyType.ED25519, 3)
+    return gzip.compress(_tar(_with_key_files(f"root-{ci.keyid}.ci", ci)))
+
+
+def _targets_key_for_one_channel() -> bytes:
+    pair = _pair(KeyType.ED25519, 4)
+    return gzip.compress(_tar(_with_key_files(f"targets-{pair.keyid}.prod", pair)))
+
+
+def _halves_that_are_one_key() -> bytes:
+    pair = _pair(KeyType.ED25519, 5)
+    files = _with_key_files(f"root-{pair.keyid}.ci", pair)
+    files[f"keys/root-{pair.keyid}.prod.pub"] = key_to_json(pair.public)
+    files[f"keys/root-{pair.keyid}.prod.sec"] = pair.private_pem
+    return gzip.compress(_tar(files))
+
+
+def _newer_format() -> bytes:
+    files = _valid_files()
+    files["config.json"] = json.dumps({"format": 3, "factory": FACTORY}).encode()
+    return gzip.compress(_tar(files))
+
+
 def _damaged_deflate() -> bytes:
     """A gzip header, then a deflate stream zlib rejects (fixed bytes: always the same error)."""
     data = bytearray(gzip.compress(b"tufa archive " * 200, mtime=0))
@@ -332,6 +374,10 @@ HOSTILE: list[tuple[str, Callable[[], bytes], str]] = [
     ("no-config", _without_config, "missing config.json"),
     ("pub-of-another-key", _pub_of_another_key, "does not match public key"),
     ("lying-keyid", _lying_keyid, "does not match public key"),
+    ("lone-root-half", _lone_root_half, "has no prod half"),
+    ("targets-key-for-one-channel", _targets_key_for_one_channel, "only root keys have"),
+    ("halves-that-are-one-key", _halves_that_are_one_key, "is stored twice"),
+    ("newer-format", _newer_format, "archive format 3; this tufa reads formats 1, 2"),
 ]
 # Found while writing these tests; OfflineArchive.load (core/archive.py) still lets
 # them through. The copy-targets command refuses both already.
@@ -387,6 +433,68 @@ def test_copy_targets_process_refuses_a_hostile_archive(tmp_path: Path) -> None:
     _assert_refused(done, "special file", folder=tmp_path, before={"src.tgz"})
 
 
+def test_an_archive_of_a_factory_created_before_the_channels_were_separated_still_works(
+    tmp_path: Path,
+) -> None:
+    """Format 1: root keys both channels share, without a `.ci`/`.prod` half suffix."""
+    src = tmp_path / "old.tgz"
+    src.write_bytes(gzip.compress(_tar(_valid_files())))
+
+    old = OfflineArchive.load(src)
+
+    (root,) = old.keys_for("root")
+    assert root.is_shared
+    assert root.half(Channel.CI) == root.half(Channel.PROD) == _pair(KeyType.ED25519)
+    rewritten = tmp_path / "rewritten.tgz"
+    old.save(rewritten)
+    with tarfile.open(rewritten) as tar:
+        names = set(tar.getnames())
+        config = tar.extractfile("config.json")
+        assert config is not None
+        assert json.loads(config.read())["format"] == 2
+    # A shared key keeps its old file names: nothing in the archive is renamed.
+    assert {f"keys/{FIRST_ROOT_KEY_NAME}.sec", f"keys/{FIRST_ROOT_KEY_NAME}.pub"} <= names
+    assert OfflineArchive.load(rewritten).keys == old.keys
+    # Its paper backup restores the same shared key.
+    text = render_backup(old)
+    assert " for both as offline-root " in text
+    assert parse_backup(text).keys == old.keys_for("root")
+
+
+def test_a_format_1_backup_restores_a_key_both_channels_share() -> None:
+    pair = _pair(KeyType.ED25519)
+    pem = pair.private_pem.decode().splitlines()
+    texts = [
+        "tufa root keys backup, format 1",
+        f"factory: {FACTORY}",
+        "created: 2026-11-23T15:34:37Z",
+        "root keys: 1",
+        "type back every line: number, text, check; see tufa keys restore",
+        f"key root {pair.keyid} ed25519 ed25519 as {FIRST_ROOT_KEY_NAME}",
+        *pem,
+        "end",
+    ]
+    text = "".join(f"{n:02d}  {t}  {line_check(n, t)}\n" for n, t in enumerate(texts, 1))
+
+    (key,) = parse_backup(text).keys
+
+    assert key == ArchiveKey.shared(ROOT, FIRST_ROOT_KEY_NAME, pair)
+
+
+def test_a_backup_missing_one_half_of_a_root_key_is_refused() -> None:
+    text = render_backup(_archive())
+    lines = text.splitlines()
+    prod_block = next(i for i, line in enumerate(lines) if " for prod " in line)
+    end = next(i for i in range(prod_block, len(lines)) if lines[i].split()[1] == "end")
+    kept = lines[:prod_block] + lines[end + 1 :]
+    renumbered = []
+    for number, line in enumerate(kept, start=1):
+        body = " ".join(line.split()[1:-1]).replace("key blocks: 2", "key blocks: 1")
+        renumbered.append(f"{number:02d}  {body}  {line_check(number, body)}")
+    with pytest.raises(BackupError, match="root key 'offline-root' has no prod half"):
+        parse_backup("\n".join(renumbered))
+
+
 def test_missing_archive_is_a_clear_error(tmp_path: Path) -> None:
     done = _tufa_in_process("keys", "copy-targets", tmp_path / "absent.tgz", tmp_path / "x.tgz")
     _assert_refused(done, "cannot read archive", "absent.tgz", folder=tmp_path, before=set())
@@ -414,9 +522,9 @@ def test_backup_and_restore_round_trip(key_type: KeyType, tmp_path: Path) -> Non
     assert _mode(text_file) == 0o600
     assert _mode(restored_file) == 0o600
     text = text_file.read_text()
-    assert text.startswith(f"01  {FORMAT_TITLE}")
+    assert re.match(rf"0*1  {FORMAT_TITLE}", text), text[:80]
     for key in source.keys_for("targets"):
-        assert key.pair.keyid not in text  # only root keys are backed up
+        assert key.keyid not in text  # only root keys are backed up
 
     archive = OfflineArchive.load(restored_file)
     assert archive.factory == FACTORY
@@ -424,7 +532,9 @@ def test_backup_and_restore_round_trip(key_type: KeyType, tmp_path: Path) -> Non
     assert archive.keys_for("targets") == []
     originals = _pairs(source, "root")
     assert _pairs(archive, "root") == originals
-    assert FIRST_ROOT_KEY_NAME in {name for name, _ in originals.values()}
+    assert {f"{FIRST_ROOT_KEY_NAME}.ci", f"{FIRST_ROOT_KEY_NAME}.prod"} <= {
+        name for name, _ in originals.values()
+    }
     for keyid, (_, pair) in _pairs(archive, "root").items():
         # Byte for byte: the .sec file is the same as the one that was backed up.
         assert pair.private_pem == originals[keyid][1].private_pem
@@ -439,9 +549,8 @@ def test_backup_of_mixed_key_types_restores_every_root_key() -> None:
     source = _archive(root_types=(KeyType.ED25519, KeyType.ECDSA, KeyType.RSA))
     text = render_backup(source)
     restored = parse_backup(text)
-    assert [k.pair for k in restored.keys] == [k.pair for k in source.keys_for("root")]
-    assert [k.name for k in restored.keys] == [k.name for k in source.keys_for("root")]
-    assert "root keys: 3" in text
+    assert restored.keys == source.keys_for("root")
+    assert "key blocks: 6" in text
 
 
 def test_backup_lines_are_numbered_and_checked(tmp_path: Path) -> None:
@@ -465,9 +574,7 @@ def test_backup_tolerates_retyping_differences() -> None:
         "   ".join(line.split()[:-1]) + "\t" + line.split()[-1].upper() + "  "
         for line in text.splitlines()
     )
-    assert [k.pair for k in parse_backup(retyped.replace("\n", "\r\n")).keys] == [
-        k.pair for k in source.keys_for("root")
-    ]
+    assert parse_backup(retyped.replace("\n", "\r\n")).keys == source.keys_for("root")
 
 
 def test_restore_reads_a_file_typed_on_windows(tmp_path: Path) -> None:
@@ -480,7 +587,9 @@ def test_restore_reads_a_file_typed_on_windows(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     (key,) = source.keys_for("root")
-    assert report["root_keys"] == [{"keyid": key.pair.keyid, "name": FIRST_ROOT_KEY_NAME}]
+    assert report["root_keys"] == [
+        {"ci": key.ci.keyid, "prod": key.prod.keyid, "name": FIRST_ROOT_KEY_NAME}
+    ]
     assert _mode(out) == 0o600
     assert _pairs(OfflineArchive.load(out), "root") == _pairs(source, "root")
 
@@ -502,11 +611,11 @@ def _restore_refused(tmp_path: Path, text: str, *fragments: str) -> str:
 
 def test_a_mistyped_character_is_pinpointed_and_nothing_is_written(tmp_path: Path) -> None:
     source = _archive(root_types=(KeyType.ED25519, KeyType.RSA))
-    rsa_keyid = source.keys_for("root")[1].pair.keyid
+    rsa_keyid = source.keys_for("root")[1].ci.keyid
     text = render_backup(source)
     lines = text.splitlines()
-    # The third base64 line of the RSA key (the ed25519 key has one).
-    index, line = _pem_lines(text)[3]
+    # The third base64 line of the RSA key's CI half (each half of the ed25519 key has one).
+    index, line = _pem_lines(text)[4]
     number = int(line[:2])
     column = line.index("  ") + 2 + 10
     wrong = "A" if line[column] != "A" else "B"
@@ -573,7 +682,7 @@ def test_missing_lines_are_detected(tmp_path: Path) -> None:
 
     # The whole last key left out: the header says how many keys there are.
     second_key_line = [i for i, line in enumerate(lines) if line.split()[1] == "key"][1]
-    with pytest.raises(BackupError, match="holds 2 root key"):
+    with pytest.raises(BackupError, match="holds 4 key block"):
         parse_backup("\n".join(lines[:second_key_line]))
     # The end of a key left out.
     with pytest.raises(BackupError, match="has no 'end' line"):

@@ -405,7 +405,7 @@ class Tenant:
         prepared = self.admin("POST", "/waves/prepare", token=token, json=body)
         md = Metadata[Targets].from_dict({"signed": prepared["signed"], "signatures": []})
         for key in self._archive().keys_for("targets"):
-            md.sign(key.pair.signer(), append=True)
+            md.sign(key.prod.signer(), append=True)
         return {**body, "name": name, "targets": md.to_dict()}
 
     def _wave(self) -> str:

@@ -21,6 +21,7 @@ from tufa.cli.local_server import console_script, free_port
 from tufa.cli.main import cli
 from tufa.core.archive import FIRST_ROOT_KEY_NAME, OfflineArchive
 from tufa.core.fetcher import BearerFetcher
+from tufa.core.metadata import Channel
 
 # The CLI is an HTTP client: the server's database makes no difference to it, so these
 # tests use the shared SQLite server only (the API on both backends is tested elsewhere).
@@ -183,8 +184,8 @@ def test_show_root_json_matches_the_archive_and_thresholds(
     assert "WARNING" not in ci.stderr
     ci_root = json.loads(ci.stdout)
     prod_root = _json("keys", "show-root", "--prod", env=env)
-    for root in (ci_root, prod_root):
-        assert root["signed"]["roles"]["root"]["keyids"][0] == first_root.pair.keyid
+    for channel, root in ((Channel.CI, ci_root), (Channel.PROD, prod_root)):
+        assert root["signed"]["roles"]["root"]["keyids"] == [first_root.half(channel).keyid]
         assert root["signed"]["version"] == 1
     assert ci_root["signed"]["roles"]["targets"]["threshold"] == 1
     assert prod_root["signed"]["roles"]["targets"]["threshold"] == 2
@@ -194,7 +195,8 @@ def test_show_root_json_matches_the_archive_and_thresholds(
 
     table = run_cli("keys", "show-root", "--prod", "-k", str(tmp_path / "keys.tgz"), env=env)
     assert table.returncode == 0, table.stderr
-    assert first_root.pair.keyid in table.stdout
+    assert first_root.prod.keyid in table.stdout
+    assert first_root.ci.keyid in table.stdout  # the root key pairs, under the table
     assert "owner (offline)" in table.stdout
     assert "server (online)" in table.stdout
 

@@ -413,7 +413,7 @@ def create_wave(factory: Factory, archive: Path, name: str, version: str) -> Non
     assert prepared.status_code == 200, prepared.text
     md = Metadata[Targets].from_dict({"signed": prepared.json()["signed"], "signatures": []})
     for key in OfflineArchive.load(archive).keys_for(TARGETS):
-        md.sign(key.pair.signer(), append=True)
+        md.sign(key.prod.signer(), append=True)
     created = factory.request(
         "POST", "/waves", json={**body, "name": name, "targets": md.to_dict()}
     )

@@ -303,7 +303,7 @@ def test_prod_bundle_of_a_version_not_released_to_the_tag_is_refused(
     # Wave 6 is signed and served to one device of the tag, but not complete.
     md = prepared(factory, "6")
     for key in OfflineArchive.load(owner.archive).keys_for(TARGETS):
-        md.sign(key.pair.signer(), append=True)
+        md.sign(key.prod.signer(), append=True)
     assert post_wave(factory, "rel-6", "6", md).status_code == 201
     rollout = factory.request("POST", "/waves/rel-6/rollout", json={"devices": [main.id]})
     assert rollout.status_code == 200, rollout.text

@@ -31,9 +31,10 @@ from tests.helpers import (
     send,
     served_metadata,
 )
-from tufa.core.archive import OfflineArchive
+from tufa.core.archive import ArchiveKey, OfflineArchive, generate_root_key
 from tufa.core.keys import KeyPair
 from tufa.core.metadata import ROOT, SNAPSHOT, TARGETS, TIMESTAMP, Channel
+from tufa.core.root_update import StagedRoots, pairs_from_json, pairs_to_json
 
 UPDATES = "/keys/updates"
 VIEW = ""  # the production targets view every device of a fresh factory gets
@@ -52,8 +53,8 @@ class Owner:
     """A factory admin holding the factory's offline archive, talking HTTP."""
 
     factory: Factory
-    root_key: KeyPair
-    targets_key: KeyPair
+    root_key: ArchiveKey  # a pair: one half per channel
+    targets_key: KeyPair  # one key both channels list
 
     @classmethod
     def of(cls, factory: Factory) -> Owner:
@@ -63,7 +64,7 @@ class Owner:
         archive = OfflineArchive.from_bytes(response.content)
         (root,) = archive.keys_for(ROOT)
         (targets,) = archive.keys_for(TARGETS)
-        return cls(factory, root.pair, targets.pair)
+        return cls(factory, root, targets.prod)
 
     @property
     def server_dump(self) -> dict[str, list[tuple[Any, ...]]]:
@@ -100,14 +101,20 @@ class Owner:
 
     def stage(
         self,
-        change: Callable[[Root, Root], None],
+        change: Callable[[StagedRoots], None],
         prod_targets: dict[str, Any] | None = None,
     ) -> httpx.Response:
-        """PUT the staged roots after `change(ci, prod)`, and optionally re-signed targets."""
-        staged = self.staged()
-        ci, prod = staged[Channel.CI].signed, staged[Channel.PROD].signed
-        change(ci, prod)
-        body: dict[str, Any] = {"roots": {"ci": ci.to_dict(), "prod": prod.to_dict()}}
+        """PUT the staged roots and root key pairs after `change`, and optionally
+        re-signed targets."""
+        staged = StagedRoots(
+            {c: md.signed for c, md in self.staged().items()},
+            pairs_from_json(self.update()["root_key_pairs"]["staged"]),
+        )
+        change(staged)
+        body: dict[str, Any] = {
+            "roots": {c.value: root.to_dict() for c, root in staged.roots.items()},
+            "root_key_pairs": pairs_to_json(staged.pairs),
+        }
         if prod_targets is not None:
             body["prod_targets"] = prod_targets
         return self.call("PUT", "/staged", json=body)
@@ -118,9 +125,12 @@ class Owner:
         signed.version = self.update()["next_prod_targets_versions"][""]
         return signed.to_dict()
 
-    def root_signatures(self, *pairs: KeyPair) -> dict[str, Any]:
+    def root_signatures(self, *keys: ArchiveKey) -> dict[str, Any]:
+        """Each key's half for each channel signs that channel's staged root."""
         staged = self.staged()
-        return {"roots": {c.value: [_signed(staged[c], pair) for pair in pairs] for c in Channel}}
+        return {
+            "roots": {c.value: [_signed(staged[c], key.half(c)) for key in keys] for c in Channel}
+        }
 
     def targets_signatures(self, *pairs: KeyPair) -> dict[str, Any]:
         md = Metadata[Targets].from_dict(copy.deepcopy(self.update()["prod_targets"][VIEW]))
@@ -134,9 +144,12 @@ class Owner:
         assert response.status_code == 200, response.text
         return Metadata[Root].from_bytes(response.content)
 
-    def online_keyids(self) -> dict[str, str]:
-        keys = self.factory.request("GET").json()["online_keys"]
-        return {k["role"]: k["keyid"] for k in keys}
+    def online_keyids(self) -> dict[str, dict[str, str]]:
+        """Channel -> role -> key id of the online keys in force."""
+        found: dict[str, dict[str, str]] = {c.value: {} for c in Channel}
+        for key in self.factory.request("GET").json()["online_keys"]:
+            found[key["channel"]][key["role"]] = key["keyid"]
+        return found
 
 
 @pytest.fixture
@@ -181,20 +194,40 @@ def test_second_init_is_a_conflict(owner: Owner) -> None:
 # -- staged roots that break a rule ------------------------------------------------------
 
 
-def _both(change: Callable[[Root], None]) -> Callable[[Root, Root], None]:
-    def apply(ci: Root, prod: Root) -> None:
-        change(ci)
-        change(prod)
+Change = Callable[[StagedRoots], None]
+
+
+def _both(change: Callable[[Root], None]) -> Change:
+    def apply(staged: StagedRoots) -> None:
+        for root in staged.roots.values():
+            change(root)
 
     return apply
 
 
-def _replace_key(role: str, online: dict[str, str], new: SSlibKey) -> Callable[[Root], None]:
-    def change(root: Root) -> None:
-        root.revoke_key(online[role], role)
-        root.add_key(new, role)
+def _prod(change: Callable[[Root], None]) -> Change:
+    def apply(staged: StagedRoots) -> None:
+        change(staged.roots[Channel.PROD])
 
-    return change
+    return apply
+
+
+def _ci(change: Callable[[Root], None]) -> Change:
+    def apply(staged: StagedRoots) -> None:
+        change(staged.roots[Channel.CI])
+
+    return apply
+
+
+def _replace_online_key(role: str, online: dict[str, dict[str, str]]) -> Change:
+    """Each channel's online `role` key replaced by a key the server does not hold."""
+
+    def apply(staged: StagedRoots) -> None:
+        for channel, root in staged.roots.items():
+            root.revoke_key(online[channel.value][role], role)
+            root.add_key(KeyPair.generate().public, role)
+
+    return apply
 
 
 def _unsupported_key() -> SSlibKey:
@@ -229,38 +262,58 @@ def _inconsistent(root: Root) -> None:
     root.consistent_snapshot = False
 
 
-# id -> (change of (ci, prod) given the online key ids, rule the error must name)
-BREACHES: dict[str, tuple[Callable[[dict[str, str]], Callable[[Root, Root], None]], str]] = {
+def _ci_root_key_in_prod(staged: StagedRoots) -> None:
+    """The production root trusts the CI half of the root key instead of its own half:
+    what a factory created before the channels were separated has."""
+    ((ci, prod),) = staged.pairs.items()
+    prod_root = staged.roots[Channel.PROD]
+    prod_root.revoke_key(prod, ROOT)
+    prod_root.add_key(staged.roots[Channel.CI].keys[ci], ROOT)
+    staged.pairs[ci] = ci
+
+
+def _root_key_without_its_pair(staged: StagedRoots) -> None:
+    staged.roots[Channel.CI].add_key(KeyPair.generate().public, ROOT)
+
+
+def _root_thresholds_differ(staged: StagedRoots) -> None:
+    second = generate_root_key()
+    staged.add_root_key(second.ci.public, second.prod.public)
+    staged.roots[Channel.CI].roles[ROOT].threshold = 2
+
+
+# id -> (change given the online key ids, rule the error must name)
+BREACHES: dict[str, tuple[Callable[[dict[str, dict[str, str]]], Change], str]] = {
     "version-not-current-plus-1": (
         lambda _: _both(_version),
         "ci root: version must be 2 (current + 1), not 3",
     ),
     "prod-expiry-differs-from-ci": (
-        lambda _: lambda _ci, prod: _later(prod),
-        "the production root may differ from the CI root only in the targets threshold",
+        lambda _: _prod(_later),
+        "the CI and production roots must have the same version and expiry",
     ),
     "prod-has-an-extra-targets-key": (
-        lambda _: lambda _ci, prod: prod.add_key(KeyPair.generate().public, TARGETS),
-        "the production root may differ from the CI root only in the targets threshold",
+        lambda _: _prod(lambda prod: prod.add_key(KeyPair.generate().public, TARGETS)),
+        "the CI and production roots must list the same offline targets keys",
     ),
     "prod-targets-threshold-1": (
-        lambda _: lambda _ci, prod: _set_threshold(TARGETS, 1)(prod),
+        lambda _: _prod(_set_threshold(TARGETS, 1)),
         "prod root: the targets threshold must be at least 2",
     ),
     "ci-targets-threshold-2": (
-        lambda _: lambda ci, _prod: _set_threshold(TARGETS, 2)(ci),
+        lambda _: _ci(_set_threshold(TARGETS, 2)),
         "ci root: the targets threshold must be 1",
     ),
     "online-targets-key-removed": (
-        lambda online: _both(_replace_key(TARGETS, online, KeyPair.generate().public)),
+        lambda online: _replace_online_key(TARGETS, online),
         "may not be removed",
     ),
     "snapshot-key-replaced-by-offline-key": (
-        lambda online: _both(_replace_key(SNAPSHOT, online, KeyPair.generate().public)),
+        lambda online: _replace_online_key(SNAPSHOT, online),
         "the snapshot role must list exactly the server's online snapshot key",
     ),
     "timestamp-key-replaced-by-offline-key": (
-        lambda online: _both(_replace_key(TIMESTAMP, online, KeyPair.generate().public)),
+        lambda online: _replace_online_key(TIMESTAMP, online),
         "the timestamp role must list exactly the server's online timestamp key",
     ),
     "root-threshold-above-key-count": (
@@ -272,13 +325,26 @@ BREACHES: dict[str, tuple[Callable[[dict[str, str]], Callable[[Root, Root], None
         "is rsa/rsa-pkcs1v15-sha256; supported are ed25519, ecdsa-sha2-nistp256",
     ),
     "online-key-as-root-key": (
-        lambda online: _both(lambda root: root.roles[ROOT].keyids.append(online[TARGETS])),
+        lambda online: _ci(lambda root: root.roles[ROOT].keyids.append(online["ci"][TARGETS])),
         "an online key cannot be a root key",
     ),
     "expired-root": (lambda _: _both(_expired), "expires in the past"),
     "consistent-snapshot-off": (
         lambda _: _both(_inconsistent),
         "consistent_snapshot must stay on",
+    ),
+    # The channels must not be able to stand in for each other (ADR 0009).
+    "channels-share-a-root-key": (
+        lambda _: _ci_root_key_in_prod,
+        "the CI and production roots share key",
+    ),
+    "root-key-without-its-pair": (
+        lambda _: _root_key_without_its_pair,
+        "every root key must be a pair",
+    ),
+    "root-thresholds-differ": (
+        lambda _: _root_thresholds_differ,
+        "the CI and production roots must have the same root threshold",
     ),
 }
 
@@ -298,7 +364,7 @@ def test_staged_roots_breaking_a_rule_are_refused(owner: Owner, breach: str) -> 
 def test_an_unchanged_stage_is_accepted(owner: Owner) -> None:
     """Control for the refusals above: the same request without the breach is fine."""
     owner.init()
-    response = owner.stage(lambda _ci, _prod: None)
+    response = owner.stage(lambda _staged: None)
     assert response.status_code == 200, response.text
 
 
@@ -309,7 +375,7 @@ def test_an_unchanged_stage_is_accepted(owner: Owner) -> None:
 def test_signature_by_a_key_outside_the_root_role_is_refused(owner: Owner) -> None:
     owner.init()
     # The offline targets key is in both roots, but not in the root role.
-    payload = owner.root_signatures(owner.targets_key)
+    payload = owner.root_signatures(ArchiveKey.shared(TARGETS, "targets", owner.targets_key))
     refused_without_change(
         owner,
         lambda: owner.call("POST", "/signatures", json=payload),
@@ -318,23 +384,34 @@ def test_signature_by_a_key_outside_the_root_role_is_refused(owner: Owner) -> No
         f"key {owner.targets_key.keyid} is not a root key of the current or the staged ci root",
     )
     # Nor may a root key sign the re-signed production targets.
-    assert owner.stage(lambda _ci, _prod: None, {VIEW: owner.resigned_targets()}).is_success
-    payload = owner.targets_signatures(owner.root_key)
+    assert owner.stage(lambda _staged: None, {VIEW: owner.resigned_targets()}).is_success
+    payload = owner.targets_signatures(owner.root_key.prod)
     refused_without_change(
         owner,
         lambda: owner.call("POST", "/signatures", json=payload),
         400,
         "bad_request",
-        f"key {owner.root_key.keyid} is not a targets key of the staged production root",
+        f"key {owner.root_key.prod.keyid} is not a targets key of the staged production root",
     )
     # A key that no root knows at all.
-    stranger = KeyPair.generate()
+    stranger = generate_root_key()
     refused_without_change(
         owner,
         lambda: owner.call("POST", "/signatures", json=owner.root_signatures(stranger)),
         400,
         "bad_request",
-        f"key {stranger.keyid} is not a root key",
+        f"key {stranger.ci.keyid} is not a root key",
+    )
+    # The other channel's half of the owner's own root key: a genuine root key, of the
+    # wrong channel (its signature would let one channel's root pass for the other's).
+    staged = owner.staged()
+    misplaced = {"roots": {"ci": [_signed(staged[Channel.CI], owner.root_key.prod)]}}
+    refused_without_change(
+        owner,
+        lambda: owner.call("POST", "/signatures", json=misplaced),
+        400,
+        "bad_request",
+        f"key {owner.root_key.prod.keyid} is not a root key of the current or the staged ci root",
     )
 
 
@@ -343,18 +420,18 @@ def test_signature_that_does_not_verify_is_refused(owner: Owner) -> None:
     owner.init()
     staged = owner.staged()[Channel.CI]
     # The right key over the wrong bytes: the current root, not the staged one.
-    wrong = owner.root_key.signer().sign(owner.served_root(Channel.CI).signed_bytes)
-    assert wrong.keyid == owner.root_key.keyid
+    wrong = owner.root_key.ci.signer().sign(owner.served_root(Channel.CI).signed_bytes)
+    assert wrong.keyid == owner.root_key.ci.keyid
     payload = {"roots": {"ci": [wrong.to_dict()]}}
     refused_without_change(
         owner,
         lambda: owner.call("POST", "/signatures", json=payload),
         400,
         "bad_request",
-        f"the signature by key {owner.root_key.keyid} does not verify over the staged ci root",
+        f"the signature by key {owner.root_key.ci.keyid} does not verify over the staged ci root",
     )
     # Garbage in the signature field.
-    garbled = Signature(owner.root_key.keyid, "00" * 64).to_dict()
+    garbled = Signature(owner.root_key.prod.keyid, "00" * 64).to_dict()
     refused_without_change(
         owner,
         lambda: owner.call("POST", "/signatures", json={"roots": {"prod": [garbled]}}),
@@ -363,7 +440,7 @@ def test_signature_that_does_not_verify_is_refused(owner: Owner) -> None:
         "does not verify over the staged prod root",
     )
     # A valid signature by the right key over the staged targets, filed under prod root.
-    assert owner.stage(lambda _ci, _prod: None, {VIEW: owner.resigned_targets()}).is_success
+    assert owner.stage(lambda _staged: None, {VIEW: owner.resigned_targets()}).is_success
     misfiled = owner.targets_key.signer().sign(staged.signed_bytes).to_dict()
     refused_without_change(
         owner,
@@ -377,14 +454,14 @@ def test_signature_that_does_not_verify_is_refused(owner: Owner) -> None:
 # -- apply: thresholds of the old and the new root ----------------------------------------
 
 
-def _rotate_root_key(owner: Owner) -> KeyPair:
-    new = KeyPair.generate()
+def _rotate_root_key(owner: Owner) -> ArchiveKey:
+    new = generate_root_key()
 
-    def change(root: Root) -> None:
-        root.add_key(new.public, ROOT)
-        root.revoke_key(owner.root_key.keyid, ROOT)
+    def change(staged: StagedRoots) -> None:
+        staged.add_root_key(new.ci.public, new.prod.public)
+        staged.remove_root_key(owner.root_key.ci.keyid)
 
-    assert owner.stage(_both(change)).is_success
+    assert owner.stage(change).is_success
     return new
 
 
@@ -411,29 +488,33 @@ def test_apply_needs_the_old_and_the_new_root_threshold(owner: Owner, signer: st
     for channel in Channel:
         served = owner.served_root(channel)
         assert served.signed.version == 2
-        assert served.signed.roles[ROOT].keyids == [new.keyid]
-        assert set(served.signatures) == {owner.root_key.keyid, new.keyid}
+        assert served.signed.roles[ROOT].keyids == [new.half(channel).keyid]
+        assert set(served.signatures) == {
+            owner.root_key.half(channel).keyid,
+            new.half(channel).keyid,
+        }
 
 
 @sqlite_only
 def test_one_key_signing_twice_counts_once(owner: Owner) -> None:
     owner.init("second root key, threshold 2")
-    second = KeyPair.generate()
+    second = generate_root_key()
 
-    def change(root: Root) -> None:
-        root.add_key(second.public, ROOT)
-        root.roles[ROOT].threshold = 2
+    def change(staged: StagedRoots) -> None:
+        staged.add_root_key(second.ci.public, second.prod.public)
+        staged.set_threshold(ROOT, 2)
 
-    assert owner.stage(_both(change)).is_success
+    assert owner.stage(change).is_success
     staged = owner.staged()
     twice = {
-        "roots": {c.value: [_signed(staged[c], owner.root_key)] * 2 for c in Channel},
+        "roots": {c.value: [_signed(staged[c], owner.root_key.half(c))] * 2 for c in Channel},
     }
     after = owner.sign(twice)
     owner.sign(owner.root_signatures(owner.root_key))  # and once more, in another request
     for channel in Channel:
-        assert after["status"][channel.value]["new_root"]["signed"] == [owner.root_key.keyid]
-        assert after["status"][channel.value]["new_root"]["missing"] == 1
+        status = after["status"][channel.value]["new_root"]
+        assert status["signed"] == [owner.root_key.half(channel).keyid]
+        assert status["missing"] == 1
     refused_without_change(
         owner,
         lambda: owner.call("POST", "/apply"),
@@ -453,23 +534,30 @@ def test_one_key_under_two_key_ids_counts_once(owner: Owner) -> None:
     threshold of 2, and python-tuf (like ngclient) counts signatures by key id.
     """
     owner.init("sneaky second root key")
-    root_key = owner.root_key.public
-    alias = SSlibKey("ab" * 32, root_key.keytype, root_key.scheme, dict(root_key.keyval))
+    aliases = {}
+    for channel in Channel:
+        key = owner.root_key.half(channel).public
+        aliases[channel] = SSlibKey(
+            f"{'ab' if channel is Channel.CI else 'cd'}" * 32,
+            key.keytype,
+            key.scheme,
+            dict(key.keyval),
+        )
 
-    def change(root: Root) -> None:
-        root.add_key(alias, ROOT)
-        root.roles[ROOT].threshold = 2
+    def change(staged: StagedRoots) -> None:
+        staged.add_root_key(aliases[Channel.CI], aliases[Channel.PROD])
+        staged.set_threshold(ROOT, 2)
 
     before = owner.server_dump
-    staged = owner.stage(_both(change))
+    staged = owner.stage(change)
     if staged.is_success:
         signed = owner.staged()
         sigs: dict[str, Any] = {"roots": {}}
         for channel in Channel:
-            sig = owner.root_key.signer().sign(signed[channel].signed_bytes)
+            sig = owner.root_key.half(channel).signer().sign(signed[channel].signed_bytes)
             sigs["roots"][channel.value] = [
                 sig.to_dict(),
-                Signature(alias.keyid, sig.signature).to_dict(),
+                Signature(aliases[channel].keyid, sig.signature).to_dict(),
             ]
         owner.call("POST", "/signatures", json=sigs)
         before = owner.server_dump
@@ -493,7 +581,7 @@ def test_resigned_production_targets_must_list_the_current_targets(owner: Owner)
     sneaky["targets"] = {evil.path: evil.to_dict()}
     refused_without_change(
         owner,
-        lambda: owner.stage(lambda _ci, _prod: None, {VIEW: sneaky}),
+        lambda: owner.stage(lambda _staged: None, {VIEW: sneaky}),
         400,
         "rule_violated",
         "re-signed production targets must list exactly the current production targets",
@@ -502,20 +590,20 @@ def test_resigned_production_targets_must_list_the_current_targets(owner: Owner)
     wrong_version["version"] += 1
     refused_without_change(
         owner,
-        lambda: owner.stage(lambda _ci, _prod: None, {VIEW: wrong_version}),
+        lambda: owner.stage(lambda _staged: None, {VIEW: wrong_version}),
         400,
         "rule_violated",
         "re-signed production targets must have version 2",
     )
     refused_without_change(
         owner,
-        lambda: owner.stage(lambda _ci, _prod: None, {"no-such-view": owner.resigned_targets()}),
+        lambda: owner.stage(lambda _staged: None, {"no-such-view": owner.resigned_targets()}),
         400,
         "bad_request",
         "there are no production targets for view 'no-such-view'",
     )
     # Unchanged content as the next version is what a key command stages.
-    assert owner.stage(lambda _ci, _prod: None, {VIEW: owner.resigned_targets()}).is_success
+    assert owner.stage(lambda _staged: None, {VIEW: owner.resigned_targets()}).is_success
 
 
 # -- apply is all or nothing -------------------------------------------------------------
@@ -529,8 +617,10 @@ def test_refused_apply_changes_nothing_and_the_fixed_one_changes_everything(
     pending = owner.ok("POST", "/online-keys", json={"roles": [TARGETS, SNAPSHOT, TIMESTAMP]})[
         "pending_online_keys"
     ]
-    assert set(pending) == {TARGETS, SNAPSHOT, TIMESTAMP}
-    assert not set(pending.values()) & set(online_before.values())
+    for channel in Channel:
+        assert set(pending[channel.value]) == {TARGETS, SNAPSHOT, TIMESTAMP}
+        assert not set(pending[channel.value].values()) & set(online_before[channel.value].values())
+    assert not set(pending["ci"].values()) & set(pending["prod"].values())
     owner.sign(owner.root_signatures(owner.root_key))
     versions = {c: owner.factory.request("GET").json()["channels"][c.value] for c in Channel}
 
@@ -544,7 +634,7 @@ def test_refused_apply_changes_nothing_and_the_fixed_one_changes_everything(
         "the current production targets would not verify under the new production root",
     )
     # Staged, but without the offline targets signature: still refused, still no change.
-    assert owner.stage(lambda _ci, _prod: None, {VIEW: owner.resigned_targets()}).is_success
+    assert owner.stage(lambda _staged: None, {VIEW: owner.resigned_targets()}).is_success
     owner.sign(owner.root_signatures(owner.root_key))  # the roots did not change: kept
     refused_without_change(
         owner,
@@ -565,11 +655,11 @@ def test_refused_apply_changes_nothing_and_the_fixed_one_changes_everything(
     for channel in Channel:
         root = owner.served_root(channel).signed
         for role in (TARGETS, SNAPSHOT, TIMESTAMP):
-            assert pending[role] in root.roles[role].keyids
-            assert online_before[role] not in root.keys
+            assert pending[channel.value][role] in root.roles[role].keyids
+            assert online_before[channel.value][role] not in root.keys
     prod_targets = owner.current_prod_targets()
     assert prod_targets.signed.version == 2
-    assert set(prod_targets.signatures) == {pending[TARGETS], owner.targets_key.keyid}
+    assert set(prod_targets.signatures) == {pending["prod"][TARGETS], owner.targets_key.keyid}
     assert owner.call("GET").status_code == 404
 
 

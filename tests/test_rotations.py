@@ -41,6 +41,7 @@ from tests.helpers import (
     Factory,
     Server,
     cli_env,
+    online_keyids,
     poll_device,
     run_cli,
     send,
@@ -48,7 +49,7 @@ from tests.helpers import (
     write_forged_mirror,
 )
 from tufa.cli.local_server import free_port
-from tufa.core.archive import OfflineArchive
+from tufa.core.archive import ArchiveKey, OfflineArchive
 from tufa.core.fetcher import BearerFetcher
 from tufa.core.keys import KeyPair, key_from_json
 from tufa.core.metadata import ROOT, SNAPSHOT, TARGETS, TIMESTAMP, Channel
@@ -106,14 +107,27 @@ class Owner:
         review: dict[str, Any] = self.json("keys", "updates", "review")
         return review
 
-    def keyids(self, role: str, archive: Path | None = None) -> set[str]:
-        held = OfflineArchive.load(archive or self.archive)
-        return {k.pair.keyid for k in held.keys_for(role)}
+    def keys(self, role: str, archive: Path | None = None) -> list[ArchiveKey]:
+        return OfflineArchive.load(archive or self.archive).keys_for(role)
 
-    def online_keyids(self) -> dict[str, str]:
-        """What `tufa factory show --json` says the server's online keys are."""
+    def keyids(self, role: str, archive: Path | None = None) -> set[str]:
+        """The ids the archive's keys of `role` are known by (a root key: its CI half's)."""
+        return {k.keyid for k in self.keys(role, archive)}
+
+    def online_keyids(self) -> dict[str, dict[str, str]]:
+        """What `tufa factory show --json` says the server's online keys are, per channel."""
         shown = self.json("factory", "show")
-        return {k["role"]: k["keyid"] for k in shown["online_keys"]}
+        return {
+            channel: {
+                k["role"]: k["keyid"] for k in shown["online_keys"] if k["channel"] == channel
+            }
+            for channel in CHANNELS
+        }
+
+
+def halves(keys: list[ArchiveKey], channel: str) -> list[str]:
+    """The key ids of `keys`' halves that sign `channel`'s metadata, sorted."""
+    return sorted(k.half(Channel(channel)).keyid for k in keys)
 
 
 def served_root(factory: Factory, channel: str) -> Metadata[Root]:
@@ -125,11 +139,6 @@ def served_root(factory: Factory, channel: str) -> Metadata[Root]:
 
 def served_targets(factory: Factory, channel: str) -> Metadata[Targets]:
     return Metadata[Targets].from_bytes(served_metadata(factory, channel)["targets"])
-
-
-def online_keyids_over_http(factory: Factory) -> dict[str, str]:
-    keys = send(factory.server, "GET", factory.path(), factory.admin_token).json()["online_keys"]
-    return {k["role"]: k["keyid"] for k in keys}
 
 
 def assert_signed_by(md: Metadata[Any], root: Root, role: str, keyids: set[str]) -> None:
@@ -200,39 +209,46 @@ def follow_all(devices: dict[str, Device]) -> dict[str, TrustedMetadataSet]:
 # -- rotate-root and rotate-targets, every key type, both backends ---------------------------
 
 
-def _check_root_rotated(owner: Owner, before: dict[str, Metadata[Root]], key_type: str) -> str:
-    """Both channels' roots moved to one new key, which the archive holds; return it."""
-    (old,) = before["ci"].signed.roles[ROOT].keyids
+def _check_root_rotated(
+    owner: Owner, before: dict[str, Metadata[Root]], key_type: str
+) -> ArchiveKey:
+    """Both channels' roots moved to one new root key, a pair of keys (one per channel)
+    that the archive holds; return it."""
     archive = OfflineArchive.load(owner.archive)
     roots = {c: served_root(owner.factory, c) for c in CHANNELS}
-    (new,) = roots["ci"].signed.roles[ROOT].keyids
-    held = archive.find(new)
+    (new_ci,) = roots["ci"].signed.roles[ROOT].keyids
+    held = archive.find(new_ci)
     assert held is not None, "the archive lacks the new root key"
     assert held.role == ROOT
-    assert held.pair.public == roots["ci"].signed.keys[new]
+    assert not held.is_shared
     for channel, root in roots.items():
+        (old,) = before[channel].signed.roles[ROOT].keyids
+        new = held.half(Channel(channel))
         assert root.signed.version == before[channel].signed.version + 1
-        assert root.signed.roles[ROOT].keyids == [new]
+        assert root.signed.roles[ROOT].keyids == [new.keyid]
         assert root.signed.roles[ROOT].threshold == 1
-        key = root.signed.keys[new]
+        key = root.signed.keys[new.keyid]
+        assert key == new.public
         assert (key.keytype, key.scheme) == KEY_TYPES[key_type]
         assert old not in root.signed.keys
         # Signed by the old key (the old root's threshold) and the new one (its own).
-        assert set(root.signatures) == {old, new}
+        assert set(root.signatures) == {old, new.keyid}
         before[channel].signed.verify_delegate(ROOT, root.signed_bytes, root.signatures)
         root.signed.verify_delegate(ROOT, root.signed_bytes, root.signatures)
         # The archive documents the roots its keys now govern.
         assert Metadata[Root].from_bytes(archive.roots[Channel(channel)]) == root
-    return new
+    # Whatever one channel's root key signs, the other channel's devices refuse.
+    assert not set(roots["ci"].signed.keys) & set(roots["prod"].signed.roles[ROOT].keyids)
+    return held
 
 
 def _check_targets_rotated(
     owner: Owner, before_root: Root, before_prod: Metadata[Targets], key_type: str
 ) -> str:
-    online = online_keyids_over_http(owner.factory)[TARGETS]
-    (old,) = set(before_root.roles[TARGETS].keyids) - {online}
+    online = {c: online_keyids(owner.factory, c)[TARGETS] for c in CHANNELS}
+    (old,) = set(before_root.roles[TARGETS].keyids) - {online["prod"]}
     roots = {c: served_root(owner.factory, c).signed for c in CHANNELS}
-    (new,) = set(roots["prod"].roles[TARGETS].keyids) - {online}
+    (new,) = set(roots["prod"].roles[TARGETS].keyids) - {online["prod"]}
     assert new != old
     held = OfflineArchive.load(owner.archive).find(new)
     assert held is not None, "the archive lacks the new offline targets key"
@@ -240,31 +256,32 @@ def _check_targets_rotated(
     for channel, threshold in (("ci", 1), ("prod", 2)):
         root = roots[channel]
         assert root.version == before_root.version + 1
-        assert set(root.roles[TARGETS].keyids) == {online, new}
+        assert set(root.roles[TARGETS].keyids) == {online[channel], new}
         assert root.roles[TARGETS].threshold == threshold
         assert old not in root.keys
         assert (root.keys[new].keytype, root.keys[new].scheme) == KEY_TYPES[key_type]
-        assert root.keys[new] == held.pair.public
+        assert root.keys[new] == held.prod.public
     # Production targets were re-signed in the same change: same content, next version,
     # signed by the online key and the new offline key, which the new root requires.
     prod = served_targets(owner.factory, "prod")
     assert prod.signed.version == before_prod.signed.version + 1
     assert prod.signed.targets == before_prod.signed.targets
-    assert_signed_by(prod, roots["prod"], TARGETS, {online, new})
-    # CI targets stay signed by the online key alone.
-    assert_signed_by(served_targets(owner.factory, "ci"), roots["ci"], TARGETS, {online})
+    assert_signed_by(prod, roots["prod"], TARGETS, {online["prod"], new})
+    # CI targets stay signed by the CI channel's online key alone.
+    assert_signed_by(served_targets(owner.factory, "ci"), roots["ci"], TARGETS, {online["ci"]})
     return new
 
 
-def _rotate_root(owner: Owner, devices: dict[str, Device], key_type: str | None) -> str:
+def _rotate_root(owner: Owner, devices: dict[str, Device], key_type: str | None) -> ArchiveKey:
     before = {c: served_root(owner.factory, c) for c in CHANNELS}
     args = () if key_type is None else ("--key-type", key_type)
     out = owner.tufa("keys", "rotate-root", str(owner.archive), *args)
     new = _check_root_rotated(owner, before, key_type or "ed25519")
-    assert new in out
+    assert new.ci.keyid in out
+    assert new.prod.keyid in out
     trusted = follow_all(devices)
     for channel in CHANNELS:
-        assert trusted[channel].root.roles[ROOT].keyids == [new]
+        assert trusted[channel].root.roles[ROOT].keyids == halves([new], channel)
     return new
 
 
@@ -335,20 +352,21 @@ def test_root_threshold_two_of_three_keys(factory: Factory, tmp_path: Path) -> N
     owner = Owner.start(factory, tmp_path / "owner")
     devices = provision(factory, tmp_path / "devices")
     follow_all(devices)
-    (alice,) = owner.keyids(ROOT)
+    (alice,) = owner.keys(ROOT)
     bob_archive = _second_owner_archive(owner, "bob")
     carol_archive = _second_owner_archive(owner, "carol")
 
     owner.tufa("keys", "updates", "init", "-m", "three root keys, two to sign")
     owner.tufa("keys", "updates", "add-offline-key", "-r", "root", "-k", str(bob_archive))
     owner.tufa("keys", "updates", "add-offline-key", "-r", "root", "-k", str(carol_archive))
-    (bob,) = owner.keyids(ROOT, bob_archive)
-    (carol,) = owner.keyids(ROOT, carol_archive)
+    (bob,) = owner.keys(ROOT, bob_archive)
+    (carol,) = owner.keys(ROOT, carol_archive)
     owner.tufa("keys", "updates", "set-threshold", "-r", "root", "2")
 
     # Nobody has signed: the old root needs alice, the new one two of the three.
     review = owner.review()
     assert review["message"] == "three root keys, two to sign"
+    diff = owner.tufa("keys", "updates", "review", "--diff")
     for channel in CHANNELS:
         status = _root_status(review, channel)
         assert status["complete"] is False
@@ -356,33 +374,34 @@ def test_root_threshold_two_of_three_keys(factory: Factory, tmp_path: Path) -> N
             "threshold": 1,
             "signed": [],
             "missing": 1,
-            "can_sign": [alice],
+            "can_sign": halves([alice], channel),
         }
         assert status["new_root"] == {
             "threshold": 2,
             "signed": [],
             "missing": 2,
-            "can_sign": sorted([alice, bob, carol]),
+            "can_sign": halves([alice, bob, carol], channel),
         }
+        added = halves([bob, carol], channel)
         assert review["channels"][channel]["changes"] == [
             "version 1 -> 2",
-            *sorted(f"root: + key {k} (ed25519)" for k in (bob, carol)),
+            *sorted(f"root: + key {k} (ed25519)" for k in added),
             "root: threshold 1 -> 2",
         ]
-    diff = owner.tufa("keys", "updates", "review", "--diff")
-    for line in (f"root: + key {bob} (ed25519)", f"root: + key {carol}", "root: threshold 1 -> 2"):
-        assert diff.count(line) == 2, diff  # once per channel
+        for keyid in added:
+            assert diff.count(f"root: + key {keyid} (ed25519)") == 1, diff
+    assert diff.count("root: threshold 1 -> 2") == 2, diff  # once per channel
 
     owner.tufa("keys", "updates", "sign", "-k", str(owner.archive))
     review = owner.review()
     for channel in CHANNELS:
         status = _root_status(review, channel)
         assert status["complete"] is False
-        assert status["old_root"]["signed"] == [alice]
+        assert status["old_root"]["signed"] == halves([alice], channel)
         assert status["old_root"]["missing"] == 0
-        assert status["new_root"]["signed"] == [alice]
+        assert status["new_root"]["signed"] == halves([alice], channel)
         assert status["new_root"]["missing"] == 1
-        assert status["new_root"]["can_sign"] == sorted([bob, carol])
+        assert status["new_root"]["can_sign"] == halves([bob, carol], channel)
     refused = owner.fails("keys", "updates", "apply")
     assert "1 by keys of the new root" in refused.stderr
     follow_all(devices)  # still version 1
@@ -392,13 +411,15 @@ def test_root_threshold_two_of_three_keys(factory: Factory, tmp_path: Path) -> N
     for channel in CHANNELS:
         status = _root_status(review, channel)
         assert status["complete"] is True
-        assert status["new_root"]["signed"] == sorted([alice, bob])
+        assert status["new_root"]["signed"] == halves([alice, bob], channel)
         assert status["new_root"]["missing"] == 0
     owner.tufa("keys", "updates", "apply")
     trusted = follow_all(devices)
     for channel in CHANNELS:
         assert trusted[channel].root.version == 2
-        assert set(trusted[channel].root.roles[ROOT].keyids) == {alice, bob, carol}
+        assert sorted(trusted[channel].root.roles[ROOT].keyids) == halves(
+            [alice, bob, carol], channel
+        )
         assert trusted[channel].root.roles[ROOT].threshold == 2
 
     # One archive alone can no longer change the root: rotate-root stages and signs its
@@ -406,15 +427,15 @@ def test_root_threshold_two_of_three_keys(factory: Factory, tmp_path: Path) -> N
     refused = owner.fails("keys", "rotate-root", str(owner.archive))
     assert "needs more signatures" in refused.stderr
     assert "tufa keys updates sign -k" in refused.stderr
-    (alice2,) = owner.keyids(ROOT) - {alice}
+    (alice2,) = [k for k in owner.keys(ROOT) if k != alice]
     review = owner.review()
     assert review["message"] == "rotate-root"
     for channel in CHANNELS:
         status = _root_status(review, channel)
         assert status["complete"] is False
-        assert status["old_root"]["signed"] == [alice]
+        assert status["old_root"]["signed"] == halves([alice], channel)
         assert status["old_root"]["missing"] == 1
-        assert status["new_root"]["signed"] == [alice2]
+        assert status["new_root"]["signed"] == halves([alice2], channel)
         assert status["new_root"]["missing"] == 1
         assert served_root(factory, channel).signed.version == 2
     follow_all(devices)
@@ -426,9 +447,9 @@ def test_root_threshold_two_of_three_keys(factory: Factory, tmp_path: Path) -> N
         root = served_root(factory, channel)
         assert trusted[channel].root == root.signed
         assert root.signed.version == 3
-        assert set(root.signed.roles[ROOT].keyids) == {alice2, bob, carol}
+        assert sorted(root.signed.roles[ROOT].keyids) == halves([alice2, bob, carol], channel)
         assert root.signed.roles[ROOT].threshold == 2
-        assert set(root.signatures) == {alice, alice2, carol}
+        assert sorted(root.signatures) == halves([alice, alice2, carol], channel)
     _fresh_devices_reach(factory, tmp_path / "fresh", 3)
 
 
@@ -468,20 +489,24 @@ def test_online_key_rotation_is_followed_by_both_channels(factory: Factory, tmp_
     owner.tufa("keys", "updates", "apply")
 
     after = owner.online_keyids()
-    assert set(after) == {TARGETS, SNAPSHOT, TIMESTAMP}
-    for role in after:
-        assert after[role] != before[role], role
     for channel in CHANNELS:
+        assert set(after[channel]) == {TARGETS, SNAPSHOT, TIMESTAMP}
+        for role in after[channel]:
+            assert after[channel][role] != before[channel][role], role
+    # Each channel got keys of its own.
+    assert not set(after["ci"].values()) & set(after["prod"].values())
+    for channel in CHANNELS:
+        new = after[channel]
         served = served_metadata(factory, channel)
         root = Metadata[Root].from_bytes(served["root"]).signed
         assert root.version == 2
         for role in (SNAPSHOT, TIMESTAMP):
-            assert root.roles[role].keyids == [after[role]]
-            assert_signed_by(Metadata.from_bytes(served[role]), root, role, {after[role]})
-        for old in before.values():
+            assert root.roles[role].keyids == [new[role]]
+            assert_signed_by(Metadata.from_bytes(served[role]), root, role, {new[role]})
+        for old in before[channel].values():
             assert old not in root.keys
-        targets_signers = {after[TARGETS]} | ({offline_targets} if channel == "prod" else set())
-        assert set(root.roles[TARGETS].keyids) == {after[TARGETS], offline_targets}
+        targets_signers = {new[TARGETS]} | ({offline_targets} if channel == "prod" else set())
+        assert set(root.roles[TARGETS].keyids) == {new[TARGETS], offline_targets}
         assert_signed_by(Metadata.from_bytes(served[TARGETS]), root, TARGETS, targets_signers)
     prod_after = served_targets(factory, "prod")
     assert prod_after.signed.version == prod_before.signed.version + 1
@@ -500,7 +525,7 @@ def test_air_gapped_signing_through_an_exported_file(factory: Factory, tmp_path:
     owner = Owner.start(factory, tmp_path / "owner")
     devices = provision(factory, tmp_path / "devices")
     follow_all(devices)
-    (root_key,) = owner.keyids(ROOT)
+    (root_key,) = owner.keys(ROOT)
     (old_targets,) = owner.keyids(TARGETS)
 
     owner.tufa("keys", "updates", "init", "-m", "signed offline")
@@ -528,7 +553,9 @@ def test_air_gapped_signing_through_an_exported_file(factory: Factory, tmp_path:
     assert "ready" in out
     signed = json.loads(exported.read_text())
     for channel in CHANNELS:
-        assert [s["keyid"] for s in signed["staged"][channel]["signatures"]] == [root_key]
+        assert [s["keyid"] for s in signed["staged"][channel]["signatures"]] == halves(
+            [root_key], channel
+        )
     assert [s["keyid"] for s in signed["prod_targets"][VIEW]["signatures"]] == [new_targets]
     # Until imported, the server has none of these signatures.
     review = owner.review()
@@ -542,14 +569,17 @@ def test_air_gapped_signing_through_an_exported_file(factory: Factory, tmp_path:
     owner.tufa("keys", "updates", "apply", "-k", str(owner.archive))
 
     trusted = follow_all(devices)
-    online = online_keyids_over_http(factory)[TARGETS]
+    online = {c: online_keyids(factory, c)[TARGETS] for c in CHANNELS}
     for channel in CHANNELS:
         root = trusted[channel].root
         assert root.version == 2
         assert abs(root.expires - (datetime.now(UTC) + timedelta(days=500))) < timedelta(hours=1)
-        assert set(root.roles[TARGETS].keyids) == {online, new_targets}
+        assert set(root.roles[TARGETS].keyids) == {online[channel], new_targets}
     assert_signed_by(
-        served_targets(factory, "prod"), trusted["prod"].root, TARGETS, {online, new_targets}
+        served_targets(factory, "prod"),
+        trusted["prod"].root,
+        TARGETS,
+        {online["prod"], new_targets},
     )
     archive = OfflineArchive.load(owner.archive)
     assert Metadata[Root].from_bytes(archive.roots[Channel.PROD]).signed.version == 2
@@ -559,9 +589,9 @@ def test_air_gapped_signing_through_an_exported_file(factory: Factory, tmp_path:
 # -- attacks with stolen keys ------------------------------------------------------------------
 
 
-def stolen_online_signers(server: Server, factory: Factory) -> dict[str, Signer]:
-    """The online keys in force, decrypted from the server's database with its master key:
-    everything an attacker who took the server's disk has."""
+def stolen_online_signers(server: Server, factory: Factory, channel: str) -> dict[str, Signer]:
+    """`channel`'s online keys in force, decrypted from the server's database with its
+    master key: what an attacker who took the server's disk has."""
     master = MasterKey.load(server.local.data_dir / "master.key")
     engine = create_engine(server.local.db_url, poolclass=NullPool)
     try:
@@ -571,6 +601,7 @@ def stolen_online_signers(server: Server, factory: Factory) -> dict[str, Signer]
                 .join(db.factories, db.factories.c.id == db.online_keys.c.factory_id)
                 .where(
                     db.factories.c.name == factory.name,
+                    db.online_keys.c.channel == channel,
                     db.online_keys.c.pending.is_(False),
                     db.online_keys.c.retired_at.is_(None),
                 )
@@ -647,9 +678,9 @@ def test_stolen_keys_and_what_devices_accept(
 ) -> None:
     channel, holders, accepted = ATTACKS[attack]
     owner = Owner.start(factory, tmp_path / "owner")
-    stolen = stolen_online_signers(server, factory)
+    stolen = stolen_online_signers(server, factory, channel)
     (offline,) = OfflineArchive.load(owner.archive).keys_for(TARGETS)
-    by_holder = {"online": stolen[TARGETS], "offline": offline.pair.signer()}
+    by_holder = {"online": stolen[TARGETS], "offline": offline.prod.signer()}
     device = Device.provision(factory, channel, tmp_path / "device")
     honest = device.follow().targets
 

@@ -47,6 +47,7 @@ from tests.helpers import (
     create_factory,
     download_archive,
     dump_all_tables,
+    online_keyids,
     poll_device,
     send,
     write_forged_mirror,
@@ -55,7 +56,7 @@ from tests.test_rotations import Owner, serve_directory, stolen_online_signers
 from tufa.core.archive import OfflineArchive
 from tufa.core.fetcher import BearerFetcher
 from tufa.core.keys import KeyPair
-from tufa.core.metadata import ROOT, SNAPSHOT, TARGETS, TIMESTAMP
+from tufa.core.metadata import ROOT, SNAPSHOT, TARGETS, TIMESTAMP, Channel
 
 HARDWARE_ID = "rpi4"
 EVIL = "evil-firmware.bin"
@@ -261,10 +262,8 @@ def statuses(owner: Owner) -> dict[str, str]:
 
 
 def online_targets_keyid(owner: Owner) -> str:
-    keyid: str = next(
-        k["keyid"] for k in get(owner.factory, "")["online_keys"] if k["role"] == TARGETS
-    )
-    return keyid
+    """The production channel's online targets key: the one that countersigns waves."""
+    return online_keyids(owner.factory, "prod")[TARGETS]
 
 
 def refused(owner: Owner, server: Server, *args: str, says: str) -> str:
@@ -321,13 +320,23 @@ def post_wave(
     return send(factory.server, "POST", factory.path("/waves"), factory.admin_token, json=body)
 
 
+def sign_offline(owner: Owner, md: Metadata[Targets]) -> None:
+    """Sign `md` with the archive's offline targets keys that the production root trusts
+    (after a rotation the archive also holds the keys it replaced)."""
+    root = Metadata[Root].from_bytes(
+        fetch(owner.factory, "prod", "root.json", owner.factory.admin_token)
+    )
+    trusted = set(root.signed.roles[TARGETS].keyids)
+    for pair in OfflineArchive.load(owner.archive).signers_for(Channel.PROD, TARGETS, trusted):
+        md.sign(pair.signer(), append=True)
+
+
 def release(owner: Owner, name: str, version: str, tag: str = "main") -> None:
     """What `tufa waves init NAME VERSION TAG -k ARCHIVE` then `tufa waves complete NAME`
     do, over HTTP (two CLI processes cost two seconds): build `version` of `tag` signed
     with the owner's offline targets key, and make it the tag's production targets."""
     md = prepared(owner.factory, version, tag)
-    for key in OfflineArchive.load(owner.archive).keys_for(TARGETS):
-        md.sign(key.pair.signer(), append=True)
+    sign_offline(owner, md)
     created = post_wave(owner.factory, name, version, md, tag=tag)
     assert created.status_code == 201, created.text
     path = owner.factory.path(f"/waves/{name}/complete")
@@ -346,7 +355,7 @@ def refresh_from_mirror(device: Device, targets_md: Metadata[Targets], where: Pa
     a plain HTTP server on loopback; refresh an ngclient over a copy of the device's
     trusted metadata (`where / "trusted"`) from there, and return it."""
     assert device.bootstrap is None, f"{device.name} must have polled: it trusts its own copy"
-    stolen = stolen_online_signers(device.factory.server, device.factory)
+    stolen = stolen_online_signers(device.factory.server, device.factory, "prod")
     served = device.served()
     write_forged_mirror(served, targets_md, stolen, where / "mirror" / "metadata")
     trusted = where / "trusted"
@@ -623,7 +632,7 @@ def test_wave_versions_only_go_up(server: Server, factory: Factory, tmp_path: Pa
     # A wave for 4 signed before another wave for 4 is created, then cancelled: the
     # server refuses it too, as the version of a cancelled wave counts as attempted.
     early = prepared(factory, "4")
-    early.sign(OfflineArchive.load(owner.archive).keys_for(TARGETS)[0].pair.signer())
+    early.sign(OfflineArchive.load(owner.archive).keys_for(TARGETS)[0].prod.signer())
     owner.tufa("waves", "init", "w-4", "4", "main", "-k", archive)
     owner.tufa("waves", "cancel", "w-4")
     for version in ("4", "3"):
@@ -787,7 +796,7 @@ def test_online_keys_alone_get_nothing_onto_a_production_device(
     server: Server, factory: Factory, tmp_path: Path
 ) -> None:
     owner = start_owner(factory, tmp_path / "owner")
-    stolen = stolen_online_signers(server, factory)
+    stolen = stolen_online_signers(server, factory, "prod")
     held = OfflineArchive.load(owner.archive)
     (offline,) = held.keys_for(TARGETS)
     (root_key,) = held.keys_for(ROOT)
@@ -804,7 +813,7 @@ def test_online_keys_alone_get_nothing_onto_a_production_device(
         ([], no_offline),
         ([stranger.signer()], f"key {stranger.keyid} is not an offline targets key"),
         ([stolen[TARGETS], stranger.signer()], f"key {stranger.keyid} is not an offline"),
-        ([root_key.pair.signer()], f"key {root_key.pair.keyid} is not an offline targets key"),
+        ([root_key.prod.signer()], f"key {root_key.prod.keyid} is not an offline targets key"),
     ):
         md = prepared(factory, "2")
         for signer in signers:
@@ -826,10 +835,10 @@ def test_online_keys_alone_get_nothing_onto_a_production_device(
     assert_device_refuses(device, forged, tmp_path / "online", UnsignedMetadataError)
     alone = copy.deepcopy(forged)
     alone.signatures.clear()
-    alone.sign(offline.pair.signer())
+    alone.sign(offline.prod.signer())
     assert_device_refuses(device, alone, tmp_path / "offline", UnsignedMetadataError)
     # Control: the same forgery with the offline signature too goes through.
-    forged.sign(offline.pair.signer(), append=True)
+    forged.sign(offline.prod.signer(), append=True)
     accepted = refresh_from_mirror(device, forged, tmp_path / "control")
     assert accepted.get_targetinfo(EVIL) is not None
     assert accepted._trusted_set.targets.version == forged.signed.version
@@ -841,14 +850,14 @@ def test_owner_signed_targets_altered_by_the_server_are_refused(
     server: Server, factory: Factory, tmp_path: Path
 ) -> None:
     owner = start_owner(factory, tmp_path / "owner")
-    stolen = stolen_online_signers(server, factory)
+    stolen = stolen_online_signers(server, factory, "prod")
     (offline,) = OfflineArchive.load(owner.archive).keys_for(TARGETS)
     publish(factory, "2")
 
     # The API refuses offline-signed targets changed afterwards.
     before = dump_all_tables(server)
     original = prepared(factory, "2")
-    original.sign(offline.pair.signer())
+    original.sign(offline.prod.signer())
 
     def altered_hash(md: Metadata[Targets]) -> None:
         md.signed.targets[image("2")].hashes["sha256"] = hashlib.sha256(b"evil").hexdigest()
@@ -862,7 +871,7 @@ def test_owner_signed_targets_altered_by_the_server_are_refused(
     for change, says in (
         (altered_hash, "the signed targets are not what this wave must serve"),
         (added_target, "the signed targets are not what this wave must serve"),
-        (later_expiry, f"the signature by key {offline.pair.keyid} does not verify"),
+        (later_expiry, f"the signature by key {offline.keyid} does not verify"),
     ):
         md = copy.deepcopy(original)
         change(md)
@@ -877,7 +886,7 @@ def test_owner_signed_targets_altered_by_the_server_are_refused(
     assert device.sees() == set()
     wave = Metadata[Targets].from_dict(show(owner, "w")["metadata"])
     online = online_targets_keyid(owner)
-    assert set(wave.signatures) == {online, offline.pair.keyid}
+    assert set(wave.signatures) == {online, offline.keyid}
 
     for label, change in (("hash", altered_hash), ("added", added_target)):
         md = copy.deepcopy(wave)

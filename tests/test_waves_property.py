@@ -290,10 +290,10 @@ class World:
         keys that the production root trusts."""
         trusted = self._offline_targets_keyids()
         keys = OfflineArchive.load(self.archive).keys_for(TARGETS)
-        used = [k for k in keys if k.pair.keyid in trusted]
+        used = [k for k in keys if k.keyid in trusted]
         assert used, "the archive holds no offline targets key of the production root"
         for key in used:
-            md.sign(key.pair.signer(), append=True)
+            md.sign(key.prod.signer(), append=True)
 
     # -- polling and the properties ----------------------------------------------------
 
@@ -471,7 +471,7 @@ class World:
             return
         assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
         after = self._offline_targets_keyids()
-        held = {k.pair.keyid for k in OfflineArchive.load(self.archive).keys_for(TARGETS)}
+        held = {k.keyid for k in OfflineArchive.load(self.archive).keys_for(TARGETS)}
         assert after.isdisjoint(before), "the offline targets key was not replaced"
         assert after <= held, "the archive lacks the new offline targets key"
 

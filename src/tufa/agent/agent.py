@@ -30,7 +30,7 @@ from tufa.agent.download import (
 from tufa.agent.install import CommandInstaller, Installer, Outcome, SlotInstaller
 from tufa.agent.reports import EventQueue, send_reports
 from tufa.agent.state import AgentError, AgentStatus, Release, StateDir, now_iso, printable
-from tufa.agent.trust import VERIFICATION_ERRORS, open_updater, trusted_targets
+from tufa.agent.trust import VERIFICATION_ERRORS, ChannelGuard, open_updater, trusted_targets
 from tufa.core.bundle import BUNDLE_METADATA_URL, TARGETS_DIR, BundleFetcher, read_manifest
 from tufa.core.crashpoints import crashpoint
 from tufa.core.fetcher import BearerFetcher
@@ -186,7 +186,7 @@ class Agent:
             updater = open_updater(
                 self.state.metadata,
                 metadata_url or self.config.metadata_url,
-                fetcher or self.fetcher,
+                ChannelGuard(fetcher or self.fetcher, self.config.channel),
             )
             updater.refresh()
             targets = list(trusted_targets(self.state.metadata).values())

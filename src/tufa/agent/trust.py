@@ -8,6 +8,9 @@ with size limits that fit tufa's metadata, and reads back what it now trusts.
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from tuf.api import exceptions
@@ -64,7 +67,58 @@ def provision_root(metadata_dir: Path, data: bytes, source: str) -> Metadata[Roo
 def channel_of(root: Metadata[Root]) -> str:
     """A production root asks for the online and an offline targets signature; a CI
     root for one. The root a device is provisioned with is what fixes its channel."""
-    return "prod" if root.signed.roles[Targets.type].threshold >= 2 else "ci"
+    return _channel_of_threshold(root.signed.roles[Targets.type].threshold)
+
+
+def _channel_of_threshold(threshold: int) -> str:
+    return "prod" if threshold >= 2 else "ci"
+
+
+class ChannelMismatchError(exceptions.RepositoryError):
+    """A new root that belongs to the other channel than the device's."""
+
+
+_ROOT_FILE = re.compile(r"/([0-9]+)\.root\.json$")
+
+
+class ChannelGuard(FetcherInterface):
+    """Refuses any new root of the other channel before ngclient even verifies it.
+
+    The two channels' roots share no signing key, so ngclient already refuses the other
+    channel's roots (ADR 0009); this is a second wall, for a factory whose channels
+    were not yet separated: a production device never follows a root that lets the
+    online key alone sign targets, and a CI device never one that needs an offline key.
+    Only refuses, never accepts: what passes is verified by ngclient as usual.
+    """
+
+    def __init__(self, inner: FetcherInterface, channel: str) -> None:
+        self._inner = inner
+        self._channel = channel
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        chunks = self._inner.fetch(url)
+        if _ROOT_FILE.search(url) is None:
+            return chunks
+        return self._checked_root(url, chunks)
+
+    def _checked_root(self, url: str, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        data = b""
+        for chunk in chunks:
+            data += chunk
+            if len(data) > UPDATER_CONFIG.root_max_length:
+                break  # ngclient refuses it for its length
+        try:
+            threshold = json.loads(data)["signed"]["roles"][Targets.type]["threshold"]
+        except (ValueError, KeyError, TypeError):
+            threshold = None  # not a root at all: ngclient says why
+        if isinstance(threshold, int) and _channel_of_threshold(threshold) != self._channel:
+            raise ChannelMismatchError(
+                f"refused {url.rsplit('/', 1)[-1]}: it is a root of the "
+                f"{_channel_of_threshold(threshold)} channel (targets threshold {threshold}) and "
+                f"this device follows the {self._channel} channel; someone is serving the other "
+                "channel's files"
+            )
+        yield data
 
 
 def open_updater(

@@ -39,7 +39,8 @@ def create(api: Api, name: str, login: bool, as_json: bool) -> None:
         return
     click.echo(f"Created factory {name!r}.")
     click.echo(f"Admin token (shown once, keep it safe): {created['admin_token']}")
-    click.echo(f"First root key id: {created['root_keyid']}")
+    root_key = created["root_key"]
+    click.echo(f"First root key: {root_key['ci']} (ci) / {root_key['prod']} (prod)")
     click.echo("Next: download the offline keys archive, once: tufa keys download KEYS.tgz")
 
 

@@ -105,7 +105,7 @@ class Impostor(FileServer):
             timestamp_key=key.public,
         )
         targets = to_bytes(sign(build_targets(900, expires, {target.path: target}), [signer]))
-        snapshot = to_bytes(sign(build_snapshot(900, expires, 900), [signer]))
+        snapshot = to_bytes(sign(build_snapshot(900, expires, targets, 900), [signer]))
         timestamp = build_timestamp(900, expires, snapshot, 900)
         digest = hashlib.sha256(FAKE_BUILD).hexdigest()
         prefix = f"/api/v1/factories/{factory}/repo/{channel}"

@@ -16,7 +16,8 @@ from tufa.cli.output import console, json_option, print_json, warn
 from tufa.cli.root_update import archive_option
 from tufa.core.archive import ArchiveError, OfflineArchive
 from tufa.core.files import write_private_file
-from tufa.core.metadata import OFFLINE_EXPIRY_WARNING
+from tufa.core.metadata import OFFLINE_EXPIRY_WARNING, ROOT, Channel
+from tufa.core.root_update import shared_keys_warning
 
 
 @click.group()
@@ -86,12 +87,22 @@ def download(api: Api, archive: Path, as_json: bool) -> None:
     if hashlib.sha256(archive.read_bytes()).hexdigest() != digest:
         raise click.ClickException(f"{archive} did not read back intact; check the disk, run again")
     api.request("POST", api.factory_path("/keys/archive/confirm"), json_body={"sha256": digest})
-    root_keys = [k.pair.keyid for k in parsed.keys_for("root")]
+    root_keys = parsed.keys_for(ROOT)
     if as_json:
-        print_json({"archive": str(archive), "sha256": digest, "root_keyids": root_keys})
+        print_json(
+            {
+                "archive": str(archive),
+                "sha256": digest,
+                "root_keys": [
+                    {channel.value: key.half(channel).keyid for channel in Channel}
+                    for key in root_keys
+                ],
+            }
+        )
         return
     click.echo(f"Saved the offline keys archive of {api.factory!r} to {archive} (mode 0600).")
-    click.echo(f"Root key id: {', '.join(root_keys)}")
+    for key in root_keys:
+        click.echo(f"Root key: {key.ci.keyid} (ci) / {key.prod.keyid} (prod)")
     click.echo(
         "The server has deleted its copy: this file is now the only one. Back it up now "
         "(see the README, 'Backing up offline keys')."
@@ -106,32 +117,35 @@ def download(api: Api, archive: Path, as_json: bool) -> None:
 def show_root(api: Api, prod: bool, archive: Path | None, as_json: bool) -> None:
     """Show the CI (or production) root: keys, thresholds, expiry.
 
-    With --json the signed root.json is printed as served, for jq or to bootstrap a TUF
-    client.
+    Each root key of the owner is a pair, one key per channel: the table lists the
+    channel's half, and under it every pair with both halves. With --json the signed
+    root.json is printed as served, for jq or to bootstrap a TUF client.
 
     \b
     Examples:
       tufa keys show-root --prod
+      tufa keys show-root -k acme-keys.tgz
       tufa keys show-root --json | jq '.signed.roles.root.keyids[0]'
     """
     channel = "prod" if prod else "ci"
     served = api.request("GET", api.factory_path(f"/repo/{channel}/metadata/root.json"))
     root = served.json()
+    factory = api.get_json(api.factory_path())
     expires = datetime.fromisoformat(root["signed"]["expires"].replace("Z", "+00:00"))
-    warning = _expiry_warning(channel, expires)
-    if warning:
+    for warning in filter(None, [_expiry_warning(channel, expires), _shared_keys_warning(factory)]):
         warn(warning)
     if as_json:
         click.echo(served.text)
         return
-    online = {k["keyid"] for k in api.get_json(api.factory_path())["online_keys"]}
-    held: set[str] = set()
+    online = {k["keyid"] for k in factory["online_keys"]}
+    held: set[str] | None = None
     if archive is not None:
         try:
-            held = {k.pair.keyid for k in OfflineArchive.load(archive).keys}
+            held = set(OfflineArchive.load(archive).keyids())
         except ArchiveError as e:
             raise click.ClickException(str(e)) from e
-    _print_root(channel, root["signed"], online, held if archive else None)
+    _print_root(channel, root["signed"], online, held)
+    _print_root_key_pairs(factory["root_key_pairs"], held)
 
 
 def _expiry_warning(channel: str, expires: datetime) -> str | None:
@@ -143,6 +157,11 @@ def _expiry_warning(channel: str, expires: datetime) -> str | None:
         f"the {channel} root {state} ({expires.isoformat()}); devices will stop updating. "
         "Extend it with `tufa keys updates`."
     )
+
+
+def _shared_keys_warning(factory: dict[str, Any]) -> str | None:
+    shared = factory["channels_share_keys"]
+    return shared_keys_warning(len(shared)) if shared else None
 
 
 def _print_root(
@@ -166,3 +185,21 @@ def _print_root(
                 row.append("yes" if keyid in held else "no")
             table.add_row(*row)
     out.print(table)
+
+
+def _print_root_key_pairs(pairs: list[dict[str, str]], held: set[str] | None) -> None:
+    out = console()
+    out.print("Root keys of the owner (each a pair: its ci half signs the CI root, its prod")
+    out.print("half the production root):")
+    for pair in pairs:
+        halves = (
+            pair["ci"]
+            if pair["ci"] == pair["prod"]
+            else f"{pair['ci']} (ci) / {pair['prod']} (prod)"
+        )
+        line = f"  {halves}"
+        if pair["ci"] == pair["prod"]:
+            line += "  [yellow](one key for both channels: rotate it)[/yellow]"
+        if held is not None:
+            line += f"  in archive: {'yes' if {pair['ci'], pair['prod']} <= held else 'no'}"
+        out.print(line)

@@ -16,9 +16,9 @@ import click
 from tufa.cli.keys import keys, write_new_file
 from tufa.cli.output import json_option, print_json
 from tufa.cli.root_update import load_archive
-from tufa.core.archive import ArchiveError, OfflineArchive
+from tufa.core.archive import ArchiveError, ArchiveKey, OfflineArchive
 from tufa.core.backup import MAX_BACKUP_CHARS, BackupError, parse_backup, render_backup
-from tufa.core.metadata import ROOT, TARGETS
+from tufa.core.metadata import ROOT, TARGETS, Channel
 
 _FILE = click.Path(dir_okay=False, path_type=Path)
 # Unknown entries are carried over to a targets-only copy, except anything that looks
@@ -41,12 +41,12 @@ def _write_archive(path: Path, archive: OfflineArchive, origin: Path) -> Offline
     the disk after writing.
     """
     data = archive.to_bytes()
-    keyids = sorted(k.pair.keyid for k in archive.keys)
+    keyids = archive.keyids()
     try:
         parsed = OfflineArchive.from_bytes(data, source=f"the archive made from {origin}")
     except ArchiveError as e:
         raise click.ClickException(f"{e}; nothing was written") from e
-    if sorted(k.pair.keyid for k in parsed.keys) != keyids:
+    if parsed.keyids() != keyids:
         raise click.ClickException(f"the archive made from {origin} loses keys; nothing written")
     write_new_file(path, data)
     return _read_back(path, keyids)
@@ -59,10 +59,14 @@ def _read_back(path: Path, expected: list[str]) -> OfflineArchive:
     except ArchiveError as e:
         path.unlink(missing_ok=True)
         raise click.ClickException(f"{path} did not read back ({e}); check the disk") from e
-    if sorted(k.pair.keyid for k in written.keys) != sorted(expected):
+    if written.keyids() != sorted(expected):
         path.unlink(missing_ok=True)
         raise click.ClickException(f"{path} did not read back intact; check the disk")
     return written
+
+
+def _halves_json(key: ArchiveKey) -> dict[str, str]:
+    return {channel.value: key.half(channel).keyid for channel in Channel}
 
 
 @keys.command("copy-targets")
@@ -95,10 +99,10 @@ def copy_targets(src: Path, dst: Path, as_json: bool) -> None:
     copy = OfflineArchive(
         factory=source.factory, keys=list(targets_keys), roots=dict(source.roots), extra=kept
     )
-    keyids = [k.pair.keyid for k in targets_keys]
+    keyids = [k.keyid for k in targets_keys]
     written = _write_archive(dst, copy, src)
     roots = sorted(channel.value for channel in written.roots)
-    root_keyids = [k.pair.keyid for k in source.keys_for(ROOT)]
+    root_keyids = [keyid for k in source.keys_for(ROOT) for keyid in k.keyids]
     if as_json:
         print_json(
             {
@@ -151,7 +155,7 @@ def backup(archive: Path, out: Path, as_json: bool) -> None:
         raise click.ClickException(f"{archive}: {e}") from e
     # render_backup has parsed the text back already: reading the same bytes back from
     # the disk is what is left to check.
-    root_keys = list(dict.fromkeys(k.pair.keyid for k in source.keys_for(ROOT)))
+    root_keys = source.keys_for(ROOT)
     write_new_file(out, text.encode())
     try:
         intact = out.read_bytes() == text.encode()
@@ -166,17 +170,17 @@ def backup(archive: Path, out: Path, as_json: bool) -> None:
             {
                 "backup": str(out),
                 "factory": source.factory,
-                "root_keyids": root_keys,
+                "root_keys": [_halves_json(k) for k in root_keys],
                 "lines": len(lines),
             }
         )
         return
     click.echo(
-        f"Wrote the text backup of {len(root_keys)} root key(s) of {source.factory!r} to "
-        f"{out} (mode 0600, unencrypted)."
+        f"Wrote the text backup of {len(root_keys)} root key(s) of {source.factory!r}, "
+        f"both halves of each, to {out} (mode 0600, unencrypted)."
     )
-    for keyid in root_keys:
-        click.echo(f"Root key: {keyid}")
+    for key in root_keys:
+        click.echo(f"Root key: {key.label()}")
     click.echo("Next:")
     click.echo(
         f"  1. Print it in a fixed-width font; lines are up to {max(map(len, lines))} "
@@ -218,20 +222,22 @@ def restore(file: Path, out: Path, as_json: bool) -> None:
         restored = parse_backup(text)
     except BackupError as e:
         raise click.ClickException(f"{file}: {e}\nNothing was written.") from e
-    keyids = [k.pair.keyid for k in restored.keys]
     _write_archive(out, restored, file)
     if as_json:
         print_json(
             {
                 "archive": str(out),
                 "factory": restored.factory,
-                "root_keys": [{"keyid": k.pair.keyid, "name": k.name} for k in restored.keys],
+                "root_keys": [{**_halves_json(k), "name": k.name} for k in restored.keys],
             }
         )
         return
-    click.echo(f"Restored {len(keyids)} root key(s) of {restored.factory!r} to {out} (mode 0600).")
+    click.echo(
+        f"Restored {len(restored.keys)} root key(s) of {restored.factory!r} to {out} (mode 0600)."
+    )
     for key in restored.keys:
-        click.echo(f"Root key: {key.pair.keyid} (keys/{key.name}.sec)")
+        files = ", ".join(f"keys/{stem}.sec" for stem, _ in key.files())
+        click.echo(f"Root key: {key.label()} ({files})")
     click.echo(
         "The archive holds no roots and no targets keys. Check that the server's root "
         f"lists these keys: tufa keys show-root -k {out}"

@@ -22,10 +22,11 @@ from tufa.cli.keys_updates import (
     replace_offline_keys,
 )
 from tufa.cli.root_update import UPDATES_PATH, RootUpdate, load_archive
-from tufa.core.archive import OfflineArchive
+from tufa.core.archive import ArchiveKey, OfflineArchive, generate_root_key
 from tufa.core.crashpoints import crashpoint
 from tufa.core.keys import KeyPair, KeyType
 from tufa.core.metadata import ROOT, TARGETS, Channel
+from tufa.core.root_update import SEPARATE_CHANNELS_FIX
 
 ARCHIVE_ARGUMENT = click.argument(
     "archive", type=click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -76,7 +77,7 @@ def _current_root(api: Api, archive: Path, held: OfflineArchive) -> dict[str, An
     """The served CI root, if `held` holds one of its root keys (both commands need one)."""
     current: dict[str, Any] = api.get_json(api.factory_path("/repo/ci/metadata/root.json"))
     trusted = current["signed"]["roles"][ROOT]["keyids"]
-    if not any(k.pair.keyid in trusted for k in held.keys_for(ROOT)):
+    if not any(k.ci.keyid in trusted for k in held.keys_for(ROOT)):
         raise click.ClickException(
             f"{archive} holds no root key of factory {api.factory!r}'s current root (is it a "
             "targets-only copy made with `tufa keys copy-targets`?); changing the root or "
@@ -89,26 +90,23 @@ def _rotate(
     api: Api,
     archive: Path,
     held: OfflineArchive,
-    role: str,
+    new: ArchiveKey,
     replaced: list[str],
-    key_type: str,
-) -> KeyPair:
-    """Put a new `role` key in place of `replaced`, the key saved into the archive first."""
-    step = f"rotate-{role}"
+) -> None:
+    """Put the new key in place of `replaced`, the key saved into the archive first."""
+    step = f"rotate-{new.role}"
     _start(api, step)
     crashpoint(f"{step}:opened")
-    pair = KeyPair.generate(KeyType(key_type))
-    held.add_key(role, pair)
+    held.add(new)
     held.save(archive)
     crashpoint(f"{step}:key-saved")
     update = RootUpdate.fetch(api).edit(
         api,
-        lambda root: replace_offline_keys(root, role, replaced, pair),
-        resign_prod_targets=role == TARGETS,
+        lambda staged: replace_offline_keys(staged, new.role, replaced, new),
+        resign_prod_targets=new.role == TARGETS,
     )
     crashpoint(f"{step}:staged")
     _finish(api, archive, update, step)
-    return pair
 
 
 @keys.command("rotate-root")
@@ -118,9 +116,11 @@ def _rotate(
 def rotate_root(api: Api, archive: Path, key_type: str) -> None:
     """Replace ARCHIVE's root key with a new one (both channels, root version + 1).
 
-    The new key is generated here and saved into ARCHIVE first; the new roots are
+    The new key is generated here and saved into ARCHIVE first: a pair of keys, one for
+    each channel's root, so that the two channels share no root key. The new roots are
     signed by the old and the new key. Run it right after `tufa keys download`, so
-    that from then on only you can change your factory's root.
+    that from then on only you can change your factory's root. For a factory created
+    before tufa separated its channels, this is the update that separates them.
 
     \b
     Example:
@@ -129,10 +129,14 @@ def rotate_root(api: Api, archive: Path, key_type: str) -> None:
     """
     held = load_archive(archive, api.factory)
     trusted = _current_root(api, archive, held)["roles"][ROOT]["keyids"]
-    old = [k.pair.keyid for k in held.keys_for(ROOT) if k.pair.keyid in trusted]
-    pair = _rotate(api, archive, held, ROOT, old, key_type)
-    click.echo(f"Rotated the root key: {', '.join(old)} -> {pair.keyid}")
-    click.echo(f"The new root private key is keys/{ROOT}-{pair.keyid}.sec in {archive}.")
+    old = [k.keyid for k in held.keys_for(ROOT) if k.ci.keyid in trusted]
+    new = generate_root_key(KeyType(key_type))
+    _rotate(api, archive, held, new, old)
+    click.echo(f"Rotated the root key: {', '.join(old)} -> {new.label()}")
+    click.echo(
+        f"The new root private key is keys/{new.name}.ci.sec with keys/{new.name}.prod.sec "
+        f"in {archive}."
+    )
     click.echo("Back the archive up now: it is the only copy of that key.")
 
 
@@ -157,6 +161,12 @@ def rotate_targets(api: Api, archive: Path, key_type: str) -> None:
     """
     held = load_archive(archive, api.factory)
     current = _current_root(api, archive, held)
+    if api.get_json(api.factory_path())["channels_share_keys"]:
+        raise click.ClickException(
+            "this factory was created before tufa separated its channels, and its next "
+            f"root update must separate them: {SEPARATE_CHANNELS_FIX}; then rotate the "
+            "targets key"
+        )
     active = [
         w["name"] for w in api.get_json(api.factory_path("/waves")) if w["status"] == "active"
     ]
@@ -167,8 +177,10 @@ def rotate_targets(api: Api, archive: Path, key_type: str) -> None:
         )
     online = {k["keyid"] for k in api.get_json(api.factory_path())["online_keys"]}
     offline = [k for k in current["roles"][TARGETS]["keyids"] if k not in online]
-    mine = [k.pair.keyid for k in held.keys_for(TARGETS) if k.pair.keyid in offline]
+    mine = [k.keyid for k in held.keys_for(TARGETS) if k.keyid in offline]
     replaced = mine or offline
-    pair = _rotate(api, archive, held, TARGETS, replaced, key_type)
-    click.echo(f"Rotated the offline targets key: {', '.join(replaced)} -> {pair.keyid}")
+    pair = KeyPair.generate(KeyType(key_type))
+    new = ArchiveKey.shared(TARGETS, f"{TARGETS}-{pair.keyid}", pair)
+    _rotate(api, archive, held, new, replaced)
+    click.echo(f"Rotated the offline targets key: {', '.join(replaced)} -> {new.keyid}")
     click.echo("Production targets were re-signed with it in the same change.")

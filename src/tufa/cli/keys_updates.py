@@ -12,15 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import click
-from tuf.api.metadata import Root
 
 from tufa.cli.client import Api, with_api
 from tufa.cli.keys import keys
 from tufa.cli.output import console, json_option, print_json
 from tufa.cli.root_update import UPDATES_PATH, RootUpdate, archive_option, load_archive
-from tufa.core.archive import OfflineArchive
+from tufa.core.archive import ArchiveKey, OfflineArchive, generate_root_key
 from tufa.core.keys import KeyPair, KeyType
 from tufa.core.metadata import MIN_PROD_TARGETS_THRESHOLD, ONLINE_ROLES, ROOT, TARGETS, Channel
+from tufa.core.root_update import StagedRoots
 
 OFFLINE_ROLES = (ROOT, TARGETS)
 ARCHIVE_OPTION = archive_option()
@@ -160,17 +160,40 @@ def _edit(api: Api, change: Any, *, resign: bool = False, what: str) -> None:
     print_status(update)
 
 
-def _generate_into(archive_path: Path, role: str, key_type: str, factory: str) -> KeyPair:
-    """A new key, saved into the archive (created if missing) before anything uses it."""
+def _generate_into(archive_path: Path, role: str, key_type: str, factory: str) -> ArchiveKey:
+    """A new key (for a root key, a pair: one half per channel), saved into the archive
+    (created if missing) before anything uses it."""
     if archive_path.exists():
         archive = load_archive(archive_path, factory)
     else:
         archive = OfflineArchive(factory=factory)
         click.echo(f"Creating {archive_path}, a new archive for factory {factory!r}.")
-    pair = KeyPair.generate(KeyType(key_type))
-    archive.add_key(role, pair)
+    if role == ROOT:
+        key = archive.add(generate_root_key(KeyType(key_type)))
+    else:
+        key = archive.add_key(role, KeyPair.generate(KeyType(key_type)))
     archive.save(archive_path)
-    return pair
+    return key
+
+
+def add_offline_key_to(staged: StagedRoots, key: ArchiveKey) -> None:
+    if key.role == ROOT:
+        staged.add_root_key(key.ci.public, key.prod.public)
+    else:
+        staged.add_targets_key(key.prod.public)
+
+
+def remove_offline_key_from(staged: StagedRoots, role: str, keyid: str) -> None:
+    if role == ROOT:
+        staged.remove_root_key(keyid)
+    else:
+        staged.remove_targets_key(keyid)
+
+
+def replace_offline_keys(staged: StagedRoots, role: str, old: list[str], new: ArchiveKey) -> None:
+    add_offline_key_to(staged, new)
+    for keyid in old:
+        remove_offline_key_from(staged, role, keyid)
 
 
 @updates.command("add-offline-key")
@@ -181,51 +204,47 @@ def _generate_into(archive_path: Path, role: str, key_type: str, factory: str) -
 def add_offline_key(api: Api, role: str, archive: Path, key_type: str) -> None:
     """Generate a new offline key into ARCHIVE and add it to the staged roots.
 
-    ARCHIVE is created if it does not exist: a new key holder's own archive.
+    ARCHIVE is created if it does not exist: a new key holder's own archive. A root key
+    is a pair of keys, one for each channel's root; both go into ARCHIVE.
 
     \b
     Example (a release manager's own targets key):
       tufa keys updates add-offline-key -r targets -k carol-targets.tgz
     """
     RootUpdate.fetch(api)  # fail before generating a key if no update is open
-    pair = _generate_into(archive, role, key_type, api.factory)
-    click.echo(f"New {role} key {pair.keyid} saved in {archive}.")
+    key = _generate_into(archive, role, key_type, api.factory)
+    click.echo(f"New {role} key {key.label()} saved in {archive}.")
     _edit(
         api,
-        lambda root: root.add_key(pair.public, role),
+        lambda staged: add_offline_key_to(staged, key),
         resign=role == TARGETS,
-        what=f"add {role} key {pair.keyid}",
+        what=f"add {role} key {key.keyid}",
     )
 
 
 @updates.command("delete-offline-key")
 @ROLE_OPTION
-@click.option("--key-id", required=True, help="Key id to remove.")
+@click.option("--key-id", required=True, help="Key id to remove (for a root key, either half).")
 @with_api
 def delete_offline_key(api: Api, role: str, key_id: str) -> None:
-    """Remove an offline key from the staged roots.
+    """Remove an offline key from the staged roots (a root key: both of its halves).
 
     \b
     Example:
       tufa keys updates delete-offline-key -r targets --key-id 5d9aec2c...
     """
     update = RootUpdate.fetch(api)
-    if key_id in update.online_keyids_after().values():
+    if key_id in {k for keys in update.online_keyids_after().values() for k in keys.values()}:
         raise click.ClickException(f"{key_id} is an online key; use rotate-online-key")
-    if key_id not in update.staged(Channel.CI).signed.roles[role].keyids:
+    listed = {k for c in Channel for k in update.staged(c).signed.roles[role].keyids}
+    if key_id not in listed:
         raise click.ClickException(f"{key_id} is not a {role} key of the staged roots")
     _edit(
         api,
-        lambda root: root.revoke_key(key_id, role),
+        lambda staged: remove_offline_key_from(staged, role, key_id),
         resign=role == TARGETS,
         what=f"remove {role} key {key_id}",
     )
-
-
-def replace_offline_keys(root: Root, role: str, old: list[str], new: KeyPair) -> None:
-    root.add_key(new.public, role)
-    for keyid in old:
-        root.revoke_key(keyid, role)
 
 
 @updates.command("rotate-offline-key")
@@ -244,22 +263,24 @@ def rotate_offline_key(
       tufa keys updates rotate-offline-key -r root -k owner.tgz
     """
     update = RootUpdate.fetch(api)
-    trusted = update.staged(Channel.CI).signed.roles[role].keyids
-    held = [k.pair.keyid for k in load_archive(archive, api.factory).keys_for(role)]
-    candidates = [k for k in held if k in trusted and (key_id is None or k == key_id)]
+    trusted = {k for c in Channel for k in update.staged(c).signed.roles[role].keyids}
+    held = load_archive(archive, api.factory).keys_for(role)
+    candidates = [
+        k.keyid for k in held if set(k.keyids) & trusted and (key_id is None or key_id in k.keyids)
+    ]
     if len(candidates) != 1:
         found = ", ".join(candidates) or "none"
         raise click.ClickException(
             f"{archive} must hold exactly one {role} key of the staged roots to rotate "
             f"(found: {found}); name it with --key-id"
         )
-    pair = _generate_into(archive, role, key_type, api.factory)
-    click.echo(f"New {role} key {pair.keyid} saved in {archive}.")
+    key = _generate_into(archive, role, key_type, api.factory)
+    click.echo(f"New {role} key {key.label()} saved in {archive}.")
     _edit(
         api,
-        lambda root: replace_offline_keys(root, role, candidates, pair),
+        lambda staged: replace_offline_keys(staged, role, candidates, key),
         resign=role == TARGETS,
-        what=f"replace {role} key {candidates[0]} with {pair.keyid}",
+        what=f"replace {role} key {candidates[0]} with {key.keyid}",
     )
 
 
@@ -282,11 +303,12 @@ def set_threshold(api: Api, role: str, threshold: int) -> None:
         raise click.ClickException(
             f"the production targets threshold must be at least {MIN_PROD_TARGETS_THRESHOLD}"
         )
-
-    def change(root: Root) -> None:
-        root.roles[role].threshold = threshold
-
-    _edit(api, change, resign=role == TARGETS, what=f"{role} threshold {threshold}")
+    _edit(
+        api,
+        lambda staged: staged.set_threshold(role, threshold),
+        resign=role == TARGETS,
+        what=f"{role} threshold {threshold}",
+    )
 
 
 @updates.command("rotate-online-key")
@@ -297,26 +319,37 @@ def set_threshold(api: Api, role: str, threshold: int) -> None:
     required=True,
     help="Comma-separated online roles: targets,snapshot,timestamp.",
 )
+@click.option(
+    "--channel",
+    type=click.Choice(["ci", "prod", "both"]),
+    default="both",
+    show_default=True,
+    help="Whose online keys to replace; each channel gets keys of its own.",
+)
 @with_api
-def rotate_online_key(api: Api, roles: str) -> None:
+def rotate_online_key(api: Api, roles: str, channel: str) -> None:
     """Have the server generate new online keys and stage them.
 
-    Rotating the online targets key re-signs production targets, which then need an
-    offline targets signature too.
+    Rotating the production online targets key re-signs production targets, which then
+    need an offline targets signature too.
 
     \b
     Example:
       tufa keys updates rotate-online-key -r targets,snapshot,timestamp
+      tufa keys updates rotate-online-key -r timestamp --channel ci
     """
     chosen = [r.strip() for r in roles.split(",") if r.strip()]
     if not chosen or set(chosen) - set(ONLINE_ROLES):
         raise click.UsageError(f"roles must be among {','.join(ONLINE_ROLES)}")
+    channels = [c.value for c in Channel] if channel == "both" else [channel]
     api.request(
-        "POST", api.factory_path(f"{UPDATES_PATH}/online-keys"), json_body={"roles": chosen}
+        "POST",
+        api.factory_path(f"{UPDATES_PATH}/online-keys"),
+        json_body={"roles": chosen, "channels": channels},
     )
     update = RootUpdate.fetch(api)
-    if TARGETS in chosen:
-        update = update.edit(api, lambda _root: None, resign_prod_targets=True)
+    if TARGETS in chosen and Channel.PROD.value in channels:
+        update = update.edit(api, lambda _staged: None, resign_prod_targets=True)
     click.echo(f"Staged new online keys: {update.data['pending_online_keys']}")
     print_status(update)
 
@@ -332,11 +365,7 @@ def extend_expiry(api: Api, days: int) -> None:
       tufa keys updates extend-expiry --days 365
     """
     expires = (datetime.now(UTC) + timedelta(days=days)).replace(microsecond=0)
-
-    def change(root: Root) -> None:
-        root.expires = expires
-
-    _edit(api, change, what=f"expiry {expires.isoformat()}")
+    _edit(api, lambda staged: staged.set_expiry(expires), what=f"expiry {expires.isoformat()}")
 
 
 @updates.command()

@@ -24,7 +24,9 @@ from tufa.core.files import write_private_file
 from tufa.core.metadata import ROOT, TARGETS, Channel
 from tufa.core.root_update import (
     RootUpdateError,
-    check_staged_roots,
+    StagedRoots,
+    pairs_from_json,
+    pairs_to_json,
     prod_targets_signing_status,
     root_signing_status,
 )
@@ -109,30 +111,37 @@ class RootUpdate:
             for view, md in self.data["prod_targets"].items()
         }
 
-    def online_keyids_after(self) -> dict[str, str]:
-        return {**self.data["online_keys"], **self.data["pending_online_keys"]}
+    def online_keyids_after(self) -> dict[Channel, dict[str, str]]:
+        return {
+            channel: {
+                **self.data["online_keys"][channel.value],
+                **self.data["pending_online_keys"][channel.value],
+            }
+            for channel in Channel
+        }
+
+    def staged_roots(self) -> StagedRoots:
+        """Both staged roots and the staged root key pairs, to edit as one."""
+        return StagedRoots(
+            {channel: self.staged(channel).signed for channel in Channel},
+            pairs_from_json(self.data["root_key_pairs"]["staged"]),
+        )
 
     # -- editing ---------------------------------------------------------------------
 
     def edit(
         self,
         api: Api,
-        change: Callable[[Root], None],
+        change: Callable[[StagedRoots], None],
         *,
         resign_prod_targets: bool = False,
     ) -> RootUpdate:
-        """Apply `change` to both staged roots, check them, upload; return the new state."""
-        roots = {}
-        for channel in Channel:
-            root = self.staged(channel).signed
-            change(root)
-            roots[channel] = root
-        if roots[Channel.CI].roles[TARGETS].threshold != 1:
-            roots[Channel.CI].roles[TARGETS].threshold = 1
+        """Apply `change` to the staged roots, check them, upload; return the new state."""
+        staged = self.staged_roots()
+        change(staged)
         try:
-            check_staged_roots(
+            staged.check(
                 {c: self.current(c).signed for c in Channel},
-                roots,
                 self.online_keyids_after(),
                 datetime.now(UTC),
             )
@@ -142,7 +151,8 @@ class RootUpdate:
         if resign_prod_targets:
             prod_targets = self._resigned_prod_targets()
         body = {
-            "roots": {c.value: root.to_dict() for c, root in roots.items()},
+            "roots": {c.value: root.to_dict() for c, root in staged.roots.items()},
+            "root_key_pairs": pairs_to_json(staged.pairs),
             "prod_targets": prod_targets,
         }
         return RootUpdate(
@@ -171,17 +181,15 @@ class RootUpdate:
                 staged.signed.roles[ROOT].keyids
             )
             roots[channel.value] = [
-                key.pair.signer().sign(staged.signed_bytes).to_dict()
-                for key in archive.keys_for(ROOT)
-                if key.pair.keyid in allowed
+                pair.signer().sign(staged.signed_bytes).to_dict()
+                for pair in archive.signers_for(channel, ROOT, allowed)
             ]
-        prod_root = self.staged(Channel.PROD).signed
+        prod_targets_keys = set(self.staged(Channel.PROD).signed.roles[TARGETS].keyids)
         targets: dict[str, list[dict[str, Any]]] = {}
         for view, md in self.staged_targets().items():
             targets[view] = [
-                key.pair.signer().sign(md.signed_bytes).to_dict()
-                for key in archive.keys_for(TARGETS)
-                if key.pair.keyid in prod_root.roles[TARGETS].keyids
+                pair.signer().sign(md.signed_bytes).to_dict()
+                for pair in archive.signers_for(Channel.PROD, TARGETS, prod_targets_keys)
             ]
         return {"roots": roots, "prod_targets": targets}
 
@@ -214,7 +222,7 @@ class RootUpdate:
                 self.current(channel).signed, self.staged(channel)
             )
             result[channel.value] = {"complete": verified, **detail}
-        online_targets = self.online_keyids_after()[TARGETS]
+        online_targets = self.online_keyids_after()[Channel.PROD][TARGETS]
         prod_root = self.staged(Channel.PROD).signed
         result["prod_targets"] = {}
         for view, md in self.staged_targets().items():

@@ -13,7 +13,7 @@ from tufa.cli.client import Api, with_api
 from tufa.cli.output import console, json_option, print_json
 from tufa.cli.root_update import archive_option, load_archive
 from tufa.core.archive import OfflineArchive
-from tufa.core.metadata import TARGETS
+from tufa.core.metadata import TARGETS, Channel
 
 ARCHIVE_OPTION = archive_option(
     help="Archive with an offline targets key (a targets-only copy is enough)."
@@ -31,10 +31,9 @@ def _sign_with(api: Api, archive: OfflineArchive, md: Metadata[Targets]) -> list
     online = {k["keyid"] for k in api.get_json(api.factory_path())["online_keys"]}
     trusted = set(prod_root["roles"][TARGETS]["keyids"]) - online
     used = []
-    for key in archive.keys_for(TARGETS):
-        if key.pair.keyid in trusted and key.pair.keyid not in md.signatures:
-            md.sign(key.pair.signer(), append=True)
-            used.append(key.pair.keyid)
+    for pair in archive.signers_for(Channel.PROD, TARGETS, trusted - set(md.signatures)):
+        md.sign(pair.signer(), append=True)
+        used.append(pair.keyid)
     if not used and not trusted & set(md.signatures):
         raise click.ClickException(
             "the archive holds no offline targets key of the production root; use the "

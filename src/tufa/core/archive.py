@@ -2,12 +2,19 @@
 
 Layout (documented for owners in the README)::
 
-    config.json                    {"format": 1, "factory": NAME}
-    keys/offline-root.pub|.sec     the first root key, generated at factory creation
-    keys/root-<keyid>.pub|.sec     every root key the owner generated since
-    keys/targets-<keyid>.pub|.sec  offline targets keys
-    roles/ci/root.json             the current CI root
-    roles/prod/root.json           the current production root
+    config.json                         {"format": 2, "factory": NAME}
+    keys/offline-root.ci.pub|.sec       the first root key's CI half, made at factory creation
+    keys/offline-root.prod.pub|.sec     its production half
+    keys/root-<id>.ci.pub|.sec          the CI half of a root key the owner generated since
+    keys/root-<id>.prod.pub|.sec        its production half (<id> is the CI half's key id)
+    keys/targets-<keyid>.pub|.sec       offline targets keys (both channels' roots list them)
+    roles/ci/root.json                  the current CI root
+    roles/prod/root.json                the current production root
+
+Each root key is a pair of halves, one per channel, so that the two channels' roots
+share no root key and cannot stand in for each other (ADR 0009). Archives of factories
+created before that hold root keys both channels share, without a `.ci`/`.prod` suffix
+(`keys/offline-root.sec`, `keys/root-<keyid>.sec`); they are read as such.
 
 `.sec` files are PEM PKCS#8 private keys, `.pub` files the TUF public key as JSON.
 Entries tufa does not know are carried over untouched on every rewrite. Reading never
@@ -23,15 +30,18 @@ import json
 import tarfile
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from tufa.core.files import write_private_file
-from tufa.core.keys import KeyPair, key_from_json, key_to_json
+from tufa.core.keys import KeyPair, KeyType, key_from_json, key_to_json
 from tufa.core.metadata import ROOT, TARGETS, Channel
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Format 1: every key is shared by both channels (archives of tufa before ADR 0009).
+READABLE_FORMATS = (1, 2)
 FIRST_ROOT_KEY_NAME = "offline-root"
 MAX_ARCHIVE_BYTES = 16 * 1024 * 1024
 MAX_MEMBERS = 1000
@@ -43,9 +53,58 @@ class ArchiveError(ValueError):
 
 @dataclass(frozen=True)
 class ArchiveKey:
+    """A key the owner holds, with the private half that signs for each channel.
+
+    An offline targets key is one key for both channels. A root key is a pair of
+    separate keys, one per channel, which the owner handles as one; only root keys of
+    factories created before the channels were separated are one key for both.
+    """
+
     role: str
     name: str
-    pair: KeyPair
+    ci: KeyPair
+    prod: KeyPair
+
+    @classmethod
+    def shared(cls, role: str, name: str, pair: KeyPair) -> ArchiveKey:
+        return cls(role, name, pair, pair)
+
+    def half(self, channel: Channel) -> KeyPair:
+        """The key that signs `channel`'s metadata."""
+        return self.ci if channel is Channel.CI else self.prod
+
+    @property
+    def is_shared(self) -> bool:
+        return self.ci.keyid == self.prod.keyid
+
+    @property
+    def keyid(self) -> str:
+        """The id the key is known by: its CI half's (the one in its file name)."""
+        return self.ci.keyid
+
+    @property
+    def keyids(self) -> list[str]:
+        return [self.ci.keyid] if self.is_shared else [self.ci.keyid, self.prod.keyid]
+
+    def label(self) -> str:
+        """How the CLI names the key: its id, or both halves' ids."""
+        if self.is_shared:
+            return self.keyid
+        return f"{self.ci.keyid} (ci) / {self.prod.keyid} (prod)"
+
+    def files(self) -> Iterator[tuple[str, KeyPair]]:
+        """Archive entry stems (under keys/) and the key each holds."""
+        if self.is_shared:
+            yield self.name, self.ci
+        else:
+            for channel in Channel:
+                yield f"{self.name}.{channel.value}", self.half(channel)
+
+
+def generate_root_key(key_type: KeyType = KeyType.ED25519, name: str | None = None) -> ArchiveKey:
+    """A new root key: one key per channel, generated together, stored together."""
+    ci, prod = KeyPair.generate(key_type), KeyPair.generate(key_type)
+    return ArchiveKey(ROOT, name or f"{ROOT}-{ci.keyid}", ci, prod)
 
 
 @dataclass
@@ -61,14 +120,30 @@ class OfflineArchive:
         return [k for k in self.keys if k.role == role]
 
     def find(self, keyid: str) -> ArchiveKey | None:
-        return next((k for k in self.keys if k.pair.keyid == keyid), None)
+        """The key of which `keyid` is one half."""
+        return next((k for k in self.keys if keyid in k.keyids), None)
+
+    def keyids(self) -> list[str]:
+        """Every key id the archive holds a private key of, sorted."""
+        return sorted(keyid for key in self.keys for keyid in key.keyids)
+
+    def signers_for(self, channel: Channel, role: str, allowed: set[str]) -> list[KeyPair]:
+        """The archive's keys of `role` that sign `channel`'s metadata and are in `allowed`."""
+        return [k.half(channel) for k in self.keys_for(role) if k.half(channel).keyid in allowed]
+
+    def add(self, key: ArchiveKey) -> ArchiveKey:
+        """Add `key` unless the archive holds it already; return the archive's entry."""
+        if key.role not in (ROOT, TARGETS):
+            raise ValueError(f"the archive holds root and targets keys, not {key.role!r}")
+        held = self.find(key.keyid)
+        if held is None:
+            self.keys.append(key)
+            return key
+        return held
 
     def add_key(self, role: str, pair: KeyPair, name: str | None = None) -> ArchiveKey:
-        if role not in (ROOT, TARGETS):
-            raise ValueError(f"the archive holds root and targets keys, not {role!r}")
-        if self.find(pair.keyid) is None:
-            self.keys.append(ArchiveKey(role, name or f"{role}-{pair.keyid}", pair))
-        return next(k for k in self.keys if k.pair.keyid == pair.keyid)
+        """Add a key both channels use (an offline targets key)."""
+        return self.add(ArchiveKey.shared(role, name or f"{role}-{pair.keyid}", pair))
 
     # -- serialisation -------------------------------------------------------------
 
@@ -78,8 +153,9 @@ class OfflineArchive:
             {**self.config_extra, "format": FORMAT_VERSION, "factory": self.factory}, indent=2
         ).encode()
         for key in self.keys:
-            files[f"keys/{key.name}.pub"] = key_to_json(key.pair.public)
-            files[f"keys/{key.name}.sec"] = key.pair.private_pem
+            for stem, pair in key.files():
+                files[f"keys/{stem}.pub"] = key_to_json(pair.public)
+                files[f"keys/{stem}.sec"] = pair.private_pem
         for channel, root in self.roots.items():
             files[f"roles/{channel.value}/root.json"] = root
         buf = io.BytesIO()
@@ -114,17 +190,24 @@ class OfflineArchive:
             raise ArchiveError(f"{source}: missing or invalid config.json") from e
         if not isinstance(factory, str):
             raise ArchiveError(f"{source}: config.json names no factory")
+        if config.get("format", 1) not in READABLE_FORMATS:
+            raise ArchiveError(
+                f"{source} has archive format {config.get('format')!r}; this tufa reads formats "
+                f"{', '.join(map(str, READABLE_FORMATS))}: upgrade tufa"
+            )
         archive = cls(factory=factory, config_extra=_other_settings(config))
         for channel in Channel:
             root = files.pop(f"roles/{channel.value}/root.json", None)
             if root is not None:
                 archive.roots[channel] = root
+        halves: dict[str, dict[Channel, KeyPair]] = {}
         for name in sorted(files):
             path = PurePosixPath(name)
             if path.parent != PurePosixPath("keys") or path.suffix != ".sec":
                 continue
             stem = path.stem
-            role = _role_of_key_name(stem)
+            base, half = _split_half(stem)
+            role = _role_of_key_name(base)
             pub = files.get(f"keys/{stem}.pub")
             if role is None or pub is None:
                 continue
@@ -132,15 +215,46 @@ class OfflineArchive:
                 pair = KeyPair.from_pem(files[name], key_from_json(pub))
             except (ValueError, KeyError, TypeError) as e:
                 raise ArchiveError(f"{source}: key {name} is unreadable: {e}") from e
-            named_id = stem.partition("-")[2]
-            if stem != FIRST_ROOT_KEY_NAME and named_id != pair.keyid:
-                raise ArchiveError(f"{source}: {name} holds key {pair.keyid}, not {named_id}")
-            if archive.find(pair.keyid) is not None:
-                raise ArchiveError(f"{source}: key {pair.keyid} is stored twice")
-            archive.keys.append(ArchiveKey(role, stem, pair))
             del files[name], files[f"keys/{stem}.pub"]
+            if archive.find(pair.keyid) is not None or any(
+                pair.keyid == p.keyid for found in halves.values() for p in found.values()
+            ):
+                raise ArchiveError(f"{source}: key {pair.keyid} is stored twice")
+            if half is None:
+                _check_named_id(source, name, base, pair.keyid)
+                archive.keys.append(ArchiveKey.shared(role, base, pair))
+            elif role != ROOT:
+                raise ArchiveError(
+                    f"{source}: {name} is a {role} key for one channel; only root keys have "
+                    "a CI and a production half"
+                )
+            else:
+                halves.setdefault(base, {})[half] = pair
+        for base, found in halves.items():
+            missing = [c.value for c in Channel if c not in found]
+            if missing:
+                raise ArchiveError(
+                    f"{source}: root key {base} has no {missing[0]} half (keys/{base}.{missing[0]}"
+                    ".sec); both halves of a root key are needed, restore it from a backup"
+                )
+            _check_named_id(source, f"keys/{base}.ci.sec", base, found[Channel.CI].keyid)
+            archive.keys.append(ArchiveKey(ROOT, base, found[Channel.CI], found[Channel.PROD]))
         archive.extra = files
         return archive
+
+
+def _split_half(stem: str) -> tuple[str, Channel | None]:
+    """`root-<id>.ci` -> (`root-<id>`, CI); a stem without a channel suffix is shared."""
+    base, dot, suffix = stem.rpartition(".")
+    if dot and suffix in {c.value for c in Channel}:
+        return base, Channel(suffix)
+    return stem, None
+
+
+def _check_named_id(source: str, name: str, base: str, keyid: str) -> None:
+    named_id = base.partition("-")[2]
+    if base != FIRST_ROOT_KEY_NAME and named_id != keyid:
+        raise ArchiveError(f"{source}: {name} holds key {keyid}, not {named_id}")
 
 
 def _other_settings(config: dict[str, Any]) -> dict[str, Any]:

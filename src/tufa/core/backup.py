@@ -5,16 +5,23 @@ on paper too: a fire that takes the disks leaves the safe. Paper only helps if a
 can type it back in, and a person makes typos, so every line carries its own number and
 a short checksum::
 
-    01  tufa root keys backup, format 1                                   3f1c2a
+    01  tufa root keys backup, format 2                                   3f1c2a
     02  factory: acme                                                     9b0e44
+    03  created: 2026-12-01T10:00:00Z                                     1d2e3f
+    04  key blocks: 2                                                     40a1b2
     ...
-    06  key root 4bfa5b...c93b1 ed25519 ed25519 as offline-root  51d0e7
+    06  key root 4bfa5b...c93b1 ed25519 ed25519 for ci as offline-root    51d0e7
     07  -----BEGIN PRIVATE KEY-----                                       0a4c19
     08  MC4CAQAwBQYDK2VwBCIEIJ3v...                                       c2d8f0
     09  -----END PRIVATE KEY-----                                         6e7a12
     10  end                                                               77b301
+    11  key root 9d01e2...44a0f ed25519 ed25519 for prod as offline-root  8c2d10
+    ...
 
-(Key id and checks are made up here; a backup prints the key id in full.)
+(Key ids and checks are made up here; a backup prints the key ids in full.) A root key
+is a pair of keys, one per channel (ADR 0009): each half is a block of its own, and the
+two blocks share the key's name. Backups in format 1 (before the channels were
+separated) hold root keys both channels share; they are still read.
 
 The check is the first six hex digits of sha256 of ``"<number>:<text>"``. Because the
 number is part of it, a line typed in the wrong place fails just like a typo, and
@@ -40,9 +47,14 @@ from securesystemslib.signer import CryptoSigner, SSlibKey
 
 from tufa.core.archive import FIRST_ROOT_KEY_NAME, ArchiveKey, OfflineArchive
 from tufa.core.keys import KeyPair
-from tufa.core.metadata import ROOT
+from tufa.core.metadata import ROOT, Channel
 
-FORMAT_TITLE = "tufa root keys backup, format 1"
+FORMAT_TITLE = "tufa root keys backup, format 2"
+# Format 1 backups hold keys both channels share, without a `for CHANNEL` part.
+FORMAT_1_TITLE = "tufa root keys backup, format 1"
+# Which channel a block's key signs for; "both" is a key both channels share.
+BOTH = "both"
+_FOR = (*(c.value for c in Channel), BOTH)
 INSTRUCTIONS = "type back every line: number, text, check; see tufa keys restore"
 CHECK_LENGTH = 6
 # A backup of a few RSA keys is a few KiB; anything much larger is not one.
@@ -92,6 +104,13 @@ def _default_name(keyid: str) -> str:
     return f"{ROOT}-{keyid}"
 
 
+def _blocks_of(key: ArchiveKey) -> list[tuple[str, KeyPair]]:
+    """What a root key is written as: one block per half, or one for a shared key."""
+    if key.is_shared:
+        return [(BOTH, key.ci)]
+    return [(channel.value, key.half(channel)) for channel in Channel]
+
+
 def _short(keyid: str) -> str:
     return f"{keyid[:8]}…"
 
@@ -100,43 +119,38 @@ def _short(keyid: str) -> str:
 
 
 def render_backup(archive: OfflineArchive, now: datetime | None = None) -> str:
-    """The printable backup of every root key of `archive`.
+    """The printable backup of every root key of `archive`, both halves of each.
 
     Raises ValueError if the archive holds no root key (a targets-only copy): a backup
     without one would look reassuring and restore nothing useful. The text is parsed
     back before it is returned, so a backup that could not be restored is never handed
     out.
     """
-    root_keys: list[ArchiveKey] = []
-    seen: set[str] = set()
-    for key in archive.keys_for(ROOT):
-        if key.pair.keyid not in seen:
-            seen.add(key.pair.keyid)
-            root_keys.append(key)
+    root_keys = archive.keys_for(ROOT)
     if not root_keys:
         raise ValueError(
             f"the archive of factory {archive.factory!r} holds no root private key "
             "(is it a targets-only copy?); back up the archive that holds the root keys"
         )
     created = (now or datetime.now(UTC)).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    blocks = [(key, half, pair) for key in root_keys for half, pair in _blocks_of(key)]
     texts = [
         FORMAT_TITLE,
         f"factory: {archive.factory}",
         f"created: {created}",
-        f"root keys: {len(root_keys)}",
+        f"key blocks: {len(blocks)}",
         INSTRUCTIONS,
     ]
-    for key in root_keys:
-        public = key.pair.public
+    for key, half, pair in blocks:
+        public = pair.public
         # Odd names (from archives written by other tools) cannot be carried safely;
         # the key itself is what matters, so fall back to the standard name.
-        name = key.name if _KEY_NAME.fullmatch(key.name) else _default_name(public.keyid)
-        line = f"key {ROOT} {public.keyid} {public.keytype} {public.scheme}"
-        if name != _default_name(public.keyid):
-            line += f" as {name}"
-        texts.append(line)
+        name = key.name if _KEY_NAME.fullmatch(key.name) else _default_name(key.keyid)
+        texts.append(
+            f"key {ROOT} {public.keyid} {public.keytype} {public.scheme} for {half} as {name}"
+        )
         try:
-            pem = key.pair.private_pem.decode("ascii")
+            pem = pair.private_pem.decode("ascii")
         except UnicodeDecodeError as e:
             raise ValueError(f"root key {public.keyid} is not an ASCII PEM file") from e
         texts.extend(_normalise(t) for t in pem.splitlines() if t.strip())
@@ -147,7 +161,7 @@ def render_backup(archive: OfflineArchive, now: datetime | None = None) -> str:
         for n, t in enumerate(texts, start=1)
     )
     restored = parse_backup(text)
-    if [k.pair.keyid for k in restored.keys] != [k.pair.keyid for k in root_keys]:
+    if restored.keyids() != sorted(k for key in root_keys for k in key.keyids):
         raise ValueError("the backup does not restore the archive's root keys")  # pragma: no cover
     return text
 
@@ -278,6 +292,7 @@ class _Block:
     keytype: str
     scheme: str
     name: str
+    half: str
     pem: list[str] = field(default_factory=list)
     last_line: int = 0
 
@@ -285,11 +300,11 @@ class _Block:
 def parse_backup(text: str) -> OfflineArchive:
     """Rebuild an archive holding the root keys of a text backup.
 
-    The archive has the factory name and the root keys (under the names they had), and
-    no roles: those are public and fetched from the server when needed. Raises
-    BackupError naming every mistyped, missing or misplaced line, so the owner can fix
-    them all in one pass, and nothing is returned unless each key rebuilds to exactly
-    the key id that was recorded.
+    The archive has the factory name and the root keys (under the names they had, each
+    with both halves), and no roles: those are public and fetched from the server when
+    needed. Raises BackupError naming every mistyped, missing or misplaced line, so the
+    owner can fix them all in one pass, and nothing is returned unless each key rebuilds
+    to exactly the key id that was recorded.
     """
     if len(text) > MAX_BACKUP_CHARS:
         raise BackupError([f"the file is larger than {MAX_BACKUP_CHARS} characters: not a backup"])
@@ -303,27 +318,49 @@ def parse_backup(text: str) -> OfflineArchive:
     blocks = _parse_blocks(numbered[_HEADER_LINES:], count)
     archive = OfflineArchive(factory=factory)
     problems: list[str] = []
+    halves: dict[str, dict[str, tuple[_Block, KeyPair]]] = {}
+    seen: set[str] = set()
     for block in blocks:
         try:
             pair = _rebuild_key(block)
         except BackupError as e:
             problems.extend(e.problems)
             continue
-        if archive.find(pair.keyid) is not None:
+        found = halves.setdefault(block.name, {})
+        if pair.keyid in seen:
             problems.append(f"line {block.first_line}: key {_short(pair.keyid)} appears twice")
-        elif any(k.name == block.name for k in archive.keys):
-            problems.append(f"line {block.first_line}: key name {block.name!r} appears twice")
+        elif block.half in found or (found and BOTH in (block.half, *found)):
+            problems.append(
+                f"line {block.first_line}: key name {block.name!r} appears twice"
+                + ("" if block.half == BOTH else f" for {block.half}")
+            )
         else:
-            archive.add_key(ROOT, pair, block.name)
+            found[block.half] = (block, pair)
+        seen.add(pair.keyid)
+    for name, found in halves.items():
+        if BOTH in found:
+            archive.add(ArchiveKey.shared(ROOT, name, found[BOTH][1]))
+            continue
+        missing = [c.value for c in Channel if c.value not in found]
+        if missing and found:
+            first = min(block.first_line for block, _ in found.values())
+            problems.append(
+                f"line {first}: root key {name!r} has no {missing[0]} half: type in both "
+                "blocks of the key"
+            )
+        elif found:
+            archive.add(
+                ArchiveKey(ROOT, name, found[Channel.CI.value][1], found[Channel.PROD.value][1])
+            )
     if problems:
         raise BackupError(problems)
     return archive
 
 
 def _parse_header(numbered: list[tuple[int, str]]) -> tuple[str, int]:
-    """The factory name and the number of keys the backup says it holds."""
-    if numbered[0][1] != FORMAT_TITLE:
-        title = numbered[0][1]
+    """The factory name and the number of key blocks the backup says it holds."""
+    title = numbered[0][1]
+    if title not in (FORMAT_TITLE, FORMAT_1_TITLE):
         if title.startswith("tufa root keys backup"):
             raise BackupError([f"line 1: {title!r}: this tufa reads {FORMAT_TITLE!r}"])
         raise BackupError([f"line 1: not a tufa root keys backup (expected {FORMAT_TITLE!r})"])
@@ -335,9 +372,11 @@ def _parse_header(numbered: list[tuple[int, str]]) -> tuple[str, int]:
         raise BackupError([f"line 2: expected 'factory: NAME', found {factory_line!r}"])
     if not created_line.startswith("created: "):
         raise BackupError([f"line 3: expected 'created: DATE', found {created_line!r}"])
-    count_text = count_line.removeprefix("root keys: ")
+    # Format 1 counted keys, format 2 counts blocks (two per root key): one per block.
+    label = "root keys: " if title == FORMAT_1_TITLE else "key blocks: "
+    count_text = count_line.removeprefix(label)
     if count_text == count_line or not count_text.isdigit() or int(count_text) < 1:
-        raise BackupError([f"line 4: expected 'root keys: NUMBER', found {count_line!r}"])
+        raise BackupError([f"line 4: expected '{label}NUMBER', found {count_line!r}"])
     return factory, int(count_text)
 
 
@@ -349,7 +388,7 @@ def _parse_blocks(numbered: list[tuple[int, str]], count: int) -> list[_Block]:
         if current is None:
             if len(blocks) == count:
                 raise BackupError(
-                    [f"line {number}: text after the last of the {count} key(s): {text!r}"]
+                    [f"line {number}: text after the last of the {count} key block(s): {text!r}"]
                 )
             current = _parse_key_line(number, text)
         elif text.startswith("key "):
@@ -375,7 +414,7 @@ def _parse_blocks(numbered: list[tuple[int, str]], count: int) -> list[_Block]:
     if len(blocks) < count:
         raise BackupError(
             [
-                f"line 4 says the backup holds {count} root key(s), but only {len(blocks)} "
+                f"line 4 says the backup holds {count} key block(s), but only {len(blocks)} "
                 "are there: the end of the backup is missing"
             ]
         )
@@ -383,22 +422,28 @@ def _parse_blocks(numbered: list[tuple[int, str]], count: int) -> list[_Block]:
 
 
 def _parse_key_line(number: int, text: str) -> _Block:
-    """`key root <keyid> <keytype> <scheme> [as <name>]`."""
+    """`key root <keyid> <keytype> <scheme> [for ci|prod|both] [as <name>]`."""
     parts = text.split()
-    usage = "expected 'key root KEYID KEYTYPE SCHEME [as NAME]'"
-    if len(parts) not in (5, 7) or parts[0] != "key" or (len(parts) == 7 and parts[5] != "as"):
+    usage = "expected 'key root KEYID KEYTYPE SCHEME for CHANNEL as NAME'"
+    if len(parts) < 5 or parts[0] != "key":
         raise BackupError([f"line {number}: {usage}, found {text!r}"])
     _, role, keyid, keytype, scheme = parts[:5]
+    options = dict(zip(parts[5::2], parts[6::2], strict=False))
+    if len(parts) % 2 == 0 or set(options) - {"for", "as"} or len(options) * 2 != len(parts) - 5:
+        raise BackupError([f"line {number}: {usage}, found {text!r}"])
     if role != ROOT:
         raise BackupError([f"line {number}: only root keys are backed up, not {role!r} keys"])
     if not _KEYID.fullmatch(keyid):
         raise BackupError([f"line {number}: {keyid!r} is not a key id (64 characters 0-9/a-f)"])
-    name = parts[6] if len(parts) == 7 else _default_name(keyid)
+    half = options.get("for", BOTH)
+    if half not in _FOR:
+        raise BackupError([f"line {number}: 'for {half}': the channel is ci, prod or both"])
+    name = options.get("as", _default_name(keyid))
     if not _KEY_NAME.fullmatch(name):
         raise BackupError(
             [f"line {number}: {name!r} is not a root key name ({FIRST_ROOT_KEY_NAME} or root-...)"]
         )
-    return _Block(number, keyid, keytype, scheme, name)
+    return _Block(number, keyid, keytype, scheme, name, half)
 
 
 def _rebuild_key(block: _Block) -> KeyPair:

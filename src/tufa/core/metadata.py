@@ -1,13 +1,13 @@
 """Building and signing the TUF metadata of a factory's two channels.
 
 Everything here is python-tuf's Metadata API; this module only fixes tufa's choices:
-which keys sit in which role, how the production root differs from the CI root, and
-how metadata is serialised for serving (compact, canonical ordering of keys).
+which keys sit in which role, what the two channels' roots share (only the owner's
+offline targets keys: ADR 0009), and how metadata is serialised for serving (compact,
+canonical ordering of keys).
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -18,7 +18,6 @@ from securesystemslib.signer import Key, Signer
 from tuf.api.metadata import (
     Metadata,
     MetaFile,
-    Role,
     Root,
     Snapshot,
     TargetFile,
@@ -87,42 +86,37 @@ def build_root(
     return root
 
 
-def prod_root_from_ci(ci_root: Root, targets_threshold: int) -> Root:
-    """The production root: the CI root with a higher targets threshold, nothing else.
-
-    Keeping both roots identical but for this one number is what lets one set of root
-    keys, and one root version sequence, govern both channels.
-    """
-    if targets_threshold < MIN_PROD_TARGETS_THRESHOLD:
-        raise ValueError(
-            f"production targets threshold must be at least {MIN_PROD_TARGETS_THRESHOLD}"
-        )
-    prod = copy.deepcopy(ci_root)
-    prod.roles[TARGETS] = Role(list(ci_root.roles[TARGETS].keyids), targets_threshold)
-    return prod
-
-
 def build_targets(version: int, expires: datetime, targets: Mapping[str, TargetFile]) -> Targets:
     return Targets(version=version, expires=expires, targets=dict(targets))
 
 
-def build_snapshot(version: int, expires: datetime, targets_version: int) -> Snapshot:
-    # Only the version is listed: hashes of targets.json would add nothing that the
-    # version and the targets role's own signatures do not already give the client.
+def build_snapshot(
+    version: int, expires: datetime, targets_bytes: bytes, targets_version: int
+) -> Snapshot:
+    """A snapshot that pins targets.json by length and hash, not by version alone.
+
+    Both channels' roots trust the owner's offline targets keys, so the production
+    channel's targets of some version verify against the CI root too; the hash is what
+    makes a CI client refuse them (and targets that a stolen offline key signed alone).
+    """
     return Snapshot(
-        version=version, expires=expires, meta={f"{TARGETS}.json": MetaFile(targets_version)}
+        version=version,
+        expires=expires,
+        meta={f"{TARGETS}.json": file_meta(targets_bytes, targets_version)},
     )
+
+
+def file_meta(data: bytes, version: int) -> MetaFile:
+    """How a timestamp names a snapshot, and a snapshot names targets: version, length, hash."""
+    return MetaFile(version=version, length=len(data), hashes={"sha256": sha256(data).hexdigest()})
 
 
 def build_timestamp(
     version: int, expires: datetime, snapshot_bytes: bytes, snapshot_version: int
 ) -> Timestamp:
-    meta = MetaFile(
-        version=snapshot_version,
-        length=len(snapshot_bytes),
-        hashes={"sha256": sha256(snapshot_bytes).hexdigest()},
+    return Timestamp(
+        version=version, expires=expires, snapshot_meta=file_meta(snapshot_bytes, snapshot_version)
     )
-    return Timestamp(version=version, expires=expires, snapshot_meta=meta)
 
 
 def sign(signed: AnySigned, signers: Iterable[Signer]) -> Metadata[AnySigned]:

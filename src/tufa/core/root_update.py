@@ -9,13 +9,13 @@ roots list are counted.
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from securesystemslib.signer import Signature
+from securesystemslib.signer import Key, Signature
 from tuf.api.metadata import Metadata, Root, Targets
 
 from tufa.core.keys import computed_keyid
@@ -39,71 +39,112 @@ class RootUpdateError(ValueError):
     """A staged root breaks a rule; the message names the rule."""
 
 
-def _without_targets_threshold(root: Root) -> dict[str, Any]:
-    data = copy.deepcopy(root.to_dict())
-    data["roles"][TARGETS].pop("threshold")
-    return data
+# The CI half's key id -> the production half's key id, for every root key of the owner.
+RootKeyPairs = dict[str, str]
+
+# What a factory created before the channels were separated must do once (ADR 0009).
+SEPARATE_CHANNELS_FIX = (
+    "run `tufa keys rotate-root ARCHIVE` (or, in an open update, `tufa keys updates "
+    "rotate-offline-key -r root -k ARCHIVE`): the new root key has one half per channel"
+)
+
+
+def shared_keys_warning(count: int) -> str:
+    return (
+        f"the CI and production channels still share {count} key(s) (this factory was "
+        "created before tufa separated its channels): anyone in the middle could serve "
+        f"production devices the CI channel's files. To separate them, {SEPARATE_CHANNELS_FIX}"
+    )
+
+
+def _material(key: Key) -> str:
+    return json.dumps(key.keyval, sort_keys=True)
+
+
+def offline_targets_keyids(root: Root, online_targets_keyid: str) -> set[str]:
+    return set(root.roles[TARGETS].keyids) - {online_targets_keyid}
+
+
+def shared_keyids(ci: Root, prod: Root, online: Mapping[Channel, Mapping[str, str]]) -> list[str]:
+    """Keys both channels' roots list other than the owner's offline targets keys: each
+    one lets a file of one channel verify for a client of the other."""
+    allowed = offline_targets_keyids(ci, online[Channel.CI][TARGETS]) & offline_targets_keyids(
+        prod, online[Channel.PROD][TARGETS]
+    )
+    prod_materials = {_material(k) for keyid, k in prod.keys.items() if keyid not in allowed}
+    return sorted(
+        keyid
+        for keyid, key in ci.keys.items()
+        if keyid not in allowed and _material(key) in prod_materials
+    )
+
+
+def _check_channel(
+    new: Root, old: Root, where: str, online_keyids: Mapping[str, str], now: datetime
+) -> None:
+    if new.version != old.version + 1:
+        raise RootUpdateError(
+            f"{where}: version must be {old.version + 1} (current + 1), not {new.version}"
+        )
+    if not new.consistent_snapshot:
+        raise RootUpdateError(f"{where}: consistent_snapshot must stay on")
+    if new.expires <= now:
+        raise RootUpdateError(f"{where}: expires in the past ({new.expires.isoformat()})")
+    for role_name, role in new.roles.items():
+        if not 1 <= role.threshold <= len(role.keyids):
+            raise RootUpdateError(
+                f"{where}: {role_name} threshold {role.threshold} cannot be met by its "
+                f"{len(role.keyids)} key(s)"
+            )
+    seen: dict[str, str] = {}
+    for keyid, key in new.keys.items():
+        # A key listed twice under two ids would let one private key count twice
+        # towards a threshold, as python-tuf counts signatures by key id.
+        if keyid != computed_keyid(key):
+            raise RootUpdateError(
+                f"{where}: key id {keyid} is not the id TUF computes for its key "
+                f"({computed_keyid(key)})"
+            )
+        material = _material(key)
+        if material in seen:
+            raise RootUpdateError(f"{where}: keys {seen[material]} and {keyid} are one key")
+        seen[material] = keyid
+        if (key.keytype, key.scheme) not in SUPPORTED_SCHEMES:
+            raise RootUpdateError(
+                f"{where}: key {keyid} is {key.keytype}/{key.scheme}; supported are "
+                "ed25519, ecdsa-sha2-nistp256 and rsassa-pss-sha256"
+            )
+    for role_name in (SNAPSHOT, TIMESTAMP):
+        if new.roles[role_name].keyids != [online_keyids[role_name]]:
+            raise RootUpdateError(
+                f"{where}: the {role_name} role must list exactly the server's online "
+                f"{role_name} key {online_keyids[role_name]}"
+            )
+    if online_keyids[TARGETS] not in new.roles[TARGETS].keyids:
+        raise RootUpdateError(
+            f"{where}: the online targets key {online_keyids[TARGETS]} may not be removed"
+        )
+    if set(online_keyids.values()) & set(new.roles[ROOT].keyids):
+        raise RootUpdateError(f"{where}: an online key cannot be a root key")
 
 
 def check_staged_roots(
     current: Mapping[Channel, Root],
     staged: Mapping[Channel, Root],
-    online_keyids: Mapping[str, str],
+    online_keyids: Mapping[Channel, Mapping[str, str]],
+    pairs: Mapping[str, str],
     now: datetime,
 ) -> None:
     """Raise RootUpdateError unless the staged CI and production roots obey tufa's rules.
 
-    `online_keyids` maps targets/snapshot/timestamp to the server's online key ids that
-    will be in force after the update.
+    `online_keyids` maps each channel's targets/snapshot/timestamp to the server's online
+    key ids that will be in force after the update; `pairs` maps the CI half of each
+    owner root key to its production half.
     """
     for channel in Channel:
-        new, old = staged[channel], current[channel]
-        where = f"{channel.value} root"
-        if new.version != old.version + 1:
-            raise RootUpdateError(
-                f"{where}: version must be {old.version + 1} (current + 1), not {new.version}"
-            )
-        if not new.consistent_snapshot:
-            raise RootUpdateError(f"{where}: consistent_snapshot must stay on")
-        if new.expires <= now:
-            raise RootUpdateError(f"{where}: expires in the past ({new.expires.isoformat()})")
-        for role_name, role in new.roles.items():
-            if not 1 <= role.threshold <= len(role.keyids):
-                raise RootUpdateError(
-                    f"{where}: {role_name} threshold {role.threshold} cannot be met by its "
-                    f"{len(role.keyids)} key(s)"
-                )
-        seen: dict[str, str] = {}
-        for keyid, key in new.keys.items():
-            # A key listed twice under two ids would let one private key count twice
-            # towards a threshold, as python-tuf counts signatures by key id.
-            if keyid != computed_keyid(key):
-                raise RootUpdateError(
-                    f"{where}: key id {keyid} is not the id TUF computes for its key "
-                    f"({computed_keyid(key)})"
-                )
-            material = json.dumps(key.keyval, sort_keys=True)
-            if material in seen:
-                raise RootUpdateError(f"{where}: keys {seen[material]} and {keyid} are one key")
-            seen[material] = keyid
-            if (key.keytype, key.scheme) not in SUPPORTED_SCHEMES:
-                raise RootUpdateError(
-                    f"{where}: key {keyid} is {key.keytype}/{key.scheme}; supported are "
-                    "ed25519, ecdsa-sha2-nistp256 and rsassa-pss-sha256"
-                )
-        for role_name in (SNAPSHOT, TIMESTAMP):
-            if new.roles[role_name].keyids != [online_keyids[role_name]]:
-                raise RootUpdateError(
-                    f"{where}: the {role_name} role must list exactly the server's online "
-                    f"{role_name} key {online_keyids[role_name]}"
-                )
-        if online_keyids[TARGETS] not in new.roles[TARGETS].keyids:
-            raise RootUpdateError(
-                f"{where}: the online targets key {online_keyids[TARGETS]} may not be removed"
-            )
-        online = set(online_keyids.values())
-        if online & set(new.roles[ROOT].keyids):
-            raise RootUpdateError(f"{where}: an online key cannot be a root key")
+        _check_channel(
+            staged[channel], current[channel], f"{channel.value} root", online_keyids[channel], now
+        )
     ci, prod = staged[Channel.CI], staged[Channel.PROD]
     if ci.roles[TARGETS].threshold != 1:
         raise RootUpdateError("ci root: the targets threshold must be 1 (the online key alone)")
@@ -112,10 +153,121 @@ def check_staged_roots(
             "prod root: the targets threshold must be at least "
             f"{MIN_PROD_TARGETS_THRESHOLD} (the online key and an offline key)"
         )
-    if _without_targets_threshold(ci) != _without_targets_threshold(prod):
+    if (ci.version, ci.expires) != (prod.version, prod.expires):
         raise RootUpdateError(
-            "the production root may differ from the CI root only in the targets threshold"
+            "the CI and production roots must have the same version and expiry: one owner "
+            "governs both channels"
         )
+    if ci.roles[ROOT].threshold != prod.roles[ROOT].threshold:
+        raise RootUpdateError(
+            "the CI and production roots must have the same root threshold (each root key "
+            "has a half in each)"
+        )
+    ci_offline = offline_targets_keyids(ci, online_keyids[Channel.CI][TARGETS])
+    if ci_offline != offline_targets_keyids(prod, online_keyids[Channel.PROD][TARGETS]):
+        raise RootUpdateError("the CI and production roots must list the same offline targets keys")
+    ci_root_keys, prod_root_keys = set(ci.roles[ROOT].keyids), set(prod.roles[ROOT].keyids)
+    if set(pairs) != ci_root_keys or sorted(pairs.values()) != sorted(prod_root_keys):
+        raise RootUpdateError(
+            "every root key must be a pair: its CI half in the CI root, its production half "
+            "in the production root (the staged root key pairs do not match the roots)"
+        )
+    shared = shared_keyids(ci, prod, online_keyids)
+    if shared:
+        if shared[0] in ci_root_keys:
+            fix = (
+                "this factory was created before tufa separated its channels: "
+                + SEPARATE_CHANNELS_FIX
+            )
+        else:
+            fix = "each channel needs online keys of its own"
+        raise RootUpdateError(
+            f"the CI and production roots share key {shared[0]}, so a file of one channel "
+            f"would verify for devices of the other; {fix}"
+        )
+
+
+@dataclass
+class StagedRoots:
+    """Both staged roots and the owner's root key pairs, edited as one.
+
+    An owner's root key is added, removed or replaced in both channels at once: its CI
+    half in the CI root, its production half in the production root. Offline targets
+    keys go into both roots; thresholds are the owner's, except CI's targets threshold,
+    which stays 1 (the online key alone).
+    """
+
+    roots: dict[Channel, Root]
+    pairs: RootKeyPairs
+
+    def add_root_key(self, ci: Key, prod: Key) -> None:
+        self.roots[Channel.CI].add_key(ci, ROOT)
+        self.roots[Channel.PROD].add_key(prod, ROOT)
+        self.pairs[ci.keyid] = prod.keyid
+
+    def root_key_pair(self, keyid: str) -> tuple[str, str]:
+        """The (CI, production) key ids of the root key `keyid` is a half of."""
+        for ci, prod in self.pairs.items():
+            if keyid in (ci, prod):
+                return ci, prod
+        raise RootUpdateError(f"{keyid} is not a root key of the staged roots")
+
+    def remove_root_key(self, keyid: str) -> None:
+        ci, prod = self.root_key_pair(keyid)
+        self.roots[Channel.CI].revoke_key(ci, ROOT)
+        self.roots[Channel.PROD].revoke_key(prod, ROOT)
+        del self.pairs[ci]
+
+    def add_targets_key(self, key: Key) -> None:
+        for root in self.roots.values():
+            root.add_key(key, TARGETS)
+
+    def remove_targets_key(self, keyid: str) -> None:
+        for root in self.roots.values():
+            root.revoke_key(keyid, TARGETS)
+
+    def set_threshold(self, role: str, threshold: int) -> None:
+        if role == ROOT:
+            for root in self.roots.values():
+                root.roles[ROOT].threshold = threshold
+        else:
+            self.roots[Channel.PROD].roles[role].threshold = threshold
+
+    def set_expiry(self, expires: datetime) -> None:
+        for root in self.roots.values():
+            root.expires = expires
+
+    def replace_online_key(self, channel: Channel, role: str, old: str, new: Key) -> None:
+        root = self.roots[channel]
+        root.revoke_key(old, role)
+        root.add_key(new, role)
+
+    def check(
+        self,
+        current: Mapping[Channel, Root],
+        online_keyids: Mapping[Channel, Mapping[str, str]],
+        now: datetime,
+    ) -> None:
+        check_staged_roots(current, self.roots, online_keyids, self.pairs, now)
+
+
+def pairs_to_json(pairs: Mapping[str, str]) -> list[dict[str, str]]:
+    return [{"ci": ci, "prod": prod} for ci, prod in sorted(pairs.items())]
+
+
+def pairs_from_json(data: Any) -> RootKeyPairs:
+    """Root key pairs as the API carries them: [{"ci": KEYID, "prod": KEYID}, ...]."""
+    if not isinstance(data, list) or not all(
+        isinstance(p, dict)
+        and set(p) == {"ci", "prod"}
+        and all(isinstance(v, str) and len(v) <= 128 for v in p.values())
+        for p in data
+    ):
+        raise ValueError('root key pairs must be a list of {"ci": KEYID, "prod": KEYID}')
+    pairs = {p["ci"]: p["prod"] for p in data}
+    if len(pairs) != len(data):
+        raise ValueError("a root key is listed twice in the root key pairs")
+    return pairs
 
 
 def root_signing_status(current: Root, staged: Metadata[Root]) -> tuple[bool, dict[str, Any]]:

@@ -112,11 +112,14 @@ metadata_files = Table(
     Column("created_at", UTCDateTime, nullable=False),
 )
 
+# Every channel has online keys of its own (ADR 0009): a file one channel's online key
+# signed never verifies for a client of the other channel.
 online_keys = Table(
     "online_keys",
     schema,
     Column("id", Integer, primary_key=True),
     Column("factory_id", Integer, ForeignKey("factories.id"), nullable=False, index=True),
+    Column("channel", String(8), nullable=False),
     Column("role", String(16), nullable=False),
     Column("keyid", String(128), nullable=False),
     Column("public", Text, nullable=False),
@@ -178,8 +181,20 @@ device_group_members = Table(
     Column("device_id", String(36), ForeignKey("devices.id"), primary_key=True),
 )
 
+# The owner's root keys: each is a pair of keys, its CI half listed by the CI root and
+# its production half by the production root (ADR 0009). Factories created before the
+# channels were separated have pairs whose halves are the same key.
+root_key_pairs = Table(
+    "root_key_pairs",
+    schema,
+    Column("factory_id", Integer, ForeignKey("factories.id"), primary_key=True),
+    Column("ci_keyid", String(128), primary_key=True),
+    Column("prod_keyid", String(128), nullable=False),
+)
+
 # The one open root update of a factory: the staged roots of both channels (signed
-# metadata JSON, collecting signatures) and any re-signed production targets per view.
+# metadata JSON, collecting signatures), the staged root key pairs (JSON), and any
+# re-signed production targets per view.
 root_updates = Table(
     "root_updates",
     schema,
@@ -189,6 +204,7 @@ root_updates = Table(
     Column("ci_root", LargeBinary, nullable=False),
     Column("prod_root", LargeBinary, nullable=False),
     Column("prod_targets", Text, nullable=False, default="{}"),
+    Column("root_key_pairs", Text, nullable=False, default="[]", server_default="[]"),
 )
 
 # The offline keys archive waits here, encrypted, until its owner confirms the download.

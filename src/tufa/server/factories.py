@@ -1,9 +1,13 @@
 """Creating a factory: its online keys, first root key, and both channels at version 1.
 
-The first root key and a first offline targets key are generated here, sign the
-version-1 roots and production targets, go into the offline keys archive, and are
-then dropped: the server keeps the archive (encrypted) only until its owner has
-downloaded it, and never keeps a root private key anywhere else.
+The first root key (a pair: one key per channel) and a first offline targets key are
+generated here, sign the version-1 roots and production targets, go into the offline
+keys archive, and are then dropped: the server keeps the archive (encrypted) only until
+its owner has downloaded it, and never keeps a root private key anywhere else.
+
+The two channels share no key but the offline targets key (ADR 0009): each has its own
+online keys and its own half of every root key, so no file of one channel verifies for
+a client of the other.
 """
 
 from __future__ import annotations
@@ -14,11 +18,11 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, insert, select
 from sqlalchemy.exc import IntegrityError
 
-from tufa.core.archive import FIRST_ROOT_KEY_NAME, ArchiveKey, OfflineArchive
+from tufa.core.archive import FIRST_ROOT_KEY_NAME, ArchiveKey, OfflineArchive, generate_root_key
 from tufa.core.keys import KeyPair
 from tufa.core.metadata import (
     MIN_PROD_TARGETS_THRESHOLD,
-    ROOT,
+    ONLINE_ROLES,
     SNAPSHOT,
     TARGETS,
     TIMESTAMP,
@@ -26,12 +30,11 @@ from tufa.core.metadata import (
     build_root,
     build_targets,
     expiry,
-    prod_root_from_ci,
     sign,
     to_bytes,
 )
 from tufa.server.auth import Scope
-from tufa.server.db import channels, factories, key_archives
+from tufa.server.db import channels, factories, key_archives, root_key_pairs
 from tufa.server.errors import conflict
 from tufa.server.state import ServerState
 from tufa.server.tokens import create_token
@@ -41,7 +44,8 @@ from tufa.server.tokens import create_token
 class CreatedFactory:
     name: str
     admin_token: str
-    root_keyid: str
+    # The first root key's halves, per channel.
+    root_keyids: dict[Channel, str]
 
 
 def archive_purpose(factory_id: int) -> str:
@@ -52,29 +56,31 @@ def create_factory(state: ServerState, name: str) -> CreatedFactory:
     settings, repo = state.settings, state.repo
     now = settings.clock.now()
     online = {
-        role: KeyPair.generate(settings.online_key_type) for role in (TARGETS, SNAPSHOT, TIMESTAMP)
+        channel: {role: KeyPair.generate(settings.online_key_type) for role in ONLINE_ROLES}
+        for channel in Channel
     }
-    first_root = KeyPair.generate()
+    first_root = generate_root_key(name=FIRST_ROOT_KEY_NAME)
     offline_targets = KeyPair.generate()
-    ci_root = build_root(
-        version=1,
-        expires=expiry(now, settings.root_expiry),
-        root_keys=[first_root.public],
-        root_threshold=1,
-        targets_keys=[online[TARGETS].public, offline_targets.public],
-        targets_threshold=1,
-        snapshot_key=online[SNAPSHOT].public,
-        timestamp_key=online[TIMESTAMP].public,
-    )
+    targets_threshold = {Channel.CI: 1, Channel.PROD: MIN_PROD_TARGETS_THRESHOLD}
     roots = {
-        Channel.CI: sign(ci_root, [first_root.signer()]),
-        Channel.PROD: sign(
-            prod_root_from_ci(ci_root, MIN_PROD_TARGETS_THRESHOLD), [first_root.signer()]
-        ),
+        channel: sign(
+            build_root(
+                version=1,
+                expires=expiry(now, settings.root_expiry),
+                root_keys=[first_root.half(channel).public],
+                root_threshold=1,
+                targets_keys=[online[channel][TARGETS].public, offline_targets.public],
+                targets_threshold=targets_threshold[channel],
+                snapshot_key=online[channel][SNAPSHOT].public,
+                timestamp_key=online[channel][TIMESTAMP].public,
+            ),
+            [first_root.half(channel).signer()],
+        )
+        for channel in Channel
     }
     targets_signers = {
-        Channel.CI: [online[TARGETS].signer()],
-        Channel.PROD: [online[TARGETS].signer(), offline_targets.signer()],
+        Channel.CI: [online[Channel.CI][TARGETS].signer()],
+        Channel.PROD: [online[Channel.PROD][TARGETS].signer(), offline_targets.signer()],
     }
     targets_expiry = {
         Channel.CI: settings.ci_targets_expiry,
@@ -83,8 +89,8 @@ def create_factory(state: ServerState, name: str) -> CreatedFactory:
     archive = OfflineArchive(
         factory=name,
         keys=[
-            ArchiveKey(ROOT, FIRST_ROOT_KEY_NAME, first_root),
-            ArchiveKey(TARGETS, f"{TARGETS}-{offline_targets.keyid}", offline_targets),
+            first_root,
+            ArchiveKey.shared(TARGETS, f"{TARGETS}-{offline_targets.keyid}", offline_targets),
         ],
         roots={channel: to_bytes(md) for channel, md in roots.items()},
     ).to_bytes()
@@ -92,9 +98,16 @@ def create_factory(state: ServerState, name: str) -> CreatedFactory:
     try:
         with state.db.write() as conn:
             factory_id = _insert_factory(conn, name, now)
-            for role, pair in online.items():
-                repo.store_online_key(conn, factory_id, role, pair)
+            conn.execute(
+                insert(root_key_pairs).values(
+                    factory_id=factory_id,
+                    ci_keyid=first_root.ci.keyid,
+                    prod_keyid=first_root.prod.keyid,
+                )
+            )
             for channel in Channel:
+                for role, pair in online[channel].items():
+                    repo.store_online_key(conn, factory_id, channel, role, pair)
                 conn.execute(
                     insert(channels).values(
                         factory_id=factory_id,
@@ -127,7 +140,11 @@ def create_factory(state: ServerState, name: str) -> CreatedFactory:
             )
     except IntegrityError as e:
         raise conflict(f"a factory named {name!r} already exists") from e
-    return CreatedFactory(name=name, admin_token=admin_token.secret, root_keyid=first_root.keyid)
+    return CreatedFactory(
+        name=name,
+        admin_token=admin_token.secret,
+        root_keyids={channel: first_root.half(channel).keyid for channel in Channel},
+    )
 
 
 def _insert_factory(conn: Connection, name: str, now: object) -> int:

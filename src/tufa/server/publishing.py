@@ -234,7 +234,7 @@ class CiPublisher:
         version = self.repo.bump(conn, factory_id, Channel.CI, TARGETS)[TARGETS]
         signed = sign(
             build_targets(version, expiry(now, self.state.settings.ci_targets_expiry), listed),
-            [self.repo.online_signer(conn, factory_id, TARGETS)],
+            [self.repo.online_signer(conn, factory_id, Channel.CI, TARGETS)],
         )
         self.repo.store(conn, factory_id, Channel.CI, signed)
         self.repo.publish_snapshot_and_timestamp(conn, factory_id, Channel.CI, version, now)

@@ -18,7 +18,7 @@ from typing import Any
 
 from securesystemslib.signer import Signer
 from sqlalchemy import Connection, bindparam, insert, select, update
-from tuf.api.metadata import Metadata, Targets
+from tuf.api.metadata import Metadata, Root, Targets
 
 from tufa.core.keys import KeyPair, key_from_json, key_to_json
 from tufa.core.metadata import (
@@ -107,6 +107,9 @@ def _in_force(factory_id: int) -> tuple[Any, ...]:
     )
 
 
+OnlineKeyids = dict[Channel, dict[str, str]]
+
+
 class Repository:
     def __init__(self, db: Database, master_key: MasterKey, settings: Settings) -> None:
         self.db = db
@@ -117,11 +120,18 @@ class Repository:
     # -- online keys ------------------------------------------------------------------
 
     def store_online_key(
-        self, conn: Connection, factory_id: int, role: str, pair: KeyPair, pending: bool = False
+        self,
+        conn: Connection,
+        factory_id: int,
+        channel: Channel,
+        role: str,
+        pair: KeyPair,
+        pending: bool = False,
     ) -> None:
         conn.execute(
             insert(online_keys).values(
                 factory_id=factory_id,
+                channel=channel.value,
                 role=role,
                 keyid=pair.keyid,
                 public=key_to_json(pair.public).decode(),
@@ -133,25 +143,35 @@ class Repository:
             )
         )
 
-    def online_signer(self, conn: Connection, factory_id: int, role: str) -> Signer:
-        """The signer of the online key in force for `role` (pending keys sign nothing)."""
+    def online_signer(
+        self, conn: Connection, factory_id: int, channel: Channel, role: str
+    ) -> Signer:
+        """The signer of `channel`'s online key in force for `role` (pending keys sign
+        nothing)."""
         row = conn.execute(
             select(online_keys)
-            .where(*_in_force(factory_id), online_keys.c.role == role)
+            .where(
+                *_in_force(factory_id),
+                online_keys.c.channel == channel.value,
+                online_keys.c.role == role,
+            )
             .order_by(online_keys.c.id.desc())
             .limit(1)
         ).one()
         private = self.master_key.decrypt(row.private_encrypted, f"online-key:{row.keyid}")
         return KeyPair.from_pem(private, key_from_json(row.public.encode())).signer()
 
-    def online_keyids(self, conn: Connection, factory_id: int) -> dict[str, str]:
-        """Role -> key id of the online keys in force."""
+    def online_keyids(self, conn: Connection, factory_id: int) -> OnlineKeyids:
+        """Channel -> role -> key id of the online keys in force."""
         rows = conn.execute(
-            select(online_keys.c.role, online_keys.c.keyid)
+            select(online_keys.c.channel, online_keys.c.role, online_keys.c.keyid)
             .where(*_in_force(factory_id))
             .order_by(online_keys.c.id)
         ).all()
-        return dict(rows)
+        found: OnlineKeyids = {channel: {} for channel in Channel}
+        for channel, role, keyid in rows:
+            found[Channel(channel)][role] = keyid
+        return found
 
     # -- storing and reading metadata ---------------------------------------------------
 
@@ -214,6 +234,11 @@ class Repository:
             self._cache.put(key, found)
         return found
 
+    def current_root(self, conn: Connection, factory_id: int, channel: Channel) -> Metadata[Root]:
+        stored = self.read_file(conn, factory_id, channel.value, ROOT, None)
+        assert stored is not None, f"factory {factory_id} has no {channel} root"
+        return Metadata[Root].from_bytes(stored.body)
+
     # -- publishing -----------------------------------------------------------------
 
     def publish_snapshot_and_timestamp(
@@ -235,9 +260,10 @@ class Repository:
             build_snapshot(
                 counters[SNAPSHOT],
                 expiry(now, self.settings.snapshot_expiry),
+                self._stored_body(conn, factory_id, channel, TARGETS, targets_version),
                 targets_version,
             ),
-            [self.online_signer(conn, factory_id, SNAPSHOT)],
+            [self.online_signer(conn, factory_id, channel, SNAPSHOT)],
         )
         snapshot_bytes = self.store(conn, factory_id, channel, snapshot, view)
         timestamp = sign(
@@ -247,9 +273,19 @@ class Repository:
                 snapshot_bytes,
                 counters[SNAPSHOT],
             ),
-            [self.online_signer(conn, factory_id, TIMESTAMP)],
+            [self.online_signer(conn, factory_id, channel, TIMESTAMP)],
         )
         self.store(conn, factory_id, channel, timestamp, view)
+
+    def _stored_body(
+        self, conn: Connection, factory_id: int, channel: Channel, role: str, version: int
+    ) -> bytes:
+        """A file's bytes as stored in this transaction, bypassing the cache: a publish
+        that is rolled back must never leave its files in the cache."""
+        params = {"factory_id": factory_id, "channel": channel.value, "role": role}
+        row = conn.execute(_FILE_BY_VERSION, {**params, "version": version}).one()
+        body: bytes = row.body
+        return body
 
     def bump(
         self, conn: Connection, factory_id: int, channel: Channel, *roles: str
@@ -355,7 +391,7 @@ class Repository:
         version = self.bump(conn, factory_id, Channel.CI, TARGETS)[TARGETS]
         resigned = sign(
             build_targets(version, expiry(now, self.settings.ci_targets_expiry), current.targets),
-            [self.online_signer(conn, factory_id, TARGETS)],
+            [self.online_signer(conn, factory_id, Channel.CI, TARGETS)],
         )
         self.store(conn, factory_id, Channel.CI, resigned)
         return version
@@ -377,6 +413,6 @@ class Repository:
                 snapshot.body,
                 snapshot.version,
             ),
-            [self.online_signer(conn, factory_id, TIMESTAMP)],
+            [self.online_signer(conn, factory_id, channel, TIMESTAMP)],
         )
         self.store(conn, factory_id, channel, timestamp, view)

@@ -2,9 +2,16 @@
 
 The owner's offline keys never reach the server: the CLI edits the staged roots and
 signs them locally. The server checks each step against the rules in
-`tufa.core.root_update` and applies an update atomically: both roots, re-signed
-production targets, promoted online keys, and fresh CI targets, snapshots and
-timestamps change in one transaction, or nothing does.
+`tufa.core.root_update` and applies an update atomically: both roots, the owner's root
+key pairs, re-signed production targets, promoted online keys, and fresh CI targets,
+snapshots and timestamps change in one transaction, or nothing does.
+
+A factory created before the channels were separated (ADR 0009) has online keys both
+channels share. Its next update gives them keys of their own: `init` stages new online
+keys for CI (targets, snapshot, timestamp) and for production (snapshot, timestamp;
+production keeps its online targets key, so its offline-signed targets stay valid).
+The owner's edits must also give each channel its own half of every root key, which
+`rotate-root` does.
 """
 
 from __future__ import annotations
@@ -23,18 +30,25 @@ from tufa.core.keys import KeyPair
 from tufa.core.metadata import (
     ONLINE_ROLES,
     ROOT,
+    SNAPSHOT,
     TARGETS,
+    TIMESTAMP,
     Channel,
     to_bytes,
 )
 from tufa.core.root_update import (
+    RootKeyPairs,
     RootUpdateError,
+    StagedRoots,
     check_staged_roots,
+    pairs_from_json,
+    pairs_to_json,
     prod_targets_signing_status,
     root_signing_status,
 )
-from tufa.server.db import channels, online_keys, root_updates
+from tufa.server.db import channels, online_keys, root_key_pairs, root_updates
 from tufa.server.errors import ApiError, bad_request, conflict, not_found
+from tufa.server.repository import OnlineKeyids
 from tufa.server.signatures import verify_signature
 from tufa.server.state import ServerState
 from tufa.server.waves import Waves
@@ -58,20 +72,43 @@ def _staged_roots(row: Any) -> dict[Channel, Metadata[Root]]:
     return {Channel.CI: _load_root(row.ci_root), Channel.PROD: _load_root(row.prod_root)}
 
 
+def _staged_pairs(row: Any) -> RootKeyPairs:
+    return pairs_from_json(json.loads(row.root_key_pairs))
+
+
 def _save_staged(
     conn: Connection,
     factory_id: int,
     roots: Mapping[Channel, Metadata[Root]],
     prod_targets: dict[str, Any] | None = None,
+    pairs: RootKeyPairs | None = None,
 ) -> None:
-    """Store the staged roots (and re-signed production targets, when given)."""
+    """Store the staged roots (and re-signed production targets and root key pairs,
+    when given)."""
     values: dict[str, Any] = {
         "ci_root": to_bytes(roots[Channel.CI]),
         "prod_root": to_bytes(roots[Channel.PROD]),
     }
     if prod_targets is not None:
         values["prod_targets"] = json.dumps(prod_targets)
+    if pairs is not None:
+        values["root_key_pairs"] = json.dumps(pairs_to_json(pairs))
     conn.execute(update(root_updates).where(root_updates.c.factory_id == factory_id).values(values))
+
+
+def shares_online_keys(online: OnlineKeyids) -> bool:
+    """Whether the channels still sign with the same online keys (factories created
+    before ADR 0009, until their next root update)."""
+    return bool(set(online[Channel.CI].values()) & set(online[Channel.PROD].values()))
+
+
+def current_root_key_pairs(conn: Connection, factory_id: int) -> RootKeyPairs:
+    rows = conn.execute(
+        select(root_key_pairs.c.ci_keyid, root_key_pairs.c.prod_keyid).where(
+            root_key_pairs.c.factory_id == factory_id
+        )
+    ).all()
+    return dict(rows)
 
 
 class RootUpdates:
@@ -82,12 +119,7 @@ class RootUpdates:
     # -- reading ---------------------------------------------------------------------
 
     def _current_roots(self, conn: Connection, factory_id: int) -> dict[Channel, Metadata[Root]]:
-        found = {}
-        for channel in Channel:
-            stored = self.repo.read_file(conn, factory_id, channel.value, ROOT, None)
-            assert stored is not None
-            found[channel] = _load_root(stored.body)
-        return found
+        return {channel: self.repo.current_root(conn, factory_id, channel) for channel in Channel}
 
     def _current_prod_targets(self, conn: Connection, factory_id: int) -> dict[str, bytes]:
         """The production targets of every view that serves devices (default, tags, waves)."""
@@ -106,21 +138,23 @@ class RootUpdates:
             raise _no_update()
         return row
 
-    def _pending_keyids(self, conn: Connection, factory_id: int) -> dict[str, str]:
+    def _pending_keyids(self, conn: Connection, factory_id: int) -> OnlineKeyids:
         rows = conn.execute(
-            select(online_keys.c.role, online_keys.c.keyid).where(
+            select(online_keys.c.channel, online_keys.c.role, online_keys.c.keyid).where(
                 online_keys.c.factory_id == factory_id,
                 online_keys.c.pending.is_(True),
                 online_keys.c.retired_at.is_(None),
             )
         ).all()
-        return dict(rows)
+        found: OnlineKeyids = {channel: {} for channel in Channel}
+        for channel, role, keyid in rows:
+            found[Channel(channel)][role] = keyid
+        return found
 
-    def _keyids_after(self, conn: Connection, factory_id: int) -> dict[str, str]:
-        return {
-            **self.repo.online_keyids(conn, factory_id),
-            **self._pending_keyids(conn, factory_id),
-        }
+    def _keyids_after(self, conn: Connection, factory_id: int) -> OnlineKeyids:
+        in_force = self.repo.online_keyids(conn, factory_id)
+        pending = self._pending_keyids(conn, factory_id)
+        return {channel: {**in_force[channel], **pending[channel]} for channel in Channel}
 
     def _next_prod_targets_versions(self, conn: Connection, factory_id: int) -> dict[str, int]:
         """The version each view's re-signed production targets must take: the next
@@ -148,7 +182,9 @@ class RootUpdates:
         for channel in Channel:
             _, status[channel.value] = root_signing_status(current[channel].signed, staged[channel])
         status["prod_targets"] = {
-            view: prod_targets_signing_status(staged[Channel.PROD].signed, md, after[TARGETS])[1]
+            view: prod_targets_signing_status(
+                staged[Channel.PROD].signed, md, after[Channel.PROD][TARGETS]
+            )[1]
             for view, md in staged_targets.items()
         }
         return {
@@ -162,8 +198,12 @@ class RootUpdates:
             },
             "prod_targets": {view: md.to_dict() for view, md in staged_targets.items()},
             "next_prod_targets_versions": self._next_prod_targets_versions(conn, factory_id),
-            "online_keys": self.repo.online_keyids(conn, factory_id),
-            "pending_online_keys": self._pending_keyids(conn, factory_id),
+            "online_keys": _by_channel(self.repo.online_keyids(conn, factory_id)),
+            "pending_online_keys": _by_channel(self._pending_keyids(conn, factory_id)),
+            "root_key_pairs": {
+                "current": pairs_to_json(current_root_key_pairs(conn, factory_id)),
+                "staged": pairs_to_json(_staged_pairs(row)),
+            },
             "status": status,
         }
 
@@ -180,21 +220,27 @@ class RootUpdates:
                 f"a root update is already open ({existing.message!r}); apply it with "
                 "`tufa keys updates apply` or drop it with `tufa keys updates cancel`"
             )
-        staged = {}
-        for channel, md in self._current_roots(conn, factory_id).items():
+        current = self._current_roots(conn, factory_id)
+        for md in current.values():
             md.signed.version += 1
             md.signatures.clear()
-            staged[channel] = to_bytes(md)
         conn.execute(
             insert(root_updates).values(
                 factory_id=factory_id,
                 message=message,
                 created_at=self.state.settings.clock.now(),
-                ci_root=staged[Channel.CI],
-                prod_root=staged[Channel.PROD],
+                ci_root=to_bytes(current[Channel.CI]),
+                prod_root=to_bytes(current[Channel.PROD]),
                 prod_targets="{}",
+                root_key_pairs=json.dumps(pairs_to_json(current_root_key_pairs(conn, factory_id))),
             )
         )
+        if shares_online_keys(self.repo.online_keyids(conn, factory_id)):
+            self._stage_online_keys(
+                conn,
+                factory_id,
+                {Channel.CI: list(ONLINE_ROLES), Channel.PROD: [SNAPSHOT, TIMESTAMP]},
+            )
 
     def stage(
         self,
@@ -202,10 +248,13 @@ class RootUpdates:
         factory_id: int,
         roots: Mapping[Channel, dict[str, Any]],
         prod_targets: Mapping[str, dict[str, Any]],
+        pairs: RootKeyPairs | None,
     ) -> None:
-        """Replace the staged content. Signatures survive only where the signed part is
-        unchanged, so nobody's signature ever covers something they did not see."""
+        """Replace the staged content (the root key pairs stay as staged unless given).
+        Signatures survive only where the signed part is unchanged, so nobody's signature
+        ever covers something they did not see."""
         row = self._row(conn, factory_id)
+        pairs = _staged_pairs(row) if pairs is None else pairs
         old = _staged_roots(row)
         new: dict[Channel, Metadata[Root]] = {}
         for channel, signed in roots.items():
@@ -225,6 +274,7 @@ class RootUpdates:
                 {c: md.signed for c, md in current.items()},
                 {c: md.signed for c, md in new.items()},
                 self._keyids_after(conn, factory_id),
+                pairs,
                 self.state.settings.clock.now(),
             )
         except RootUpdateError as e:
@@ -235,7 +285,7 @@ class RootUpdates:
             staged_targets[view] = self._check_staged_targets(
                 conn, factory_id, view, signed, kept_targets.get(view)
             )
-        _save_staged(conn, factory_id, new, staged_targets)
+        _save_staged(conn, factory_id, new, staged_targets, pairs)
 
     def _check_staged_targets(
         self,
@@ -275,31 +325,45 @@ class RootUpdates:
                 md.signatures.update(kept.signatures)
         return md.to_dict()
 
-    def rotate_online_keys(self, conn: Connection, factory_id: int, roles: list[str]) -> None:
+    def rotate_online_keys(
+        self, conn: Connection, factory_id: int, roles: list[str], channels: list[Channel]
+    ) -> None:
         """Generate new online keys (pending until apply) and put them in the staged roots."""
-        row = self._row(conn, factory_id)
+        self._row(conn, factory_id)
         unknown = set(roles) - set(ONLINE_ROLES)
         if not roles or unknown:
-            raise bad_request(f"roles must be among {', '.join(ONLINE_ROLES)}")
+            raise bad_request(f"field 'roles' must list some of {', '.join(ONLINE_ROLES)}")
+        if not channels:
+            raise bad_request("field 'channels' must list 'ci', 'prod' or both")
+        self._stage_online_keys(
+            conn, factory_id, {channel: sorted(set(roles)) for channel in channels}
+        )
+
+    def _stage_online_keys(
+        self, conn: Connection, factory_id: int, roles: Mapping[Channel, list[str]]
+    ) -> None:
+        row = self._row(conn, factory_id)
         staged = _staged_roots(row)
+        edit = StagedRoots({c: md.signed for c, md in staged.items()}, _staged_pairs(row))
         before = self._keyids_after(conn, factory_id)
         now = self.state.settings.clock.now()
-        for role in sorted(set(roles)):
-            pair = KeyPair.generate(self.state.settings.online_key_type)
-            conn.execute(
-                update(online_keys)
-                .where(
-                    online_keys.c.factory_id == factory_id,
-                    online_keys.c.role == role,
-                    online_keys.c.pending.is_(True),
+        for channel, channel_roles in roles.items():
+            for role in channel_roles:
+                pair = KeyPair.generate(self.state.settings.online_key_type)
+                conn.execute(
+                    update(online_keys)
+                    .where(
+                        online_keys.c.factory_id == factory_id,
+                        online_keys.c.channel == channel.value,
+                        online_keys.c.role == role,
+                        online_keys.c.pending.is_(True),
+                    )
+                    .values(retired_at=now)
                 )
-                .values(retired_at=now)
-            )
-            self.repo.store_online_key(conn, factory_id, role, pair, pending=True)
-            for md in staged.values():
-                md.signed.revoke_key(before[role], role)
-                md.signed.add_key(pair.public, role)
-                md.signatures.clear()
+                self.repo.store_online_key(conn, factory_id, channel, role, pair, pending=True)
+                edit.replace_online_key(channel, role, before[channel][role], pair.public)
+        for md in staged.values():
+            md.signatures.clear()
         _save_staged(conn, factory_id, staged)
 
     def add_signatures(
@@ -365,12 +429,14 @@ class RootUpdates:
         now = self.state.settings.clock.now()
         current = self._current_roots(conn, factory_id)
         staged = _staged_roots(row)
+        pairs = _staged_pairs(row)
         after = self._keyids_after(conn, factory_id)
         try:
             check_staged_roots(
                 {c: md.signed for c, md in current.items()},
                 {c: md.signed for c, md in staged.items()},
                 after,
+                pairs,
                 now,
             )
         except RootUpdateError as e:
@@ -392,6 +458,14 @@ class RootUpdates:
             conn, factory_id, prod_root, json.loads(row.prod_targets)
         )
         self._promote_pending_keys(conn, factory_id, now)
+        conn.execute(delete(root_key_pairs).where(root_key_pairs.c.factory_id == factory_id))
+        conn.execute(
+            insert(root_key_pairs),
+            [
+                {"factory_id": factory_id, "ci_keyid": ci, "prod_keyid": prod}
+                for ci, prod in sorted(pairs.items())
+            ],
+        )
         for channel in Channel:
             self.repo.store(conn, factory_id, channel, staged[channel])
         conn.execute(
@@ -404,7 +478,9 @@ class RootUpdates:
             for view, body in self._current_prod_targets(conn, factory_id).items()
         }
         for view, targets in sorted(new_prod_targets.items()):
-            targets.sign(self.repo.online_signer(conn, factory_id, TARGETS), append=True)
+            targets.sign(
+                self.repo.online_signer(conn, factory_id, Channel.PROD, TARGETS), append=True
+            )
             prod_root.verify_delegate(TARGETS, targets.signed_bytes, targets.signatures)
             counter = self.repo.bump(conn, factory_id, Channel.PROD, TARGETS)[TARGETS]
             if counter != targets.signed.version:
@@ -447,7 +523,7 @@ class RootUpdates:
         ones, each with its offline signatures complete. Current targets that the new root
         no longer accepts must have a staged replacement."""
         replacements: dict[str, Metadata[Targets]] = {}
-        online_keyid = self._keyids_after(conn, factory_id)[TARGETS]
+        online_keyid = self._keyids_after(conn, factory_id)[Channel.PROD][TARGETS]
         for view, body in self._current_prod_targets(conn, factory_id).items():
             if view in staged_targets:
                 # Production targets may have moved on since staging; re-check.
@@ -480,19 +556,25 @@ class RootUpdates:
         return replacements
 
     def _promote_pending_keys(self, conn: Connection, factory_id: int, now: Any) -> None:
-        for role in self._pending_keyids(conn, factory_id):
-            conn.execute(
-                update(online_keys)
-                .where(
-                    online_keys.c.factory_id == factory_id,
-                    online_keys.c.role == role,
-                    online_keys.c.pending.is_(False),
-                    online_keys.c.retired_at.is_(None),
+        for channel, roles in self._pending_keyids(conn, factory_id).items():
+            for role in roles:
+                conn.execute(
+                    update(online_keys)
+                    .where(
+                        online_keys.c.factory_id == factory_id,
+                        online_keys.c.channel == channel.value,
+                        online_keys.c.role == role,
+                        online_keys.c.pending.is_(False),
+                        online_keys.c.retired_at.is_(None),
+                    )
+                    .values(retired_at=now)
                 )
-                .values(retired_at=now)
-            )
         conn.execute(
             update(online_keys)
             .where(online_keys.c.factory_id == factory_id, online_keys.c.pending.is_(True))
             .values(pending=False)
         )
+
+
+def _by_channel(keyids: OnlineKeyids) -> dict[str, dict[str, str]]:
+    return {channel.value: dict(roles) for channel, roles in keyids.items()}

@@ -21,7 +21,7 @@ from sqlalchemy import Connection, exists, func, insert, select, update
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, Root, TargetFile, Targets
 
-from tufa.core.metadata import ROOT, TARGETS, Channel, build_targets, expiry
+from tufa.core.metadata import TARGETS, Channel, build_targets, expiry
 from tufa.core.selection import version_key
 from tufa.server.db import (
     channels,
@@ -53,9 +53,7 @@ class Waves:
     # -- building and signing --------------------------------------------------------
 
     def _prod_root(self, conn: Connection, factory_id: int) -> Root:
-        stored = self.repo.read_file(conn, factory_id, PROD.value, ROOT, None)
-        assert stored is not None
-        return Metadata[Root].from_bytes(stored.body).signed
+        return self.repo.current_root(conn, factory_id, PROD).signed
 
     def _next_version(self, conn: Connection, factory_id: int) -> int:
         counter = conn.execute(
@@ -154,7 +152,7 @@ class Waves:
         if not now < md.signed.expires <= now + timedelta(days=MAX_EXPIRES_DAYS):
             raise bad_request(f"a wave must expire within {MAX_EXPIRES_DAYS} days from now")
         self._check_offline_signatures(conn, factory_id, md)
-        md.sign(self.repo.online_signer(conn, factory_id, TARGETS), append=True)
+        md.sign(self.repo.online_signer(conn, factory_id, PROD, TARGETS), append=True)
         counter = self.repo.bump(conn, factory_id, PROD, TARGETS)[TARGETS]
         if counter != md.signed.version:
             raise conflict("production targets changed meanwhile; run `tufa waves init` again")
@@ -187,7 +185,7 @@ class Waves:
     ) -> None:
         """Every signature but the server's must be a valid offline targets signature."""
         root = self._prod_root(conn, factory_id)
-        online = self.repo.online_keyids(conn, factory_id)[TARGETS]
+        online = self.repo.online_keyids(conn, factory_id)[PROD][TARGETS]
         offline = set(root.roles[TARGETS].keyids) - {online}
         offline_signatures = [s for s in md.signatures.values() if s.keyid != online]
         if not offline_signatures:

@@ -11,11 +11,13 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from tufa.core.metadata import ROOT, SNAPSHOT, TARGETS, TIMESTAMP, Channel
+from tufa.core.root_update import pairs_to_json, shared_keyids, shared_keys_warning
 from tufa.server.api.common import caller, field, iso, json_object, name_field, ok, threaded
 from tufa.server.auth import Scope, require_factory, require_operator
 from tufa.server.db import factories
 from tufa.server.errors import bad_request, not_found
 from tufa.server.factories import create_factory
+from tufa.server.root_updates import current_root_key_pairs
 from tufa.server.state import ServerState
 
 READERS = {Scope.ADMIN, Scope.CI, Scope.READ}
@@ -30,7 +32,7 @@ async def create(request: Request) -> JSONResponse:
         {
             "name": created.name,
             "admin_token": created.admin_token,
-            "root_keyid": created.root_keyid,
+            "root_key": {channel.value: keyid for channel, keyid in created.root_keyids.items()},
         },
         status=201,
     )
@@ -91,7 +93,12 @@ def describe(state: ServerState, name: str, base_url: str) -> dict[str, Any]:
             for role in (ROOT, TARGETS, SNAPSHOT, TIMESTAMP)
         }
         online = repo.online_keyids(conn, row.id)
+        pairs = current_root_key_pairs(conn, row.id)
+        roots = {channel: repo.current_root(conn, row.id, channel).signed for channel in Channel}
+    shared = shared_keyids(roots[Channel.CI], roots[Channel.PROD], online)
     warnings: list[str] = []
+    if shared:
+        warnings.append(shared_keys_warning(len(shared)))
     described: dict[str, Any] = {}
     for channel in Channel:
         prefix = f"{base_url}/api/v1/factories/{name}/repo/{channel.value}"
@@ -113,7 +120,13 @@ def describe(state: ServerState, name: str, base_url: str) -> dict[str, Any]:
         "anonymous_read": row.anonymous_read,
         "archive_downloaded_at": iso(row.archive_downloaded_at),
         "channels": described,
-        "online_keys": [{"role": role, "keyid": keyid} for role, keyid in sorted(online.items())],
+        "online_keys": [
+            {"channel": channel.value, "role": role, "keyid": keyid}
+            for channel in Channel
+            for role, keyid in sorted(online[channel].items())
+        ],
+        "root_key_pairs": pairs_to_json(pairs),
+        "channels_share_keys": shared,
         "warnings": warnings,
     }
 

@@ -12,6 +12,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from tufa.core.metadata import Channel
+from tufa.core.root_update import RootKeyPairs, pairs_from_json
 from tufa.server.api.common import caller, field, json_object, ok, threaded
 from tufa.server.auth import Scope, require_factory
 from tufa.server.errors import bad_request
@@ -90,13 +91,30 @@ async def stage(request: Request) -> JSONResponse:
     if set(roots) != set(Channel):
         raise bad_request("field 'roots' must hold the staged 'ci' and 'prod' roots")
     prod_targets = field(data, "prod_targets", dict, {})
-    return ok(await _run(state, factory_id, lambda u, c, f: u.stage(c, f, roots, prod_targets)))
+    pairs: RootKeyPairs | None = None
+    if data.get("root_key_pairs") is not None:
+        try:
+            pairs = pairs_from_json(data["root_key_pairs"])
+        except ValueError as e:
+            raise bad_request(f"field 'root_key_pairs': {e}") from e
+    return ok(
+        await _run(state, factory_id, lambda u, c, f: u.stage(c, f, roots, prod_targets, pairs))
+    )
 
 
 async def online_keys(request: Request) -> JSONResponse:
     state, factory_id = await _admin(request)
-    roles = field(await json_object(request), "roles", list)
-    return ok(await _run(state, factory_id, lambda u, c, f: u.rotate_online_keys(c, f, roles)))
+    data = await json_object(request)
+    roles = field(data, "roles", list)
+    if not all(isinstance(role, str) for role in roles):
+        raise bad_request("field 'roles' must be a list of role names")
+    names = field(data, "channels", list, [c.value for c in Channel])
+    if not all(isinstance(name, str) and name in {c.value for c in Channel} for name in names):
+        raise bad_request("field 'channels' must be a list of 'ci' and 'prod'")
+    chosen = [Channel(name) for name in dict.fromkeys(names)]
+    return ok(
+        await _run(state, factory_id, lambda u, c, f: u.rotate_online_keys(c, f, roles, chosen))
+    )
 
 
 async def signatures(request: Request) -> JSONResponse:

@@ -1,0 +1,91 @@
+"""separate channels: online keys per channel, root key pairs
+
+Revision ID: 0006
+Revises: 0005
+
+Factories created before this revision used one set of online keys, and one set of root
+keys, for both channels (ADR 0009). Their online key rows are copied to each channel
+(same keys, so nothing served changes), and each of their root keys becomes a "pair"
+whose two halves are the same key. Their next root update separates the channels.
+"""
+
+import json
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0006"
+down_revision = "0005"
+branch_labels = None
+depends_on = None
+
+_COPIED = ("factory_id", "role", "keyid", "public", "private_encrypted", "created_at")
+
+
+def _root_keyids(root_json: bytes) -> list[str]:
+    keyids: list[str] = json.loads(root_json)["signed"]["roles"]["root"]["keyids"]
+    return keyids
+
+
+def _shared_pairs(root_json: bytes) -> str:
+    return json.dumps([{"ci": k, "prod": k} for k in sorted(_root_keyids(root_json))])
+
+
+def upgrade() -> None:
+    conn = op.get_bind()
+    with op.batch_alter_table("online_keys") as batch_op:
+        batch_op.add_column(sa.Column("channel", sa.String(length=8), nullable=True))
+    columns = ", ".join(_COPIED)
+    conn.execute(sa.text("UPDATE online_keys SET channel = 'ci'"))
+    conn.execute(
+        sa.text(
+            f"INSERT INTO online_keys ({columns}, retired_at, pending, channel) "  # noqa: S608
+            f"SELECT {columns}, retired_at, pending, 'prod' FROM online_keys"
+        )
+    )
+    with op.batch_alter_table("online_keys") as batch_op:
+        batch_op.alter_column("channel", existing_type=sa.String(length=8), nullable=False)
+
+    pairs = op.create_table(
+        "root_key_pairs",
+        sa.Column("factory_id", sa.Integer(), nullable=False),
+        sa.Column("ci_keyid", sa.String(length=128), nullable=False),
+        sa.Column("prod_keyid", sa.String(length=128), nullable=False),
+        sa.ForeignKeyConstraint(["factory_id"], ["factories.id"]),
+        sa.PrimaryKeyConstraint("factory_id", "ci_keyid"),
+    )
+    newest_ci_roots = conn.execute(
+        sa.text(
+            "SELECT m.factory_id, m.body FROM metadata_files m WHERE m.channel = 'ci' "
+            "AND m.role = 'root' AND m.version = (SELECT MAX(n.version) FROM metadata_files n "
+            "WHERE n.factory_id = m.factory_id AND n.channel = 'ci' AND n.role = 'root')"
+        )
+    ).all()
+    rows = [
+        {"factory_id": factory_id, "ci_keyid": keyid, "prod_keyid": keyid}
+        for factory_id, body in newest_ci_roots
+        for keyid in _root_keyids(body)
+    ]
+    if rows:
+        op.bulk_insert(pairs, rows)
+
+    with op.batch_alter_table("root_updates") as batch_op:
+        batch_op.add_column(
+            sa.Column("root_key_pairs", sa.Text(), nullable=False, server_default="[]")
+        )
+    for factory_id, staged_ci_root in conn.execute(
+        sa.text("SELECT factory_id, ci_root FROM root_updates")
+    ).all():
+        conn.execute(
+            sa.text("UPDATE root_updates SET root_key_pairs = :pairs WHERE factory_id = :f"),
+            {"pairs": _shared_pairs(staged_ci_root), "f": factory_id},
+        )
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("root_updates") as batch_op:
+        batch_op.drop_column("root_key_pairs")
+    op.drop_table("root_key_pairs")
+    op.execute("DELETE FROM online_keys WHERE channel = 'prod'")
+    with op.batch_alter_table("online_keys") as batch_op:
+        batch_op.drop_column("channel")
