@@ -285,3 +285,9 @@ class TamperingProxy:
         self._httpd.shutdown()
         self._httpd.server_close()
         self._client.close()
+
+    def __enter__(self) -> TamperingProxy:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
