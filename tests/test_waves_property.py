@@ -8,8 +8,13 @@ production devices (tags main and beta) poll in between with python-tuf's ngclie
 each device has its own metadata directory and credential, is bootstrapped with its
 channel's version-1 root, and runs a new Updater on every poll.
 
+A step may also serve one device the other channel's genuine files (the newest of one
+role, or the whole other chain), as anyone in the middle can (ADR 0009).
+
 Checked on every poll:
 - no refresh fails, and no trusted root, timestamp, snapshot or targets version goes down;
+- a device served the other channel's files refuses them and trusts none of them (and,
+  by the first property, is not frozen by them: its next genuine poll works);
 - a production device sees only targets of a wave it was rolled out to or of a completed
   wave of its tag, and exactly what a model of its view says (its wave, a cancelled wave
   it got, or its tag's releases);
@@ -29,10 +34,12 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from tuf.api import exceptions
 from tuf.api.exceptions import DownloadHTTPError
 from tuf.api.metadata import Metadata, Root, Targets, Timestamp
-from tuf.ngclient import FetcherInterface
+from tuf.ngclient import FetcherInterface, Updater
 
+from tests.channel_attacks import ChannelFiles, Substitution, other, record, substitutions
 from tests.helpers import (
     Factory,
     Server,
@@ -107,12 +114,23 @@ class Device:
 
 class DeviceFetcher(FetcherInterface):
     """ngclient's fetcher for one device: its credential on every request, on the test
-    process's keep-alive client (a new httpx client costs ~60 ms, most of a poll)."""
+    process's keep-alive client (a new httpx client costs ~60 ms, most of a poll). With a
+    `substitution`, it answers as a man in the middle serving the other channel's files
+    would, and counts what it swapped in."""
 
-    def __init__(self, credential: str) -> None:
+    def __init__(self, credential: str, substitution: Substitution | None = None) -> None:
         self.credential = credential
+        self.substitution = substitution
+        self.swapped = 0
 
     def _fetch(self, url: str) -> Iterator[bytes]:
+        if self.substitution is not None:
+            name = url.rsplit("/", 1)[-1].removesuffix(".json")
+            number, _, role = name.rpartition(".")
+            data = self.substitution(role, int(number) if number.isdigit() else None)
+            if data is not None:
+                self.swapped += 1
+                return iter([data])
         response = http().get(url, headers={"Authorization": f"Bearer {self.credential}"})
         if response.status_code >= 400:
             raise DownloadHTTPError(f"HTTP {response.status_code} for {url}", response.status_code)
@@ -178,7 +196,17 @@ class RotateTargetsKey:
     poll: frozenset[str]
 
 
-Step = Publish | InitWave | Rollout | Complete | Cancel | RotateTargetsKey
+@dataclass(frozen=True)
+class ServeOtherChannel:
+    """A man in the middle serves `device` the other channel's newest file of `role`
+    in place of whatever it asks for, or (`everything`) the whole other chain."""
+
+    device: str
+    role: str
+    poll: frozenset[str]
+
+
+Step = Publish | InitWave | Rollout | Complete | Cancel | RotateTargetsKey | ServeOtherChannel
 
 POLL = st.frozensets(st.sampled_from(DEVICES))
 WHICH = st.integers(0, 1)
@@ -199,12 +227,20 @@ def step_strategy(kind: str) -> st.SearchStrategy[Step]:
             return st.builds(Complete, WHICH, POLL)
         case "cancel":
             return st.builds(Cancel, WHICH, POLL)
+        case "swap":
+            return st.builds(
+                ServeOtherChannel, st.sampled_from(DEVICES), st.sampled_from(SWAPS), POLL
+            )
         case _:
             return st.builds(RotateTargetsKey, POLL)
 
 
+SWAPS = ("everything", "root", "timestamp", "snapshot", "targets")
 # Weighted by repetition: waves need builds, and rotations are slow.
-KINDS = ["publish", "init", "init", "init", "rollout", "rollout", "complete", "cancel", "rotate"]
+KINDS = [
+    "publish", "init", "init", "init", "rollout", "rollout", "complete", "cancel", "rotate",
+    "swap",
+]  # fmt: skip
 STEP = st.sampled_from(KINDS).flatmap(step_strategy)
 EVERYONE = frozenset(DEVICES)
 
@@ -344,6 +380,8 @@ class World:
                 self.cancel(step.which)
             case RotateTargetsKey():
                 self.rotate_targets_key()
+            case ServeOtherChannel():
+                self.serve_other_channel(step.device, step.role)
         self.poll(step.poll)
 
     def publish(self, tags: tuple[str, ...]) -> None:
@@ -457,6 +495,36 @@ class World:
         assert self._ok("POST", f"/waves/{wave.name}/cancel")["status"] == "cancelled"
         wave.status = "cancelled"
 
+    def serve_other_channel(self, name: str, role: str) -> None:
+        """One poll of `name` through a man in the middle serving the other channel's
+        genuine files (every version of them is recorded over the admin token, as an
+        attacker sees them served to other devices)."""
+        device = self.devices[name]
+        if device.bootstrap is not None:
+            self.poll(frozenset({name}))  # provisioned: it trusts its root v1 on disk
+        foreign = record(self.factory, other(device.channel), ChannelFiles())
+        label, substitution = next(
+            (label, s)
+            for label, s in substitutions(foreign, every_version=False).items()
+            if label.startswith(role)
+        )
+        fetcher = DeviceFetcher(device.credential, substitution)
+        updater = Updater(
+            str(device.metadata_dir), device.metadata_url, fetcher=fetcher, bootstrap=None
+        )
+        try:
+            updater.refresh()
+            refused = False
+        except (exceptions.RepositoryError, exceptions.DownloadError):
+            refused = True
+        # Property: whatever was swapped in was refused, and the device trusts no file
+        # of the other channel (so its next genuine poll is not frozen either).
+        assert refused or not fetcher.swapped, f"{name} accepted the other channel's {label}"
+        trusted = {p.name: p.read_bytes() for p in device.metadata_dir.glob("*.json")}
+        foreign_bytes = foreign.all_bytes()
+        taken = sorted(f for f, data in trusted.items() if data in foreign_bytes)
+        assert not taken, f"{name} trusts the other channel's {taken} after {label}"
+
     def rotate_targets_key(self) -> None:
         """The real CLI replaces the offline targets key; refused while a wave is active."""
         if self.rotations == MAX_ROTATIONS:
@@ -512,6 +580,27 @@ class World:
         Complete(0, EVERYONE),
         Cancel(0, EVERYONE),
         RotateTargetsKey(EVERYONE),
+    ]
+)
+# ... and every device is served the other channel's files in a wave, after a cancel
+# and after a rotation, then updates normally.
+@example(
+    steps=[
+        InitWave(0, 0, False, EVERYONE),
+        Rollout(0, 1, frozenset()),
+        *(
+            ServeOtherChannel(d, role, frozenset())
+            for d in DEVICES
+            for role in ("everything", "timestamp")
+        ),
+        Cancel(0, EVERYONE),
+        RotateTargetsKey(frozenset()),
+        *(
+            ServeOtherChannel(d, role, frozenset())
+            for d in DEVICES
+            for role in ("snapshot", "targets")
+        ),
+        Publish(("main",), EVERYONE),
     ]
 )
 def test_no_version_a_device_has_seen_ever_goes_down(
