@@ -5,14 +5,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from securesystemslib.signer import Signature
 from sqlalchemy import Connection
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from tufa.core.metadata import Channel
-from tufa.server.api.common import caller, field, json_object, ok, threaded
+from tufa.server.api.common import (
+    caller,
+    field,
+    json_object,
+    ok,
+    signature_list,
+    string_list,
+    threaded,
+)
 from tufa.server.auth import Scope, require_factory
 from tufa.server.errors import bad_request
 from tufa.server.root_updates import RootUpdates
@@ -52,15 +59,6 @@ async def _run(
     return await threaded(work)
 
 
-def _signatures(value: Any, what: str) -> list[Signature]:
-    if not isinstance(value, list):
-        raise bad_request(f"{what} must be a list of {{keyid, sig}} objects")
-    try:
-        return [Signature.from_dict(dict(item)) for item in value]
-    except (KeyError, TypeError, ValueError) as e:
-        raise bad_request(f"{what} holds a malformed signature: {e}") from e
-
-
 def _channels(data: dict[str, Any], name: str) -> dict[Channel, Any]:
     unknown = set(data) - {c.value for c in Channel}
     if unknown:
@@ -95,7 +93,7 @@ async def stage(request: Request) -> JSONResponse:
 
 async def online_keys(request: Request) -> JSONResponse:
     state, factory_id = await _admin(request)
-    roles = field(await json_object(request), "roles", list)
+    roles = string_list(await json_object(request), "roles")
     return ok(await _run(state, factory_id, lambda u, c, f: u.rotate_online_keys(c, f, roles)))
 
 
@@ -103,11 +101,11 @@ async def signatures(request: Request) -> JSONResponse:
     state, factory_id = await _admin(request)
     data = await json_object(request)
     roots = {
-        channel: _signatures(value, f"roots.{channel.value}")
+        channel: signature_list(value, f"roots.{channel.value}")
         for channel, value in _channels(field(data, "roots", dict, {}), "roots").items()
     }
     targets = {
-        view: _signatures(value, f"prod_targets.{view}")
+        view: signature_list(value, f"prod_targets.{view}")
         for view, value in field(data, "prod_targets", dict, {}).items()
     }
     return ok(await _run(state, factory_id, lambda u, c, f: u.add_signatures(c, f, roots, targets)))
