@@ -6,6 +6,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import secrets
 import subprocess
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from tufa.cli.local_server import LocalServer, console_script
 from tufa.core.fetcher import BearerFetcher
 from tufa.core.files import write_private_file
 from tufa.server import db
+from tufa.server.app import ROUTES
 
 
 @dataclass
@@ -217,6 +219,24 @@ def dump_database(server: Server) -> dict[str, list[tuple[Any, ...]]]:
             rows = conn.execute(select(db.schema.tables[name])).all()
             dump[name] = sorted((tuple(row) for row in rows), key=repr)
     return dump
+
+
+def served_routes() -> list[tuple[str, str]]:
+    """(method, path template) of every route the server serves; HEAD is GET's twin."""
+    return sorted(
+        (method, route.path) for route in ROUTES for method in (route.methods or set()) - {"HEAD"}
+    )
+
+
+def path_params(path: str) -> list[str]:
+    """The parameters of a route's path template, in order: '{factory}' -> 'factory'."""
+    return re.findall(r"{(\w+)}", path)
+
+
+def hostile_json(value: Any) -> bytes:
+    """`value` as JSON bytes the way any client can send it: NaN and Infinity as bare
+    words, lone surrogates as `\\ud800` escapes (httpx's own encoder refuses both)."""
+    return json.dumps(value).encode()
 
 
 def dump_all_tables(server: Server) -> dict[str, list[tuple[Any, ...]]]:

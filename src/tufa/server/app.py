@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -26,6 +27,7 @@ from tufa.server.api import (
     waves,
 )
 from tufa.server.errors import ApiError, api_error_handler, error_body
+from tufa.server.inputs import refuse_unstorable_params
 from tufa.server.state import ServerState
 
 log = logging.getLogger("tufa.server")
@@ -71,6 +73,38 @@ async def health(_request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def _checked(endpoint: Endpoint) -> Endpoint:
+    """`endpoint`, behind the input rules for path and query parameters (inputs.py)."""
+
+    @functools.wraps(endpoint)
+    async def checked(request: Request) -> Response:
+        refuse_unstorable_params(request)
+        return await endpoint(request)
+
+    return checked
+
+
+# Every route the server serves, each behind the same input rules; the fuzz test
+# (tests/test_fuzz_routes.py) sends hostile input to each one.
+ROUTES = [
+    Route(route.path, _checked(route.endpoint), methods=route.methods)
+    for route in (
+        Route("/healthz", health),
+        *factories.routes,
+        *keys.routes,
+        *root_updates.routes,
+        *targets.routes,
+        *waves.routes,
+        *tokens.routes,
+        *devices.routes,
+        *repo.routes,
+    )
+]
+
+
 async def http_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
@@ -112,17 +146,7 @@ def create_app(state: ServerState) -> Starlette:
             state.db.dispose()
 
     app = Starlette(
-        routes=[
-            Route("/healthz", health),
-            *factories.routes,
-            *keys.routes,
-            *root_updates.routes,
-            *targets.routes,
-            *waves.routes,
-            *tokens.routes,
-            *devices.routes,
-            *repo.routes,
-        ],
+        routes=ROUTES,
         exception_handlers={
             ApiError: api_error_handler,
             HTTPException: http_error,

@@ -23,6 +23,7 @@ from tufa.core.selection import version_key
 from tufa.server.blobs import SHA256_PATTERN
 from tufa.server.db import targets as targets_table
 from tufa.server.errors import bad_request, conflict
+from tufa.server.inputs import refuse_unsignable_json
 from tufa.server.state import ServerState
 
 TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,254}")
@@ -30,6 +31,7 @@ LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}")
 # Versions are stored (targets, waves, device reports) in 64 characters.
 VERSION_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,63}")
 MAX_TARGETS_PER_PUBLISH = 1000
+MAX_CUSTOM_DEPTH = 16
 
 
 @dataclass(frozen=True)
@@ -55,8 +57,9 @@ class TargetSpec:
         )
 
 
-def parse_target(data: Any) -> TargetSpec:
-    """Check one target description from a request; errors name the field."""
+def parse_target(data: Any, where: str) -> TargetSpec:
+    """Check one target description from a request (at JSON path `where`, such as
+    'targets[0]'); errors name the field."""
     if not isinstance(data, dict):
         raise bad_request("each target must be a JSON object")
     name = data.get("name")
@@ -77,6 +80,9 @@ def parse_target(data: Any) -> TargetSpec:
     custom = data.get("custom", {})
     if not isinstance(custom, dict):
         raise bad_request(f"target {name!r}: 'custom' must be a JSON object")
+    # Shallower than any body may be, to leave room for the metadata around it in the
+    # bodies that carry it later (a wave's signed targets, a root update's prod targets).
+    refuse_unsignable_json(custom, f"{where}.custom", max_depth=MAX_CUSTOM_DEPTH)
     version = data.get("version")
     if not isinstance(version, str) or not VERSION_LABEL.fullmatch(version):
         raise bad_request(

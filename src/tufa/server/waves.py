@@ -42,6 +42,8 @@ ACTIVE, COMPLETE, CANCELLED = "active", "complete", "cancelled"
 FAILED_KINDS = ("install-failed", "rolled-back")
 WAVE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MAX_EXPIRES_DAYS = 3650
+# A rollout's limit: a count (up to 999,999,999 devices), or a share in percent.
+_LIMIT = re.compile(r"([0-9]{1,9})|([0-9]{1,3}(?:\.[0-9]{1,6})?)%")
 PROD = Channel.PROD
 
 
@@ -463,18 +465,15 @@ class Waves:
 
 
 def _limit(limit: str | None, available: int) -> int:
+    """How many of `available` devices a rollout's limit takes: a count ("10") or a
+    share ("25%", "2.5%"), in ASCII digits only (int() and float() would also take
+    a full-width "9", "1_000" and " 5")."""
     if limit is None:
         return available
-    text = limit.strip()
-    try:
-        if text.endswith("%"):
-            share = float(text[:-1])
-            if not 0 < share <= 100:
-                raise ValueError
-            return math.ceil(available * share / 100)
-        count = int(text)
-        if count < 1:
-            raise ValueError
-        return count
-    except ValueError:
-        raise bad_request("'limit' must be a count such as 10 or a share such as 25%") from None
+    match = _LIMIT.fullmatch(limit)
+    count, share = match.groups() if match else (None, None)
+    if share is not None and 0 < float(share) <= 100:
+        return math.ceil(available * float(share) / 100)
+    if count is not None and int(count) >= 1:
+        return int(count)
+    raise bad_request("'limit' must be a count such as 10 or a share such as 25%")

@@ -8,12 +8,14 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TypeVar
 
+from securesystemslib.signer import Signature
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from tufa.server.auth import Principal, authenticate, bearer_secret
 from tufa.server.errors import bad_request
+from tufa.server.inputs import refuse_unsignable_json
 from tufa.server.state import ServerState, state_of
 
 T = TypeVar("T")
@@ -44,6 +46,8 @@ async def json_object(request: Request) -> dict[str, Any]:
         raise bad_request("the request body is not valid JSON: nested too deeply") from e
     if not isinstance(data, dict):
         raise bad_request("the request body must be a JSON object")
+    # Before any handler sees it: no field anywhere holds what cannot be signed or stored.
+    refuse_unsignable_json(data)
     return data
 
 
@@ -57,6 +61,26 @@ def field(data: dict[str, Any], name: str, kind: type[T], default: T | None = No
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise bad_request(f"field {name!r} must be of type {_json_type(kind)}")
     return value
+
+
+def string_list(data: dict[str, Any], name: str) -> list[str]:
+    """`data[name]`: a list of strings, empty if left out."""
+    value = field(data, name, list, [])
+    if not all(isinstance(v, str) for v in value):
+        raise bad_request(f"field {name!r} must be a list of strings")
+    return value
+
+
+def signature_list(value: Any, label: str) -> list[Signature]:
+    """`value` (the field at JSON path `label`) as signatures: {keyid, sig} objects."""
+    if not isinstance(value, list) or not all(
+        isinstance(item, dict)
+        and isinstance(item.get("keyid"), str)
+        and isinstance(item.get("sig"), str)
+        for item in value
+    ):
+        raise bad_request(f"field {label!r} must be a list of {{keyid, sig}} objects of strings")
+    return [Signature.from_dict(dict(item)) for item in value]
 
 
 def name_field(data: dict[str, Any], name: str) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from securesystemslib.signer import Signature
 from sqlalchemy import Connection
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -13,7 +12,15 @@ from starlette.routing import Route
 
 from tufa.core.metadata import Channel
 from tufa.core.root_update import RootKeyPairs, pairs_from_json
-from tufa.server.api.common import caller, field, json_object, ok, threaded
+from tufa.server.api.common import (
+    caller,
+    field,
+    json_object,
+    ok,
+    signature_list,
+    string_list,
+    threaded,
+)
 from tufa.server.auth import Scope, require_factory
 from tufa.server.errors import bad_request
 from tufa.server.root_updates import RootUpdates
@@ -51,15 +58,6 @@ async def _run(
             return result if result is not None else updates.describe(conn, factory_id)
 
     return await threaded(work)
-
-
-def _signatures(value: Any, what: str) -> list[Signature]:
-    if not isinstance(value, list):
-        raise bad_request(f"{what} must be a list of {{keyid, sig}} objects")
-    try:
-        return [Signature.from_dict(dict(item)) for item in value]
-    except (KeyError, TypeError, ValueError) as e:
-        raise bad_request(f"{what} holds a malformed signature: {e}") from e
 
 
 def _channels(data: dict[str, Any], name: str) -> dict[Channel, Any]:
@@ -105,12 +103,10 @@ async def stage(request: Request) -> JSONResponse:
 async def online_keys(request: Request) -> JSONResponse:
     state, factory_id = await _admin(request)
     data = await json_object(request)
-    roles = field(data, "roles", list)
-    if not all(isinstance(role, str) for role in roles):
-        raise bad_request("field 'roles' must be a list of role names")
-    names = field(data, "channels", list, [c.value for c in Channel])
-    if not all(isinstance(name, str) and name in {c.value for c in Channel} for name in names):
-        raise bad_request("field 'channels' must be a list of 'ci' and 'prod'")
+    roles = string_list(data, "roles")
+    names = string_list(data, "channels") if "channels" in data else [c.value for c in Channel]
+    if not set(names) <= {c.value for c in Channel}:
+        raise bad_request("field 'channels' must list 'ci', 'prod' or both")
     chosen = [Channel(name) for name in dict.fromkeys(names)]
     return ok(
         await _run(state, factory_id, lambda u, c, f: u.rotate_online_keys(c, f, roles, chosen))
@@ -121,11 +117,11 @@ async def signatures(request: Request) -> JSONResponse:
     state, factory_id = await _admin(request)
     data = await json_object(request)
     roots = {
-        channel: _signatures(value, f"roots.{channel.value}")
+        channel: signature_list(value, f"roots.{channel.value}")
         for channel, value in _channels(field(data, "roots", dict, {}), "roots").items()
     }
     targets = {
-        view: _signatures(value, f"prod_targets.{view}")
+        view: signature_list(value, f"prod_targets.{view}")
         for view, value in field(data, "prod_targets", dict, {}).items()
     }
     return ok(await _run(state, factory_id, lambda u, c, f: u.add_signatures(c, f, roots, targets)))

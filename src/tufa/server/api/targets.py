@@ -74,7 +74,8 @@ async def upload_blob(request: Request) -> JSONResponse:
 async def add(request: Request) -> JSONResponse:
     state, principal = await caller(request)
     publisher = require_factory(principal, request.path_params["factory"], PUBLISHERS)
-    specs = [parse_target(item) for item in field(await json_object(request), "targets", list)]
+    listed = field(await json_object(request), "targets", list)
+    specs = [parse_target(item, f"targets[{i}]") for i, item in enumerate(listed)]
     assert publisher.factory_id is not None
     factory_id = publisher.factory_id
     result = await threaded(lambda: CiPublisher(state).add(factory_id, specs))

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from securesystemslib.signer import Signature
 from sqlalchemy import Connection, insert, select
 from sqlalchemy.exc import IntegrityError
 from starlette.requests import Request
@@ -13,10 +12,20 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from tuf.api.metadata import Metadata, Targets
 
-from tufa.server.api.common import caller, field, iso, json_object, ok, threaded
+from tufa.server.api.common import (
+    caller,
+    field,
+    iso,
+    json_object,
+    ok,
+    signature_list,
+    string_list,
+    threaded,
+)
 from tufa.server.auth import Scope, require_factory
 from tufa.server.db import device_group_members, device_groups, devices
 from tufa.server.errors import bad_request, conflict, not_found
+from tufa.server.publishing import LABEL, VERSION_LABEL
 from tufa.server.state import ServerState
 from tufa.server.waves import WAVE_NAME, Waves
 
@@ -46,18 +55,25 @@ async def _in_transaction(
     return await threaded(work)
 
 
-def _string_list(data: dict[str, Any], name: str) -> list[str]:
-    value = field(data, name, list, [])
-    if not all(isinstance(v, str) for v in value):
-        raise bad_request(f"field {name!r} must be a list of strings")
-    return value
+def _tag_and_version(data: dict[str, Any]) -> tuple[str, str]:
+    """The build a wave releases: a CI target's tag and version, checked as CI's are."""
+    tag, version = field(data, "tag", str), field(data, "version", str)
+    if not LABEL.fullmatch(tag):
+        raise bad_request(
+            "field 'tag' must be up to 128 letters, digits or . _ : + - such as 'main'"
+        )
+    if not VERSION_LABEL.fullmatch(version):
+        raise bad_request(
+            "field 'version' must be up to 64 letters, digits or . _ : + - such as '42'"
+        )
+    return tag, version
 
 
 async def prepare(request: Request) -> JSONResponse:
     state, factory_id = await _allowed(request, ADMIN)
     data = await json_object(request)
-    tag, version = field(data, "tag", str), field(data, "version", str)
-    prune = _string_list(data, "prune")
+    tag, version = _tag_and_version(data)
+    prune = string_list(data, "prune")
     days = field(data, "expires_days", int, 365)
     waves = Waves(state)
     built = await _in_transaction(
@@ -69,12 +85,9 @@ async def prepare(request: Request) -> JSONResponse:
 async def create(request: Request) -> JSONResponse:
     state, factory_id = await _allowed(request, ADMIN)
     data = await json_object(request)
-    name, tag, version = (
-        field(data, "name", str),
-        field(data, "tag", str),
-        field(data, "version", str),
-    )
-    prune = _string_list(data, "prune")
+    name = field(data, "name", str)
+    tag, version = _tag_and_version(data)
+    prune = string_list(data, "prune")
     try:
         md = Metadata[Targets].from_dict(dict(field(data, "targets", dict)))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -104,11 +117,7 @@ async def show(request: Request) -> JSONResponse:
 async def sign(request: Request) -> JSONResponse:
     state, factory_id = await _allowed(request, ADMIN)
     name = request.path_params["name"]
-    raw = field(await json_object(request), "signatures", list)
-    try:
-        signatures = [Signature.from_dict(dict(item)) for item in raw]
-    except (KeyError, TypeError, ValueError) as e:
-        raise bad_request(f"field 'signatures' holds a malformed signature: {e}") from e
+    signatures = signature_list(field(await json_object(request), "signatures", list), "signatures")
     waves = Waves(state)
     return ok(
         await _in_transaction(
@@ -122,7 +131,7 @@ async def rollout(request: Request) -> JSONResponse:
     name = request.path_params["name"]
     data = await json_object(request)
     group = field(data, "group", str, "") or None
-    device_ids = _string_list(data, "devices") if "devices" in data else None
+    device_ids = string_list(data, "devices") if "devices" in data else None
     limit = field(data, "limit", str, "") or None
     dry_run = field(data, "dry_run", bool, False)
     waves = Waves(state)
@@ -171,7 +180,7 @@ async def create_group(request: Request) -> JSONResponse:
 async def add_to_group(request: Request) -> JSONResponse:
     state, factory_id = await _allowed(request, ADMIN)
     group = request.path_params["group"]
-    wanted = _string_list(await json_object(request), "devices")
+    wanted = string_list(await json_object(request), "devices")
     if not wanted:
         raise bad_request("field 'devices' must name at least one device (id or name)")
 
