@@ -517,6 +517,63 @@ def test_online_key_rotation_is_followed_by_both_channels(factory: Factory, tmp_
     _fresh_devices_reach(factory, tmp_path / "fresh", 2)
 
 
+@sqlite_only
+def test_online_keys_of_one_channel_rotate_alone(factory: Factory, tmp_path: Path) -> None:
+    owner = Owner.start(factory, tmp_path / "owner")
+    devices = provision(factory, tmp_path / "devices")
+    follow_all(devices)
+    before = owner.online_keyids()
+
+    owner.tufa("keys", "updates", "init", "-m", "new CI timestamp key")
+    owner.tufa("keys", "updates", "rotate-online-key", "-r", "timestamp", "--channel", "ci")
+    review = owner.review()
+    assert review["prod_targets"] == {}  # nothing of production needs re-signing
+    owner.tufa("keys", "updates", "sign", "-k", str(owner.archive))
+    owner.tufa("keys", "updates", "apply")
+
+    after = owner.online_keyids()
+    assert after["prod"] == before["prod"]
+    assert after["ci"][TIMESTAMP] != before["ci"][TIMESTAMP]
+    assert {r: k for r, k in after["ci"].items() if r != TIMESTAMP} == {
+        r: k for r, k in before["ci"].items() if r != TIMESTAMP
+    }
+    trusted = follow_all(devices)
+    assert trusted["ci"].root.roles[TIMESTAMP].keyids == [after["ci"][TIMESTAMP]]
+    assert trusted["prod"].root.roles[TIMESTAMP].keyids == [before["prod"][TIMESTAMP]]
+
+
+@sqlite_only
+def test_a_root_key_is_removed_with_both_halves(factory: Factory, tmp_path: Path) -> None:
+    """A key holder who left is removed by either id of their root key; both halves go."""
+    owner = Owner.start(factory, tmp_path / "owner")
+    devices = provision(factory, tmp_path / "devices")
+    follow_all(devices)
+    (alice,) = owner.keys(ROOT)
+    bob_archive = _second_owner_archive(owner, "bob")
+    owner.tufa("keys", "updates", "init", "-m", "bob joins")
+    owner.tufa("keys", "updates", "add-offline-key", "-r", "root", "-k", str(bob_archive))
+    (bob,) = owner.keys(ROOT, bob_archive)
+    assert not bob.is_shared
+    owner.tufa("keys", "updates", "sign", "-k", str(owner.archive))
+    owner.tufa("keys", "updates", "sign", "-k", str(bob_archive))
+    owner.tufa("keys", "updates", "apply")
+    for channel, trusted in follow_all(devices).items():
+        assert sorted(trusted.root.roles[ROOT].keyids) == halves([alice, bob], channel)
+
+    owner.tufa("keys", "updates", "init", "-m", "bob leaves")
+    out = owner.tufa(
+        "keys", "updates", "delete-offline-key", "-r", "root", "--key-id", bob.prod.keyid
+    )
+    assert f"remove root key {bob.prod.keyid}" in out
+    owner.tufa("keys", "updates", "sign", "-k", str(owner.archive))
+    owner.tufa("keys", "updates", "apply")
+    for channel, trusted in follow_all(devices).items():
+        assert trusted.root.roles[ROOT].keyids == halves([alice], channel)
+        assert not set(bob.keyids) & set(trusted.root.keys)
+    pairs = owner.json("factory", "show")["root_key_pairs"]
+    assert pairs == [{"ci": alice.ci.keyid, "prod": alice.prod.keyid}]
+
+
 # -- signing on an air-gapped machine ----------------------------------------------------------
 
 
