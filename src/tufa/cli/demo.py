@@ -6,6 +6,7 @@ the demo stops with an error the moment anything behaves other than described.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -14,6 +15,7 @@ import subprocess
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from typing import Any
 import click
 import httpx
 
-from tufa.cli.impostor import Impostor
+from tufa.cli.impostor import FileServer, Impostor
 from tufa.cli.local_server import LocalServer, console_script, stop_process
 
 AGENT_INTERVAL = "1"
@@ -127,7 +129,9 @@ def _run_story(story: _Story) -> None:
     story.say("a second download is refused: the server kept no copy")
     story.tufa("keys", "download", "again.tgz", fails=True)
 
-    story.chapter("3. Both channels' roots: same keys, production needs 2 targets signatures")
+    story.chapter(
+        "3. Both channels' roots: keys of their own, production needs 2 targets signatures"
+    )
     story.tufa("keys", "show-root", "-k", "demo-keys.tgz")
     story.tufa("keys", "show-root", "--prod", "-k", "demo-keys.tgz")
     story.tufa("factory", "show")
@@ -209,27 +213,75 @@ def _run_story(story: _Story) -> None:
     trusted_root = json.loads(
         story.command("tufa-agent", "status", "--json", "--dir", "devices/dev-board-1")
     )["trusted_metadata"]["root"]
-    impostor = Impostor("demo", "ci", trusted_root + 1, "rpi4", "main")
-    try:
-        config_file = story.agent_dir("dev-board-1") / "config.json"
-        genuine = config_file.read_bytes()
-        config = json.loads(genuine)
-        config_file.write_text(json.dumps({**config, "server": impostor.url}))
+    with _pointed_at(
+        story, "dev-board-1", Impostor("demo", "ci", trusted_root + 1, "rpi4", "main")
+    ):
         story.say(
-            f"a hijacked DNS name sends dev-board-1 to {impostor.url}, which offers build 765 "
-            "under a newer root, all signed with its own keys"
+            "a hijacked DNS name sends dev-board-1 to a server that offers build 765 under a "
+            "newer root, all signed with its own keys"
         )
         story.command("tufa-agent", "run", "--once", "--dir", "devices/dev-board-1", fails=True)
-        status = json.loads(
-            story.command("tufa-agent", "status", "--json", "--dir", "devices/dev-board-1")
+        _still_runs(story, "dev-board-1", "43")
+    story.say("refused: dev-board-1 still runs build 43; with its server back, it carries on")
+    story.command("tufa-agent", "run", "--once", "--dir", "devices/dev-board-1")
+
+    story.chapter("11. A man in the middle serves a production device the CI channel's files")
+    with _pointed_at(story, "field-unit-1", _recorded_ci_channel(story)):
+        story.say(
+            "genuine files, every one signed by the server or the owner: the CI channel's "
+            "roots, timestamp, snapshot and targets (build 43, never released), served at "
+            "the production URLs. The channels share no signing key, so none verifies"
         )
-        if (status["installed"] or {}).get("version") != "43":
-            raise click.ClickException("the impostor changed what dev-board-1 runs")
-        story.say("refused: dev-board-1 still runs build 43; with its server back, it carries on")
-        config_file.write_bytes(genuine)
-        story.command("tufa-agent", "run", "--once", "--dir", "devices/dev-board-1")
+        story.command("tufa-agent", "run", "--once", "--dir", "devices/field-unit-1", fails=True)
+        _still_runs(story, "field-unit-1", "42")
+    story.say("refused: field-unit-1 still runs the release, 42, and carries on")
+    story.command("tufa-agent", "run", "--once", "--dir", "devices/field-unit-1")
+
+
+@contextlib.contextmanager
+def _pointed_at(story: _Story, device: str, fake: FileServer) -> Iterator[None]:
+    """DEVICE's traffic goes to `fake` (a hijacked name), and back to the server after."""
+    config_file = story.agent_dir(device) / "config.json"
+    genuine = config_file.read_bytes()
+    config_file.write_text(json.dumps({**json.loads(genuine), "server": fake.url}))
+    try:
+        yield
     finally:
-        impostor.close()
+        config_file.write_bytes(genuine)
+        fake.close()
+
+
+def _still_runs(story: _Story, device: str, version: str) -> None:
+    status = json.loads(
+        story.command("tufa-agent", "status", "--json", "--dir", f"devices/{device}")
+    )
+    if (status["installed"] or {}).get("version") != version:
+        raise click.ClickException(f"the attack changed what {device} runs")
+
+
+def _recorded_ci_channel(story: _Story) -> FileServer:
+    """What a man in the middle who recorded the CI channel serves for the production
+    channel: the CI roots, and the timestamp, snapshot and targets CI devices get now."""
+    token = json.loads((story.workdir / "config.json").read_text())["token"]
+    base = f"{story.server.url}/api/v1/factories/demo/repo"
+
+    def ci_file(name: str) -> httpx.Response:
+        return httpx.get(f"{base}/ci/metadata/{name}", headers={"Authorization": f"Bearer {token}"})
+
+    files: dict[str, bytes] = {}
+    version = 1
+    while (root := ci_file(f"{version}.root.json")).status_code == 200:
+        files[f"{version}.root.json"] = root.content
+        version += 1
+    files["timestamp.json"] = ci_file("timestamp.json").content
+    snapshot = json.loads(files["timestamp.json"])["signed"]["meta"]["snapshot.json"]["version"]
+    files[f"{snapshot}.snapshot.json"] = ci_file(f"{snapshot}.snapshot.json").content
+    targets = json.loads(files[f"{snapshot}.snapshot.json"])["signed"]["meta"]["targets.json"]
+    name = f"{targets['version']}.targets.json"
+    files[name] = ci_file(name).content
+    return FileServer(
+        {f"{base.removeprefix(story.server.url)}/prod/metadata/{n}": b for n, b in files.items()}
+    )
 
 
 @click.command()
@@ -247,8 +299,9 @@ def demo(data_dir: Path | None, keep_running: bool) -> None:
     Starts `tufa-server run` on a free loopback port, then walks through factory
     creation, the one-time keys download, roots, tokens, devices registering with
     `tufa-agent`, the owner's key rotations, a root update transaction, CI builds
-    installed by a development device's agent, a wave to production agents, and a
-    device refusing an impostor server. Exits non-zero if any step misbehaves.
+    installed by a development device's agent, a wave to production agents, a device
+    refusing an impostor server, and a production device refusing the CI channel's
+    genuine files. Exits non-zero if any step misbehaves.
     """
     if keep_running and data_dir is None:
         raise click.UsageError("--keep-running needs --data-dir, so the data outlives the demo")
