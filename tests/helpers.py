@@ -193,6 +193,8 @@ DB_TABLES = (
     "key_archives",
     "tokens",
     "devices",
+    "targets",
+    "blob_owners",
 )
 
 

@@ -317,6 +317,8 @@ def test_identical_readd_is_a_noop_and_a_different_target_conflicts(
     assert first["targets_version"] == 2
 
     server = factory.server
+    other_bytes = secrets.token_bytes(5000)
+    upload(factory, other_bytes)  # so that the conflict, not a missing blob, is what's refused
     state = dump_all_tables(server)
     metadata = served_metadata(factory, "ci")
 
@@ -340,8 +342,6 @@ def test_identical_readd_is_a_noop_and_a_different_target_conflicts(
     assert served_metadata(factory, "ci") == metadata  # timestamp not even re-signed
 
     # A different target under the name: refused, whatever differs; nothing changes.
-    other_bytes = secrets.token_bytes(5000)
-    upload(factory, other_bytes)  # so that the conflict, not a missing blob, is what's refused
     differing = [
         target("fw-42", other_bytes, version="42"),
         same | {"version": "43"},
