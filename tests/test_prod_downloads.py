@@ -38,12 +38,12 @@ def get_file(factory: Factory, version: str, credential: str) -> bytes | None:
     return response.content
 
 
-def wave(owner: Owner, name: str, version: str, tag: str) -> None:
-    """`tufa waves init NAME VERSION TAG -k ARCHIVE`, over HTTP."""
-    md = prepared(owner.factory, version, tag)
+def wave(owner: Owner, name: str, version: str, tag: str, prune: tuple[str, ...] = ()) -> None:
+    """`tufa waves init NAME VERSION TAG -k ARCHIVE [--prune ...]`, over HTTP."""
+    md = prepared(owner.factory, version, tag, prune)
     for key in OfflineArchive.load(owner.archive).keys_for(TARGETS):
         md.sign(key.pair.signer(), append=True)
-    created = post_wave(owner.factory, name, version, md, tag=tag)
+    created = post_wave(owner.factory, name, version, md, tag=tag, prune=prune)
     assert created.status_code == 201, created.text
 
 
