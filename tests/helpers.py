@@ -196,6 +196,8 @@ DB_TABLES = (
     "key_archives",
     "tokens",
     "devices",
+    "targets",
+    "blob_owners",
 )
 
 

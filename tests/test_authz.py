@@ -75,6 +75,7 @@ updates-apply    401  401   403   401     401     403    403      403      ok   
 blob-upload      401  401   403   401     401     403    403      403      ok    ok  403  403
 targets-add      401  401   403   401     401     403    403      403      ok    ok  403  403
 targets-prune    401  401   403   401     401     403    403      403      ok    ok  403  403
+targets-delete   401  401   403   401     401     403    403      403      ok    ok  403  403
 targets-list     401  401   403   401     401     403    403      403      ok    ok  ok   403
 target-show      401  401   403   401     401     403    403      403      ok    ok  ok   403
 target-ci        401  401   403   401     401     ok     403      403      ok    ok  ok   403
@@ -131,6 +132,7 @@ ROUTES = {
     "blob-upload": ("PUT", "/api/v1/factories/{factory}/blobs/{sha256}"),
     "targets-add": ("POST", "/api/v1/factories/{factory}/targets"),
     "targets-prune": ("POST", "/api/v1/factories/{factory}/targets/prune"),
+    "targets-delete": ("POST", "/api/v1/factories/{factory}/targets/delete"),
     "targets-list": ("GET", "/api/v1/factories/{factory}/targets"),
     "target-show": ("GET", "/api/v1/factories/{factory}/targets/{name}"),
     "target-ci": ("GET", "/api/v1/factories/{factory}/repo/{channel}/targets/{filename}"),
@@ -339,6 +341,15 @@ class Tenant:
                 return "POST", path("/targets"), {"targets": [TARGET]}
             case "targets-prune":
                 return "POST", path("/targets/prune"), {"keep": 5}
+            case "targets-delete":
+                doomed = {
+                    **TARGET,
+                    "name": f"matrix-doomed-{secrets.token_hex(4)}",
+                    "url": "https://cdn.example.com/doomed",
+                }
+                token = self.factory.admin_token
+                self.admin("POST", "/targets", token=token, json={"targets": [doomed]})
+                return "POST", path("/targets/delete"), {"names": [doomed["name"]]}
             case "targets-list":
                 return "GET", path("/targets"), None
             case "target-show":
@@ -371,7 +382,10 @@ class Tenant:
                 device = self.device("prod")["id"]
                 return "POST", path(f"/device-groups/{group}/devices"), {"devices": [device]}
             case "target-ci" | "target-prod":
-                self._wave()  # production devices may download only released targets
+                self._wave()  # production devices may download only what their view lists
+                if endpoint == "target-prod":
+                    token = self.factory.admin_token
+                    self.admin("POST", f"/waves/{self._wave()}/rollout", token=token, json={})
                 channel = endpoint.removeprefix("target-")
                 return "GET", path(f"/repo/{channel}/targets/{BLOB_SHA256}.{TARGET['name']}"), None
         raise AssertionError(f"no request for endpoint {endpoint!r}")

@@ -317,6 +317,8 @@ def test_identical_readd_is_a_noop_and_a_different_target_conflicts(
     assert first["targets_version"] == 2
 
     server = factory.server
+    other_bytes = secrets.token_bytes(5000)
+    upload(factory, other_bytes)  # so that the conflict, not a missing blob, is what's refused
     state = dump_all_tables(server)
     metadata = served_metadata(factory, "ci")
 
@@ -340,8 +342,6 @@ def test_identical_readd_is_a_noop_and_a_different_target_conflicts(
     assert served_metadata(factory, "ci") == metadata  # timestamp not even re-signed
 
     # A different target under the name: refused, whatever differs; nothing changes.
-    other_bytes = secrets.token_bytes(5000)
-    upload(factory, other_bytes)  # so that the conflict, not a missing blob, is what's refused
     differing = [
         target("fw-42", other_bytes, version="42"),
         same | {"version": "43"},
@@ -411,6 +411,38 @@ BAD_TARGETS = [
     BadTarget("custom-list", [VALID | {"custom": ["a"]}], "'custom'"),
     BadTarget("custom-string", [VALID | {"custom": "x"}], "'custom'"),
     BadTarget("never-uploaded", [VALID | {"sha256": NEVER_UPLOADED}], NEVER_UPLOADED),
+    BadTarget("length-not-the-uploaded", [VALID | {"length": len(BAD_BLOB) + 1}], "'length' is"),
+    BadTarget(
+        "url-too-long",
+        [VALID | {"url": "https://cdn.example.com/".ljust(2049, "u")}],
+        "'url' may be at most 2048 characters",
+    ),
+    BadTarget(
+        "custom-too-large",
+        [VALID | {"custom": {"notes": "n" * (4097 - len('{"notes":""}'))}}],
+        "'custom' may be at most 4096 bytes",
+    ),
+    BadTarget(
+        "custom-too-deep",
+        [VALID | {"custom": json.loads('{"in":' * 8 + "{}" + "}" * 8)}],
+        "nests deeper than 8 levels",
+    ),
+    BadTarget(
+        "custom-list-too-deep",
+        [VALID | {"custom": json.loads('{"a":' + "[" * 8 + "]" * 8 + "}")}],
+        "nests deeper than 8 levels",
+    ),
+    BadTarget("custom-url", [VALID | {"custom": {"url": "https://x.example/a"}}], "'custom.url'"),
+    BadTarget("custom-version", [VALID | {"custom": {"version": "2"}}], "'custom.version'"),
+    BadTarget("custom-tags", [VALID | {"custom": {"tags": ["main"]}}], "'custom.tags'"),
+    BadTarget("custom-hardware-ids", [VALID | {"custom": {"hardwareIds": []}}], "'hardware_ids'"),
+    BadTarget(
+        "hardware-ids-too-many",
+        [VALID | {"hardware_ids": [f"hw{i}" for i in range(65)]}],
+        "1 to 64 labels",
+    ),
+    BadTarget("tags-too-many", [VALID | {"tags": [f"t{i}" for i in range(65)]}], "'tags'"),
+    BadTarget("tags-label-too-long", [VALID | {"tags": ["t" * 129]}], "'tags'"),
     BadTarget("not-an-object", ["fw-1"], "JSON object"),
     BadTarget("empty-list", [], "1 to 1000"),
     BadTarget("not-a-list", VALID, "'targets'"),

@@ -252,7 +252,7 @@ BODY_CASES = [
     _custom("infinity", {"x": float("inf")}, ".x' is the number inf"),
     _custom("minus-infinity", {"odd key": float("-inf")}, '["odd key"]\' is the number -inf'),
     _custom("int-below-64-bits", {"x": -(2**63) - 1}, ".x' is out of range"),
-    _publish("custom-too-deep", "nests deeper than 16 levels", custom=nested(17)),
+    _publish("custom-too-deep", "nests deeper than 8 levels", custom=nested(9)),
     _publish("body-too-deep", "nests deeper than 64 levels", custom=nested(70)),
     _publish("length-2-63", "field 'targets[0].length' is out of range", length=2**63),
     _publish("length-huge", "field 'targets[0].length' is out of range", length=10**30),
@@ -343,13 +343,13 @@ def test_body_cases_have_unique_ids() -> None:
 @pytest.mark.usefixtures("no_traceback")
 def test_plain_input_still_works(world: World) -> None:
     """The rules refuse only what cannot be stored or signed: a target with odd but
-    storable unicode, custom metadata 16 levels deep and the extreme 64-bit integers
+    storable unicode, custom metadata 8 levels deep and the extreme 64-bit integers
     publishes; ASCII rollout limits work."""
     custom = {
         "note": "naïve ☃ \U0001f680 \u202e \ufffd",
         "max": 2**63 - 1,
         "min": -(2**63),
-        "deep": nested(15),  # 16 levels with custom itself
+        "deep": nested(7),  # 8 levels with custom itself
     }
     published = world.factory.request(
         "POST", "/targets", json={"targets": [target(custom=custom, length=2**63 - 1)]}

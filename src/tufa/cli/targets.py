@@ -53,7 +53,8 @@ def _sha256_of(path: Path) -> str:
 
 
 def _upload(api: Api, path: Path, sha256: str, quiet: bool) -> None:
-    """Stream `path` to the blob store with a progress bar (skipped if stored already)."""
+    """Stream `path` to the blob store with a progress bar. The whole file is sent every
+    time: the server gives a factory a file only once it received the bytes from it."""
     size = path.stat().st_size
     with transfer_progress(quiet=quiet) as progress:
         task = progress.add_task(f"uploading {path.name}", total=size)
@@ -177,9 +178,9 @@ def add(
 ) -> None:
     """Publish target NAME to the CI channel (a CI-scoped token is enough).
 
-    Files are uploaded once (the store is content-addressed); then the CI targets,
-    snapshot and timestamp are re-signed in one step. Re-adding an identical target
-    changes nothing; a different target under an existing name is refused.
+    Each --file is uploaded in full, then the CI targets, snapshot and timestamp are
+    re-signed in one step. Re-adding an identical target changes nothing; a different
+    target under an existing name is refused.
 
     \b
     Examples:
@@ -271,6 +272,15 @@ def show(api: Api, name: str, as_json: bool) -> None:
     click.echo(f"{'custom':>10}: {json.dumps(found['custom'], sort_keys=True)}")
 
 
+def _print_removed(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print_json(result)
+        return
+    for removed in result["removed"]:
+        click.echo(f"Removed {removed} from CI targets.")
+    click.echo(f"CI targets version {result['targets_version']}.")
+
+
 @targets.command()
 @click.option("--keep", required=True, type=click.IntRange(min=1), help="Versions to keep.")
 @json_option
@@ -279,16 +289,37 @@ def prune(api: Api, keep: int, as_json: bool) -> None:
     """Drop all but the KEEP newest versions per hardware id and tag from CI targets.
 
     Production targets are not touched; files stay stored.
+
+    \b
+    Example:
+      tufa targets prune --keep 5
     """
     result = api.request(
         "POST", api.factory_path("/targets/prune"), json_body={"keep": keep}
     ).json()
-    if as_json:
-        print_json(result)
-        return
-    for removed in result["removed"]:
-        click.echo(f"Removed {removed} from CI targets.")
-    click.echo(f"CI targets version {result['targets_version']}.")
+    _print_removed(result, as_json)
+
+
+@targets.command()
+@click.argument("names", metavar="NAME...", nargs=-1, required=True)
+@json_option
+@with_api
+def delete(api: Api, names: tuple[str, ...], as_json: bool) -> None:
+    """Remove the targets NAME... from the CI channel, in one publish.
+
+    All of them go, in one new CI targets version, or none does: a name that is not in
+    the CI targets refuses the whole command. Production is not touched: a target that
+    a release lists stays served to its devices, and its file stays stored. A deleted
+    target can be published again, identical, with `tufa targets add`.
+
+    \b
+    Example:
+      tufa targets delete rpi4-image-40 rpi4-image-41
+    """
+    result = api.request(
+        "POST", api.factory_path("/targets/delete"), json_body={"names": list(names)}
+    ).json()
+    _print_removed(result, as_json)
 
 
 # -- offline (USB) update bundles ------------------------------------------------------

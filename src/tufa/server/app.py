@@ -36,7 +36,8 @@ log = logging.getLogger("tufa.server")
 class BodySizeLimit:
     """Refuse request bodies over a limit before they are read into memory.
 
-    Blob uploads stream to disk and have their own, much larger, limit.
+    Blob uploads stream to disk and have their own, much larger, limit; a signed wave
+    carries a whole production targets file and may be as large as devices accept.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int, max_blob_bytes: int) -> None:
@@ -48,8 +49,12 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        is_blob = targets.BLOB_PATH.match(scope["path"]) is not None
-        limit = self.max_blob_bytes if is_blob else self.max_bytes
+        if targets.BLOB_PATH.match(scope["path"]):
+            limit = self.max_blob_bytes
+        elif waves.CREATE_PATH.match(scope["path"]):
+            limit = max(self.max_bytes, waves.MAX_CREATE_BYTES)
+        else:
+            limit = self.max_bytes
         message = f"request body is larger than the limit of {limit} bytes"
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):

@@ -1,10 +1,15 @@
-"""The content-addressed blob store that holds uploaded target files.
+"""The content-addressed blob store that holds uploaded target files, and who may use them.
 
 A blob lives at `ROOT/sha256/ab/abcdef...`, named by its SHA-256, so the same file
 uploaded by two factories or twice is stored once, and a stored blob never changes.
 Uploads stream to a temporary file beside the final one, hashed on the way; only a
 complete upload whose hash and length match is renamed into place (atomically), so a
 cut connection or a wrong hash never leaves a partial blob behind.
+
+Storage is shared; access is not. A factory may publish and serve a blob only once it
+uploaded the bytes itself (`blob_owners`). Every upload is received, hashed and written
+in full, whether or not the file is stored already, so neither the answer nor its
+timing tells an uploader what other factories hold (ADR 0010).
 """
 
 from __future__ import annotations
@@ -14,9 +19,14 @@ import hashlib
 import os
 import re
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
+from datetime import datetime
 from pathlib import Path
 
+from sqlalchemy import Connection, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from tufa.server.db import blob_owners
 from tufa.server.errors import ApiError, bad_request
 
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
@@ -31,20 +41,17 @@ class BlobStore:
             raise bad_request(f"{sha256!r} is not a lowercase hex SHA-256")
         return self.root / "sha256" / sha256[:2] / sha256
 
-    def exists(self, sha256: str) -> bool:
-        return self.path_for(sha256).is_file()
-
     async def put(
         self, chunks: AsyncIterator[bytes], sha256: str, length: int, max_bytes: int
-    ) -> bool:
-        """Store the streamed bytes as blob `sha256`; False if it was already stored."""
+    ) -> None:
+        """Receive the streamed bytes in full, check them, and store them as `sha256`.
+
+        The same steps run when the blob is stored already (its bytes are replaced by
+        identical ones), so nothing in the outcome depends on other factories' uploads.
+        """
         final = self.path_for(sha256)
         if length > max_bytes:
             raise ApiError(413, "too_large", f"blobs may be at most {max_bytes} bytes")
-        if final.is_file():
-            async for _ in chunks:  # drain the request so the client sees the answer
-                pass
-            return False
         incoming = self.root / "incoming"
         incoming.mkdir(parents=True, exist_ok=True)
         tmp = incoming / f"{sha256}.{secrets.token_hex(4)}.part"
@@ -71,4 +78,30 @@ class BlobStore:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
-        return True
+
+
+def grant(conn: Connection, factory_id: int, sha256: str, length: int, now: datetime) -> None:
+    """Record that the factory uploaded these (verified) bytes: it may use them now."""
+    where = (blob_owners.c.factory_id == factory_id, blob_owners.c.sha256 == sha256)
+    # The verified length wins over one recorded from an older target (migration 0007).
+    if conn.execute(update(blob_owners).where(*where).values(length=length)).rowcount:
+        return
+    try:
+        with conn.begin_nested():
+            conn.execute(
+                insert(blob_owners).values(
+                    factory_id=factory_id, sha256=sha256, length=length, created_at=now
+                )
+            )
+    except IntegrityError:
+        pass  # the same factory's concurrent upload of the same bytes recorded it first
+
+
+def owned_lengths(conn: Connection, factory_id: int, digests: Iterable[str]) -> dict[str, int]:
+    """SHA-256 -> length of the blobs among `digests` that the factory uploaded."""
+    rows = conn.execute(
+        select(blob_owners.c.sha256, blob_owners.c.length).where(
+            blob_owners.c.factory_id == factory_id, blob_owners.c.sha256.in_(set(digests))
+        )
+    ).all()
+    return {row.sha256: row.length for row in rows}

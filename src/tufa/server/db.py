@@ -132,7 +132,8 @@ online_keys = Table(
 
 # Every target CI has published: the inventory behind the CI targets metadata, the
 # source that waves build production targets from, and what devices may download.
-# Blobs are shared by content; `url` is set for external targets (described only).
+# `url` is set for external targets (described only); the others name a blob the
+# factory owns (`blob_owners`).
 targets = Table(
     "targets",
     schema,
@@ -144,9 +145,23 @@ targets = Table(
     Column("custom", Text, nullable=False),
     Column("version", String(64), nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
+    # When the target left the CI targets (`prune` or `delete`); production views that
+    # list it keep serving it.
     Column("pruned_at", UTCDateTime),
     # Set when a wave first includes the target: production devices may download it.
     Column("released_at", UTCDateTime),
+)
+
+# Which factory may use which stored file. The blob store keeps one file per SHA-256
+# for the whole server; access is per factory: a row exists once the factory uploaded
+# the bytes itself (or, for targets published before this table, referenced them).
+blob_owners = Table(
+    "blob_owners",
+    schema,
+    Column("factory_id", Integer, ForeignKey("factories.id"), primary_key=True),
+    Column("sha256", String(64), primary_key=True),
+    Column("length", BigInteger, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
 )
 
 # Releases on demand: production targets for a tag, signed offline, served to the

@@ -1,4 +1,4 @@
-"""CI publishing: targets added (or pruned) and the CI channel re-signed in one step.
+"""CI publishing: targets added (pruned, deleted) and the CI channel re-signed in one step.
 
 Each publish runs in one transaction holding the CI channel's lock, so concurrent
 publishers (threads, processes, replicas on one PostgreSQL) are serialised: each one
@@ -17,12 +17,13 @@ from typing import Any
 
 from sqlalchemy import Connection, insert, select, update
 from tuf.api.metadata import Metadata, TargetFile, Targets
+from tuf.ngclient import UpdaterConfig
 
-from tufa.core.metadata import TARGETS, Channel, build_targets, expiry, sign
+from tufa.core.metadata import TARGETS, Channel, build_targets, expiry, sign, to_bytes
 from tufa.core.selection import version_key
-from tufa.server.blobs import SHA256_PATTERN
+from tufa.server.blobs import SHA256_PATTERN, owned_lengths
 from tufa.server.db import targets as targets_table
-from tufa.server.errors import bad_request, conflict
+from tufa.server.errors import ApiError, bad_request, conflict, not_found
 from tufa.server.inputs import refuse_unsignable_json
 from tufa.server.state import ServerState
 
@@ -31,7 +32,34 @@ LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}")
 # Versions are stored (targets, waves, device reports) in 64 characters.
 VERSION_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,63}")
 MAX_TARGETS_PER_PUBLISH = 1000
-MAX_CUSTOM_DEPTH = 16
+# Per target, so that one CI token cannot fill the targets metadata every device
+# downloads with a few huge entries (the total is bounded below too).
+MAX_URL_LENGTH = 2048
+MAX_LABELS = 64  # hardware ids, and tags
+MAX_CUSTOM_BYTES = 4096  # as compact JSON
+# Levels of objects and lists, the custom object itself being one: also leaves room for
+# the metadata around it in the bodies that carry it later (a wave's signed targets, a
+# root update's production targets), which may nest at most MAX_JSON_DEPTH.
+MAX_CUSTOM_DEPTH = 8
+# Keys of `custom` that tufa writes from the target's own fields: devices select on them
+# and tufa-agent downloads from custom "url", so nobody may set them any other way.
+RESERVED_CUSTOM = {
+    "version": "version",
+    "hardwareIds": "hardware_ids",
+    "tags": "tags",
+    "url": "url",
+}
+# Every device must be able to download every targets file published: python-tuf's
+# ngclient refuses one longer than UpdaterConfig.targets_max_length (5,000,000 bytes) by
+# default, tufa-agent one longer than 8 MiB. Publishes stop short of the lower limit,
+# leaving room for the signatures a later key rotation may add to the same targets.
+NGCLIENT_TARGETS_MAX_LENGTH = UpdaterConfig().targets_max_length
+MAX_TARGETS_BYTES = NGCLIENT_TARGETS_MAX_LENGTH - 64 * 1024
+PRUNE_ADVICE = (
+    "remove targets from the CI channel first: `tufa targets prune --keep N` keeps the N "
+    "newest versions per hardware id and tag, `tufa targets delete NAME...` removes the "
+    "targets named"
+)
 
 
 @dataclass(frozen=True)
@@ -77,12 +105,11 @@ def parse_target(data: Any, where: str) -> TargetSpec:
         not isinstance(url, str) or not url.startswith(("https://", "http://"))
     ):
         raise bad_request(f"target {name!r}: 'url' must be an http(s) URL")
-    custom = data.get("custom", {})
-    if not isinstance(custom, dict):
-        raise bad_request(f"target {name!r}: 'custom' must be a JSON object")
-    # Shallower than any body may be, to leave room for the metadata around it in the
-    # bodies that carry it later (a wave's signed targets, a root update's prod targets).
-    refuse_unsignable_json(custom, f"{where}.custom", max_depth=MAX_CUSTOM_DEPTH)
+    if url is not None and len(url) > MAX_URL_LENGTH:
+        raise bad_request(
+            f"target {name!r}: 'url' may be at most {MAX_URL_LENGTH} characters (it has {len(url)})"
+        )
+    custom = _custom(data.get("custom", {}), name, f"{where}.custom")
     version = data.get("version")
     if not isinstance(version, str) or not VERSION_LABEL.fullmatch(version):
         raise bad_request(
@@ -99,11 +126,54 @@ def parse_target(data: Any, where: str) -> TargetSpec:
 def _labels(value: Any, name: str, field: str) -> list[str]:
     if (
         not isinstance(value, list)
-        or not value
+        or not 1 <= len(value) <= MAX_LABELS
         or not all(isinstance(v, str) and LABEL.fullmatch(v) for v in value)
     ):
-        raise bad_request(f"target {name!r}: '{field}' must be a non-empty list of short labels")
+        raise bad_request(
+            f"target {name!r}: '{field}' must be a list of 1 to {MAX_LABELS} labels of up to "
+            "128 letters, digits or . _ : + -"
+        )
     return sorted(set(value))
+
+
+def _custom(value: Any, name: str, where: str) -> dict[str, Any]:
+    """The extra custom metadata of a target (at JSON path `where`): a small JSON
+    object, no reserved key."""
+    if not isinstance(value, dict):
+        raise bad_request(f"target {name!r}: 'custom' must be a JSON object")
+    for key, field in RESERVED_CUSTOM.items():
+        if key in value:
+            meaning = (
+                ": a target with 'url' is an external one that devices download from there "
+                "(give 'sha256' and 'length' too); without it they download the uploaded file "
+                "from this server"
+                if key == "url"
+                else ""
+            )
+            raise bad_request(
+                f"target {name!r}: 'custom.{key}' is written by tufa from the target's "
+                f"'{field}' field; give it there instead{meaning}"
+            )
+    refuse_unsignable_json(value, where, max_depth=MAX_CUSTOM_DEPTH)
+    size = len(json.dumps(value, separators=(",", ":")))
+    if size > MAX_CUSTOM_BYTES:
+        raise bad_request(
+            f"target {name!r}: 'custom' may be at most {MAX_CUSTOM_BYTES} bytes as compact "
+            f"JSON (it has {size}); keep large data in the target file itself"
+        )
+    return value
+
+
+def refuse_oversized_targets(size: int, what: str, advice: str) -> None:
+    """Refuse a publish whose targets metadata some device could not download."""
+    if size > MAX_TARGETS_BYTES:
+        raise ApiError(
+            409,
+            "targets_too_large",
+            f"{what} would be {size} bytes, more than the {MAX_TARGETS_BYTES} that every "
+            f"device accepts (python-tuf's ngclient refuses more than "
+            f"{NGCLIENT_TARGETS_MAX_LENGTH} by default): {advice}. Nothing was published",
+        )
 
 
 @dataclass(frozen=True)
@@ -130,14 +200,9 @@ class CiPublisher:
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise bad_request("the same target name appears twice in one publish")
-        for spec in specs:
-            if spec.url is None and not self.state.blobs.exists(spec.sha256):
-                raise bad_request(
-                    f"target {spec.name!r}: no uploaded file has SHA-256 {spec.sha256}; upload "
-                    "it first (`tufa targets add --file` does both)"
-                )
         with self.state.db.write() as conn:
             self.state.db.lock_channel(conn, factory_id, Channel.CI.value)
+            self._check_uploaded(conn, factory_id, specs)
             now = self.state.settings.clock.now()
             known = {
                 row.name: row
@@ -192,13 +257,31 @@ class CiPublisher:
             version = self._publish(conn, factory_id, current, now) if added else 0
         return PublishResult(added, unchanged, [], version or self._version(factory_id))
 
+    @staticmethod
+    def _check_uploaded(conn: Connection, factory_id: int, specs: list[TargetSpec]) -> None:
+        """A target served from this server names a file this factory uploaded, with its
+        length. The answer is the same whether or not another factory holds the file."""
+        hosted = [spec for spec in specs if spec.url is None]
+        owned = owned_lengths(conn, factory_id, (spec.sha256 for spec in hosted))
+        for spec in hosted:
+            if spec.sha256 not in owned:
+                raise bad_request(
+                    f"target {spec.name!r}: 'sha256': this factory has no uploaded file with "
+                    f"SHA-256 {spec.sha256}; upload it first (`tufa targets add --file` does "
+                    "both), or give the 'url' devices download it from"
+                )
+            if owned[spec.sha256] != spec.length:
+                raise bad_request(
+                    f"target {spec.name!r}: 'length' is {spec.length}, but the uploaded file "
+                    f"with SHA-256 {spec.sha256} has {owned[spec.sha256]} bytes"
+                )
+
     def prune(self, factory_id: int, keep: int) -> PublishResult:
         """Keep the `keep` highest versions per (hardware id, tag) in the CI targets."""
         if keep < 1:
             raise bad_request("'keep' must be at least 1")
         with self.state.db.write() as conn:
             self.state.db.lock_channel(conn, factory_id, Channel.CI.value)
-            now = self.state.settings.clock.now()
             current = dict(self._current(conn, factory_id).targets)
             versions: dict[tuple[str, str], set[str]] = defaultdict(set)
             for target in current.values():
@@ -218,21 +301,46 @@ class CiPublisher:
                     for tag in target.custom.get("tags", [])
                 )
             )
-            for name in removed:
-                del current[name]
             if removed:
-                conn.execute(
-                    update(targets_table)
-                    .where(
-                        targets_table.c.factory_id == factory_id,
-                        targets_table.c.name.in_(removed),
-                    )
-                    .values(pruned_at=now)
-                )
-                version = self._publish(conn, factory_id, current, now)
+                version = self._remove(conn, factory_id, current, removed)
             else:
                 version = self._current(conn, factory_id).version
         return PublishResult([], [], removed, version)
+
+    def delete(self, factory_id: int, names: list[str]) -> PublishResult:
+        """Remove the targets `names` from the CI targets, all in one publish or none.
+
+        Production views are signed offline and keep their own list: a target they list
+        stays served to their devices, and its file stays stored."""
+        if not names or len(names) > MAX_TARGETS_PER_PUBLISH:
+            raise bad_request(f"'names' must list 1 to {MAX_TARGETS_PER_PUBLISH} target names")
+        if len(set(names)) != len(names):
+            raise bad_request("'names' lists the same target twice")
+        with self.state.db.write() as conn:
+            self.state.db.lock_channel(conn, factory_id, Channel.CI.value)
+            current = dict(self._current(conn, factory_id).targets)
+            missing = sorted(set(names) - set(current))
+            if missing:
+                raise not_found(
+                    f"not in the CI targets: {', '.join(missing)}; nothing was deleted "
+                    "(`tufa targets list` shows what is)"
+                )
+            version = self._remove(conn, factory_id, current, sorted(names))
+        return PublishResult([], [], sorted(names), version)
+
+    def _remove(
+        self, conn: Connection, factory_id: int, current: dict[str, TargetFile], names: list[str]
+    ) -> int:
+        """Publish `current` less `names`, and record when they left the CI targets."""
+        now = self.state.settings.clock.now()
+        for name in names:
+            del current[name]
+        conn.execute(
+            update(targets_table)
+            .where(targets_table.c.factory_id == factory_id, targets_table.c.name.in_(names))
+            .values(pruned_at=now)
+        )
+        return self._publish(conn, factory_id, current, now)
 
     def _publish(
         self, conn: Connection, factory_id: int, listed: dict[str, TargetFile], now: datetime
@@ -242,6 +350,7 @@ class CiPublisher:
             build_targets(version, expiry(now, self.state.settings.ci_targets_expiry), listed),
             [self.repo.online_signer(conn, factory_id, Channel.CI, TARGETS)],
         )
+        refuse_oversized_targets(len(to_bytes(signed)), "the CI targets metadata", PRUNE_ADVICE)
         self.repo.store(conn, factory_id, Channel.CI, signed)
         self.repo.publish_snapshot_and_timestamp(conn, factory_id, Channel.CI, version, now)
         return version

@@ -21,7 +21,7 @@ from sqlalchemy import Connection, exists, func, insert, select, update
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, Root, TargetFile, Targets
 
-from tufa.core.metadata import TARGETS, Channel, build_targets, expiry
+from tufa.core.metadata import TARGETS, Channel, build_targets, expiry, to_bytes
 from tufa.core.selection import version_key
 from tufa.server.db import (
     channels,
@@ -33,6 +33,7 @@ from tufa.server.db import (
     waves,
 )
 from tufa.server.errors import ApiError, bad_request, conflict, not_found
+from tufa.server.publishing import refuse_oversized_targets
 from tufa.server.signatures import verify_signature
 from tufa.server.state import ServerState
 from tufa.server.views import tag_view, wave_view
@@ -78,11 +79,14 @@ class Waves:
         the owner to sign."""
         if not 1 <= expires_days <= MAX_EXPIRES_DAYS:
             raise bad_request(f"'expires_days' must be 1 to {MAX_EXPIRES_DAYS}")
-        return build_targets(
+        built = build_targets(
             self._next_version(conn, factory_id),
             expiry(self.state.settings.clock.now(), timedelta(days=expires_days)),
             self._content(conn, factory_id, tag, version, prune),
         )
+        # Checked before anyone signs; the signatures fit in the room the limit leaves.
+        _refuse_oversized(tag, len(to_bytes(Metadata(built))))
+        return built
 
     def _content(
         self, conn: Connection, factory_id: int, tag: str, version: str, prune: list[str]
@@ -155,6 +159,7 @@ class Waves:
             raise bad_request(f"a wave must expire within {MAX_EXPIRES_DAYS} days from now")
         self._check_offline_signatures(conn, factory_id, md)
         md.sign(self.repo.online_signer(conn, factory_id, PROD, TARGETS), append=True)
+        _refuse_oversized(tag, len(to_bytes(md)))
         counter = self.repo.bump(conn, factory_id, PROD, TARGETS)[TARGETS]
         if counter != md.signed.version:
             raise conflict("production targets changed meanwhile; run `tufa waves init` again")
@@ -462,6 +467,15 @@ class Waves:
             {k: v for k, v in self.describe(conn, factory_id, n).items() if k != "metadata"}
             for n in names
         ]
+
+
+def _refuse_oversized(tag: str, size: int) -> None:
+    refuse_oversized_targets(
+        size,
+        f"the production targets of tag {tag!r}",
+        "leave old versions out of the wave with `tufa waves init NAME VERSION TAG -k ARCHIVE "
+        "--prune V1,V2` (devices keep what they installed)",
+    )
 
 
 def _limit(limit: str | None, available: int) -> int:

@@ -7,11 +7,17 @@ straight from storage with their ETag; versioned files are immutable and cacheab
 
 `timestamp.json?tag=T` on the production channel gives a token holder the timestamp a
 production device of tag T is served (what `tufa targets offline-update --prod` bundles).
+
+Target files are served only from blobs the factory uploaded itself; a production device
+gets only the targets its own view lists (its tag's release, or its wave), token holders
+any released target.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
-from tufa.core.metadata import ROOT, TIMESTAMP, Channel
+from tufa.core.metadata import ROOT, TARGETS, TIMESTAMP, Channel
 from tufa.server.api.common import threaded
 from tufa.server.auth import (
     Scope,
@@ -30,7 +36,7 @@ from tufa.server.auth import (
     require_factory,
     unauthorized,
 )
-from tufa.server.db import factories, targets
+from tufa.server.db import blob_owners, factories, targets
 from tufa.server.errors import bad_request, not_found
 from tufa.server.publishing import LABEL
 from tufa.server.repository import DEFAULT_VIEW, StoredFile
@@ -42,10 +48,22 @@ _LATEST = {"timestamp.json": TIMESTAMP, "root.json": ROOT}
 _IMMUTABLE = "max-age=31536000, immutable"
 CHANNELS = frozenset(c.value for c in Channel)
 READERS = {Scope.ADMIN, Scope.CI, Scope.READ}
-_TARGET_BY_NAME = select(targets.c.url, targets.c.released_at).where(
-    targets.c.factory_id == bindparam("factory_id"),
-    targets.c.name == bindparam("name"),
-    targets.c.sha256 == bindparam("sha256"),
+# A target of the factory, and whether the factory owns the file it names (external
+# targets own none: they are downloaded from their URL).
+_TARGET_BY_NAME = (
+    select(targets.c.url, targets.c.released_at, blob_owners.c.sha256.label("owned"))
+    .select_from(
+        targets.outerjoin(
+            blob_owners,
+            (blob_owners.c.factory_id == targets.c.factory_id)
+            & (blob_owners.c.sha256 == targets.c.sha256),
+        )
+    )
+    .where(
+        targets.c.factory_id == bindparam("factory_id"),
+        targets.c.name == bindparam("name"),
+        targets.c.sha256 == bindparam("sha256"),
+    )
 )
 _FACTORY_BY_NAME = select(factories.c.id, factories.c.anonymous_read).where(
     factories.c.name == bindparam("name")
@@ -66,6 +84,15 @@ def _parse_filename(filename: str) -> tuple[str, int | None]:
     raise not_found(f"{filename!r} is not a TUF metadata file of this repository")
 
 
+@dataclass(frozen=True)
+class _Reader:
+    """The factory row a caller may read a channel of, and what it is served."""
+
+    factory: Any
+    view: str
+    device: bool  # a device credential: served its own view, whatever it asks for
+
+
 def _authorize(
     state: ServerState,
     conn: Connection,
@@ -73,10 +100,10 @@ def _authorize(
     name: str,
     channel: str,
     tag: str | None = None,
-) -> tuple[Any, str]:
-    """The factory row, if the caller may read `channel` of it, and the caller's view:
-    a production device's tag or wave; for a token, the production view of `tag` if one
-    is asked for; the channel's default view for everyone else."""
+) -> _Reader:
+    """The factory, if the caller may read `channel` of it, and the caller's view: a
+    production device's tag or wave; for a token, the production view of `tag` if one is
+    asked for; the channel's default view for everyone else."""
     principal = (
         authenticate(conn, secret, state.settings.clock.now()) if secret is not None else None
     )
@@ -88,21 +115,18 @@ def _authorize(
             # Refused rather than ignored: the caller would silently take the default
             # view for what the tag's devices are served.
             raise unauthorized("reading a tag's timestamp (?tag=) needs a token")
-    else:
-        require_factory(principal, name, READERS, device_reads=True)
-        if principal.kind == "device":
-            # A device is served its own view whatever it asks for.
-            if principal.channel != channel:
-                raise forbidden(
-                    f"this device follows the {principal.channel} channel, not {channel}"
-                )
-            return factory, principal.view
-        if tag is not None and channel == Channel.PROD.value:
-            if not LABEL.fullmatch(tag):
-                raise bad_request(f"?tag={tag!r} is not a tag: tags are labels such as 'main'")
-            # CI devices of any tag are served the default view, so only prod has tags.
-            return factory, tag_view(tag)
-    return factory, principal.view if principal is not None else DEFAULT_VIEW
+        return _Reader(factory, DEFAULT_VIEW, device=False)
+    require_factory(principal, name, READERS, device_reads=True)
+    if principal.kind == "device":
+        if principal.channel != channel:
+            raise forbidden(f"this device follows the {principal.channel} channel, not {channel}")
+        return _Reader(factory, principal.view, device=True)
+    if tag is not None and channel == Channel.PROD.value:
+        if not LABEL.fullmatch(tag):
+            raise bad_request(f"?tag={tag!r} is not a tag: tags are labels such as 'main'")
+        # CI devices of any tag are served the default view, so only prod has tags.
+        return _Reader(factory, tag_view(tag), device=False)
+    return _Reader(factory, principal.view, device=False)
 
 
 def _lookup(
@@ -116,24 +140,50 @@ def _lookup(
     """Authenticate, authorise and find the file in one read transaction."""
     role, version = _parse_filename(filename)
     with state.db.read() as conn:
-        factory, view = _authorize(state, conn, secret, name, channel, tag)
-        stored = state.repo.read_file(conn, factory.id, channel, role, version, view)
+        reader = _authorize(state, conn, secret, name, channel, tag)
+        stored = state.repo.read_file(conn, reader.factory.id, channel, role, version, reader.view)
     if stored is None:
         raise not_found(f"{filename} does not exist in the {channel} channel")
-    return stored, bool(factory.anonymous_read)
+    return stored, bool(reader.factory.anonymous_read)
+
+
+def _listed_in_view(
+    state: ServerState, conn: Connection, factory_id: int, view: str, name: str, sha256: str
+) -> bool:
+    """Whether the production targets that `view` serves list target `name` with this
+    SHA-256 (a view with no release yet serves the default view's, as its timestamp)."""
+    stored = state.repo.read_file(conn, factory_id, Channel.PROD.value, TARGETS, None, view)
+    assert stored is not None
+    # The server's own signed bytes: plain JSON is enough to look one entry up.
+    listed = json.loads(stored.body)["signed"]["targets"].get(name)
+    return listed is not None and listed["hashes"].get("sha256") == sha256
 
 
 def _target_blob(
     state: ServerState, secret: str | None, name: str, channel: str, filename: str
 ) -> Path:
-    """The stored file behind `SHA256.NAME`, the consistent-snapshot target path."""
+    """The stored file behind `SHA256.NAME`, the consistent-snapshot target path.
+
+    CI: any target the factory published. Production: for a device, a target its own
+    view lists; for a token holder, any target a wave released."""
     digest, _, target = filename.partition(".")
     with state.db.read() as conn:
-        factory, _ = _authorize(state, conn, secret, name, channel)
+        reader = _authorize(state, conn, secret, name, channel)
+        factory_id = reader.factory.id
         row = conn.execute(
-            _TARGET_BY_NAME, {"factory_id": factory.id, "name": target, "sha256": digest}
+            _TARGET_BY_NAME, {"factory_id": factory_id, "name": target, "sha256": digest}
         ).first()
-    if row is None or (channel == Channel.PROD.value and row.released_at is None):
+        served = row is not None and (
+            channel == Channel.CI.value
+            or (
+                _listed_in_view(state, conn, factory_id, reader.view, target, digest)
+                if reader.device
+                else row.released_at is not None
+            )
+        )
+    # Publishing already checks that the factory owns the file; checked again here so
+    # that no path serves another factory's bytes.
+    if row is None or not served or (row.url is None and row.owned is None):
         raise not_found(f"{filename} is not a target of the {channel} channel of {name!r}")
     if row.url is not None:
         raise not_found(f"{target} is an external target: download it from {row.url}")

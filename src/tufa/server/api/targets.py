@@ -17,6 +17,7 @@ from tufa.core.metadata import TARGETS, Channel
 from tufa.core.selection import version_key
 from tufa.server.api.common import caller, field, iso, json_object, ok, threaded
 from tufa.server.auth import Scope, require_factory
+from tufa.server.blobs import grant
 from tufa.server.db import targets as targets_table
 from tufa.server.errors import bad_request, not_found
 from tufa.server.publishing import CiPublisher, PublishResult, parse_target
@@ -55,20 +56,27 @@ def target_json(target: TargetFile) -> dict[str, Any]:
 
 async def upload_blob(request: Request) -> JSONResponse:
     state, principal = await caller(request)
-    require_factory(principal, request.path_params["factory"], PUBLISHERS)
+    uploader = require_factory(principal, request.path_params["factory"], PUBLISHERS)
     declared = request.headers.get("content-length")
     if declared is None or not declared.isdigit():
         raise bad_request("blob uploads need a Content-Length header")
-    sha256 = request.path_params["sha256"]
+    sha256, length = request.path_params["sha256"], int(declared)
+    assert uploader.factory_id is not None
+    factory_id = uploader.factory_id
     try:
-        stored = await state.blobs.put(
-            request.stream(), sha256, int(declared), state.settings.max_blob_bytes
-        )
+        await state.blobs.put(request.stream(), sha256, length, state.settings.max_blob_bytes)
     except ClientDisconnect as e:
         # The uploader went away; nothing was stored, and it is not the server's fault.
         log.info("upload of blob %s cut short by the client", sha256)
         raise bad_request("the upload was cut short; nothing was stored") from e
-    return ok({"sha256": sha256, "length": int(declared), "stored": stored}, status=201)
+
+    def record() -> None:
+        with state.db.write() as conn:
+            grant(conn, factory_id, sha256, length, state.settings.clock.now())
+
+    await threaded(record)
+    # The same answer whether or not any factory had these bytes before (ADR 0010).
+    return ok({"sha256": sha256, "length": length, "stored": True}, status=201)
 
 
 async def add(request: Request) -> JSONResponse:
@@ -89,6 +97,17 @@ async def prune(request: Request) -> JSONResponse:
     assert publisher.factory_id is not None
     factory_id = publisher.factory_id
     return ok(_result(await threaded(lambda: CiPublisher(state).prune(factory_id, keep))))
+
+
+async def delete(request: Request) -> JSONResponse:
+    state, principal = await caller(request)
+    publisher = require_factory(principal, request.path_params["factory"], PUBLISHERS)
+    names = field(await json_object(request), "names", list)
+    if not all(isinstance(name, str) for name in names):
+        raise bad_request("field 'names' must be a list of target names (strings)")
+    assert publisher.factory_id is not None
+    factory_id = publisher.factory_id
+    return ok(_result(await threaded(lambda: CiPublisher(state).delete(factory_id, names))))
 
 
 def _listed(
@@ -161,5 +180,6 @@ routes = [
     Route("/api/v1/factories/{factory}/targets", add, methods=["POST"]),
     Route("/api/v1/factories/{factory}/targets", list_all, methods=["GET"]),
     Route("/api/v1/factories/{factory}/targets/prune", prune, methods=["POST"]),
+    Route("/api/v1/factories/{factory}/targets/delete", delete, methods=["POST"]),
     Route("/api/v1/factories/{factory}/targets/{name}", show, methods=["GET"]),
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -25,13 +26,18 @@ from tufa.server.api.common import (
 from tufa.server.auth import Scope, require_factory
 from tufa.server.db import device_group_members, device_groups, devices
 from tufa.server.errors import bad_request, conflict, not_found
-from tufa.server.publishing import LABEL, VERSION_LABEL
+from tufa.server.publishing import LABEL, NGCLIENT_TARGETS_MAX_LENGTH, VERSION_LABEL
 from tufa.server.state import ServerState
 from tufa.server.waves import WAVE_NAME, Waves
 
 ADMIN = {Scope.ADMIN}
 READERS = {Scope.ADMIN, Scope.CI, Scope.READ}
 PREFIX = "/api/v1/factories/{factory}/waves"
+# A signed wave (POST PREFIX) carries its production targets as JSON: room for the
+# largest targets file devices accept (larger ones are refused as such), and for the
+# spacing of JSON as clients send it.
+CREATE_PATH = re.compile(r"^/api/v1/factories/[^/]+/waves$")
+MAX_CREATE_BYTES = 2 * NGCLIENT_TARGETS_MAX_LENGTH
 
 
 async def _allowed(request: Request, scopes: set[Scope]) -> tuple[ServerState, int]:
