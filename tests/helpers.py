@@ -193,6 +193,9 @@ DB_TABLES = (
     "key_archives",
     "tokens",
     "devices",
+    "device_events",
+    "device_group_members",
+    "retired_credentials",
 )
 
 
