@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 from securesystemslib.signer import Signer
-from sqlalchemy import Engine, create_engine, select
+from sqlalchemy import Engine, Executable, Row, create_engine, select
 from sqlalchemy.pool import NullPool
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, Targets, Timestamp
 from tuf.ngclient import FetcherInterface, Updater
@@ -213,6 +213,12 @@ def dump_database(server: Server) -> dict[str, list[tuple[Any, ...]]]:
             rows = conn.execute(select(db.schema.tables[name])).all()
             dump[name] = sorted((tuple(row) for row in rows), key=repr)
     return dump
+
+
+def db_rows(server: Server, statement: Executable) -> list[Row[Any]]:
+    """The rows a query returns from the server's database, for what no API shows."""
+    with _engine(server.local.db_url).connect() as conn:
+        return list(conn.execute(statement).all())
 
 
 def dump_all_tables(server: Server) -> dict[str, list[tuple[Any, ...]]]:
