@@ -10,6 +10,7 @@ in test_agent_power_cut.py; the server's side is in test_credentials.py.
 
 from __future__ import annotations
 
+import json
 import stat
 import time
 from pathlib import Path
@@ -37,16 +38,26 @@ def refused(exchange: Exchange) -> bool:
     return exchange.status == 401
 
 
+def lose_reports(exchange: Exchange) -> None:
+    """A server that cannot take reports for a while: the agent keeps them queued."""
+    if exchange.path.endswith("/device-reports"):
+        exchange.status, exchange.body = 503, b"busy"
+
+
 def test_a_revoked_agent_says_so_keeps_its_version_and_stops_asking(
     factory: Factory, tmp_path: Path
 ) -> None:
     v42 = publish_build(factory, "42")
     proxy = TamperingProxy(factory.server.url)
     device = AgentDevice.register(factory, tmp_path, server_url=proxy.url)
+    proxy.tamper = lose_reports
     try:
         device.start("--max-backoff", "4", interval=0.2)
         device.wait_installed("42")
+        # Its install events are still queued: a cycle that reported would send them.
+        assert json.loads((device.dir / "events.json").read_bytes())
         tufa(factory, tmp_path, "devices", "revoke", device.name)
+        proxy.tamper = None
         publish_build(factory, "43")  # what it would install, were it not revoked
         device.wait_for(lambda s: "credential revoked" in (s.get("last_error") or ""))
         first = next(i for i, e in enumerate(proxy.seen) if refused(e))
