@@ -139,7 +139,7 @@ def show(api: Api, device: str, as_json: bool) -> None:
 @json_option
 @with_api
 def revoke(api: Api, device: str, as_json: bool) -> None:
-    """Revoke DEVICE's credential (a name or an id): refused at once by every server.
+    """Revoke DEVICE (a name or an id): every server refuses its credential at once.
 
     The device keeps running what it has installed, gets no more updates or metadata,
     and its agent logs "credential revoked". Its record and history stay, for
@@ -165,12 +165,11 @@ def revoke(api: Api, device: str, as_json: bool) -> None:
 @json_option
 @with_api
 def delete(api: Api, device: str, as_json: bool) -> None:
-    """Delete DEVICE (a name or an id) for good: its credential, events and group
-    memberships.
+    """Delete DEVICE (a name or an id) for good, with its events and group memberships.
 
-    Waves stop counting it. A device registered later under the same name is a new
-    device: a new id, no history. To keep the history, save `tufa devices show DEVICE
-    --json` first.
+    Its credential stops working at once, and waves stop counting it. A device
+    registered later under the same name is a new device: a new id, no history. To keep
+    the history, save `tufa devices show DEVICE --json` first.
 
     \b
     Example:

@@ -39,12 +39,15 @@ def find_device(conn: Connection, factory_id: int, ident: str, *, lock: bool = F
     An id wins over a name, so a device named like another's id cannot stand in for it.
     `lock` holds its row until the transaction ends (PostgreSQL; SQLite writers are
     serialised anyway)."""
+    missing = not_found(f"no device {ident!r} in this factory; `tufa devices list` shows them")
+    if not ident.isprintable():  # no name has a NUL or another control (PostgreSQL: no NUL)
+        raise missing
     for column in (devices.c.id, devices.c.name):
         query = select(devices).where(devices.c.factory_id == factory_id, column == ident)
         found = conn.execute(query.with_for_update() if lock else query).first()
         if found is not None:
             return found
-    raise not_found(f"no device {ident!r} in this factory; `tufa devices list` shows them")
+    raise missing
 
 
 def _locked(conn: Connection, device_id: str | None) -> Any:

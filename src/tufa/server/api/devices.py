@@ -8,9 +8,9 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -216,11 +216,15 @@ async def credential_show(request: Request) -> JSONResponse:
     """The calling device and the state of its credential. After a rotation, the first
     request with the new credential (this one, say) makes it the only valid one."""
     state, principal = await caller(request)
-    device = _require_device(principal, request.path_params["factory"], "use this endpoint")
+    device = _require_device(principal, request.path_params["factory"], "read its credential")
+    secret = bearer_secret(request.headers.get("authorization"))
+    assert secret is not None
 
     def row() -> dict[str, Any]:
         with state.db.read() as conn:
-            found = conn.execute(select(devices).where(devices.c.id == device.device_id)).one()
+            found = conn.execute(select(devices).where(devices.c.id == device.device_id)).first()
+            if found is None:
+                _refuse_dead(conn, secret, state.settings.clock.now())
         return _device_json(found)
 
     return ok(await threaded(row))
@@ -240,6 +244,12 @@ async def credential_rotate(request: Request) -> JSONResponse:
         return {**_device_json(row), "credential": new}
 
     return ok(await threaded(apply), status=201)
+
+
+def _refuse_dead(conn: Connection, secret: str, now: datetime) -> NoReturn:
+    """Refuse a device revoked or deleted since its credential was checked, saying which."""
+    authenticate(conn, secret, now)
+    raise unauthorized("this device credential is no longer valid")
 
 
 # -- device reports ---------------------------------------------------------------------
@@ -382,9 +392,7 @@ async def report(request: Request) -> JSONResponse:
                 .values(**installed, last_report_at=now)
             )
             if updated.rowcount == 0:
-                # Revoked or deleted since the credential was checked: say which.
-                authenticate(conn, secret, now)
-                raise unauthorized("this device credential is no longer valid")
+                _refuse_dead(conn, secret, now)
             if not events:
                 return 0
             known = set(
