@@ -94,7 +94,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tufa-bench-") as tmp_name:
         tmp = Path(tmp_name)
         server = LocalServer(
-            tmp / "data", operator_token=f"tufa_{secrets.token_urlsafe(16)}", db_url=opts.db
+            tmp / "data", operator_token=f"tufa_{secrets.token_urlsafe(32)}", db_url=opts.db
         )
         server.start()
         processes: list[subprocess.Popen[bytes]] = []

@@ -200,6 +200,7 @@ class Exchange(SeenRequest):
     status: int = 0
     response_headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
+    at: float = field(default_factory=time.monotonic)  # when the request arrived
 
 
 class TamperingProxy:

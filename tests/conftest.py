@@ -85,7 +85,7 @@ def make_server(
         data_dir = data_dir or tmp_path_factory.mktemp(f"server-{backend}") / "data"
         local = LocalServer(
             data_dir,
-            operator_token=f"tufa_op_{secrets.token_urlsafe(16)}",
+            operator_token=f"tufa_op_{secrets.token_urlsafe(32)}",
             db_url=db_url or make_db_url(backend),
             extra_args=extra_args,
             env=env,

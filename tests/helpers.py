@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 from securesystemslib.signer import Signer
-from sqlalchemy import Engine, create_engine, select
+from sqlalchemy import Engine, Executable, Row, create_engine, select
 from sqlalchemy.pool import NullPool
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, Targets, Timestamp
 from tuf.ngclient import FetcherInterface, Updater
@@ -198,6 +198,9 @@ DB_TABLES = (
     "devices",
     "targets",
     "blob_owners",
+    "device_events",
+    "device_group_members",
+    "retired_credentials",
 )
 
 
@@ -239,6 +242,12 @@ def hostile_json(value: Any) -> bytes:
     """`value` as JSON bytes the way any client can send it: NaN and Infinity as bare
     words, lone surrogates as `\\ud800` escapes (httpx's own encoder refuses both)."""
     return json.dumps(value).encode()
+
+
+def db_rows(server: Server, statement: Executable) -> list[Row[Any]]:
+    """The rows a query returns from the server's database, for what no API shows."""
+    with _engine(server.local.db_url).connect() as conn:
+        return list(conn.execute(statement).all())
 
 
 def dump_all_tables(server: Server) -> dict[str, list[tuple[Any, ...]]]:

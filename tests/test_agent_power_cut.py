@@ -19,6 +19,11 @@ each run and copies the verified file to an `installed` file. A cut before the a
 recorded the command's outcome (during the command too) runs it again, once; any other
 cut does not, and no later poll runs it again.
 
+A credential rotation (`tufa-agent rotate-credential`) is cut at each of its steps too:
+after the server answered, halfway through and before the rename of the credential
+file's write, and after the write. The device always comes back with a whole credential
+that works, and once a rotation completes only the credential on its disk does.
+
 To keep this fast the devices are prepared once per module (42 installed, 43 published;
 one with nothing installed; one whose command installed 42); each case boots the real
 agent from a copy of that state directory, the disk the device would come back with.
@@ -37,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from tests.agent_helpers import (
     AgentDevice,
@@ -45,9 +51,10 @@ from tests.agent_helpers import (
     image_name,
     publish_build,
 )
-from tests.helpers import Factory, Server, create_factory
+from tests.helpers import Factory, Server, create_factory, db_rows, send
 from tufa.agent.state import AgentStatus
 from tufa.core.crashpoints import ENV_VAR as CRASH_AT
+from tufa.server.db import retired_credentials
 
 sqlite_only = pytest.mark.parametrize("server", ["sqlite"], indirect=True)
 
@@ -73,6 +80,7 @@ INSTALL_POINTS = (
     "install:concluded",
 )
 WRITE_POINTS = ("write:half-written", "write:before-rename")
+ROTATE_POINTS = ("rotate:answered", "rotate:saved")
 # The points a working update passes, in order (a failing one also rolls back).
 WORKING_UPDATE = (DOWNLOAD_POINT, *(p for p in INSTALL_POINTS if p != "install:rolled-back"))
 # The points a working update passes with the command installer, which has no slots.
@@ -308,8 +316,9 @@ def test_every_crash_point_of_the_agent_is_tested() -> None:
     found = set()
     for path in [*(SRC / "agent").glob("*.py"), SRC / "core" / "files.py"]:
         found |= set(re.findall(r'crashpoint\("([^"]+)"\)', path.read_text()))
-    tested = {point for point, _ in UPDATE_CASES} | set(WRITE_POINTS)
-    assert found == {DOWNLOAD_POINT, *INSTALL_POINTS, *WRITE_POINTS} == tested
+    tested = {point for point, _ in UPDATE_CASES} | set(WRITE_POINTS) | set(ROTATE_POINTS)
+    assert found == {DOWNLOAD_POINT, *INSTALL_POINTS, *WRITE_POINTS, *ROTATE_POINTS} == tested
+    assert {point for point, _ in ROTATION_CASES} == {*ROTATE_POINTS, *WRITE_POINTS}
 
 
 # A failed release is recorded as failed before the rollback: a cut after that point
@@ -545,3 +554,79 @@ def test_power_cut_at_each_file_write_of_an_update_by_the_install_command(
             ran=1 if at > pending else 0,
             runs=2 if pending < at < concluded else 1,
         )
+
+
+# -- a credential rotation ------------------------------------------------------------------
+
+# (crash point, whether the new credential is on the device's disk when the power goes).
+# The server has issued the new credential at every one of them.
+ROTATION_CASES = [
+    ("rotate:answered", False),
+    ("write:half-written", False),
+    ("write:before-rename", False),
+    ("rotate:saved", True),
+]
+
+
+def credential_on_disk(device: AgentDevice) -> str:
+    path = device.dir / "credential"
+    assert path.stat().st_mode & 0o777 == 0o600
+    return path.read_text().strip()
+
+
+def works(factory: Factory, credential: str) -> bool:
+    path = factory.path("/repo/ci/metadata/timestamp.json")
+    status = send(factory.server, "GET", path, credential).status_code
+    assert status in (200, 401), status
+    return status == 200
+
+
+@pytest.mark.parametrize(("point", "saved"), ROTATION_CASES, ids=[p for p, _ in ROTATION_CASES])
+def test_power_cut_during_a_credential_rotation(
+    factory: Factory, tmp_path: Path, point: str, saved: bool
+) -> None:
+    publish_build(factory, "42")
+    device = AgentDevice.register(factory, tmp_path)
+    assert device.run_once().returncode == 0
+    old = credential_on_disk(device)
+
+    done = device.agent("rotate-credential", env={CRASH_AT: point})
+    assert done.returncode == -signal.SIGKILL, f"{point}: {done.returncode}\n{done.stderr}"
+    on_disk = credential_on_disk(device)
+    assert on_disk.startswith("tufad_")
+    assert len(on_disk) == len(old)  # a whole credential, never half of one
+    assert (on_disk != old) is saved
+
+    # The device comes back and goes on as before, with what its disk holds.
+    publish_build(factory, "43")
+    done = device.run_once()
+    assert done.returncode == 0, f"{point}: {done.stderr}"
+    assert device.installed_version() == "43"
+    record = factory.request("GET", f"/devices/{device.name}").json()
+    assert record["installed_version"] == "43"
+    if saved:
+        # That run was the new credential's first use: the old one died with it.
+        assert not works(factory, old)
+    else:
+        # The new credential was lost with the power, and the old one still works: the
+        # next rotation goes through, and the lost one never will.
+        assert works(factory, old)
+        done = device.agent("rotate-credential")
+        assert done.returncode == 0, done.stderr
+        assert not works(factory, old)
+    final = credential_on_disk(device)
+    assert final != old
+    assert works(factory, final)
+    assert (
+        factory.request("GET", f"/devices/{device.name}").json()["credential_rotation_pending"]
+        is False
+    )
+    assert [p.name for p in device.dir.iterdir() if p.name.endswith(".tmp")] == []
+    # What died: the old credential, replaced; and a lost one, superseded by the retry.
+    retired = db_rows(
+        factory.server,
+        select(retired_credentials.c.reason).where(retired_credentials.c.device_id == record["id"]),
+    )
+    assert sorted(r.reason for r in retired) == (
+        ["replaced"] if saved else ["replaced", "superseded"]
+    )

@@ -8,6 +8,8 @@ a fresh victim token. A refused request that would write must leave the database
 it was.
 """
 
+# ruff: noqa: E501 (the matrix below has a column per caller and is wider than a line)
+
 from __future__ import annotations
 
 import hashlib
@@ -40,6 +42,8 @@ CALLERS = (
     "expired",  # an admin token of this factory, expired
     "dev-ci",  # a device credential of this factory, ci channel
     "dev-prod",  # a device credential of this factory, prod channel
+    "dev-rvk",  # the credential of a device of this factory that was revoked
+    "dev-old",  # a device's old credential, after a rotation took effect
     "operator",  # the server operator token
     "admin",  # factory tokens of each scope
     "ci",
@@ -49,48 +53,53 @@ CALLERS = (
 
 # ok = 2xx; 401 = no usable credential; 403 = a valid credential, not allowed here.
 MATRIX_TABLE = """
-                 anon bogus other revoked expired dev-ci dev-prod operator admin ci  read register
-factories-create 401  401   403   401     401     403    403      ok       403   403 403  403
-factories-list   401  401   403   401     401     403    403      ok       403   403 403  403
-factory-show     401  401   403   401     401     403    403      403      ok    ok  ok   403
-factory-patch    401  401   403   401     401     403    403      403      ok    403 403  403
-archive-download 401  401   403   401     401     403    403      403      ok    403 403  403
-archive-confirm  401  401   403   401     401     403    403      403      ok    403 403  403
-tokens-create    401  401   403   401     401     403    403      403      ok    403 403  403
-tokens-list      401  401   403   401     401     403    403      403      ok    403 403  403
-token-revoke     401  401   403   401     401     403    403      403      ok    403 403  403
-devices-register 401  401   403   401     401     403    403      403      ok    403 403  ok
-devices-list     401  401   403   401     401     403    403      403      ok    403 ok   403
-device-show      401  401   403   401     401     403    403      403      ok    403 ok   403
-device-report    401  401   403   401     401     ok     ok       403      403   403 403  403
-metadata-ci      401  401   403   401     401     ok     403      403      ok    ok  ok   403
-metadata-prod    401  401   403   401     401     403    ok       403      ok    ok  ok   403
-updates-init     401  401   403   401     401     403    403      403      ok    403 403  403
-updates-show     401  401   403   401     401     403    403      403      ok    403 403  403
-updates-cancel   401  401   403   401     401     403    403      403      ok    403 403  403
-updates-stage    401  401   403   401     401     403    403      403      ok    403 403  403
-updates-online   401  401   403   401     401     403    403      403      ok    403 403  403
-updates-sign     401  401   403   401     401     403    403      403      ok    403 403  403
-updates-apply    401  401   403   401     401     403    403      403      ok    403 403  403
-blob-upload      401  401   403   401     401     403    403      403      ok    ok  403  403
-targets-add      401  401   403   401     401     403    403      403      ok    ok  403  403
-targets-prune    401  401   403   401     401     403    403      403      ok    ok  403  403
-targets-delete   401  401   403   401     401     403    403      403      ok    ok  403  403
-targets-list     401  401   403   401     401     403    403      403      ok    ok  ok   403
-target-show      401  401   403   401     401     403    403      403      ok    ok  ok   403
-target-ci        401  401   403   401     401     ok     403      403      ok    ok  ok   403
-target-prod      401  401   403   401     401     403    ok       403      ok    ok  ok   403
-waves-prepare    401  401   403   401     401     403    403      403      ok    403 403  403
-waves-create     401  401   403   401     401     403    403      403      ok    403 403  403
-waves-list       401  401   403   401     401     403    403      403      ok    ok  ok   403
-wave-show        401  401   403   401     401     403    403      403      ok    ok  ok   403
-wave-sign        401  401   403   401     401     403    403      403      ok    403 403  403
-wave-rollout     401  401   403   401     401     403    403      403      ok    403 403  403
-wave-complete    401  401   403   401     401     403    403      403      ok    403 403  403
-wave-cancel      401  401   403   401     401     403    403      403      ok    403 403  403
-groups-create    401  401   403   401     401     403    403      403      ok    403 403  403
-groups-list      401  401   403   401     401     403    403      403      ok    ok  ok   403
-group-add        401  401   403   401     401     403    403      403      ok    403 403  403
+                  anon bogus other revoked expired dev-ci dev-prod dev-rvk dev-old operator admin ci  read register
+factories-create  401  401   403   401     401     403    403      401     401     ok       403   403 403  403
+factories-list    401  401   403   401     401     403    403      401     401     ok       403   403 403  403
+operator-token    401  401   403   401     401     403    403      401     401     ok       403   403 403  403
+factory-show      401  401   403   401     401     403    403      401     401     403      ok    ok  ok   403
+factory-patch     401  401   403   401     401     403    403      401     401     403      ok    403 403  403
+archive-download  401  401   403   401     401     403    403      401     401     403      ok    403 403  403
+archive-confirm   401  401   403   401     401     403    403      401     401     403      ok    403 403  403
+tokens-create     401  401   403   401     401     403    403      401     401     403      ok    403 403  403
+tokens-list       401  401   403   401     401     403    403      401     401     403      ok    403 403  403
+token-revoke      401  401   403   401     401     403    403      401     401     403      ok    403 403  403
+devices-register  401  401   403   401     401     403    403      401     401     403      ok    403 403  ok
+devices-list      401  401   403   401     401     403    403      401     401     403      ok    403 ok   403
+device-show       401  401   403   401     401     403    403      401     401     403      ok    403 ok   403
+devices-revoke    401  401   403   401     401     403    403      401     401     403      ok    403 403  403
+devices-delete    401  401   403   401     401     403    403      401     401     403      ok    403 403  403
+device-report     401  401   403   401     401     ok     ok       401     401     403      403   403 403  403
+credential-show   401  401   403   401     401     ok     ok       401     401     403      403   403 403  403
+credential-rotate 401  401   403   401     401     ok     ok       401     401     403      403   403 403  403
+metadata-ci       401  401   403   401     401     ok     403      401     401     403      ok    ok  ok   403
+metadata-prod     401  401   403   401     401     403    ok       401     401     403      ok    ok  ok   403
+updates-init      401  401   403   401     401     403    403      401     401     403      ok    403 403  403
+updates-show      401  401   403   401     401     403    403      401     401     403      ok    403 403  403
+updates-cancel    401  401   403   401     401     403    403      401     401     403      ok    403 403  403
+updates-stage     401  401   403   401     401     403    403      401     401     403      ok    403 403  403
+updates-online    401  401   403   401     401     403    403      401     401     403      ok    403 403  403
+updates-sign      401  401   403   401     401     403    403      401     401     403      ok    403 403  403
+updates-apply     401  401   403   401     401     403    403      401     401     403      ok    403 403  403
+blob-upload       401  401   403   401     401     403    403      401     401     403      ok    ok  403  403
+targets-add       401  401   403   401     401     403    403      401     401     403      ok    ok  403  403
+targets-prune     401  401   403   401     401     403    403      401     401     403      ok    ok  403  403
+targets-delete    401  401   403   401     401     403    403      401     401     403      ok    ok  403  403
+targets-list      401  401   403   401     401     403    403      401     401     403      ok    ok  ok   403
+target-show       401  401   403   401     401     403    403      401     401     403      ok    ok  ok   403
+target-ci         401  401   403   401     401     ok     403      401     401     403      ok    ok  ok   403
+target-prod       401  401   403   401     401     403    ok       401     401     403      ok    ok  ok   403
+waves-prepare     401  401   403   401     401     403    403      401     401     403      ok    403 403  403
+waves-create      401  401   403   401     401     403    403      401     401     403      ok    403 403  403
+waves-list        401  401   403   401     401     403    403      401     401     403      ok    ok  ok   403
+wave-show         401  401   403   401     401     403    403      401     401     403      ok    ok  ok   403
+wave-sign         401  401   403   401     401     403    403      401     401     403      ok    403 403  403
+wave-rollout      401  401   403   401     401     403    403      401     401     403      ok    403 403  403
+wave-complete     401  401   403   401     401     403    403      401     401     403      ok    403 403  403
+wave-cancel       401  401   403   401     401     403    403      401     401     403      ok    403 403  403
+groups-create     401  401   403   401     401     403    403      401     401     403      ok    403 403  403
+groups-list       401  401   403   401     401     403    403      401     401     403      ok    ok  ok   403
+group-add         401  401   403   401     401     403    403      401     401     403      ok    403 403  403
 """
 
 
@@ -109,6 +118,7 @@ MATRIX = _parse(MATRIX_TABLE)
 ROUTES = {
     "factories-create": ("POST", "/api/v1/factories"),
     "factories-list": ("GET", "/api/v1/factories"),
+    "operator-token": ("POST", "/api/v1/operator-token"),
     "factory-show": ("GET", "/api/v1/factories/{factory}"),
     "factory-patch": ("PATCH", "/api/v1/factories/{factory}"),
     "archive-download": ("GET", "/api/v1/factories/{factory}/keys/archive"),
@@ -119,7 +129,11 @@ ROUTES = {
     "devices-register": ("POST", "/api/v1/factories/{factory}/devices"),
     "devices-list": ("GET", "/api/v1/factories/{factory}/devices"),
     "device-show": ("GET", "/api/v1/factories/{factory}/devices/{device}"),
+    "devices-revoke": ("POST", "/api/v1/factories/{factory}/devices/{device}/revoke"),
+    "devices-delete": ("DELETE", "/api/v1/factories/{factory}/devices/{device}"),
     "device-report": ("POST", "/api/v1/factories/{factory}/device-reports"),
+    "credential-show": ("GET", "/api/v1/factories/{factory}/device-credential"),
+    "credential-rotate": ("POST", "/api/v1/factories/{factory}/device-credential"),
     "metadata-ci": ("GET", "/api/v1/factories/{factory}/repo/{channel}/metadata/{filename}"),
     "metadata-prod": ("GET", "/api/v1/factories/{factory}/repo/{channel}/metadata/{filename}"),
     "updates-init": ("POST", "/api/v1/factories/{factory}/keys/updates"),
@@ -187,12 +201,16 @@ FRESH_FACTORY = {
     *(e for e in ROUTES if e.startswith("updates-")),
 }
 ERROR_CODES = {"401": "unauthorized", "403": "forbidden"}
+# Device credentials that worked once are refused with a code of their own.
+DEAD_DEVICE_CREDENTIALS = {"dev-rvk", "dev-old"}
 # What a 401 must say, so that e.g. the expired token is refused for expiring, not by chance.
 WHY_UNAUTHORIZED = {
     "anon": "needs",
     "bogus": "unknown token",
     "revoked": "revoked",
     "expired": "expired",
+    "dev-rvk": "was revoked on",
+    "dev-old": "it was replaced on",
 }
 
 
@@ -232,6 +250,9 @@ class Tenant:
         )
         return token
 
+    def forget(self, caller: str) -> None:
+        self._credentials.pop(caller, None)
+
     def credential(self, caller: str) -> str | None:
         if caller not in self._credentials:
             self._credentials[caller] = self._make(caller)
@@ -262,6 +283,16 @@ class Tenant:
                 self.env.clock.advance(61)
             case "dev-ci" | "dev-prod":
                 secret = self.device(caller.removeprefix("dev-"))["credential"]
+            case "dev-rvk":
+                device = self.device("ci")
+                self.admin(
+                    "POST", f"/devices/{device['id']}/revoke", token=self.factory.admin_token
+                )
+                secret = device["credential"]
+            case "dev-old":
+                secret = self.device("prod")["credential"]
+                new = self.admin("POST", "/device-credential", token=secret)["credential"]
+                self.admin("GET", "/device-credential", token=new)  # its first use
             case _:
                 secret = self.new_token(caller)["token"]
         return secret
@@ -310,8 +341,18 @@ class Tenant:
                 if self._device_id is None:
                     self._device_id = self.device("ci")["id"]
                 return "GET", path(f"/devices/{self._device_id}"), None
+            case "devices-revoke":
+                return "POST", path(f"/devices/{self.device('prod')['id']}/revoke"), None
+            case "devices-delete":
+                return "DELETE", path(f"/devices/{self.device('prod')['name']}"), None
             case "device-report":
                 return "POST", path("/device-reports"), device_report()
+            case "credential-show":
+                return "GET", path("/device-credential"), None
+            case "credential-rotate":
+                return "POST", path("/device-credential"), None
+            case "operator-token":
+                return "POST", "/api/v1/operator-token", None
             case "metadata-ci" | "metadata-prod":
                 channel = endpoint.removeprefix("metadata-")
                 return "GET", path(f"/repo/{channel}/metadata/timestamp.json"), None
@@ -450,6 +491,15 @@ class MatrixServer:
         self.other = create_factory(server)
         self.shared = Tenant(self, create_factory(server))
 
+    def operator_token_replaced(self, new: str, old: str | None) -> None:
+        """The operator token was rotated: the old one is refused at once, the new one
+        is what every later cell uses."""
+        assert old is not None
+        refused = send(self.server, "GET", "/api/v1/factories", old)
+        assert_error(refused, 401, "unauthorized", "revoked")
+        self.server.local.operator_token = new
+        self.shared.forget("operator")
+
     def tenant_for(self, endpoint: str) -> Tenant:
         if endpoint in FRESH_FACTORY:
             return Tenant(self, create_factory(self.server))
@@ -482,9 +532,12 @@ def test_authorization_matrix(matrix_server: MatrixServer, endpoint: str, caller
 
     if expected == "ok":
         assert response.is_success, f"{response.status_code} {response.text}"
+        if endpoint == "operator-token":
+            matrix_server.operator_token_replaced(response.json()["token"], token)
         return
     why = WHY_UNAUTHORIZED.get(caller, "") if expected == "401" else ""
-    assert_error(response, int(expected), ERROR_CODES[expected], why)
+    code = "credential_revoked" if caller in DEAD_DEVICE_CREDENTIALS else ERROR_CODES[expected]
+    assert_error(response, int(expected), code, why)
     if watch:
         assert dump_database(matrix_server.server) == before, f"refused {endpoint} wrote"
 

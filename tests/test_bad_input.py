@@ -175,6 +175,12 @@ CASES = [
     _device("duplicate-name", {"name": TAKEN_DEVICE}, TAKEN_DEVICE, 409),
     _device("duplicate-name-padded", {"name": f"  {TAKEN_DEVICE} "}, TAKEN_DEVICE, 409),
     _get("device-unknown", f"{F}/devices/no-such-device", 404, "no-such-device"),
+    # Revoking or deleting a device that is not there (names have no NUL: none matches).
+    Case("revoke-unknown", "POST", f"{F}/devices/no-such-device/revoke", 404, "no-such-device"),
+    Case("revoke-nul", "POST", f"{F}/devices/{TAKEN_DEVICE}%00/revoke", 404, "no device"),
+    Case("delete-unknown", "DELETE", f"{F}/devices/no-such-device", 404, "no-such-device"),
+    Case("delete-nul", "DELETE", f"{F}/devices/a%00b", 404, "no device"),
+    _get("device-nul", f"{F}/devices/a%00b", 404, "no device"),
     # Keys archive: a wrong digest must not delete the only copy.
     _confirm("wrong-sha256", {"sha256": "0" * 64}, "sha256 does not match"),
     _confirm("sha256-number", {"sha256": 5}, "'sha256'"),

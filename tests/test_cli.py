@@ -22,6 +22,7 @@ from tufa.cli.main import cli
 from tufa.core.archive import FIRST_ROOT_KEY_NAME, OfflineArchive
 from tufa.core.fetcher import BearerFetcher
 from tufa.core.metadata import Channel
+from tufa.server.main import cli as server_cli
 
 # The CLI is an HTTP client: the server's database makes no difference to it, so these
 # tests use the shared SQLite server only (the API on both backends is tested elsewhere).
@@ -332,6 +333,11 @@ WITH_EXAMPLES = (
     ("targets", "prune"),
     ("tokens", "create"),
     ("tokens", "revoke"),
+    ("devices",),
+    ("devices", "list"),
+    ("devices", "show"),
+    ("devices", "revoke"),
+    ("devices", "delete"),
     ("device-groups", "create"),
     ("waves", "init"),
     ("waves", "rollout"),
@@ -345,10 +351,14 @@ AGENT_WITH_EXAMPLES = (
     ("check",),
     ("status",),
     ("install-bundle",),
+    ("rotate-credential",),
     ("tuf", "init"),
     ("tuf", "refresh"),
     ("tuf", "download"),
 )
+
+
+SERVER_WITH_EXAMPLES = (("run",), ("rotate-operator-token",))
 
 
 def _commands_with_examples(group: click.Group) -> set[tuple[str, ...]]:
@@ -368,6 +378,7 @@ def _commands_with_examples(group: click.Group) -> set[tuple[str, ...]]:
 def test_every_command_with_examples_is_checked() -> None:
     assert _commands_with_examples(cli) == set(WITH_EXAMPLES)
     assert _commands_with_examples(agent_cli) == set(AGENT_WITH_EXAMPLES)
+    assert _commands_with_examples(server_cli) == set(SERVER_WITH_EXAMPLES)
 
 
 def test_help_exits_zero_and_shows_examples() -> None:
@@ -406,3 +417,17 @@ def test_agent_help_exits_zero_and_shows_examples() -> None:
             assert f"\n    tufa-agent {args[0]}" in done.stdout, (args, done.stdout)
     for command in ("register", "run", "check", "status", "install-bundle", "tuf"):
         assert f"  {command} " in results[0].stdout, command
+
+
+def test_server_help_exits_zero_and_shows_examples() -> None:
+    for args in [(), *SERVER_WITH_EXAMPLES]:
+        done = subprocess.run(
+            [console_script("tufa-server"), *args, "--help"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0, (args, done.stderr)
+        assert done.stdout.startswith("Usage: tufa-server"), args
+        if args:
+            assert f"\n    tufa-server {args[0]}" in done.stdout, (args, done.stdout)

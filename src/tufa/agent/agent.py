@@ -33,8 +33,9 @@ from tufa.agent.state import AgentError, AgentStatus, Release, StateDir, now_iso
 from tufa.agent.trust import VERIFICATION_ERRORS, ChannelGuard, open_updater, trusted_targets
 from tufa.core.bundle import BUNDLE_METADATA_URL, TARGETS_DIR, BundleFetcher, read_manifest
 from tufa.core.crashpoints import crashpoint
-from tufa.core.fetcher import BearerFetcher
+from tufa.core.fetcher import BearerFetcher, CredentialRefused
 from tufa.core.files import is_plain_name
+from tufa.core.responses import refusal
 from tufa.core.selection import custom_of, newest_for, target_version, version_key
 
 log = logging.getLogger("tufa.agent")
@@ -115,7 +116,7 @@ class Agent:
     def __init__(self, state: StateDir, timeout: float = 30.0) -> None:
         self.state = state
         self.config = state.config()
-        credential = state.credential()
+        self.credential = state.credential()
         self.events = EventQueue(state.path)
         self.installer = make_installer(
             state,
@@ -127,11 +128,20 @@ class Agent:
         limits = httpx.Timeout(timeout, connect=min(timeout, 10.0))
         headers = {"User-Agent": USER_AGENT}
         self.client = httpx.Client(
-            headers={**headers, "Authorization": f"Bearer {credential}"}, timeout=limits
+            headers={**headers, "Authorization": f"Bearer {self.credential}"}, timeout=limits
         )
         # Targets hosted elsewhere (a CDN, a bucket) never see the device credential.
         self.external = httpx.Client(headers=headers, timeout=limits, follow_redirects=True)
-        self.fetcher = BearerFetcher(credential, timeout=timeout, user_agent=USER_AGENT)
+        self.fetcher = BearerFetcher(self.credential, timeout=timeout, user_agent=USER_AGENT)
+
+    def reload_credential(self) -> None:
+        """Use the credential file as it is now: a `rotate-credential` (or a new
+        registration) may have replaced it while this process ran."""
+        credential = self.state.credential()
+        if credential != self.credential:
+            self.credential = credential
+            self.client.headers["Authorization"] = f"Bearer {credential}"
+            self.fetcher.set_token(credential)
 
     def close(self) -> None:
         self.client.close()
@@ -181,6 +191,7 @@ class Agent:
         """Refresh the trusted metadata (from the server, or another source such as an
         offline bundle) and decide, among the targets named `only` if given; nothing is
         downloaded."""
+        self.reload_credential()
         status = self.state.status()
         try:
             updater = open_updater(
@@ -202,7 +213,9 @@ class Agent:
 
     def poll(self) -> Plan:
         """One full cycle: finish an interrupted install, check, install what the check
-        found; then report."""
+        found; then report (unless the server refused the credential: so would it the
+        report)."""
+        refused = False
         try:
             self.recover()
             plan = self.check()
@@ -214,8 +227,12 @@ class Agent:
             status.last_error = None
             self.state.save_status(status)
             return plan
+        except CredentialRefused:
+            refused = True
+            raise
         finally:
-            self.report()
+            if not refused:
+                self.report()
 
     def report(self) -> None:
         """Send queued events and the installed release; an idle device still reports
@@ -291,6 +308,51 @@ class Agent:
             self.install(plan.release, copy_verified(source, plan.target, self.state.downloads))
         return plan
 
+    # The credential ------------------------------------------------------------------------
+
+    def rotate_credential(self) -> None:
+        """Replace the device credential: the server issues a new one, which is saved
+        (atomically, fsync'd, 0600) and then used once, which retires the old one on the
+        server. Until that use both work, so a power cut at any step leaves the device a
+        working credential on disk (ADR 0011)."""
+        self.reload_credential()
+        url = self.config.credential_url
+        issued = self._credential_call("POST", url, 201, "the credential is unchanged")
+        new = issued.get("credential") if isinstance(issued, dict) else None
+        if not isinstance(new, str) or not _header_safe(new):
+            raise AgentError(
+                f"{self.config.server} answered the rotation with no usable credential; the "
+                "credential is unchanged"
+            )
+        crashpoint("rotate:answered")
+        self.state.save_credential(new)
+        crashpoint("rotate:saved")
+        self.reload_credential()
+        self._credential_call(
+            "GET",
+            url,
+            200,
+            "the new credential is saved, and the old one keeps working until the agent "
+            "first uses the new one (its next check)",
+        )
+
+    def _credential_call(self, method: str, url: str, expected: int, otherwise: str) -> Any:
+        try:
+            response = self.client.request(method, url)
+        except httpx.HTTPError as e:
+            raise AgentError(f"cannot reach the server: {e}; {otherwise}") from e
+        if response.status_code != expected:
+            code, message = refusal(response.content)
+            if response.status_code == 401:
+                raise AgentError(describe_error(CredentialRefused(code, message)))
+            raise AgentError(
+                f"the server refused: HTTP {response.status_code}: {message}; {otherwise}"
+            )
+        try:
+            return response.json()
+        except ValueError:
+            return None
+
     # Installing -------------------------------------------------------------------------
 
     def install(self, release: Release, file: Path) -> Outcome:
@@ -346,10 +408,22 @@ class Agent:
         `max_backoff`, and never touch what is installed."""
         failures = 0
         while True:
+            refused = False
             try:
                 with self.state.locked():
                     self.poll()
                 failures = 0
+            except CredentialRefused as e:
+                # Nothing changes that until someone acts: ask no more than once per
+                # max_backoff, and keep running what is installed.
+                failures += 1
+                refused = True
+                log.error(
+                    "check failed: %s (device %s; checking again in %.0fs)",
+                    describe_error(e),
+                    self.config.name,
+                    max_backoff,
+                )
             except Exception as e:  # the loop must outlive any bad response
                 failures += 1
                 log.error("check failed: %s", describe_error(e))
@@ -358,6 +432,8 @@ class Agent:
             # The exponent is capped: 2**1024 does not fit a float (a device offline for weeks).
             backoff = interval * 2 ** min(failures, 60)
             delay = interval if failures == 0 else min(backoff, max_backoff)
+            if refused:
+                delay = max_backoff
             time.sleep(delay * random.uniform(0.9, 1.1))  # noqa: S311 (jitter, not crypto)
 
 
@@ -379,6 +455,18 @@ def _describe(error: BaseException) -> str:
         return f"refused: response longer than allowed ({error})"
     if isinstance(error, exceptions.RepositoryError):
         return f"refused: {type(error).__name__}: {error}"
+    if isinstance(error, CredentialRefused):
+        if error.revoked:
+            return (
+                f"credential revoked: {error.reason}. The device keeps running what it has "
+                "installed and gets no updates until it is registered again (`tufa-agent "
+                "register`), once a factory admin has deleted its old record (`tufa devices "
+                "delete`)"
+            )
+        return (
+            f"credential refused: {error.reason}. Check that the credential file in the "
+            "agent's --dir belongs to this server and factory, or register the device again"
+        )
     if isinstance(error, exceptions.DownloadHTTPError):
         return f"server error: HTTP {error.status_code}"
     if isinstance(error, exceptions.SlowRetrievalError):  # raised with no message
@@ -388,3 +476,10 @@ def _describe(error: BaseException) -> str:
     if isinstance(error, AgentError):
         return str(error)
     return f"{type(error).__name__}: {error}"
+
+
+def _header_safe(secret: str) -> bool:
+    """A secret that can go into an HTTP header as it is."""
+    return (
+        0 < len(secret) <= 256 and secret.isascii() and secret.isprintable() and " " not in secret
+    )

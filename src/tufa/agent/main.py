@@ -84,6 +84,7 @@ def cli(verbose: bool) -> None:
           --token "$REGISTRATION_TOKEN" --hardware-id rpi4 --tag main \\
           --root prod-root.json --dir /var/lib/tufa-agent
       tufa-agent run --dir /var/lib/tufa-agent --interval 300
+      tufa-agent rotate-credential --dir /var/lib/tufa-agent
     """
     _setup_logging(verbose)
 
@@ -238,13 +239,19 @@ def _register_with_server(
     type=click.FloatRange(min=0),
     default=3600.0,
     show_default=True,
-    help="Longest wait after repeated failures.",
+    help="Longest wait after repeated failures; also the wait between tries once the "
+    "server refused the device credential (revoked).",
 )
 @click.option("--once", is_flag=True, help="One check (and install), then exit; 1 on failure.")
 @state_dir_option
 @_one_line_errors
 def run(interval: float, max_backoff: float, once: bool, state_dir: Path) -> None:
     """Check for updates every INTERVAL seconds; install, roll back and report.
+
+    If the server refuses the device credential (revoked, or the device deleted), the
+    agent logs "credential revoked" with what to do, keeps what it has installed, and
+    tries again only every --max-backoff seconds. It re-reads the credential file at
+    every check, so a rotation or a new registration takes effect without a restart.
 
     \b
     Example:
@@ -339,6 +346,35 @@ def status(as_json: bool, state_dir: Path) -> None:
     }
     for key, value in lines.items():
         click.echo(f"{key:>11}: {value}")
+
+
+@cli.command("rotate-credential")
+@state_dir_option
+@_one_line_errors
+def rotate_credential(state_dir: Path) -> None:
+    """Replace this device's credential with a new one; the old one stops working.
+
+    The server issues the new credential, the agent saves it (write-then-rename,
+    fsync'd, mode 0600) and uses it once, which retires the old one on the server. A
+    power cut at any step leaves a credential that works: the old one stays valid until
+    the new one is first used. Run it while `tufa-agent run` runs if you like: the
+    service waits, then uses the new credential.
+
+    \b
+    Example:
+      tufa-agent rotate-credential --dir /var/lib/tufa-agent
+    """
+    state = StateDir(state_dir)
+    agent = Agent(state)
+    try:
+        with state.locked():
+            agent.rotate_credential()
+    finally:
+        agent.close()
+    click.echo(
+        f"Rotated the credential of {printable(agent.config.name)}: the new one is in "
+        f"{state.path / CREDENTIAL_FILE} (mode 0600), and the old one no longer works."
+    )
 
 
 @cli.command("install-bundle")

@@ -96,6 +96,10 @@ class AgentConfig:
     def reports_url(self) -> str:
         return f"{self.server}/api/v1/factories/{self.factory}/device-reports"
 
+    @property
+    def credential_url(self) -> str:
+        return f"{self.server}/api/v1/factories/{self.factory}/device-credential"
+
 
 @dataclass(frozen=True)
 class Release:

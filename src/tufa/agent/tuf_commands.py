@@ -13,14 +13,14 @@ import click
 from tuf.ngclient import UpdaterConfig
 
 from tufa.agent.agent import describe_error
-from tufa.agent.state import AgentError
+from tufa.agent.state import AgentError, printable
 from tufa.agent.trust import (
     VERIFICATION_ERRORS,
     open_updater,
     provision_root,
     trusted_versions,
 )
-from tufa.core.fetcher import BearerFetcher
+from tufa.core.fetcher import BearerFetcher, CredentialRefused
 
 metadata_dir_option = click.option(
     "--metadata-dir",
@@ -45,6 +45,10 @@ DEBUG_CONFIG = UpdaterConfig()
 
 def _fail(error: BaseException) -> click.ClickException:
     what = "verification failed" if isinstance(error, VERIFICATION_ERRORS) else "failed"
+    if isinstance(error, CredentialRefused):
+        # The server's own words: the agent's advice about its state directory and
+        # registration does not apply to a --token given here.
+        return click.ClickException(f"{what}: {printable(str(error))}; check --token")
     return click.ClickException(f"{what}: {describe_error(error)}")
 
 

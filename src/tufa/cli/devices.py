@@ -1,8 +1,10 @@
-"""`tufa devices`: the factory's registered devices, and what they report."""
+"""`tufa devices`: the factory's registered devices, what they report, and the end of
+their credentials (revoke, delete)."""
 
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 import click
 from rich.table import Table
@@ -26,32 +28,59 @@ def _plain(value: Any) -> Text:
     )
 
 
+def _device_path(api: Api, device: str) -> str:
+    return api.factory_path(f"/devices/{quote(device, safe='')}")
+
+
+def _credential(device: dict[str, Any]) -> str:
+    if device["revoked_at"] is not None:
+        return f"revoked {device['revoked_at']}"
+    pending = ", rotation pending" if device["credential_rotation_pending"] else ""
+    return f"in use since {device['credential_since']}{pending}"
+
+
 @click.group()
 def devices() -> None:
-    """List and inspect registered devices."""
+    """List, inspect, revoke and delete registered devices.
+
+    \b
+    Examples:
+      tufa devices list
+      tufa devices show field-unit-1
+      tufa devices revoke field-unit-1
+      tufa devices delete field-unit-1
+    """
 
 
 @devices.command("list")
 @json_option
 @with_api
 def list_devices(api: Api, as_json: bool) -> None:
-    """List devices with their hardware id, tag, channel and installed version."""
+    """List devices with their hardware id, tag, channel, installed version and whether
+    their credential is revoked.
+
+    \b
+    Example:
+      tufa devices list --json | jq -r '.[] | select(.revoked_at) | .name'
+    """
     found = api.get_json(api.factory_path("/devices"))
     if as_json:
         print_json(found)
         return
     table = Table()
-    for column in ("name", "id", "hardware id", "tag", "channel", "installed", "registered"):
+    columns = ("name", "id", "hardware id", "tag", "channel", "installed", "registered", "status")
+    for column in columns:
         table.add_column(column)
     for d in found:
         table.add_row(
-            d["name"],
+            _plain(d["name"]),
             d["id"],
-            d["hardware_id"],
-            d["tag"],
+            _plain(d["hardware_id"]),
+            _plain(d["tag"]),
             d["channel"],
             _plain(d["installed_version"]),
             d["created_at"],
+            "revoked" if d["revoked_at"] else "active",
         )
     console().print(table)
 
@@ -61,13 +90,25 @@ def list_devices(api: Api, as_json: bool) -> None:
 @json_option
 @with_api
 def show(api: Api, device: str, as_json: bool) -> None:
-    """Show DEVICE (a name or an id): what it runs, and the events it reported last."""
-    found = api.get_json(api.factory_path(f"/devices/{device}"))
+    """Show DEVICE (a name or an id): what it runs, its credential, and the events it
+    reported last. A device registered under the name of a deleted one says so.
+
+    \b
+    Example:
+      tufa devices show field-unit-1
+    """
+    found = api.get_json(_device_path(api, device))
     if as_json:
         print_json(found)
         return
     for key in BASE_FIELDS:
-        click.echo(f"{key:>13}: {found[key]}")
+        click.echo(f"{key:>13}: {_plain(found[key])}")
+    click.echo(f"{'credential':>13}: {_credential(found)}")
+    for earlier in found["earlier_devices"]:
+        click.echo(
+            f"{'replaces':>13}: deleted device {earlier['id']} of the same name "
+            f"(deleted {earlier['deleted_at']}); this is a new device with its own history"
+        )
     if found["installed_version"] is None:
         installed = "nothing reported"
     else:
@@ -91,3 +132,56 @@ def show(api: Api, device: str, as_json: bool) -> None:
             )
         )
     console().print(table)
+
+
+@devices.command()
+@click.argument("device")
+@json_option
+@with_api
+def revoke(api: Api, device: str, as_json: bool) -> None:
+    """Revoke DEVICE (a name or an id): every server refuses its credential at once.
+
+    The device keeps running what it has installed, gets no more updates or metadata,
+    and its agent logs "credential revoked". Its record and history stay, for
+    `tufa devices show`; to register the device again, delete it first.
+
+    \b
+    Example:
+      tufa devices revoke field-unit-1
+    """
+    revoked = api.request("POST", _device_path(api, device) + "/revoke").json()
+    if as_json:
+        print_json(revoked)
+        return
+    click.echo(
+        f"Revoked the credential of {_plain(revoked['name'])} ({revoked['id']}) at "
+        f"{revoked['revoked_at']}: every server refuses it from now on."
+    )
+    click.echo(f"To register the device again: tufa devices delete {revoked['id']}")
+
+
+@devices.command()
+@click.argument("device")
+@json_option
+@with_api
+def delete(api: Api, device: str, as_json: bool) -> None:
+    """Delete DEVICE (a name or an id) for good, with its events and group memberships.
+
+    Its credential stops working at once, and waves stop counting it. A device
+    registered later under the same name is a new device: a new id, no history. To keep
+    the history, save `tufa devices show DEVICE --json` first.
+
+    \b
+    Example:
+      tufa devices delete field-unit-1
+    """
+    deleted = api.request("DELETE", _device_path(api, device)).json()
+    if as_json:
+        print_json(deleted)
+        return
+    gone = deleted["deleted"]
+    groups = ", ".join(deleted["groups_left"]) or "none"
+    click.echo(
+        f"Deleted {_plain(gone['name'])} ({gone['id']}): its credential no longer works; "
+        f"{deleted['events_deleted']} event(s) deleted; left groups: {_plain(groups)}."
+    )

@@ -6,11 +6,19 @@ else (a proxy's page, a server that is not tufa) is shown by its first bytes.
 
 from __future__ import annotations
 
+import json
+
 import httpx
 
 
-def refusal_message(response: httpx.Response) -> str:
+def refusal(body: bytes) -> tuple[str | None, str]:
+    """The error's code (None if the body is not a tufa error) and its message."""
     try:
-        return str(response.json()["error"]["message"])
+        error = json.loads(body)["error"]
+        return str(error["code"]), str(error["message"])
     except (ValueError, KeyError, TypeError):
-        return response.text[:200]
+        return None, body[:200].decode(errors="replace")
+
+
+def refusal_message(response: httpx.Response) -> str:
+    return refusal(response.content)[1]

@@ -256,6 +256,15 @@ devices = Table(
     Column("channel", String(8), nullable=False),
     Column("secret_sha256", String(64), nullable=False, unique=True),
     Column("created_at", UTCDateTime, nullable=False),
+    # When the current credential took effect: registration, or the first use of the
+    # credential a rotation issued (ADR 0011). Always set; nullable only because SQLite
+    # cannot add a NOT NULL column to a table that others refer to without rebuilding it.
+    Column("credential_since", UTCDateTime),
+    # The credential a rotation issued and the device has not used yet; the current one
+    # stays valid until it is used once, so a power cut on the device loses neither.
+    Column("pending_secret_sha256", String(64)),
+    # Set by `tufa devices revoke`: every credential of the device is refused from then on.
+    Column("revoked_at", UTCDateTime),
     # Which production view the device is served: "tag:T" or "wave:NAME" ("" in CI).
     Column("view", String(200), nullable=False, default="", server_default=""),
     # What the device last said it runs (all None until it reports something installed),
@@ -265,6 +274,7 @@ devices = Table(
     Column("installed_sha256", String(64)),
     Column("last_report_at", UTCDateTime),
     UniqueConstraint("factory_id", "name"),
+    Index("ix_devices_pending_secret_sha256", "pending_secret_sha256", unique=True),
 )
 
 # What devices report happened: downloads, installs, failures. `id` is the agent's own,
@@ -283,6 +293,22 @@ device_events = Table(
     Column("target", String(255)),
     Column("detail", Text, nullable=False),
     Index("ix_device_events_factory_id_version", "factory_id", "version"),
+)
+
+
+# Device credentials that no longer work, so that whoever still uses one is told why
+# (replaced by a rotation, or its device deleted) instead of "unknown token". Only the
+# SHA-256 is kept, as for live credentials; the device may no longer exist.
+retired_credentials = Table(
+    "retired_credentials",
+    schema,
+    Column("secret_sha256", String(64), primary_key=True),
+    Column("factory_id", Integer, ForeignKey("factories.id"), nullable=False),
+    Column("device_id", String(36), nullable=False),
+    Column("device_name", String(128), nullable=False),
+    Column("reason", String(16), nullable=False),
+    Column("retired_at", UTCDateTime, nullable=False),
+    Index("ix_retired_credentials_factory_id_device_name", "factory_id", "device_name"),
 )
 
 
@@ -345,7 +371,8 @@ class Database:
 
     @contextmanager
     def startup(self) -> Iterator[Connection]:
-        """A write transaction that server replicas starting together take one at a time."""
+        """A write transaction that server replicas starting together take one at a time;
+        operator token rotations take it too, so that one live operator token remains."""
         with self._writer.begin() as conn:
             if not self.is_sqlite:
                 conn.execute(text("SELECT pg_advisory_xact_lock(7412300)"))

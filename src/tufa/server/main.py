@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import click
 import uvicorn
 from cryptography.exceptions import InvalidTag
 from sqlalchemy import Connection, insert, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from tufa.core.durations import parse_duration
 from tufa.core.files import default_database_url
@@ -23,7 +25,11 @@ from tufa.server.repository import Repository
 from tufa.server.secrets import MasterKey
 from tufa.server.settings import Clock, OffsetClock, Settings
 from tufa.server.state import ServerState
-from tufa.server.tokens import create_operator_token
+from tufa.server.tokens import create_operator_token, rotate_operator_token
+
+# A chosen operator token must carry enough to be a secret; at most what a header holds.
+MIN_OPERATOR_TOKEN = 32
+MAX_OPERATOR_TOKEN = 256
 
 
 class Duration(click.ParamType[timedelta]):
@@ -49,8 +55,7 @@ def cli() -> None:
     """The tufa server: factories, TUF repositories, online signing, devices."""
 
 
-@cli.command()
-@click.option(
+data_dir_option = click.option(
     "--data-dir",
     type=click.Path(path_type=Path),
     default="tufa-data",
@@ -58,12 +63,17 @@ def cli() -> None:
     envvar="TUFA_DATA_DIR",
     help="Where the database, master key and blobs live.",
 )
-@click.option(
+db_option = click.option(
     "--db",
     "db_url",
     envvar="TUFA_DB",
     help="Database URL; default: SQLite in the data dir. PostgreSQL: postgresql+psycopg://user@host/db",
 )
+
+
+@cli.command()
+@data_dir_option
+@db_option
 @click.option("--host", default="127.0.0.1", show_default=True, envvar="TUFA_HOST")
 @click.option("--port", default=8080, show_default=True, type=int, envvar="TUFA_PORT")
 @click.option(
@@ -152,7 +162,9 @@ def run(
 
     The first start creates the database, the master key (DATA_DIR/master.key, mode
     0600) that encrypts online private keys, and the operator token, printed once.
-    Set TUFA_OPERATOR_TOKEN in the first start's environment to choose it instead.
+    Set TUFA_OPERATOR_TOKEN in the first start's environment to choose it instead
+    (32 to 256 printable ASCII characters, no spaces; a shorter one is refused at
+    every start). Replace it later with `tufa-server rotate-operator-token`.
 
     \b
     Examples:
@@ -190,13 +202,60 @@ def run(
     uvicorn.run(create_app(state), host=host, port=port, log_level=log_level, access_log=False)
 
 
+@cli.command("rotate-operator-token")
+@data_dir_option
+@db_option
+@click.option("--json", "as_json", is_flag=True, help='Print {"id", "token"} as JSON.')
+def rotate_operator_token_command(data_dir: Path, db_url: str | None, as_json: bool) -> None:
+    """Replace the operator token and print the new one, once.
+
+    The old token is refused from the moment this finishes, by every server replica
+    sharing the database; the servers keep running. Run it where the server's database
+    is reachable (the data directory for SQLite, or --db). With the current operator
+    token, `POST /api/v1/operator-token` does the same over HTTP.
+
+    \b
+    Examples:
+      tufa-server rotate-operator-token --data-dir /var/lib/tufa
+      tufa-server rotate-operator-token --db postgresql+psycopg://tufa@db.example/tufa --json
+    """
+    url = db_url or default_database_url(data_dir)
+    if db_url is None and not (data_dir / "tufa.db").exists():
+        raise click.ClickException(
+            f"no database in {data_dir}: pass the server's --data-dir (or --db), or start "
+            "the server once (`tufa-server run`) to create the operator token"
+        )
+    db = Database(url)
+    try:
+        with db.startup() as conn:
+            db.migrate(conn)
+            if not _has_operator_token(conn):
+                raise click.ClickException(
+                    "this database has no operator token yet: start the server once "
+                    "(`tufa-server run`), which creates it"
+                )
+            token = rotate_operator_token(conn, datetime.now(UTC))
+    except SQLAlchemyError as e:
+        raise click.ClickException(f"cannot use the database {url}: {e}") from e
+    finally:
+        db.dispose()
+    if as_json:
+        click.echo(json.dumps({"id": token.id, "token": token.secret}))
+        return
+    click.echo(
+        "New operator token (shown once; the old one no longer works, on any replica):\n"
+        f"  {token.secret}"
+    )
+
+
 def open_state(settings: Settings) -> ServerState:
     """Open (creating on first start) the master key and database of a data directory."""
+    chosen_token = chosen_operator_token()
     db = Database(settings.db_url)
     with db.startup() as conn:
         db.migrate(conn)
         master_key = _open_master_key(conn, settings)
-        created = _ensure_operator_token(conn, settings)
+        created = _ensure_operator_token(conn, settings, chosen_token)
     if created is not None:
         print(
             f"Operator token (shown once; keep it safe, it creates factories):\n  {created}",
@@ -242,13 +301,39 @@ def _open_master_key(conn: Connection, settings: Settings) -> MasterKey:
     return master_key
 
 
-def _ensure_operator_token(conn: Connection, settings: Settings) -> str | None:
-    """Create the operator token on first start; return its secret if it must be shown."""
-    exists = conn.execute(
-        select(tokens.c.id).where(tokens.c.scopes == OPERATOR_SCOPE).limit(1)
-    ).first()
-    if exists:
+def chosen_operator_token() -> str | None:
+    """TUFA_OPERATOR_TOKEN, if set: refused unless it is long enough to be a secret
+    (the server stores a fast SHA-256 of it, ADR 0005) and fits an HTTP header."""
+    chosen = os.environ.get("TUFA_OPERATOR_TOKEN") or None
+    if chosen is None:
         return None
-    chosen = os.environ.get("TUFA_OPERATOR_TOKEN")
+    if not (
+        MIN_OPERATOR_TOKEN <= len(chosen) <= MAX_OPERATOR_TOKEN
+        and chosen.isascii()
+        and chosen.isprintable()
+        and " " not in chosen
+    ):
+        raise RuntimeError(
+            f"TUFA_OPERATOR_TOKEN must be {MIN_OPERATOR_TOKEN} to {MAX_OPERATOR_TOKEN} "
+            f"printable ASCII characters without spaces; it has {len(chosen)} characters. "
+            "Choose a random one, e.g. tufa_$(openssl rand -base64 32 | tr '+/' '-_' | "
+            "tr -d '='), or unset it to have the server generate one (if the server's "
+            "operator token is this short one, replace it: `tufa-server "
+            "rotate-operator-token`)"
+        )
+    return chosen
+
+
+def _has_operator_token(conn: Connection) -> bool:
+    live = select(tokens.c.id).where(
+        tokens.c.scopes == OPERATOR_SCOPE, tokens.c.revoked_at.is_(None)
+    )
+    return conn.execute(live.limit(1)).first() is not None
+
+
+def _ensure_operator_token(conn: Connection, settings: Settings, chosen: str | None) -> str | None:
+    """Create the operator token on first start; return its secret if it must be shown."""
+    if _has_operator_token(conn):
+        return None
     token = create_operator_token(conn, settings.clock.now(), chosen)
     return None if chosen else token.secret

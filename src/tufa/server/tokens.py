@@ -1,4 +1,5 @@
-"""Factory API tokens: created with scopes and an optional expiry, listed, revoked."""
+"""API tokens: factory tokens (created with scopes and an optional expiry, listed,
+revoked) and the operator token (created on first start, rotated)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection, insert
+from sqlalchemy import Connection, insert, update
 
 from tufa.server.auth import OPERATOR_SCOPE
 from tufa.server.db import tokens
@@ -48,3 +49,14 @@ def create_token(
 
 def create_operator_token(conn: Connection, now: datetime, secret: str | None) -> NewToken:
     return create_token(conn, None, [OPERATOR_SCOPE], "server operator", now, secret=secret)
+
+
+def rotate_operator_token(conn: Connection, now: datetime) -> NewToken:
+    """Replace the operator token in one transaction: the old one is refused from the
+    moment this commits, on every replica (revoked, so its holder is told why)."""
+    conn.execute(
+        update(tokens)
+        .where(tokens.c.scopes == OPERATOR_SCOPE, tokens.c.revoked_at.is_(None))
+        .values(revoked_at=now)
+    )
+    return create_operator_token(conn, now, None)

@@ -268,6 +268,8 @@ class Waves:
             devices.c.channel == PROD.value,
             devices.c.tag == row.tag,
             devices.c.view != wave_view(name),
+            # A revoked device is served nothing: it would only use up a --limit.
+            devices.c.revoked_at.is_(None),
         )
         if group is not None:
             known = conn.execute(
@@ -397,14 +399,13 @@ class Waves:
     def describe(self, conn: Connection, factory_id: int, name: str) -> dict[str, Any]:
         row = self._row(conn, factory_id, name)
         md = Metadata[Targets].from_bytes(row.targets)
+        # Revoked devices are out of the fleet (served nothing), deleted ones are gone
+        # with their events: neither counts.
+        fleet = (devices.c.factory_id == factory_id) & devices.c.revoked_at.is_(None)
         tag_devices = conn.execute(
             select(func.count())
             .select_from(devices)
-            .where(
-                devices.c.factory_id == factory_id,
-                devices.c.channel == PROD.value,
-                devices.c.tag == row.tag,
-            )
+            .where(fleet, devices.c.channel == PROD.value, devices.c.tag == row.tag)
         ).scalar_one()
         # Once complete, the wave's release is what every device of its tag is served, so
         # its install counts cover them all.
@@ -413,11 +414,7 @@ class Waves:
             if row.status == COMPLETE
             else devices.c.view == wave_view(name)
         )
-        served_query = (
-            select(func.count())
-            .select_from(devices)
-            .where(devices.c.factory_id == factory_id, reached)
-        )
+        served_query = select(func.count()).select_from(devices).where(fleet, reached)
         served = conn.execute(served_query).scalar_one()
         installed = conn.execute(
             served_query.where(devices.c.installed_version == row.version)

@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from tufa.server.auth import Principal, authenticate, bearer_secret
+from tufa.server.credentials import settle
 from tufa.server.errors import bad_request
 from tufa.server.inputs import refuse_unsignable_json
 from tufa.server.state import ServerState, state_of
@@ -30,8 +31,10 @@ async def caller(request: Request) -> tuple[ServerState, Principal | None]:
         return state, None
 
     def lookup() -> Principal:
+        now = state.settings.clock.now()
         with state.db.read() as conn:
-            return authenticate(conn, secret, state.settings.clock.now())
+            principal = authenticate(conn, secret, now)
+        return settle(state.db, principal, secret, now)
 
     return state, await run_in_threadpool(lookup)
 

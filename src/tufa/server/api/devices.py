@@ -1,28 +1,39 @@
-"""`/api/v1/factories/{factory}/devices`: registration (register scope) and inventory;
-`/device-reports`: what a device says it runs and what happened (device credentials)."""
+"""`/api/v1/factories/{factory}/devices`: registration (register scope), inventory,
+revocation and deletion (admin); `/device-credential`: a device rotating its own
+credential; `/device-reports`: what a device says it runs and what happened (device
+credentials)."""
 
 from __future__ import annotations
 
 import re
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from tufa.core.metadata import Channel
+from tufa.server import credentials
 from tufa.server.api.common import caller, field, iso, json_object, ok, text_field, threaded
-from tufa.server.auth import Principal, Scope, forbidden, require_factory, unauthorized
+from tufa.server.auth import (
+    Principal,
+    Scope,
+    authenticate,
+    bearer_secret,
+    forbidden,
+    require_factory,
+    unauthorized,
+)
+from tufa.server.credentials import DEVICE_SECRET_PREFIX
 from tufa.server.db import device_events, devices
-from tufa.server.errors import bad_request, conflict, not_found
+from tufa.server.errors import bad_request, conflict
 from tufa.server.secrets import new_secret, secret_digest
 from tufa.server.views import tag_view
 
-DEVICE_SECRET_PREFIX = "tufad"  # noqa: S105 (a label, not a secret)
 MAX_LABEL = 128
 # Device reports: the limits match the columns of `devices` and `device_events`.
 EVENT_KINDS = (
@@ -51,6 +62,9 @@ def _device_json(row: Any) -> dict[str, Any]:
         "tag": row.tag,
         "channel": row.channel,
         "created_at": iso(row.created_at),
+        "credential_since": iso(row.credential_since),
+        "credential_rotation_pending": row.pending_secret_sha256 is not None,
+        "revoked_at": iso(row.revoked_at),
     }
 
 
@@ -89,12 +103,14 @@ async def register(request: Request) -> JSONResponse:
         device_id = str(uuid.uuid4())
         try:
             with state.db.write() as conn:
+                now = state.settings.clock.now()
                 conn.execute(
                     insert(devices).values(
                         id=device_id,
                         factory_id=caller_token.factory_id,
                         secret_sha256=secret_digest(secret),
-                        created_at=state.settings.clock.now(),
+                        created_at=now,
+                        credential_since=now,
                         **values,
                     )
                 )
@@ -135,15 +151,10 @@ async def show(request: Request) -> JSONResponse:
     ident = request.path_params["device"]
 
     def row() -> dict[str, Any]:
+        assert reader.factory_id is not None
         with state.db.read() as conn:
-            found = conn.execute(
-                select(devices).where(
-                    devices.c.factory_id == reader.factory_id,
-                    (devices.c.id == ident) | (devices.c.name == ident),
-                )
-            ).first()
-            if found is None:
-                raise not_found(f"no device {ident!r} in this factory")
+            found = credentials.find_device(conn, reader.factory_id, ident)
+            earlier = credentials.earlier_devices(conn, reader.factory_id, found.name)
             # Newest by the device's clock; ties (same second) in a stable order.
             events = conn.execute(
                 select(device_events)
@@ -162,21 +173,95 @@ async def show(request: Request) -> JSONResponse:
             "installed_sha256": found.installed_sha256,
             "last_report_at": iso(found.last_report_at),
             "events": [_event_json(e) for e in events],
+            "earlier_devices": [
+                {"id": e["id"], "deleted_at": iso(e["deleted_at"])} for e in earlier
+            ],
         }
 
     return ok(await threaded(row))
 
 
+async def revoke(request: Request) -> JSONResponse:
+    """Refuse the device's credentials from now on, on every replica (no cache)."""
+    state, principal = await caller(request)
+    admin = require_factory(principal, request.path_params["factory"], {Scope.ADMIN})
+    ident = request.path_params["device"]
+
+    def apply() -> dict[str, Any]:
+        assert admin.factory_id is not None
+        with state.db.write() as conn:
+            row = credentials.revoke(conn, admin.factory_id, ident, state.settings.clock.now())
+        return _device_json(row)
+
+    return ok(await threaded(apply))
+
+
+async def remove(request: Request) -> JSONResponse:
+    """Delete the device for good: credentials, events and group memberships."""
+    state, principal = await caller(request)
+    admin = require_factory(principal, request.path_params["factory"], {Scope.ADMIN})
+    ident = request.path_params["device"]
+
+    def apply() -> dict[str, Any]:
+        assert admin.factory_id is not None
+        now = state.settings.clock.now()
+        with state.db.write() as conn:
+            row, events, groups = credentials.delete_device(conn, admin.factory_id, ident, now)
+        return {"deleted": _device_json(row), "events_deleted": events, "groups_left": groups}
+
+    return ok(await threaded(apply))
+
+
+async def credential_show(request: Request) -> JSONResponse:
+    """The calling device and the state of its credential. After a rotation, the first
+    request with the new credential (this one, say) makes it the only valid one."""
+    state, principal = await caller(request)
+    device = _require_device(principal, request.path_params["factory"], "read its credential")
+    secret = bearer_secret(request.headers.get("authorization"))
+    assert secret is not None
+
+    def row() -> dict[str, Any]:
+        with state.db.read() as conn:
+            found = conn.execute(select(devices).where(devices.c.id == device.device_id)).first()
+            if found is None:
+                _refuse_dead(conn, secret, state.settings.clock.now())
+        return _device_json(found)
+
+    return ok(await threaded(row))
+
+
+async def credential_rotate(request: Request) -> JSONResponse:
+    """Issue the calling device a new credential. The one it called with keeps working
+    until the new one is used once; from then on only the new one does (ADR 0011)."""
+    state, principal = await caller(request)
+    device = _require_device(principal, request.path_params["factory"], "rotate a credential")
+    secret = bearer_secret(request.headers.get("authorization"))
+    assert secret is not None
+
+    def apply() -> dict[str, Any]:
+        now = state.settings.clock.now()
+        row, new = credentials.rotate(state.db, device, secret, now)
+        return {**_device_json(row), "credential": new}
+
+    return ok(await threaded(apply), status=201)
+
+
+def _refuse_dead(conn: Connection, secret: str, now: datetime) -> NoReturn:
+    """Refuse a device revoked or deleted since its credential was checked, saying which."""
+    authenticate(conn, secret, now)
+    raise unauthorized("this device credential is no longer valid")
+
+
 # -- device reports ---------------------------------------------------------------------
 
 
-def _require_device(principal: Principal | None, factory: str) -> Principal:
-    """The caller, if it is a device of `factory`: reports describe the caller itself,
-    so no token, whatever its scopes, may send one."""
+def _require_device(principal: Principal | None, factory: str, action: str) -> Principal:
+    """The caller, if it is a device of `factory`: reports and credentials are the
+    caller's own, so no token, whatever its scopes, may send or rotate them."""
     if principal is None:
         raise unauthorized(f"this request needs a device credential of factory {factory!r}")
     if principal.kind != "device":
-        raise forbidden("only a device credential may send device reports")
+        raise forbidden(f"only a device credential may {action}")
     if principal.factory_name != factory:
         raise forbidden(f"this credential is not valid for factory {factory!r}")
     return principal
@@ -279,11 +364,13 @@ def _events(data: dict[str, Any]) -> list[dict[str, Any]]:
 async def report(request: Request) -> JSONResponse:
     """A device says what it runs now and what happened since its last report."""
     state, principal = await caller(request)
-    device = _require_device(principal, request.path_params["factory"])
+    device = _require_device(principal, request.path_params["factory"], "send device reports")
     device_id, factory_id = device.device_id, device.factory_id
     data = await json_object(request)
     installed = _installed(data)
     events = _events(data)
+    secret = bearer_secret(request.headers.get("authorization"))
+    assert secret is not None
 
     def store() -> int:
         now = state.settings.clock.now()
@@ -291,11 +378,13 @@ async def report(request: Request) -> JSONResponse:
             # The update comes first: on PostgreSQL it locks the device's row, so two
             # reports of one device (a resend racing the original) take turns, and the
             # second sees the events the first stored.
-            conn.execute(
+            updated = conn.execute(
                 update(devices)
-                .where(devices.c.id == device_id)
+                .where(devices.c.id == device_id, devices.c.revoked_at.is_(None))
                 .values(**installed, last_report_at=now)
             )
+            if updated.rowcount == 0:
+                _refuse_dead(conn, secret, now)
             if not events:
                 return 0
             known = set(
@@ -329,5 +418,9 @@ routes = [
     Route("/api/v1/factories/{factory}/devices", register, methods=["POST"]),
     Route("/api/v1/factories/{factory}/devices", list_all, methods=["GET"]),
     Route("/api/v1/factories/{factory}/devices/{device}", show, methods=["GET"]),
+    Route("/api/v1/factories/{factory}/devices/{device}", remove, methods=["DELETE"]),
+    Route("/api/v1/factories/{factory}/devices/{device}/revoke", revoke, methods=["POST"]),
+    Route("/api/v1/factories/{factory}/device-credential", credential_show, methods=["GET"]),
+    Route("/api/v1/factories/{factory}/device-credential", credential_rotate, methods=["POST"]),
     Route("/api/v1/factories/{factory}/device-reports", report, methods=["POST"]),
 ]

@@ -36,6 +36,7 @@ from tufa.server.auth import (
     require_factory,
     unauthorized,
 )
+from tufa.server.credentials import settle
 from tufa.server.db import blob_owners, factories, targets
 from tufa.server.errors import bad_request, not_found
 from tufa.server.publishing import LABEL
@@ -104,9 +105,13 @@ def _authorize(
     """The factory, if the caller may read `channel` of it, and the caller's view: a
     production device's tag or wave; for a token, the production view of `tag` if one is
     asked for; the channel's default view for everyone else."""
-    principal = (
-        authenticate(conn, secret, state.settings.clock.now()) if secret is not None else None
-    )
+    principal = None
+    if secret is not None:
+        now = state.settings.clock.now()
+        principal = authenticate(conn, secret, now)
+        # A device's first use of a rotated credential: adopted (a write, in a transaction
+        # of its own) before anything is served.
+        principal = settle(state.db, principal, secret, now)
     factory = conn.execute(_FACTORY_BY_NAME, {"name": name}).first()
     if principal is None:
         if factory is None or not factory.anonymous_read:

@@ -1,4 +1,5 @@
-"""`/api/v1/factories/{factory}/tokens`: admin-only token management."""
+"""`/api/v1/factories/{factory}/tokens`: admin-only token management;
+`/api/v1/operator-token`: the operator replacing their own token."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from tufa.server.api.common import caller, field, iso, json_object, ok, text_field, threaded
-from tufa.server.auth import Scope, require_factory
+from tufa.server.auth import Scope, require_factory, require_operator
 from tufa.server.db import tokens
 from tufa.server.errors import bad_request, not_found
-from tufa.server.tokens import create_token
+from tufa.server.tokens import create_token, rotate_operator_token
 
 MAX_TOKEN_LIFETIME = timedelta(days=3650)
 MAX_DESCRIPTION = 200
@@ -97,7 +98,22 @@ async def revoke(request: Request) -> JSONResponse:
     return ok(await threaded(apply))
 
 
+async def rotate_operator(request: Request) -> JSONResponse:
+    """A new operator token, shown once; the one this request used stops working now."""
+    state, principal = await caller(request)
+    require_operator(principal)
+
+    def rotate() -> dict[str, Any]:
+        with state.db.startup() as conn:
+            token = rotate_operator_token(conn, state.settings.clock.now())
+            row = conn.execute(select(tokens).where(tokens.c.id == token.id)).one()
+        return {"id": row.id, "created_at": iso(row.created_at), "token": token.secret}
+
+    return ok(await threaded(rotate), status=201)
+
+
 routes = [
+    Route("/api/v1/operator-token", rotate_operator, methods=["POST"]),
     Route("/api/v1/factories/{factory}/tokens", create, methods=["POST"]),
     Route("/api/v1/factories/{factory}/tokens", list_all, methods=["GET"]),
     Route("/api/v1/factories/{factory}/tokens/{token_id}", revoke, methods=["DELETE"]),

@@ -198,11 +198,14 @@ async def add_to_group(request: Request) -> JSONResponse:
         ).first()
         if exists is None:
             raise not_found(f"no device group named {group!r}")
+        # Locked: a device deleted meanwhile must not gain a membership (PostgreSQL).
         found = conn.execute(
-            select(devices.c.id, devices.c.name).where(
+            select(devices.c.id, devices.c.name)
+            .where(
                 devices.c.factory_id == factory_id,
                 devices.c.id.in_(wanted) | devices.c.name.in_(wanted),
             )
+            .with_for_update()
         ).all()
         missing = set(wanted) - {d.id for d in found} - {d.name for d in found}
         if missing:
