@@ -321,7 +321,7 @@ def _with_key_files(stem: str, pair: KeyPair) -> dict[str, bytes]:
 def _lone_root_half() -> bytes:
     """The CI half of a root key without its production half."""
     ci = _pair(KeyType.ED25519, 3)
-    return gzip.compress(_tar(_with_key_files(f"root-{ci.keyid}.ci", ci)))
+    return _format(2, _with_key_files(f"root-{ci.keyid}.ci", ci))
 
 
 def _targets_key_for_one_channel() -> bytes:
@@ -334,13 +334,22 @@ def _halves_that_are_one_key() -> bytes:
     files = _with_key_files(f"root-{pair.keyid}.ci", pair)
     files[f"keys/root-{pair.keyid}.prod.pub"] = key_to_json(pair.public)
     files[f"keys/root-{pair.keyid}.prod.sec"] = pair.private_pem
+    return _format(2, files)
+
+
+def _format(value: object, files: dict[str, bytes] | None = None) -> bytes:
+    files = dict(_valid_files() if files is None else files)
+    files["config.json"] = json.dumps({"format": value, "factory": FACTORY}).encode()
     return gzip.compress(_tar(files))
 
 
-def _newer_format() -> bytes:
-    files = _valid_files()
-    files["config.json"] = json.dumps({"format": 3, "factory": FACTORY}).encode()
-    return gzip.compress(_tar(files))
+def _halves_in_format_1() -> bytes:
+    """A root key pair in an archive that says it was made before pairs existed."""
+    ci, prod = _pair(KeyType.ED25519, 6), _pair(KeyType.ED25519, 7)
+    files = _with_key_files(f"root-{ci.keyid}.ci", ci)
+    files[f"keys/root-{ci.keyid}.prod.pub"] = key_to_json(prod.public)
+    files[f"keys/root-{ci.keyid}.prod.sec"] = prod.private_pem
+    return _format(1, files)
 
 
 def _damaged_deflate() -> bytes:
@@ -377,7 +386,10 @@ HOSTILE: list[tuple[str, Callable[[], bytes], str]] = [
     ("lone-root-half", _lone_root_half, "has no prod half"),
     ("targets-key-for-one-channel", _targets_key_for_one_channel, "only root keys have"),
     ("halves-that-are-one-key", _halves_that_are_one_key, "is stored twice"),
-    ("newer-format", _newer_format, "archive format 3; this tufa reads formats 1, 2"),
+    ("newer-format", lambda: _format(3), "archive format 3; this tufa reads formats 1, 2"),
+    ("format-not-a-number", lambda: _format(True), "archive format True;"),
+    ("format-a-fraction", lambda: _format(1.0), "archive format 1.0;"),
+    ("halves-in-format-1", _halves_in_format_1, "archives of format 1 (made before"),
 ]
 # Found while writing these tests; OfflineArchive.load (core/archive.py) still lets
 # them through. The copy-targets command refuses both already.

@@ -32,7 +32,7 @@ from tests.helpers import (
     served_metadata,
 )
 from tufa.core.archive import ArchiveKey, OfflineArchive, generate_root_key
-from tufa.core.keys import KeyPair
+from tufa.core.keys import KeyPair, computed_keyid
 from tufa.core.metadata import ROOT, SNAPSHOT, TARGETS, TIMESTAMP, Channel
 from tufa.core.root_update import StagedRoots, pairs_from_json, pairs_to_json
 
@@ -272,6 +272,31 @@ def _ci_root_key_in_prod(staged: StagedRoots) -> None:
     staged.pairs[ci] = ci
 
 
+def _alias_of_the_ci_root_key_in_prod(staged: StagedRoots) -> None:
+    """The production root trusts the CI half too, written in upper-case hex: the same
+    public key under another, correctly computed, key id."""
+    ((ci, prod),) = staged.pairs.items()
+    key = staged.roots[Channel.CI].keys[ci]
+    written_otherwise = {"public": key.keyval["public"].upper()}
+    unnamed = SSlibKey("", key.keytype, key.scheme, written_otherwise)
+    alias = SSlibKey(computed_keyid(unnamed), key.keytype, key.scheme, written_otherwise)
+    prod_root = staged.roots[Channel.PROD]
+    prod_root.revoke_key(prod, ROOT)
+    prod_root.add_key(alias, ROOT)
+    staged.pairs[ci] = alias.keyid
+
+
+def _offline_targets_key_as_root_key(staged: StagedRoots) -> None:
+    """The owner's offline targets key, in both roots' targets role, made the root key of
+    both channels too."""
+    ci_root, prod_root = staged.roots[Channel.CI], staged.roots[Channel.PROD]
+    # The CI root's only targets key that the production root lists too.
+    (offline,) = [k for k in ci_root.roles[TARGETS].keyids if k in prod_root.keys]
+    for ci in list(staged.pairs):
+        staged.remove_root_key(ci)
+    staged.add_root_key(ci_root.keys[offline], ci_root.keys[offline])
+
+
 def _root_key_without_its_pair(staged: StagedRoots) -> None:
     staged.roots[Channel.CI].add_key(KeyPair.generate().public, ROOT)
 
@@ -346,6 +371,14 @@ BREACHES: dict[str, tuple[Callable[[dict[str, dict[str, str]]], Change], str]] =
         lambda _: _root_thresholds_differ,
         "the CI and production roots must have the same root threshold",
     ),
+    "alias-of-the-ci-root-key-in-prod": (
+        lambda _: _alias_of_the_ci_root_key_in_prod,
+        "is not written as python-tuf writes that public key",
+    ),
+    "offline-targets-key-as-root-key": (
+        lambda _: _offline_targets_key_as_root_key,
+        "is both a root key and an offline targets key",
+    ),
 }
 
 
@@ -366,6 +399,45 @@ def test_an_unchanged_stage_is_accepted(owner: Owner) -> None:
     owner.init()
     response = owner.stage(lambda _staged: None)
     assert response.status_code == 200, response.text
+
+
+@sqlite_only
+def test_the_halves_of_a_root_key_stay_together(owner: Owner) -> None:
+    """Which production half goes with which CI half is not signed: a root key in force
+    cannot be paired otherwise, and any change of the staged pairs drops the signatures
+    collected so far."""
+    owner.init("two new root keys")
+    first, second = generate_root_key(), generate_root_key()
+
+    def add_both(staged: StagedRoots) -> None:
+        for key in (first, second):
+            staged.add_root_key(key.ci.public, key.prod.public)
+
+    assert owner.stage(add_both).is_success
+    mine = owner.root_key
+
+    def repaired(staged: StagedRoots) -> None:
+        staged.pairs[mine.ci.keyid] = first.prod.keyid
+        staged.pairs[first.ci.keyid] = mine.prod.keyid
+
+    refused_without_change(
+        owner,
+        lambda: owner.stage(repaired),
+        400,
+        "rule_violated",
+        "the two halves of a root key never change",
+    )
+
+    owner.sign(owner.root_signatures(mine))
+    assert owner.update()["status"]["ci"]["old_root"]["signed"] == [mine.ci.keyid]
+
+    def swapped(staged: StagedRoots) -> None:
+        staged.pairs[first.ci.keyid] = second.prod.keyid
+        staged.pairs[second.ci.keyid] = first.prod.keyid
+
+    assert owner.stage(swapped).is_success
+    for channel in Channel:
+        assert owner.update()["status"][channel.value]["old_root"]["signed"] == []
 
 
 # -- signatures that may not count -------------------------------------------------------

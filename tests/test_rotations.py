@@ -643,6 +643,29 @@ def test_air_gapped_signing_through_an_exported_file(factory: Factory, tmp_path:
     _fresh_devices_reach(factory, tmp_path / "fresh", 2)
 
 
+@sqlite_only
+def test_signing_refuses_staged_roots_that_break_a_rule(factory: Factory, tmp_path: Path) -> None:
+    """Whoever staged them (a compromised server, a file altered on its way to the
+    air-gapped machine), roots that break a rule get no signature of the owner's: here a
+    production root whose online key alone would sign targets."""
+    owner = Owner.start(factory, tmp_path / "owner")
+    owner.tufa("keys", "updates", "init", "-m", "longer roots")
+    owner.tufa("keys", "updates", "extend-expiry", "--days", "400")
+    exported = tmp_path / "update.json"
+    owner.tufa("keys", "updates", "export", str(exported))
+    data = json.loads(exported.read_text())
+    data["staged"]["prod"]["signed"]["roles"]["targets"]["threshold"] = 1
+    exported.write_text(json.dumps(data))
+
+    refused = owner.fails("keys", "sign-file", str(exported), "-k", str(owner.archive))
+
+    assert "refusing to sign: prod root: the targets threshold must be at least 2" in (
+        refused.stderr
+    )
+    for channel in CHANNELS:
+        assert json.loads(exported.read_text())["staged"][channel]["signatures"] == []
+
+
 # -- attacks with stolen keys ------------------------------------------------------------------
 
 

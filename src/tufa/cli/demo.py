@@ -221,7 +221,7 @@ def _run_story(story: _Story) -> None:
             "newer root, all signed with its own keys"
         )
         story.command("tufa-agent", "run", "--once", "--dir", "devices/dev-board-1", fails=True)
-        _still_runs(story, "dev-board-1", "43")
+        _still_runs(story, "dev-board-1", "43", "not signed by the trusted keys")
     story.say("refused: dev-board-1 still runs build 43; with its server back, it carries on")
     story.command("tufa-agent", "run", "--once", "--dir", "devices/dev-board-1")
 
@@ -230,10 +230,11 @@ def _run_story(story: _Story) -> None:
         story.say(
             "genuine files, every one signed by the server or the owner: the CI channel's "
             "roots, timestamp, snapshot and targets (build 43, never released), served at "
-            "the production URLs. The channels share no signing key, so none verifies"
+            "the production URLs. The channels share no signing key: the CI timestamp is "
+            "signed by a key the production root does not list"
         )
         story.command("tufa-agent", "run", "--once", "--dir", "devices/field-unit-1", fails=True)
-        _still_runs(story, "field-unit-1", "42")
+        _still_runs(story, "field-unit-1", "42", "timestamp was signed by 0/1 keys")
     story.say("refused: field-unit-1 still runs the release, 42, and carries on")
     story.command("tufa-agent", "run", "--once", "--dir", "devices/field-unit-1")
 
@@ -251,12 +252,15 @@ def _pointed_at(story: _Story, device: str, fake: FileServer) -> Iterator[None]:
         fake.close()
 
 
-def _still_runs(story: _Story, device: str, version: str) -> None:
+def _still_runs(story: _Story, device: str, version: str, refusal: str) -> None:
+    """DEVICE still runs VERSION, having refused the attack for saying `refusal`."""
     status = json.loads(
         story.command("tufa-agent", "status", "--json", "--dir", f"devices/{device}")
     )
     if (status["installed"] or {}).get("version") != version:
         raise click.ClickException(f"the attack changed what {device} runs")
+    if refusal not in (status["last_error"] or ""):
+        raise click.ClickException(f"{device} failed, but not by refusing the attack")
 
 
 def _recorded_ci_channel(story: _Story) -> FileServer:

@@ -119,5 +119,11 @@ def _print_factory(data: dict[str, Any]) -> None:
         out.print(table)
         out.print(f"  metadata URL: {info['metadata_url']}")
         out.print(f"  targets URL:  {info['targets_url']}")
+    first = data["first_separated_root_version"]
+    if first is not None:
+        out.print(
+            f"provision devices with root version {first} of their channel or newer "
+            f"(tufa get .../repo/CHANNEL/metadata/{first}.root.json)"
+        )
     for warning in data["warnings"]:
         warn(warning)

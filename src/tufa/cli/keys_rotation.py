@@ -161,7 +161,8 @@ def rotate_targets(api: Api, archive: Path, key_type: str) -> None:
     """
     held = load_archive(archive, api.factory)
     current = _current_root(api, archive, held)
-    if api.get_json(api.factory_path())["channels_share_keys"]:
+    factory = api.get_json(api.factory_path())
+    if factory["channels_share_keys"]:
         raise click.ClickException(
             "this factory was created before tufa separated its channels, and its next "
             f"root update must separate them: {SEPARATE_CHANNELS_FIX}; then rotate the "
@@ -175,7 +176,7 @@ def rotate_targets(api: Api, archive: Path, key_type: str) -> None:
             f"wave {active[0]!r} is active: complete or cancel it before rotating the targets "
             "key (its offline signatures would no longer count)"
         )
-    online = {k["keyid"] for k in api.get_json(api.factory_path())["online_keys"]}
+    online = {k["keyid"] for k in factory["online_keys"]}
     offline = [k for k in current["roles"][TARGETS]["keyids"] if k not in online]
     mine = [k.keyid for k in held.keys_for(TARGETS) if k.keyid in offline]
     replaced = mine or offline

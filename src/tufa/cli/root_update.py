@@ -129,6 +129,18 @@ class RootUpdate:
 
     # -- editing ---------------------------------------------------------------------
 
+    def _check(self, staged: StagedRoots, refusal: str) -> None:
+        """The server's rules, checked here: neither an upload nor a signature of ours
+        goes to roots that break them (whoever staged them: a server, an export file)."""
+        try:
+            staged.check(
+                {c: self.current(c).signed for c in Channel},
+                self.online_keyids_after(),
+                datetime.now(UTC),
+            )
+        except RootUpdateError as e:
+            raise click.ClickException(f"{refusal}: {e}") from e
+
     def edit(
         self,
         api: Api,
@@ -139,14 +151,7 @@ class RootUpdate:
         """Apply `change` to the staged roots, check them, upload; return the new state."""
         staged = self.staged_roots()
         change(staged)
-        try:
-            staged.check(
-                {c: self.current(c).signed for c in Channel},
-                self.online_keyids_after(),
-                datetime.now(UTC),
-            )
-        except RootUpdateError as e:
-            raise click.ClickException(f"refused before upload: {e}") from e
+        self._check(staged, "refused before upload")
         prod_targets = {view: md.signed.to_dict() for view, md in self.staged_targets().items()}
         if resign_prod_targets:
             prod_targets = self._resigned_prod_targets()
@@ -173,7 +178,19 @@ class RootUpdate:
 
     def sign_with(self, archive: OfflineArchive) -> dict[str, Any]:
         """Signatures by every key of `archive` that may sign a staged root or the
-        re-signed production targets; the payload `POST .../signatures` takes."""
+        re-signed production targets; the payload `POST .../signatures` takes.
+
+        Refuses to sign staged roots that break a rule, or that pair the archive's own
+        root keys' halves otherwise than the archive does."""
+        staged_roots = self.staged_roots()
+        self._check(staged_roots, "refusing to sign")
+        for key in archive.keys_for(ROOT):
+            paired = staged_roots.pairs.get(key.ci.keyid)
+            if paired is not None and paired != key.prod.keyid:
+                raise click.ClickException(
+                    f"refusing to sign: the staged roots pair root key {key.ci.keyid} with "
+                    f"{paired}, but its production half is {key.prod.keyid}"
+                )
         roots: dict[str, list[dict[str, Any]]] = {}
         for channel in Channel:
             staged = self.staged(channel)

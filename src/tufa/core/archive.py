@@ -79,7 +79,8 @@ class ArchiveKey:
 
     @property
     def keyid(self) -> str:
-        """The id the key is known by: its CI half's (the one in its file name)."""
+        """The id the key is known by: its CI half's (the one its files are named after,
+        but for the first root key, `offline-root`)."""
         return self.ci.keyid
 
     @property
@@ -92,13 +93,16 @@ class ArchiveKey:
             return self.keyid
         return f"{self.ci.keyid} (ci) / {self.prod.keyid} (prod)"
 
+    def halves(self) -> list[tuple[Channel | None, KeyPair]]:
+        """Each private key held, with the channel it signs for (None: both)."""
+        if self.is_shared:
+            return [(None, self.ci)]
+        return [(channel, self.half(channel)) for channel in Channel]
+
     def files(self) -> Iterator[tuple[str, KeyPair]]:
         """Archive entry stems (under keys/) and the key each holds."""
-        if self.is_shared:
-            yield self.name, self.ci
-        else:
-            for channel in Channel:
-                yield f"{self.name}.{channel.value}", self.half(channel)
+        for channel, pair in self.halves():
+            yield (self.name if channel is None else f"{self.name}.{channel.value}"), pair
 
 
 def generate_root_key(key_type: KeyType = KeyType.ED25519, name: str | None = None) -> ArchiveKey:
@@ -190,9 +194,10 @@ class OfflineArchive:
             raise ArchiveError(f"{source}: missing or invalid config.json") from e
         if not isinstance(factory, str):
             raise ArchiveError(f"{source}: config.json names no factory")
-        if config.get("format", 1) not in READABLE_FORMATS:
+        archive_format = config.get("format", 1)
+        if type(archive_format) is not int or archive_format not in READABLE_FORMATS:
             raise ArchiveError(
-                f"{source} has archive format {config.get('format')!r}; this tufa reads formats "
+                f"{source} has archive format {archive_format!r}; this tufa reads formats "
                 f"{', '.join(map(str, READABLE_FORMATS))}: upgrade tufa"
             )
         archive = cls(factory=factory, config_extra=_other_settings(config))
@@ -227,6 +232,11 @@ class OfflineArchive:
                 raise ArchiveError(
                     f"{source}: {name} is a {role} key for one channel; only root keys have "
                     "a CI and a production half"
+                )
+            elif archive_format == 1:
+                raise ArchiveError(
+                    f"{source}: {name} is a root key half, which archives of format 1 (made "
+                    "before the channels were separated) never hold"
                 )
             else:
                 halves.setdefault(base, {})[half] = pair

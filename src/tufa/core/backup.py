@@ -104,13 +104,6 @@ def _default_name(keyid: str) -> str:
     return f"{ROOT}-{keyid}"
 
 
-def _blocks_of(key: ArchiveKey) -> list[tuple[str, KeyPair]]:
-    """What a root key is written as: one block per half, or one for a shared key."""
-    if key.is_shared:
-        return [(BOTH, key.ci)]
-    return [(channel.value, key.half(channel)) for channel in Channel]
-
-
 def _short(keyid: str) -> str:
     return f"{keyid[:8]}…"
 
@@ -133,7 +126,11 @@ def render_backup(archive: OfflineArchive, now: datetime | None = None) -> str:
             "(is it a targets-only copy?); back up the archive that holds the root keys"
         )
     created = (now or datetime.now(UTC)).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    blocks = [(key, half, pair) for key in root_keys for half, pair in _blocks_of(key)]
+    blocks = [
+        (key, BOTH if channel is None else channel.value, pair)
+        for key in root_keys
+        for channel, pair in key.halves()
+    ]
     texts = [
         FORMAT_TITLE,
         f"factory: {archive.factory}",

@@ -13,7 +13,14 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_pem_private_key,
+    load_pem_public_key,
+)
 from securesystemslib.formats import encode_canonical
 from securesystemslib.signer import CryptoSigner, Key, SSlibKey
 
@@ -73,6 +80,42 @@ def computed_keyid(key: Key) -> str:
     )
     assert isinstance(canonical, str)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _crypto_public_key(key: Key) -> Any:
+    """The `cryptography` public key `key` holds; ValueError if it holds none tufa reads."""
+    public = key.keyval.get("public")
+    if not isinstance(public, str):
+        raise ValueError(f"key {key.keyid} has no public key in its keyval")
+    try:
+        if key.keytype == "ed25519":
+            return Ed25519PublicKey.from_public_bytes(bytes.fromhex(public))
+        return load_pem_public_key(public.encode())
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+        raise ValueError(f"key {key.keyid} is not a valid {key.keytype} public key: {e}") from e
+
+
+def public_key_der(key: Key) -> bytes:
+    """The public key itself (DER SubjectPublicKeyInfo), however its JSON writes it.
+
+    Compare keys by this, not by their JSON: the same ed25519 key in upper-case hex, or a
+    PEM key wrapped otherwise, is another `keyval` with another (correctly computed) key
+    id. Raises ValueError if `key` holds no public key tufa can read.
+    """
+    der: bytes = _crypto_public_key(key).public_bytes(
+        Encoding.DER, PublicFormat.SubjectPublicKeyInfo
+    )
+    return der
+
+
+def is_canonical(key: Key) -> bool:
+    """Whether `key` is written exactly as python-tuf writes that public key, so that one
+    public key has one key id only."""
+    try:
+        rebuilt = SSlibKey.from_crypto(_crypto_public_key(key), scheme=key.scheme)
+    except ValueError:
+        return False
+    return rebuilt.keytype == key.keytype and rebuilt.keyval == key.keyval
 
 
 def key_to_json(key: Key) -> bytes:

@@ -18,7 +18,7 @@ from typing import Any
 from securesystemslib.signer import Key, Signature
 from tuf.api.metadata import Metadata, Root, Targets
 
-from tufa.core.keys import computed_keyid
+from tufa.core.keys import computed_keyid, is_canonical, public_key_der
 from tufa.core.metadata import (
     MIN_PROD_TARGETS_THRESHOLD,
     ROOT,
@@ -57,26 +57,51 @@ def shared_keys_warning(count: int) -> str:
     )
 
 
-def _material(key: Key) -> str:
-    return json.dumps(key.keyval, sort_keys=True)
+def _material(key: Key) -> bytes:
+    """The public key itself, whatever its JSON: what "one key" means for the rules."""
+    try:
+        return public_key_der(key)
+    except ValueError:
+        # Unreadable (refused by the rules for staged roots): compare as written.
+        return json.dumps(key.keyval, sort_keys=True).encode()
 
 
 def offline_targets_keyids(root: Root, online_targets_keyid: str) -> set[str]:
     return set(root.roles[TARGETS].keyids) - {online_targets_keyid}
 
 
+def _roles_of(root: Root) -> dict[bytes, set[str]]:
+    """Each key's material -> the roles of `root` that list it."""
+    found: dict[bytes, set[str]] = {}
+    for role_name, role in root.roles.items():
+        for keyid in role.keyids:
+            found.setdefault(_material(root.keys[keyid]), set()).add(role_name)
+    return found
+
+
+def root_keys_shared(ci: Root, prod: Root) -> bool:
+    """Whether a key is a root key of both roots: then a root one channel's root keys
+    sign verifies for a client that trusts the other channel's root."""
+    ci_root = {_material(ci.keys[k]) for k in ci.roles[ROOT].keyids}
+    return any(_material(prod.keys[k]) in ci_root for k in prod.roles[ROOT].keyids)
+
+
 def shared_keyids(ci: Root, prod: Root, online: Mapping[Channel, Mapping[str, str]]) -> list[str]:
-    """Keys both channels' roots list other than the owner's offline targets keys: each
+    """Keys (by what they are, not how they are written) that both channels' roots list,
+    other than the owner's offline targets keys listed by the targets role alone: each
     one lets a file of one channel verify for a client of the other."""
-    allowed = offline_targets_keyids(ci, online[Channel.CI][TARGETS]) & offline_targets_keyids(
-        prod, online[Channel.PROD][TARGETS]
-    )
-    prod_materials = {_material(k) for keyid, k in prod.keys.items() if keyid not in allowed}
-    return sorted(
-        keyid
-        for keyid, key in ci.keys.items()
-        if keyid not in allowed and _material(key) in prod_materials
-    )
+    offline = {
+        _material(root.keys[keyid])
+        for channel, root in ((Channel.CI, ci), (Channel.PROD, prod))
+        for keyid in offline_targets_keyids(root, online[channel][TARGETS])
+    }
+    ci_roles, prod_roles = _roles_of(ci), _roles_of(prod)
+    shared = {
+        material
+        for material in ci_roles.keys() & prod_roles.keys()
+        if not (material in offline and ci_roles[material] == prod_roles[material] == {TARGETS})
+    }
+    return sorted(keyid for keyid, key in ci.keys.items() if _material(key) in shared)
 
 
 def _check_channel(
@@ -96,7 +121,7 @@ def _check_channel(
                 f"{where}: {role_name} threshold {role.threshold} cannot be met by its "
                 f"{len(role.keyids)} key(s)"
             )
-    seen: dict[str, str] = {}
+    seen: dict[bytes, str] = {}
     for keyid, key in new.keys.items():
         # A key listed twice under two ids would let one private key count twice
         # towards a threshold, as python-tuf counts signatures by key id.
@@ -105,15 +130,22 @@ def _check_channel(
                 f"{where}: key id {keyid} is not the id TUF computes for its key "
                 f"({computed_keyid(key)})"
             )
-        material = _material(key)
-        if material in seen:
-            raise RootUpdateError(f"{where}: keys {seen[material]} and {keyid} are one key")
-        seen[material] = keyid
         if (key.keytype, key.scheme) not in SUPPORTED_SCHEMES:
             raise RootUpdateError(
                 f"{where}: key {keyid} is {key.keytype}/{key.scheme}; supported are "
                 "ed25519, ecdsa-sha2-nistp256 and rsassa-pss-sha256"
             )
+        # The same public key written another way (upper-case hex, other PEM wrapping)
+        # has another valid key id: refused, so that one key has one id.
+        if not is_canonical(key):
+            raise RootUpdateError(
+                f"{where}: key {keyid} is not written as python-tuf writes that public key "
+                "(the same key written otherwise has another key id)"
+            )
+        material = _material(key)
+        if material in seen:
+            raise RootUpdateError(f"{where}: keys {seen[material]} and {keyid} are one key")
+        seen[material] = keyid
     for role_name in (SNAPSHOT, TIMESTAMP):
         if new.roles[role_name].keyids != [online_keyids[role_name]]:
             raise RootUpdateError(
@@ -126,6 +158,12 @@ def _check_channel(
         )
     if set(online_keyids.values()) & set(new.roles[ROOT].keyids):
         raise RootUpdateError(f"{where}: an online key cannot be a root key")
+    both = set(new.roles[ROOT].keyids) & offline_targets_keyids(new, online_keyids[TARGETS])
+    if both:
+        raise RootUpdateError(
+            f"{where}: key {min(both)} is both a root key and an offline targets key; a root "
+            "key signs roots only (and the targets keys are in both channels' roots)"
+        )
 
 
 def check_staged_roots(
@@ -174,15 +212,20 @@ def check_staged_roots(
         )
     shared = shared_keyids(ci, prod, online_keyids)
     if shared:
-        if shared[0] in ci_root_keys:
-            fix = (
-                "this factory was created before tufa separated its channels: "
-                + SEPARATE_CHANNELS_FIX
-            )
+        root_keys = {_material(r.keys[k]) for r in (ci, prod) for k in r.roles[ROOT].keyids}
+        shared_root_keys = [k for k in shared if _material(ci.keys[k]) in root_keys]
+        if shared_root_keys:
+            named = shared_root_keys[0]
+            fix = "this factory was created before tufa separated its channels: "
+            fix += SEPARATE_CHANNELS_FIX
         else:
-            fix = "each channel needs online keys of its own"
+            named = shared[0]
+            fix = (
+                "each channel needs online keys of its own: cancel this update (`tufa keys "
+                "updates cancel`) and open it again, which stages them"
+            )
         raise RootUpdateError(
-            f"the CI and production roots share key {shared[0]}, so a file of one channel "
+            f"the CI and production roots share key {named}, so a file of one channel "
             f"would verify for devices of the other; {fix}"
         )
 

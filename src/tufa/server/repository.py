@@ -99,11 +99,12 @@ _NEWEST_FILE = (
 )
 
 
-def _in_force(factory_id: int) -> tuple[Any, ...]:
+def _live(factory_id: int, *, pending: bool = False) -> tuple[Any, ...]:
+    """Online keys in force (or, with `pending`, generated for the open root update)."""
     return (
         online_keys.c.factory_id == factory_id,
         online_keys.c.retired_at.is_(None),
-        online_keys.c.pending.is_(False),
+        online_keys.c.pending.is_(pending),
     )
 
 
@@ -151,7 +152,7 @@ class Repository:
         row = conn.execute(
             select(online_keys)
             .where(
-                *_in_force(factory_id),
+                *_live(factory_id),
                 online_keys.c.channel == channel.value,
                 online_keys.c.role == role,
             )
@@ -161,11 +162,13 @@ class Repository:
         private = self.master_key.decrypt(row.private_encrypted, f"online-key:{row.keyid}")
         return KeyPair.from_pem(private, key_from_json(row.public.encode())).signer()
 
-    def online_keyids(self, conn: Connection, factory_id: int) -> OnlineKeyids:
-        """Channel -> role -> key id of the online keys in force."""
+    def online_keyids(
+        self, conn: Connection, factory_id: int, *, pending: bool = False
+    ) -> OnlineKeyids:
+        """Channel -> role -> key id of the online keys in force (or pending)."""
         rows = conn.execute(
             select(online_keys.c.channel, online_keys.c.role, online_keys.c.keyid)
-            .where(*_in_force(factory_id))
+            .where(*_live(factory_id, pending=pending))
             .order_by(online_keys.c.id)
         ).all()
         found: OnlineKeyids = {channel: {} for channel in Channel}
@@ -234,9 +237,12 @@ class Repository:
             self._cache.put(key, found)
         return found
 
-    def current_root(self, conn: Connection, factory_id: int, channel: Channel) -> Metadata[Root]:
-        stored = self.read_file(conn, factory_id, channel.value, ROOT, None)
-        assert stored is not None, f"factory {factory_id} has no {channel} root"
+    def root(
+        self, conn: Connection, factory_id: int, channel: Channel, version: int | None = None
+    ) -> Metadata[Root]:
+        """`channel`'s newest root, or the given version of it (all versions are kept)."""
+        stored = self.read_file(conn, factory_id, channel.value, ROOT, version)
+        assert stored is not None, f"factory {factory_id} has no {channel} root {version or ''}"
         return Metadata[Root].from_bytes(stored.body)
 
     # -- publishing -----------------------------------------------------------------

@@ -119,7 +119,7 @@ class RootUpdates:
     # -- reading ---------------------------------------------------------------------
 
     def _current_roots(self, conn: Connection, factory_id: int) -> dict[Channel, Metadata[Root]]:
-        return {channel: self.repo.current_root(conn, factory_id, channel) for channel in Channel}
+        return {channel: self.repo.root(conn, factory_id, channel) for channel in Channel}
 
     def _current_prod_targets(self, conn: Connection, factory_id: int) -> dict[str, bytes]:
         """The production targets of every view that serves devices (default, tags, waves)."""
@@ -139,17 +139,7 @@ class RootUpdates:
         return row
 
     def _pending_keyids(self, conn: Connection, factory_id: int) -> OnlineKeyids:
-        rows = conn.execute(
-            select(online_keys.c.channel, online_keys.c.role, online_keys.c.keyid).where(
-                online_keys.c.factory_id == factory_id,
-                online_keys.c.pending.is_(True),
-                online_keys.c.retired_at.is_(None),
-            )
-        ).all()
-        found: OnlineKeyids = {channel: {} for channel in Channel}
-        for channel, role, keyid in rows:
-            found[Channel(channel)][role] = keyid
-        return found
+        return self.repo.online_keyids(conn, factory_id, pending=True)
 
     def _keyids_after(self, conn: Connection, factory_id: int) -> OnlineKeyids:
         in_force = self.repo.online_keyids(conn, factory_id)
@@ -251,10 +241,11 @@ class RootUpdates:
         pairs: RootKeyPairs | None,
     ) -> None:
         """Replace the staged content (the root key pairs stay as staged unless given).
-        Signatures survive only where the signed part is unchanged, so nobody's signature
-        ever covers something they did not see."""
+        Signatures survive only where the signed part and the pairs are unchanged, so
+        nobody's signature ever covers something they did not see."""
         row = self._row(conn, factory_id)
-        pairs = _staged_pairs(row) if pairs is None else pairs
+        staged_pairs = _staged_pairs(row)
+        pairs = staged_pairs if pairs is None else pairs
         old = _staged_roots(row)
         new: dict[Channel, Metadata[Root]] = {}
         for channel, signed in roots.items():
@@ -262,7 +253,7 @@ class RootUpdates:
                 md = Metadata[Root].from_dict({"signed": signed, "signatures": []})
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 raise bad_request(f"staged {channel.value} root is not a valid root: {e}") from e
-            if md.signed_bytes == old[channel].signed_bytes:
+            if md.signed_bytes == old[channel].signed_bytes and pairs == staged_pairs:
                 md.signatures.update(old[channel].signatures)
             new[channel] = md
         current = self._current_roots(conn, factory_id)
@@ -279,6 +270,7 @@ class RootUpdates:
             )
         except RootUpdateError as e:
             raise _refused(e) from e
+        self._refuse_repaired(conn, factory_id, pairs)
         kept_targets = json.loads(row.prod_targets)
         staged_targets: dict[str, Any] = {}
         for view, signed in prod_targets.items():
@@ -286,6 +278,22 @@ class RootUpdates:
                 conn, factory_id, view, signed, kept_targets.get(view)
             )
         _save_staged(conn, factory_id, new, staged_targets, pairs)
+
+    @staticmethod
+    def _refuse_repaired(conn: Connection, factory_id: int, pairs: RootKeyPairs) -> None:
+        """The halves of a root key in force stay together: which production half goes
+        with which CI half is not signed, so it may not be changed by whoever stages."""
+        current = current_root_key_pairs(conn, factory_id)
+        partner_of = {**current, **{prod: ci for ci, prod in current.items()}}
+        for ci, prod in pairs.items():
+            for half, other in ((ci, prod), (prod, ci)):
+                if half in partner_of and partner_of[half] != other:
+                    raise ApiError(
+                        400,
+                        "rule_violated",
+                        f"root key half {half} belongs with {partner_of[half]}, not {other}: "
+                        "the two halves of a root key never change",
+                    )
 
     def _check_staged_targets(
         self,

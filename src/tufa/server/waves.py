@@ -56,7 +56,7 @@ class Waves:
     # -- building and signing --------------------------------------------------------
 
     def _prod_root(self, conn: Connection, factory_id: int) -> Root:
-        return self.repo.current_root(conn, factory_id, PROD).signed
+        return self.repo.root(conn, factory_id, PROD).signed
 
     def _next_version(self, conn: Connection, factory_id: int) -> int:
         counter = conn.execute(

@@ -5,13 +5,19 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, select, update
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+from tuf.api.metadata import Root
 
 from tufa.core.metadata import ROOT, SNAPSHOT, TARGETS, TIMESTAMP, Channel
-from tufa.core.root_update import pairs_to_json, shared_keyids, shared_keys_warning
+from tufa.core.root_update import (
+    pairs_to_json,
+    root_keys_shared,
+    shared_keyids,
+    shared_keys_warning,
+)
 from tufa.server.api.common import caller, field, iso, json_object, name_field, ok, threaded
 from tufa.server.auth import Scope, require_factory, require_operator
 from tufa.server.db import factories
@@ -94,7 +100,8 @@ def describe(state: ServerState, name: str, base_url: str) -> dict[str, Any]:
         }
         online = repo.online_keyids(conn, row.id)
         pairs = current_root_key_pairs(conn, row.id)
-        roots = {channel: repo.current_root(conn, row.id, channel).signed for channel in Channel}
+        roots = {channel: repo.root(conn, row.id, channel).signed for channel in Channel}
+        first_separated = _first_separated_root_version(state, conn, row.id, roots)
     shared = shared_keyids(roots[Channel.CI], roots[Channel.PROD], online)
     warnings: list[str] = []
     if shared:
@@ -127,8 +134,25 @@ def describe(state: ServerState, name: str, base_url: str) -> dict[str, Any]:
         ],
         "root_key_pairs": pairs_to_json(pairs),
         "channels_share_keys": shared,
+        "first_separated_root_version": first_separated,
         "warnings": warnings,
     }
+
+
+def _first_separated_root_version(
+    state: ServerState, conn: Connection, factory_id: int, current: dict[Channel, Root]
+) -> int | None:
+    """The oldest root version from which on the channels' roots share no root key: a
+    device must be provisioned with it or a newer one. From an older root (of a factory
+    created before ADR 0009) its first root update could be the other channel's."""
+    newest = current[Channel.CI].version
+    version, roots = newest, current
+    while not root_keys_shared(roots[Channel.CI], roots[Channel.PROD]):
+        if version == 1:
+            return 1
+        version -= 1
+        roots = {c: state.repo.root(conn, factory_id, c, version).signed for c in Channel}
+    return None if version == newest else version + 1
 
 
 def _expiry_warning(channel: Channel, role: str, expires: datetime, now: datetime) -> str:

@@ -7,6 +7,10 @@ Factories created before this revision used one set of online keys, and one set 
 keys, for both channels (ADR 0009). Their online key rows are copied to each channel
 (same keys, so nothing served changes), and each of their root keys becomes a "pair"
 whose two halves are the same key. Their next root update separates the channels.
+
+A root update left open across the upgrade is cancelled (with the online keys it
+generated): only an update opened now stages the keys that separate the channels, and
+its signatures would not cover them. The owner opens it again.
 """
 
 import json
@@ -27,12 +31,10 @@ def _root_keyids(root_json: bytes) -> list[str]:
     return keyids
 
 
-def _shared_pairs(root_json: bytes) -> str:
-    return json.dumps([{"ci": k, "prod": k} for k in sorted(_root_keyids(root_json))])
-
-
 def upgrade() -> None:
     conn = op.get_bind()
+    conn.execute(sa.text("DELETE FROM online_keys WHERE pending = :yes"), {"yes": True})
+    conn.execute(sa.text("DELETE FROM root_updates"))
     with op.batch_alter_table("online_keys") as batch_op:
         batch_op.add_column(sa.Column("channel", sa.String(length=8), nullable=True))
     columns = ", ".join(_COPIED)
@@ -73,16 +75,20 @@ def upgrade() -> None:
         batch_op.add_column(
             sa.Column("root_key_pairs", sa.Text(), nullable=False, server_default="[]")
         )
-    for factory_id, staged_ci_root in conn.execute(
-        sa.text("SELECT factory_id, ci_root FROM root_updates")
-    ).all():
-        conn.execute(
-            sa.text("UPDATE root_updates SET root_key_pairs = :pairs WHERE factory_id = :f"),
-            {"pairs": _shared_pairs(staged_ci_root), "f": factory_id},
-        )
 
 
 def downgrade() -> None:
+    conn = op.get_bind()
+    separated = conn.execute(
+        sa.text("SELECT COUNT(*) FROM root_key_pairs WHERE ci_keyid != prod_keyid")
+    ).scalar_one()
+    if separated:
+        # Revision 0005 has one set of online keys for both channels; these factories'
+        # production roots list keys of their own, which it would lose.
+        raise RuntimeError(
+            f"{separated} root key(s) have separate channel halves: the factories created or "
+            "updated since revision 0006 cannot be served by an older tufa"
+        )
     with op.batch_alter_table("root_updates") as batch_op:
         batch_op.drop_column("root_key_pairs")
     op.drop_table("root_key_pairs")
