@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tuf.api import exceptions
+from tuf.api.metadata import Metadata, Targets
 from tuf.ngclient import Updater
 
-from tests.agent_helpers import AgentDevice, Exchange, TamperingProxy
+from tests.agent_helpers import AgentDevice, Exchange, TamperingProxy, image_name
 from tests.helpers import Factory, send
 from tufa.core.fetcher import BearerFetcher
 
@@ -34,6 +35,15 @@ _METADATA = re.compile(
 
 def other(channel: str) -> str:
     return "prod" if channel == "ci" else "ci"
+
+
+def metadata_request(url: str) -> tuple[str, str, int | None] | None:
+    """(channel, role, version or None) of a request for a channel's TUF metadata."""
+    match = _METADATA.search(url.split("?")[0])
+    if match is None:
+        return None
+    channel, number, role = match.groups()
+    return channel, role, int(number) if number else None
 
 
 @dataclass
@@ -54,13 +64,21 @@ class ChannelFiles:
                 *self.timestamps}  # fmt: skip
 
 
-def record(factory: Factory, channel: str, files: ChannelFiles) -> ChannelFiles:
+def record(
+    factory: Factory,
+    channel: str,
+    files: ChannelFiles,
+    tags: Iterable[str] = ("main",),
+    credentials: Iterable[str] = (),
+) -> ChannelFiles:
     """Add what `channel` serves now to `files`: every versioned file, and the current
-    timestamp of the channel and of each production tag and wave a device could be in."""
+    timestamp of the channel, of each production tag in `tags`, and of the view each
+    device credential in `credentials` is served (a wave, say), as anyone in the middle
+    sees them go by."""
 
-    def get(name: str, query: str = "") -> bytes | None:
+    def get(name: str, query: str = "", credential: str | None = None) -> bytes | None:
         path = factory.path(f"/repo/{channel}/metadata/{name}{query}")
-        response = send(factory.server, "GET", path, factory.admin_token)
+        response = send(factory.server, "GET", path, credential or factory.admin_token)
         return response.content if response.status_code == 200 else None
 
     for role in ("root", "snapshot", "targets"):
@@ -72,8 +90,9 @@ def record(factory: Factory, channel: str, files: ChannelFiles) -> ChannelFiles:
             else:
                 found[version], misses = data, 0
             version += 1
-    for query in ("", "?tag=main"):
-        timestamp = get("timestamp.json", query)
+    seen = [get("timestamp.json", query) for query in ("", *(f"?tag={t}" for t in tags))]
+    seen += [get("timestamp.json", credential=credential) for credential in credentials]
+    for timestamp in seen:
         if timestamp is not None and timestamp not in files.timestamps:
             files.timestamps.append(timestamp)
     return files
@@ -125,12 +144,12 @@ class ChannelSwap:
         proxy.tamper = self
 
     def __call__(self, exchange: Exchange) -> None:
-        match = _METADATA.search(exchange.path.split("?")[0])
-        if match is None or exchange.method != "GET":
+        request = metadata_request(exchange.path)
+        if request is None or exchange.method != "GET":
             return
-        channel, number, role = match.groups()
+        channel, role, version = request
         substitution = self.active.get(channel)
-        data = None if substitution is None else substitution(role, int(number or 0) or None)
+        data = None if substitution is None else substitution(role, version)
         if data is None:
             return
         self.served += 1
@@ -157,18 +176,30 @@ class NgclientDevice:
     trust_dir: Path
     metadata_url: str
     device_id: str
+    credential: str
     fetcher: BearerFetcher
 
     @classmethod
     def register(
-        cls, factory: Factory, channel: str, proxy: TamperingProxy, where: Path
+        cls,
+        factory: Factory,
+        channel: str,
+        proxy: TamperingProxy,
+        where: Path,
+        root_version: int = 1,
     ) -> NgclientDevice:
+        """A device provisioned with its channel's root of `root_version`."""
         device = factory.register_device(channel)
         where.mkdir(parents=True)
-        (where / "root.json").write_bytes(factory.root_v1(channel))
+        path = factory.path(f"/repo/{channel}/metadata/{root_version}.root.json")
+        root = send(factory.server, "GET", path, factory.admin_token)
+        assert root.status_code == 200, root.text
+        (where / "root.json").write_bytes(root.content)
         url = f"{proxy.url}{factory.path(f'/repo/{channel}/metadata/')}"
-        fetcher = BearerFetcher(device["credential"])
-        return cls(factory, channel, where, url, device["id"], fetcher)
+        credential = device["credential"]
+        return cls(
+            factory, channel, where, url, device["id"], credential, BearerFetcher(credential)
+        )
 
     def refresh(self) -> None:
         updater = Updater(
@@ -196,6 +227,40 @@ def _agent_trusted(device: AgentDevice) -> dict[str, bytes]:
 
 
 Device = NgclientDevice | AgentDevice
+
+
+def register_devices(factory: Factory, proxy: TamperingProxy, where: Path) -> dict[str, Device]:
+    """An ngclient device and a tufa-agent device of each channel, all behind `proxy`."""
+    devices: dict[str, Device] = {}
+    for channel in CHANNELS:
+        devices[f"ngclient-{channel}"] = NgclientDevice.register(
+            factory, channel, proxy, where / f"ngclient-{channel}"
+        )
+        devices[f"agent-{channel}"] = AgentDevice.register(
+            factory, where / "agents", channel, server_url=proxy.url
+        )
+    return devices
+
+
+def credential_of(device: Device) -> str:
+    if isinstance(device, AgentDevice):
+        return (device.dir / "credential").read_text().strip()
+    return device.credential
+
+
+def follow(devices: dict[str, Device], expected: dict[str, str]) -> None:
+    """With nothing tampered, every device reaches its channel's release on its next
+    poll: `expected` names the build each channel's devices must then have."""
+    for name, device in devices.items():
+        version = expected[device.channel]
+        if isinstance(device, AgentDevice):
+            done = device.run_once()
+            assert done.returncode == 0, f"{name}: {done.stderr}"
+            assert _agent_installed(device) == version, f"{name}: {done.stderr}"
+        else:
+            device.refresh()
+            targets = Metadata[Targets].from_bytes(device.trusted()["targets.json"]).signed
+            assert image_name(version) in targets.targets, f"{name} misses build {version}"
 
 
 @dataclass

@@ -39,13 +39,16 @@ def _decode(value: Any) -> Any:
     return value
 
 
-def install(data_dir: Path, db_url: str | None) -> None:
+def install(data_dir: Path, db_url: str | None, *, open_update: bool = False) -> None:
     """Write the fixture's database (SQLite in `data_dir`, or the empty database at
-    `db_url`), master key and blobs, as a server at schema 0005 left them."""
+    `db_url`), master key and blobs, as a server at schema 0005 left them; with
+    `open_update`, with a root update left open that rotated the online timestamp key."""
     data_dir.mkdir(parents=True)
     url = db_url or default_database_url(data_dir)
     engine = create_engine(url)
     rows = json.loads((FIXTURE / "tables.json").read_text())
+    if open_update:
+        rows.update(_open_update(rows))
     try:
         with engine.begin() as conn:
             config = Config()
@@ -75,6 +78,24 @@ def install(data_dir: Path, db_url: str | None) -> None:
     master = data_dir / "master.key"
     shutil.copy(FIXTURE / "master.key", master)
     master.chmod(0o600)
+
+
+def _open_update(rows: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """The rows `tufa keys updates init` and `rotate-online-key -r timestamp` would have
+    added before the upgrade: the staged roots (unsigned) and a pending online key."""
+    (factory,) = rows["factories"]
+    roots = {
+        r["channel"]: r["body"]
+        for r in rows["metadata_files"]
+        if r["role"] == "root" and r["version"] == 1
+    }
+    timestamp_key = next(k for k in rows["online_keys"] if k["role"] == "timestamp")
+    pending = {**timestamp_key, "id": 1000, "pending": True}
+    created = {"datetime": "2026-11-30T12:00:00"}
+    update = {"factory_id": factory["id"], "message": "opened before the upgrade",
+              "created_at": created, "ci_root": roots["ci"], "prod_root": roots["prod"],
+              "prod_targets": "{}"}  # fmt: skip
+    return {"online_keys": [*rows["online_keys"], pending], "root_updates": [update]}
 
 
 def archive_copy(where: Path) -> Path:

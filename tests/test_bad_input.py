@@ -104,6 +104,7 @@ def _get(case_id: str, path: str, status: int, message: str, **kw: Any) -> Case:
     return Case(case_id, "GET", path, status, message, **kw)
 
 
+NUL_DEVICE = "path parameter 'device' contains a NUL character"
 NESTED = b"[" * 100_000 + b"]" * 100_000
 AT_LIMIT = _padded_to(LIMIT, b'{"name": 5}')
 TIMESTAMP = "repo/ci/metadata/timestamp.json"
@@ -177,10 +178,10 @@ CASES = [
     _get("device-unknown", f"{F}/devices/no-such-device", 404, "no-such-device"),
     # Revoking or deleting a device that is not there (names have no NUL: none matches).
     Case("revoke-unknown", "POST", f"{F}/devices/no-such-device/revoke", 404, "no-such-device"),
-    Case("revoke-nul", "POST", f"{F}/devices/{TAKEN_DEVICE}%00/revoke", 404, "no device"),
+    Case("revoke-nul", "POST", f"{F}/devices/{TAKEN_DEVICE}%00/revoke", 400, NUL_DEVICE),
     Case("delete-unknown", "DELETE", f"{F}/devices/no-such-device", 404, "no-such-device"),
-    Case("delete-nul", "DELETE", f"{F}/devices/a%00b", 404, "no device"),
-    _get("device-nul", f"{F}/devices/a%00b", 404, "no device"),
+    Case("delete-nul", "DELETE", f"{F}/devices/a%00b", 400, NUL_DEVICE),
+    _get("device-nul", f"{F}/devices/a%00b", 400, NUL_DEVICE),
     # Keys archive: a wrong digest must not delete the only copy.
     _confirm("wrong-sha256", {"sha256": "0" * 64}, "sha256 does not match"),
     _confirm("sha256-number", {"sha256": 5}, "'sha256'"),

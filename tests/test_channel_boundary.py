@@ -15,27 +15,36 @@ again, the device must update normally on its next poll: nothing froze it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from tuf.api.metadata import Metadata, Targets
+from tuf.api.metadata import Metadata, TargetFile, Targets
 
-from tests.agent_helpers import AgentDevice, TamperingProxy, image_name, publish_build
+from tests.agent_helpers import TamperingProxy, build_bytes, publish_build
 from tests.channel_attacks import (
     CHANNELS,
     ChannelFiles,
     ChannelSwap,
-    Device,
     NgclientDevice,
     assert_all_refused,
+    attempt,
+    credential_of,
+    follow,
     record,
+    register_devices,
 )
-from tests.helpers import Factory, send
+from tests.helpers import Factory, send, served_metadata
 from tests.test_rotations import Owner
 from tests.test_waves import post_wave, prepared, release, sign_offline
 from tufa.core.archive import OfflineArchive
+from tufa.core.metadata import TARGETS
+
+# The thief's firmware, as a target of the CI channel.
+EVIL = TargetFile.from_data("rpi4-image-666", build_bytes("666"), ["sha256"])
+EVIL.unrecognized_fields["custom"] = {"version": "666", "hardwareIds": ["rpi4"], "tags": ["main"]}
 
 
 @pytest.fixture
@@ -66,14 +75,7 @@ class Story:
     def __init__(self, factory: Factory, owner: Owner, proxy: TamperingProxy, where: Path) -> None:
         self.factory, self.owner = factory, owner
         self.swap = ChannelSwap(proxy)
-        self.devices: dict[str, Device] = {}
-        for channel in CHANNELS:
-            self.devices[f"ngclient-{channel}"] = NgclientDevice.register(
-                factory, channel, proxy, where / f"ngclient-{channel}"
-            )
-            self.devices[f"agent-{channel}"] = AgentDevice.register(
-                factory, where / "agents", channel, server_url=proxy.url
-            )
+        self.devices = register_devices(factory, proxy, where)
         self.files = {channel: ChannelFiles() for channel in CHANNELS}
 
     def prod_devices(self) -> list[str]:
@@ -84,23 +86,10 @@ class Story:
         ]
 
     def attack(self, step: str) -> int:
+        credentials = [credential_of(d) for d in self.devices.values()]
         for channel in CHANNELS:
-            record(self.factory, channel, self.files[channel])
+            record(self.factory, channel, self.files[channel], credentials=credentials)
         return assert_all_refused(self.swap, self.devices, self.files, step)
-
-    def follow(self, expected: dict[str, str]) -> None:
-        """With the proxy passing everything through, every device reaches its channel's
-        newest release on its next poll."""
-        for name, device in self.devices.items():
-            version = expected[device.channel]
-            if isinstance(device, AgentDevice):
-                done = device.run_once()
-                assert done.returncode == 0, f"{name}: {done.stderr}"
-                assert device.installed_version() == version, f"{name}: {done.stderr}"
-            else:
-                device.refresh()
-                targets = Metadata[Targets].from_bytes(device.trusted()["targets.json"]).signed
-                assert image_name(version) in targets.targets, f"{name} misses build {version}"
 
 
 def _created(story: Story) -> dict[str, str]:
@@ -175,7 +164,47 @@ def test_no_file_of_one_channel_verifies_for_a_device_of_the_other(
     for step, action in STEPS:
         expected = action(story)
         staged += story.attack(step)
-        story.follow(expected)
+        follow(story.devices, expected)
     # Each version of each role of the other channel was served at every step (483 on
     # the run this was written with).
     assert staged > 400, staged
+
+
+def test_an_offline_targets_key_alone_cannot_stand_in_for_the_ci_online_key(
+    factory: Factory, proxy: TamperingProxy, tmp_path: Path
+) -> None:
+    """Both roots list the owner's offline targets keys, and the CI root needs one
+    targets signature: a thief of an offline key alone signs CI targets of the version
+    the genuine CI snapshot names. The snapshot pins the targets by hash, so CI devices
+    refuse them (ADR 0009), and take the genuine ones once they are served again."""
+    owner = Owner.start(factory, tmp_path / "owner")
+    (offline,) = OfflineArchive.load(owner.archive).keys_for(TARGETS)
+    swap = ChannelSwap(proxy)
+    devices = {
+        name: device
+        for name, device in register_devices(factory, proxy, tmp_path / "devices").items()
+        if device.channel == "ci"
+    }
+    publish_build(factory, "1")
+    follow(devices, {"ci": "1"})
+    publish_build(factory, "2")
+    genuine = served_metadata(factory, "ci")
+    forged = Metadata[Targets].from_bytes(genuine[TARGETS])
+    forged.signed.targets[EVIL.path] = EVIL
+    forged.signatures.clear()
+    forged.sign(offline.prod.signer())
+    forged_bytes = forged.to_bytes()
+    named = json.loads(genuine["snapshot"])["signed"]["meta"]["targets.json"]["version"]
+    assert forged.signed.version == named
+    files = ChannelFiles(targets={forged.signed.version: forged_bytes})
+
+    def forged_targets(role: str, _version: int | None) -> bytes | None:
+        return forged_bytes if role == TARGETS else None
+
+    for name, device in devices.items():
+        found = attempt(swap, name, device, "forged-targets", forged_targets, files)
+        assert found.staged, found
+        assert found.refused, found
+        assert not found.accepted, found
+        assert found.installed_after == found.installed_before
+    follow(devices, {"ci": "2"})

@@ -68,6 +68,8 @@ class Spec:
     callers: tuple[str, ...] = (ADMIN,)
     query: tuple[str, ...] = ()  # the query parameters it reads
     raw: bool = False  # the body is bytes (a blob upload), not JSON
+    # Path parameters other than PARAM_VALUES's: a device a route may destroy, say.
+    params: Callable[[FuzzWorld], dict[str, str]] | None = None
 
 
 class FuzzWorld:
@@ -93,6 +95,8 @@ class FuzzWorld:
             PROD_DEVICE: world.prod_devices[0]["credential"],
             ANONYMOUS: None,
         }
+        # For the routes that revoke or delete a device: the others keep theirs.
+        self.doomed_device = world.factory.register_device("ci")["id"]
         # The database as the last example left it: one dump per example, not two.
         self.last_dump: dict[str, list[tuple[Any, ...]]] | None = None
 
@@ -118,6 +122,14 @@ SPECS: dict[tuple[str, str], Spec] = {
     ),
     ("GET", f"{F}/devices"): Spec(),
     ("GET", f"{F}/devices/{{device}}"): Spec(),
+    ("POST", f"{F}/devices/{{device}}/revoke"): Spec(params=lambda w: {"device": w.doomed_device}),
+    ("DELETE", f"{F}/devices/{{device}}"): Spec(params=lambda w: {"device": w.doomed_device}),
+    ("GET", f"{F}/device-credential"): Spec(callers=DEVICES),
+    # A rotated credential becomes the only one at its first use, which never comes here.
+    ("POST", f"{F}/device-credential"): Spec(callers=DEVICES),
+    # The operator's only token would die at the first valid request: its input rules are
+    # what can be fuzzed, so an admin token asks (and is refused after them).
+    ("POST", "/api/v1/operator-token"): Spec(callers=(ADMIN,)),
     ("POST", f"{F}/device-reports"): Spec(
         lambda _: {
             "installed": {"version": RELEASED, "target": image(RELEASED), "sha256": SHA},
@@ -151,6 +163,7 @@ SPECS: dict[tuple[str, str], Spec] = {
     ),
     ("GET", f"{F}/targets"): Spec(query=("channel", "tag", "hardware_id")),
     ("POST", f"{F}/targets/prune"): Spec(lambda _: {"keep": 5}),
+    ("POST", f"{F}/targets/delete"): Spec(lambda _: {"names": ["never-published"]}),
     ("GET", f"{F}/targets/{{name}}"): Spec(),
     ("POST", f"{F}/waves/prepare"): Spec(
         lambda _: {"tag": "main", "version": NEXT, "prune": [], "expires_days": 30}
@@ -325,7 +338,7 @@ def hostile_request(draw: st.DrawFn, fuzz: FuzzWorld, method: str, path: str) ->
     """A valid request of the route with one part hostile: a path parameter, a query
     parameter, or the body (the valid body with one value or key changed, or raw bytes)."""
     spec = SPECS[method, path]
-    values = valid_params(fuzz.world, path)
+    values = valid_params(fuzz.world, path) | (spec.params(fuzz) if spec.params else {})
     body = None if spec.body is None else spec.body(fuzz)
     content = b"" if spec.raw else None if body is None else encode(body)
     query: list[tuple[str, str]] = []

@@ -19,19 +19,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from tuf.api.metadata import Metadata, Root, Targets
+from sqlalchemy import select
+from tuf.api.metadata import Metadata, Root
 
-from tests.agent_helpers import AgentDevice, TamperingProxy, image_name, publish_build
+from tests.agent_helpers import TamperingProxy, publish_build
 from tests.channel_attacks import (
     CHANNELS,
     ChannelFiles,
     ChannelSwap,
-    Device,
     NgclientDevice,
     assert_all_refused,
     attempt,
+    follow,
     other,
     record,
+    register_devices,
     substitutions,
 )
 from tests.conftest import BACKENDS
@@ -39,6 +41,7 @@ from tests.helpers import (
     Factory,
     Server,
     cli_env,
+    db_rows,
     dump_all_tables,
     online_keyids,
     run_cli,
@@ -49,6 +52,7 @@ from tests.test_rotations import Owner
 from tests.test_waves import release
 from tufa.core.archive import FIRST_ROOT_KEY_NAME, OfflineArchive
 from tufa.core.metadata import ROOT, TARGETS
+from tufa.server import db
 
 
 @dataclass
@@ -92,31 +96,6 @@ def _root(factory: Factory, channel: str) -> Root:
     )
 
 
-def _devices(factory: Factory, proxy: TamperingProxy, where: Path) -> dict[str, Device]:
-    devices: dict[str, Device] = {}
-    for channel in CHANNELS:
-        devices[f"ngclient-{channel}"] = NgclientDevice.register(
-            factory, channel, proxy, where / f"ngclient-{channel}"
-        )
-        devices[f"agent-{channel}"] = AgentDevice.register(
-            factory, where / "agents", channel, server_url=proxy.url
-        )
-    return devices
-
-
-def _follow(devices: dict[str, Device], expected: dict[str, str]) -> None:
-    for name, device in devices.items():
-        version = expected[device.channel]
-        if isinstance(device, AgentDevice):
-            done = device.run_once()
-            assert done.returncode == 0, f"{name}: {done.stderr}"
-            assert device.installed_version() == version, f"{name}: {done.stderr}"
-        else:
-            device.refresh()
-            targets = Metadata[Targets].from_bytes(device.trusted()["targets.json"]).signed
-            assert image_name(version) in targets.targets, f"{name} misses build {version}"
-
-
 def test_an_upgraded_factory_serves_what_it_served_and_warns_its_owner(
     legacy: Legacy, tmp_path: Path
 ) -> None:
@@ -130,6 +109,7 @@ def test_an_upgraded_factory_serves_what_it_served_and_warns_its_owner(
 
     shown = owner.json("factory", "show")
     assert shown["channels_share_keys"]
+    assert shown["first_separated_root_version"] is None
     (warning,) = [w for w in shown["warnings"] if "share" in w]
     assert "tufa keys rotate-root ARCHIVE" in warning
     table = owner.tufa("keys", "show-root", "-k", str(owner.archive))
@@ -142,7 +122,7 @@ def test_an_upgraded_factory_serves_what_it_served_and_warns_its_owner(
 
     # Its devices keep updating: CI builds 1 and 2, production release 1.
     with TamperingProxy(factory.server.url) as proxy:
-        _follow(_devices(factory, proxy, tmp_path / "devices"), {"ci": "2", "prod": "1"})
+        follow(register_devices(factory, proxy, tmp_path / "devices"), {"ci": "2", "prod": "1"})
 
 
 def test_before_the_separation_the_other_channels_files_verify(
@@ -171,13 +151,14 @@ def test_rotate_root_separates_the_channels(legacy: Legacy, tmp_path: Path) -> N
     before = {c: online_keyids(factory, c) for c in CHANNELS}
     with TamperingProxy(factory.server.url) as proxy:
         swap = ChannelSwap(proxy)
-        devices = _devices(factory, proxy, tmp_path / "devices")
-        _follow(devices, {"ci": "2", "prod": "1"})
+        devices = register_devices(factory, proxy, tmp_path / "devices")
+        follow(devices, {"ci": "2", "prod": "1"})
         files = {c: record(factory, c, ChannelFiles()) for c in CHANNELS}
 
         out = owner.tufa("keys", "rotate-root", str(owner.archive))
 
         assert "Rotated the root key" in out
+        assert owner.json("factory", "show")["first_separated_root_version"] == 2
         roots = {c: _root(factory, c) for c in CHANNELS}
         assert not set(roots["ci"].roles[ROOT].keyids) & set(roots["prod"].roles[ROOT].keyids)
         after = {c: online_keyids(factory, c) for c in CHANNELS}
@@ -222,7 +203,7 @@ def test_rotate_root_separates_the_channels(legacy: Legacy, tmp_path: Path) -> N
                 assert "it is a root of the" in found.said, found.said
                 assert not found.accepted, found
                 assert found.installed_after == found.installed_before
-        _follow(devices, {"ci": "2", "prod": "1"})  # each device takes its own new root
+        follow(devices, {"ci": "2", "prod": "1"})  # each device takes its own new root
 
         # From now on every file of the other channel, from before the separation and
         # after it, is refused by every device, and nobody froze.
@@ -231,7 +212,43 @@ def test_rotate_root_separates_the_channels(legacy: Legacy, tmp_path: Path) -> N
         for channel in CHANNELS:
             record(factory, channel, files[channel])
         assert assert_all_refused(swap, devices, files, "the separation") > 40
-        _follow(devices, {"ci": "3", "prod": "3"})
+        follow(devices, {"ci": "3", "prod": "3"})
+
+        # A device provisioned from now on with the first separated root (version 2,
+        # as `factory show` says) is never exposed: from version 1, it still is.
+        late = {
+            f"from-v{version}": NgclientDevice.register(
+                factory, "prod", proxy, tmp_path / f"late-v{version}", root_version=version
+            )
+            for version in (1, 2)
+        }
+        ci_root_v2 = substitutions(files["ci"])["root-v2"]
+        exposed = attempt(swap, "from-v1", late["from-v1"], "root-v2", ci_root_v2, files["ci"])
+        assert exposed.accepted == ["root.json"], exposed
+        assert assert_all_refused(swap, {"from-v2": late["from-v2"]}, files, "late") > 10
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_root_update_left_open_across_the_upgrade_is_cancelled(
+    backend: str,
+    make_server: Callable[..., Server],
+    make_db_url: Callable[[str], str | None],
+    tmp_path: Path,
+) -> None:
+    """It could never be applied: only an update opened after the upgrade stages the
+    online keys that separate the channels. The owner opens it again."""
+    db_url = make_db_url(backend)
+    install(tmp_path / "data", db_url, open_update=True)
+    server = make_server(backend, data_dir=tmp_path / "data", db_url=db_url)
+    factory = Factory(server, NAME, ADMIN_TOKEN)
+    assert factory.request("GET", "/keys/updates").status_code == 404
+    assert db_rows(server, select(db.root_updates)) == []
+    assert db_rows(server, select(db.online_keys).where(db.online_keys.c.pending)) == []
+    home = tmp_path / "owner"
+    owner = Owner(factory, home, cli_env(factory, home / "config.json"))
+    archive_copy(owner.archive)
+    owner.tufa("keys", "rotate-root", str(owner.archive))
+    assert owner.json("factory", "show")["channels_share_keys"] == []
 
 
 def test_other_root_updates_name_the_command_that_separates_the_channels(
@@ -243,13 +260,15 @@ def test_other_root_updates_name_the_command_that_separates_the_channels(
     assert "tufa keys rotate-root ARCHIVE" in refused.stderr, refused.stderr
     assert dump_all_tables(legacy.server) == before
 
-    # In a transaction: any edit is refused until the shared root key is replaced.
+    # In a transaction: any edit, and any signature, is refused until the shared root
+    # key is replaced.
     owner.tufa("keys", "updates", "init", "-m", "longer roots")
     staged = owner.review()
     assert staged["channels"]["ci"]["status"]["complete"] is False
-    refused = owner.fails("keys", "updates", "extend-expiry", "--days", "400")
-    assert "the CI and production roots share key" in refused.stderr, refused.stderr
-    assert "rotate-offline-key -r root" in refused.stderr
+    for args in (("extend-expiry", "--days", "400"), ("sign", "-k", str(owner.archive))):
+        refused = owner.fails("keys", "updates", *args)
+        assert "the CI and production roots share key" in refused.stderr, refused.stderr
+        assert "rotate-offline-key -r root" in refused.stderr
     owner.tufa("keys", "updates", "rotate-offline-key", "-r", "root", "-k", str(owner.archive))
     owner.tufa("keys", "updates", "extend-expiry", "--days", "400")
     owner.tufa("keys", "updates", "sign", "-k", str(owner.archive))

@@ -39,7 +39,14 @@ from tuf.api.exceptions import DownloadHTTPError
 from tuf.api.metadata import Metadata, Root, Targets, Timestamp
 from tuf.ngclient import FetcherInterface, Updater
 
-from tests.channel_attacks import ChannelFiles, Substitution, other, record, substitutions
+from tests.channel_attacks import (
+    ChannelFiles,
+    Substitution,
+    metadata_request,
+    other,
+    record,
+    substitutions,
+)
 from tests.helpers import (
     Factory,
     Server,
@@ -124,10 +131,10 @@ class DeviceFetcher(FetcherInterface):
         self.swapped = 0
 
     def _fetch(self, url: str) -> Iterator[bytes]:
-        if self.substitution is not None:
-            name = url.rsplit("/", 1)[-1].removesuffix(".json")
-            number, _, role = name.rpartition(".")
-            data = self.substitution(role, int(number) if number.isdigit() else None)
+        request = metadata_request(url)
+        if self.substitution is not None and request is not None:
+            _channel, role, version = request
+            data = self.substitution(role, version)
             if data is not None:
                 self.swapped += 1
                 return iter([data])
@@ -502,7 +509,8 @@ class World:
         device = self.devices[name]
         if device.bootstrap is not None:
             self.poll(frozenset({name}))  # provisioned: it trusts its root v1 on disk
-        foreign = record(self.factory, other(device.channel), ChannelFiles())
+        credentials = [d.credential for d in self.devices.values()]
+        foreign = record(self.factory, other(device.channel), ChannelFiles(), TAGS, credentials)
         label, substitution = next(
             (label, s)
             for label, s in substitutions(foreign, every_version=False).items()
