@@ -269,7 +269,7 @@ def _owners(db_url: str) -> set[tuple[int, str, int]]:
 def test_upgrading_keeps_every_factorys_targets_and_shares_nothing(
     backend: str, make_server: Callable[..., Server], tmp_path: Path
 ) -> None:
-    """A server whose schema predates blob ownership (revision 0005: blob_owners dropped,
+    """A server whose schema predates blob ownership (revision 0006: blob_owners dropped,
     as before the upgrade) is started on the new code: every factory's devices still
     download their targets, re-publishing them is still a no-op, and a factory gets no
     file its targets did not name."""
@@ -283,7 +283,7 @@ def test_upgrading_keeps_every_factorys_targets_and_shares_nothing(
     owners = _owners(server.local.db_url)
 
     server.local.stop()
-    _migrate(server.local.db_url, "0005", command.downgrade)
+    _migrate(server.local.db_url, "0006", command.downgrade)
     server.local.start()  # migrates to head on start
 
     assert _owners(server.local.db_url) == owners  # one row per hosted target, nothing else

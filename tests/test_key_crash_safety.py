@@ -283,7 +283,7 @@ def _relabelled(data: bytes, factory: str) -> bytes:
     members = []
     for info, content in _members(data):
         if info.name == "config.json":
-            content = json.dumps({"format": 1, "factory": factory}).encode()
+            content = json.dumps({**json.loads(content), "factory": factory}).encode()
             info.size = len(content)
         members.append((info, content))
     return _tarball(members)
