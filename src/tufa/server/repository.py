@@ -144,6 +144,27 @@ class Repository:
             )
         )
 
+    def retire_online_key(
+        self,
+        conn: Connection,
+        factory_id: int,
+        channel: Channel,
+        role: str,
+        now: datetime,
+        *,
+        pending: bool = False,
+    ) -> None:
+        """`channel`'s online `role` key in force (or the pending one) signs no more."""
+        conn.execute(
+            update(online_keys)
+            .where(
+                *_live(factory_id, pending=pending),
+                online_keys.c.channel == channel.value,
+                online_keys.c.role == role,
+            )
+            .values(retired_at=now)
+        )
+
     def online_signer(
         self, conn: Connection, factory_id: int, channel: Channel, role: str
     ) -> Signer:

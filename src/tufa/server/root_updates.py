@@ -358,16 +358,7 @@ class RootUpdates:
         for channel, channel_roles in roles.items():
             for role in channel_roles:
                 pair = KeyPair.generate(self.state.settings.online_key_type)
-                conn.execute(
-                    update(online_keys)
-                    .where(
-                        online_keys.c.factory_id == factory_id,
-                        online_keys.c.channel == channel.value,
-                        online_keys.c.role == role,
-                        online_keys.c.pending.is_(True),
-                    )
-                    .values(retired_at=now)
-                )
+                self.repo.retire_online_key(conn, factory_id, channel, role, now, pending=True)
                 self.repo.store_online_key(conn, factory_id, channel, role, pair, pending=True)
                 edit.replace_online_key(channel, role, before[channel][role], pair.public)
         for md in staged.values():
@@ -566,17 +557,7 @@ class RootUpdates:
     def _promote_pending_keys(self, conn: Connection, factory_id: int, now: Any) -> None:
         for channel, roles in self._pending_keyids(conn, factory_id).items():
             for role in roles:
-                conn.execute(
-                    update(online_keys)
-                    .where(
-                        online_keys.c.factory_id == factory_id,
-                        online_keys.c.channel == channel.value,
-                        online_keys.c.role == role,
-                        online_keys.c.pending.is_(False),
-                        online_keys.c.retired_at.is_(None),
-                    )
-                    .values(retired_at=now)
-                )
+                self.repo.retire_online_key(conn, factory_id, channel, role, now)
         conn.execute(
             update(online_keys)
             .where(online_keys.c.factory_id == factory_id, online_keys.c.pending.is_(True))
