@@ -283,6 +283,7 @@ def _relabelled(data: bytes, factory: str) -> bytes:
     members = []
     for info, content in _members(data):
         if info.name == "config.json":
+            assert content is not None
             content = json.dumps({**json.loads(content), "factory": factory}).encode()
             info.size = len(content)
         members.append((info, content))
