@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from tuf.api.metadata import Metadata, TargetFile, Targets
 
-from tests.agent_helpers import TamperingProxy, build_bytes, publish_build
+from tests.agent_helpers import AgentDevice, Exchange, TamperingProxy, build_bytes, publish_build
 from tests.channel_attacks import (
     CHANNELS,
     ChannelFiles,
@@ -208,3 +208,37 @@ def test_an_offline_targets_key_alone_cannot_stand_in_for_the_ci_online_key(
         assert not found.accepted, found
         assert found.installed_after == found.installed_before
     follow(devices, {"ci": "2"})
+
+
+def test_another_tags_view_gives_a_production_device_nothing_to_install(
+    factory: Factory, proxy: TamperingProxy, tmp_path: Path
+) -> None:
+    """Every view of the production channel is signed by the same keys: anyone in the
+    middle can serve a device of tag main the genuine view of tag beta. Build 2 was
+    published by CI for both tags but released to beta only; served beta's view, the
+    device of main finds nothing released to it there, and installs build 3 once it is
+    released to main."""
+    owner = Owner.start(factory, tmp_path / "owner")
+    device = AgentDevice.register(factory, tmp_path / "agents", "prod", server_url=proxy.url)
+    publish_build(factory, "1")
+    release(owner, "w-main-1", "1")
+    follow({"agent": device}, {"prod": "1"})
+    publish_build(factory, "2", tags=("main", "beta"))
+    release(owner, "w-beta-2", "2", tag="beta")
+    path = factory.path("/repo/prod/metadata/timestamp.json?tag=beta")
+    beta = send(factory.server, "GET", path, factory.admin_token).content
+
+    def serve_beta(exchange: Exchange) -> None:
+        if exchange.path.endswith("/repo/prod/metadata/timestamp.json"):
+            exchange.status, exchange.body = 200, beta
+
+    proxy.tamper = serve_beta
+    done = device.run_once()
+    proxy.tamper = None
+
+    assert done.returncode == 0, done.stderr  # verified and valid, just nothing for main
+    assert "rpi4-image-2" not in {e.path.rsplit(".", 1)[-1] for e in proxy.seen}
+    assert device.installed_version() == "1"
+    publish_build(factory, "3")
+    release(owner, "w-main-3", "3")
+    follow({"agent": device}, {"prod": "3"})

@@ -104,7 +104,7 @@ class Waves:
         ci = self.repo.read_file(conn, factory_id, Channel.CI.value, TARGETS, None)
         assert ci is not None
         build = {
-            name: target
+            name: _released_for(target, tag)
             for name, target in Metadata[Targets].from_bytes(ci.body).signed.targets.items()
             if str(target.custom.get("version")) == version and tag in target.custom.get("tags", [])
         }
@@ -464,6 +464,16 @@ class Waves:
             {k: v for k, v in self.describe(conn, factory_id, n).items() if k != "metadata"}
             for n in names
         ]
+
+
+def _released_for(target: TargetFile, tag: str) -> TargetFile:
+    """A CI target as a production release of `tag` alone: its custom `tags` names that
+    tag only. Every view of the production channel is signed by the same keys, so anyone
+    in the middle can serve a device of one tag another tag's view; a device finds
+    nothing there to install, even of a build CI had published for both tags."""
+    custom = {**target.custom, "tags": [tag]}
+    fields = {**target.unrecognized_fields, "custom": custom}
+    return TargetFile(target.length, dict(target.hashes), target.path, fields)
 
 
 def _refuse_oversized(tag: str, size: int) -> None:
