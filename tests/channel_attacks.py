@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -248,7 +248,7 @@ def credential_of(device: Device) -> str:
     return device.credential
 
 
-def follow(devices: dict[str, Device], expected: dict[str, str]) -> None:
+def follow(devices: Mapping[str, Device], expected: Mapping[str, str]) -> None:
     """With nothing tampered, every device reaches its channel's release on its next
     poll: `expected` names the build each channel's devices must then have."""
     for name, device in devices.items():
@@ -311,7 +311,7 @@ def attempt(swap: ChannelSwap, name: str, device: Device, label: str, substituti
 
 
 def attempt_all(
-    swap: ChannelSwap, devices: dict[str, Device], files: dict[str, ChannelFiles]
+    swap: ChannelSwap, devices: Mapping[str, Device], files: Mapping[str, ChannelFiles]
 ) -> Iterator[Attempt]:
     """Every substitution of the other channel's files, on every device: all versions
     for ngclient devices, the newest of each role and the whole chain for agents."""
@@ -323,7 +323,7 @@ def attempt_all(
 
 
 def assert_all_refused(
-    swap: ChannelSwap, devices: dict[str, Device], files: dict[str, ChannelFiles], step: str
+    swap: ChannelSwap, devices: Mapping[str, Device], files: Mapping[str, ChannelFiles], step: str
 ) -> int:
     """Every substitution is refused, no device trusts any file of the other channel
     after it, and every agent still runs what it ran. Returns how many were staged.

@@ -35,8 +35,9 @@ from tests.channel_attacks import (
     follow,
     record,
     register_devices,
+    substitutions,
 )
-from tests.helpers import Factory, send, served_metadata
+from tests.helpers import Factory, Server, create_factory, send, served_metadata
 from tests.test_rotations import Owner
 from tests.test_waves import post_wave, prepared, release, sign_offline
 from tufa.core.archive import OfflineArchive
@@ -242,3 +243,34 @@ def test_another_tags_view_gives_a_production_device_nothing_to_install(
     publish_build(factory, "3")
     release(owner, "w-main-3", "3")
     follow({"agent": device}, {"prod": "3"})
+
+
+def test_no_file_of_another_factory_verifies_for_a_device(
+    server: Server, factory: Factory, proxy: TamperingProxy, tmp_path: Path
+) -> None:
+    """Another factory's genuine files, of either channel and every version, served to
+    this factory's devices: each factory has roots and online keys of its own."""
+    other_factory = create_factory(server)
+    for each in (factory, other_factory):
+        publish_build(each, "1")
+    swap = ChannelSwap(proxy)
+    devices = {
+        name: device
+        for name, device in register_devices(factory, proxy, tmp_path / "devices").items()
+        if isinstance(device, NgclientDevice)
+    }
+    staged = 0
+    for channel in CHANNELS:
+        foreign = record(other_factory, channel, ChannelFiles())
+        for name, device in devices.items():
+            for label, substitution in substitutions(foreign).items():
+                label = f"{other_factory.name}'s {label}"
+                found = attempt(swap, name, device, label, substitution, foreign)
+                assert not found.accepted, found
+                if found.staged:
+                    assert found.refused, found
+                    staged += 1
+    assert staged >= 20, staged
+    ci = {name: device for name, device in devices.items() if device.channel == "ci"}
+    follow(ci, {"ci": "1"})  # and nothing froze: the genuine refreshes work
+    devices["ngclient-prod"].refresh()
