@@ -29,9 +29,10 @@ from tufa.agent.download import (
 )
 from tufa.agent.install import CommandInstaller, Installer, Outcome, SlotInstaller
 from tufa.agent.reports import EventQueue, send_reports
-from tufa.agent.state import AgentError, AgentStatus, Release, StateDir, now_iso, printable
+from tufa.agent.state import AgentError, AgentStatus, Release, StateDir, printable
 from tufa.agent.trust import VERIFICATION_ERRORS, ChannelGuard, open_updater, trusted_targets
 from tufa.core.bundle import BUNDLE_METADATA_URL, TARGETS_DIR, BundleFetcher, read_manifest
+from tufa.core.clock import now_iso
 from tufa.core.crashpoints import crashpoint
 from tufa.core.fetcher import BearerFetcher, CredentialRefused
 from tufa.core.files import is_plain_name

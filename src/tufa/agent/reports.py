@@ -15,7 +15,8 @@ from typing import Any
 
 import httpx
 
-from tufa.agent.state import EVENTS_FILE, Release, now_iso, write_json
+from tufa.agent.state import EVENTS_FILE, Release, write_json
+from tufa.core.clock import now_iso
 
 log = logging.getLogger("tufa.agent")
 

@@ -21,7 +21,6 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
@@ -43,10 +42,6 @@ def printable(text: str) -> str:
     """`text` with control characters escaped: names and messages from a server or from
     metadata reach the device's terminal and logs, and must not drive them."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -26,7 +26,8 @@ from tufa.server.api import (
     tokens,
     waves,
 )
-from tufa.server.errors import ApiError, api_error_handler, error_body
+from tufa.server.errors import ApiError, api_error_handler, error_body, refused_handler
+from tufa.server.exceptions import Refused
 from tufa.server.inputs import refuse_unstorable_params
 from tufa.server.state import ServerState
 
@@ -154,6 +155,7 @@ def create_app(state: ServerState) -> Starlette:
         routes=ROUTES,
         exception_handlers={
             ApiError: api_error_handler,
+            Refused: refused_handler,
             HTTPException: http_error,
             Exception: internal_error,
         },

@@ -7,6 +7,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from tufa.server.exceptions import Conflict, InvalidInput, NotFound, Refused, TooLarge
+
 
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str) -> None:
@@ -28,6 +30,19 @@ def conflict(message: str) -> ApiError:
     return ApiError(409, "conflict", message)
 
 
+# The status of each domain refusal (tufa.server.exceptions), most specific class first.
+_STATUS_OF: tuple[tuple[type[Refused], int], ...] = (
+    (InvalidInput, 400),
+    (NotFound, 404),
+    (Conflict, 409),
+    (TooLarge, 413),
+)
+
+
+def status_of(error: Refused) -> int:
+    return next((status for kind, status in _STATUS_OF if isinstance(error, kind)), 400)
+
+
 def error_body(status: int, code: str, message: str) -> dict[str, Any]:
     return {"error": {"status": status, "code": code, "message": message}}
 
@@ -35,3 +50,9 @@ def error_body(status: int, code: str, message: str) -> dict[str, Any]:
 async def api_error_handler(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
     return JSONResponse(error_body(exc.status, exc.code, exc.message), status_code=exc.status)
+
+
+async def refused_handler(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, Refused)
+    status = status_of(exc)
+    return JSONResponse(error_body(status, exc.code, exc.message), status_code=status)

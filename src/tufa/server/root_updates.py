@@ -26,6 +26,7 @@ from sqlalchemy import Connection, delete, insert, select, update
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, Root, Targets
 
+from tufa.core.clock import iso
 from tufa.core.keys import KeyPair
 from tufa.core.metadata import (
     ONLINE_ROLES,
@@ -179,7 +180,7 @@ class RootUpdates:
         }
         return {
             "message": row.message,
-            "created_at": row.created_at.isoformat().replace("+00:00", "Z"),
+            "created_at": iso(row.created_at),
             "current": {c.value: md.to_dict() for c, md in current.items()},
             "staged": {c.value: md.to_dict() for c, md in staged.items()},
             "current_prod_targets": {

@@ -21,6 +21,7 @@ from sqlalchemy import Connection, exists, func, insert, select, update
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, Root, TargetFile, Targets
 
+from tufa.core.clock import iso
 from tufa.core.metadata import TARGETS, Channel, build_targets, expiry, to_bytes
 from tufa.core.selection import version_key
 from tufa.server.db import (
@@ -442,15 +443,13 @@ class Waves:
             "signed": self._signed_enough(conn, factory_id, md),
             "signed_by": sorted(md.signatures),
             "targets": sorted(md.signed.targets),
-            "expires": md.signed.expires.isoformat().replace("+00:00", "Z"),
+            "expires": iso(md.signed.expires),
             "devices_served": served,
             "devices_of_tag": tag_devices,
             "devices_installed": installed,
             "devices_failed": failed,
-            "created_at": row.created_at.isoformat().replace("+00:00", "Z"),
-            "finished_at": row.finished_at.isoformat().replace("+00:00", "Z")
-            if row.finished_at
-            else None,
+            "created_at": iso(row.created_at),
+            "finished_at": iso(row.finished_at),
             "metadata": md.to_dict(),
         }
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any, TypeVar
 
 from securesystemslib.signer import Signature
@@ -109,10 +108,6 @@ def _json_type(kind: type) -> str:
     return {str: "string", int: "integer", bool: "boolean", list: "array", dict: "object"}.get(
         kind, kind.__name__
     )
-
-
-def iso(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat().replace("+00:00", "Z")
 
 
 async def threaded(fn: Callable[[], T]) -> T:

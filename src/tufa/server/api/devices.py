@@ -16,9 +16,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from tufa.core.clock import iso
 from tufa.core.metadata import Channel
 from tufa.server import credentials
-from tufa.server.api.common import caller, field, iso, json_object, ok, text_field, threaded
+from tufa.server.api.common import caller, field, json_object, ok, text_field, threaded
 from tufa.server.auth import (
     Principal,
     Scope,

@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from tuf.api.metadata import Root
 
+from tufa.core.clock import iso
 from tufa.core.metadata import ROOT, SNAPSHOT, TARGETS, TIMESTAMP, Channel
 from tufa.core.root_update import (
     pairs_to_json,
@@ -18,7 +19,7 @@ from tufa.core.root_update import (
     shared_keyids,
     shared_keys_warning,
 )
-from tufa.server.api.common import caller, field, iso, json_object, name_field, ok, threaded
+from tufa.server.api.common import caller, field, json_object, name_field, ok, threaded
 from tufa.server.auth import Scope, require_factory, require_operator
 from tufa.server.db import factories
 from tufa.server.errors import bad_request, not_found

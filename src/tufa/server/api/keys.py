@@ -12,7 +12,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tufa.server.api.common import caller, field, iso, json_object, ok, threaded
+from tufa.core.clock import iso
+from tufa.server.api.common import caller, field, json_object, ok, threaded
 from tufa.server.auth import Scope, require_factory
 from tufa.server.db import factories, key_archives
 from tufa.server.errors import ApiError, bad_request, not_found

@@ -13,9 +13,10 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from tuf.api.metadata import Metadata, TargetFile, Targets
 
+from tufa.core.clock import iso
 from tufa.core.metadata import TARGETS, Channel
 from tufa.core.selection import version_key
-from tufa.server.api.common import caller, field, iso, json_object, ok, threaded
+from tufa.server.api.common import caller, field, json_object, ok, threaded
 from tufa.server.auth import Scope, require_factory
 from tufa.server.blobs import grant
 from tufa.server.db import targets as targets_table

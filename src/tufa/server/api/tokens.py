@@ -11,7 +11,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from tufa.server.api.common import caller, field, iso, json_object, ok, text_field, threaded
+from tufa.core.clock import iso
+from tufa.server.api.common import caller, field, json_object, ok, text_field, threaded
 from tufa.server.auth import Scope, require_factory, require_operator
 from tufa.server.db import tokens
 from tufa.server.errors import bad_request, not_found

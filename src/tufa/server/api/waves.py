@@ -13,10 +13,10 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from tuf.api.metadata import Metadata, Targets
 
+from tufa.core.clock import iso
 from tufa.server.api.common import (
     caller,
     field,
-    iso,
     json_object,
     ok,
     signature_list,
