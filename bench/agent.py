@@ -28,8 +28,8 @@ from pathlib import Path
 import httpx
 from tuf.ngclient import Updater
 
-from tufa.cli.local_server import LocalServer, console_script
 from tufa.core.fetcher import BearerFetcher
+from tufa.demo.local_server import LocalServer, console_script
 
 
 def timed(command: list[str], runs: int) -> float:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from tufa.cli.local_server import LocalServer, free_port
+from tufa.demo.local_server import LocalServer, free_port
 
 NGINX_CONF = """
 daemon off;

@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 
 from tests.helpers import Factory
-from tufa.cli.impostor import SeenRequest
-from tufa.cli.local_server import console_script, stop_process
+from tufa.demo.impostor import SeenRequest
+from tufa.demo.local_server import console_script, stop_process
 
 HARDWARE_ID = "rpi4"
 TAG = "main"

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from tests.helpers import Factory, Server, create_factory
-from tufa.cli.local_server import LocalServer
+from tufa.demo.local_server import LocalServer
 
 # Settings the CLI or a crash point would read from the environment of whoever runs the
 # tests; each test sets what it needs.

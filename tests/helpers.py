@@ -21,9 +21,9 @@ from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, Targets, Timest
 from tuf.ngclient import FetcherInterface, Updater
 from tuf.ngclient._internal.trusted_metadata_set import TrustedMetadataSet
 
-from tufa.cli.local_server import LocalServer, console_script
 from tufa.core.fetcher import BearerFetcher
 from tufa.core.files import write_private_file
+from tufa.demo.local_server import LocalServer, console_script
 from tufa.server import db
 from tufa.server.app import ROUTES
 

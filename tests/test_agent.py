@@ -60,9 +60,9 @@ from tests.helpers import (
 )
 from tests.test_rotations import stolen_online_signers
 from tests.test_waves import post_wave, prepared, start_owner
-from tufa.cli.local_server import console_script, free_port
 from tufa.core.archive import OfflineArchive
 from tufa.core.metadata import TARGETS
+from tufa.demo.local_server import console_script, free_port
 
 sqlite_only = pytest.mark.parametrize("server", ["sqlite"], indirect=True)
 

@@ -69,9 +69,9 @@ from tests.helpers import (
 )
 from tests.test_rotations import stolen_online_signers
 from tests.test_waves import release, start_owner
-from tufa.cli.impostor import FileServer, SeenRequest
 from tufa.core.archive import OfflineArchive
 from tufa.core.metadata import ROOT, SNAPSHOT, TARGETS, TIMESTAMP
+from tufa.demo.impostor import FileServer, SeenRequest
 
 sqlite_only = pytest.mark.parametrize("server", ["sqlite"], indirect=True)
 

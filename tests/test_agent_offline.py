@@ -58,9 +58,9 @@ from tests.helpers import (
 from tests.test_agent_attacks import DAY, EXPIRED, expires
 from tests.test_rotations import serve_directory
 from tests.test_waves import release, start_owner
-from tufa.cli.local_server import console_script, free_port
 from tufa.core.crashpoints import ENV_VAR as CRASH_AT
 from tufa.core.metadata import ROOT, SNAPSHOT, TARGETS, TIMESTAMP
+from tufa.demo.local_server import console_script, free_port
 
 sqlite_only = pytest.mark.parametrize("server", ["sqlite"], indirect=True)
 

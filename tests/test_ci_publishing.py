@@ -44,7 +44,7 @@ from tests.helpers import (
     served_metadata,
     target_updater,
 )
-from tufa.cli.local_server import console_script
+from tufa.demo.local_server import console_script
 
 # --- helpers -----------------------------------------------------------------------
 

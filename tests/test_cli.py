@@ -17,11 +17,11 @@ from tuf.ngclient import Updater
 
 from tests.helpers import Factory, Server, cli_env, run_cli
 from tufa.agent.main import cli as agent_cli
-from tufa.cli.local_server import console_script, free_port
 from tufa.cli.main import cli
 from tufa.core.archive import FIRST_ROOT_KEY_NAME, OfflineArchive
 from tufa.core.fetcher import BearerFetcher
 from tufa.core.metadata import Channel
+from tufa.demo.local_server import console_script, free_port
 from tufa.server.main import cli as server_cli
 
 # The CLI is an HTTP client: the server's database makes no difference to it, so these

@@ -35,7 +35,7 @@ from tests.helpers import (
     send,
 )
 from tests.test_device_reports import create_wave, event, installed, publish_build, report
-from tufa.cli.local_server import LocalServer, console_script
+from tufa.demo.local_server import LocalServer, console_script
 from tufa.server.auth import OPERATOR_SCOPE
 from tufa.server.db import retired_credentials, tokens
 

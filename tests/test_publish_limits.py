@@ -44,9 +44,9 @@ from tests.helpers import (
 )
 from tests.test_prod_downloads import act, wave
 from tests.test_waves import post_wave, prepared, start_owner
-from tufa.cli.impostor import FileServer
 from tufa.core.archive import OfflineArchive
 from tufa.core.metadata import TARGETS
+from tufa.demo.impostor import FileServer
 from tufa.server.publishing import (
     MAX_CUSTOM_BYTES,
     MAX_CUSTOM_DEPTH,

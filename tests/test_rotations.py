@@ -48,11 +48,11 @@ from tests.helpers import (
     served_metadata,
     write_forged_mirror,
 )
-from tufa.cli.local_server import free_port
 from tufa.core.archive import ArchiveKey, OfflineArchive
 from tufa.core.fetcher import BearerFetcher
 from tufa.core.keys import KeyPair, key_from_json
 from tufa.core.metadata import ROOT, SNAPSHOT, TARGETS, TIMESTAMP, Channel
+from tufa.demo.local_server import free_port
 from tufa.server import db
 from tufa.server.secrets import MasterKey
 

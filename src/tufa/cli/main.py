@@ -6,7 +6,6 @@ import click
 
 # These modules add their commands to the `keys` group when imported.
 from tufa.cli import keys_archive, keys_rotation, keys_updates  # noqa: F401
-from tufa.cli.demo import demo
 from tufa.cli.devices import devices
 from tufa.cli.factory import factory
 from tufa.cli.keys import keys
@@ -14,6 +13,7 @@ from tufa.cli.session import get, login
 from tufa.cli.targets import targets
 from tufa.cli.tokens import tokens
 from tufa.cli.waves import device_groups, waves
+from tufa.demo.story import demo
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -23,8 +23,8 @@ from typing import Any
 import click
 import httpx
 
-from tufa.cli.impostor import FileServer, Impostor
-from tufa.cli.local_server import LocalServer, console_script, stop_process
+from tufa.demo.impostor import FileServer, Impostor
+from tufa.demo.local_server import LocalServer, console_script, stop_process
 
 AGENT_INTERVAL = "1"
 WAIT_SECONDS = 60.0
