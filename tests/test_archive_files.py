@@ -29,7 +29,8 @@ from tests.helpers import run_cli
 from tufa.cli.keys_archive import backup, copy_targets, restore
 from tufa.cli.main import cli
 from tufa.core.archive import FIRST_ROOT_KEY_NAME, ArchiveError, ArchiveKey, OfflineArchive
-from tufa.core.backup import FORMAT_TITLE, BackupError, line_check, parse_backup, render_backup
+from tufa.core.backup import FORMAT_TITLE, BackupError, parse_backup, render_backup
+from tufa.core.backup_lines import line_check
 from tufa.core.keys import KeyPair, KeyType, key_to_json
 from tufa.core.metadata import ROOT, Channel
 

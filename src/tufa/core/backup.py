@@ -23,11 +23,9 @@ is a pair of keys, one per channel (ADR 0009): each half is a block of its own, 
 two blocks share the key's name. Backups in format 1 (before the channels were
 separated) hold root keys both channels share; they are still read.
 
-The check is the first six hex digits of sha256 of ``"<number>:<text>"``. Because the
-number is part of it, a line typed in the wrong place fails just like a typo, and
-`parse_backup` can name the exact line (and the key and PEM line it belongs to) instead
-of a bare "invalid key". The key id on the `key` line is checked against the key that
-the PEM lines rebuild, which catches anything the per-line checks could miss.
+The numbered, checked lines are tufa.core.backup_lines; this module gives them their
+meaning. The key id on the `key` line is checked against the key that the PEM lines
+rebuild, which catches anything the per-line checks could miss.
 
 Only root keys are written: targets keys can be replaced with the root key, and the
 roles are public and fetched from the server when needed.
@@ -35,9 +33,7 @@ roles are public and fetched from the server when needed.
 
 from __future__ import annotations
 
-import hashlib
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -46,8 +42,19 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from securesystemslib.signer import CryptoSigner, SSlibKey
 
 from tufa.core.archive import FIRST_ROOT_KEY_NAME, ArchiveKey, OfflineArchive
+from tufa.core.backup_lines import BackupError, normalise, number_lines, read_lines, short_keyid
 from tufa.core.keys import KeyPair
 from tufa.core.metadata import ROOT, Channel
+
+# BackupError is raised here too: callers catch it from this module.
+__all__ = [
+    "FORMAT_1_TITLE",
+    "FORMAT_TITLE",
+    "MAX_BACKUP_CHARS",
+    "BackupError",
+    "parse_backup",
+    "render_backup",
+]
 
 FORMAT_TITLE = "tufa root keys backup, format 2"
 # Format 1 backups hold keys both channels share, without a `for CHANNEL` part.
@@ -56,56 +63,20 @@ FORMAT_1_TITLE = "tufa root keys backup, format 1"
 BOTH = "both"
 _FOR = (*(c.value for c in Channel), BOTH)
 INSTRUCTIONS = "type back every line: number, text, check; see tufa keys restore"
-CHECK_LENGTH = 6
 # A backup of a few RSA keys is a few KiB; anything much larger is not one.
 MAX_BACKUP_CHARS = 1024 * 1024
-# PEM lines are 64 characters: padding shorter lines to that width puts every check in
-# one column on paper, which makes a skipped line easy to see.
-_TEXT_WIDTH = 64
 _HEADER_LINES = 5
 _KEYID = re.compile(r"[0-9a-f]{64}")
-_CHECK = re.compile(rf"[0-9a-fA-F]{{{CHECK_LENGTH}}}")
-# Line numbers: five digits are plenty, and bound the work for a hostile file.
-_NUMBER = re.compile(r"[0-9]{1,5}")
 # Key names end up as `keys/<name>.sec` in the archive, which reads a key back as a
 # root key only under these names; anything else could be a path.
 _KEY_NAME = re.compile(rf"{FIRST_ROOT_KEY_NAME}|root-[A-Za-z0-9._-]{{1,128}}")
 # The server's rule for factory names (tufa.server.api.common.NAME_PATTERN); the core
 # package does not import server code.
 _FACTORY_NAME = re.compile(r"[a-z0-9][a-z0-9-]{1,62}")
-# Characters people confuse when reading a printout, to suggest the likely fix.
-_CONFUSABLE = ("0OoDQ", "1lIi", "5Ss", "2Zz", "8B", "6Gb", "9gq", "uvUV", "+t")
-
-
-class BackupError(ValueError):
-    """A text backup that cannot be restored; each problem names its line number."""
-
-    def __init__(self, problems: Iterable[str]) -> None:
-        self.problems = list(problems)
-        if len(self.problems) == 1:
-            message = self.problems[0]
-        else:
-            lines = "\n".join(f"  {p}" for p in self.problems)
-            message = f"the backup has {len(self.problems)} problems:\n{lines}"
-        super().__init__(message)
-
-
-def line_check(number: int, text: str) -> str:
-    """The check printed after line `number`: it covers the number, so order matters too."""
-    return hashlib.sha256(f"{number}:{text}".encode()).hexdigest()[:CHECK_LENGTH]
-
-
-def _normalise(text: str) -> str:
-    """Runs of spaces count as one, so retyping does not have to match the padding."""
-    return " ".join(text.split())
 
 
 def _default_name(keyid: str) -> str:
     return f"{ROOT}-{keyid}"
-
-
-def _short(keyid: str) -> str:
-    return f"{keyid[:8]}…"
 
 
 # -- writing -------------------------------------------------------------------------
@@ -150,13 +121,9 @@ def render_backup(archive: OfflineArchive, now: datetime | None = None) -> str:
             pem = pair.private_pem.decode("ascii")
         except UnicodeDecodeError as e:
             raise ValueError(f"root key {public.keyid} is not an ASCII PEM file") from e
-        texts.extend(_normalise(t) for t in pem.splitlines() if t.strip())
+        texts.extend(normalise(t) for t in pem.splitlines() if t.strip())
         texts.append("end")
-    width = max(2, len(str(len(texts))))
-    text = "".join(
-        f"{n:0{width}d}  {t.ljust(_TEXT_WIDTH)}  {line_check(n, t)}\n"
-        for n, t in enumerate(texts, start=1)
-    )
+    text = number_lines(texts)
     restored = parse_backup(text)
     if restored.keyids() != sorted(k for key in root_keys for k in key.keyids):
         raise ValueError("the backup does not restore the archive's root keys")  # pragma: no cover
@@ -164,122 +131,6 @@ def render_backup(archive: OfflineArchive, now: datetime | None = None) -> str:
 
 
 # -- reading -------------------------------------------------------------------------
-
-
-@dataclass
-class _Context:
-    """Where a line sits, so a problem says "key 4bfa…, PEM line 3", not just "line 17"."""
-
-    keyid: str | None = None
-    pem_line: int = 0
-    last_keyid: str | None = None
-
-    def describe(self, text: str) -> str:
-        if text.startswith("key "):
-            parts = text.split()
-            self.keyid = parts[2] if len(parts) > 2 else "?"
-            self.pem_line = 0
-            return f" (key line of key {_short(self.keyid)})"
-        if self.keyid is None:
-            return " (header)" if self.last_keyid is None else f" (after key {self.last_keyid})"
-        if text == "end":
-            self.last_keyid, self.keyid = _short(self.keyid), None
-            return f" (end of key {self.last_keyid})"
-        self.pem_line += 1
-        return f" (key {_short(self.keyid)}, PEM line {self.pem_line})"
-
-
-@dataclass
-class _Lines:
-    numbers: list[int] = field(default_factory=list)
-    texts: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-
-
-def _suggestion(number: int, text: str, check: str) -> str:
-    """A one-character fix among look-alikes (0/O, 1/l, ...) that makes the check match."""
-    if len(text) > 2 * _TEXT_WIDTH:
-        return ""  # not a PEM line: no look-alike search on long text
-    fixes = []
-    for column, char in enumerate(text):
-        alternatives = {char.swapcase()}
-        for group in _CONFUSABLE:
-            if char in group:
-                alternatives.update(group)
-        alternatives.discard(char)
-        for alt in sorted(alternatives):
-            candidate = text[:column] + alt + text[column + 1 :]
-            if line_check(number, candidate) == check:
-                fixes.append(f"; character {column + 1} is {char!r}: should it be {alt!r}?")
-    return fixes[0] if len(fixes) == 1 else ""
-
-
-def _read_lines(text: str) -> _Lines:
-    """Every numbered line with its check verified, and the problems found, in order."""
-    result = _Lines()
-    context = _Context()
-    previous = 0
-    for file_line, raw in enumerate(text.splitlines(), start=1):
-        tokens = raw.split()
-        if not tokens:
-            continue
-        expected = previous + 1
-        numbered = _NUMBER.fullmatch(tokens[0]) is not None
-        if not (numbered and len(tokens) >= 3 and _CHECK.fullmatch(tokens[-1])):
-            # Counted as present, so the sequence check does not report it missing too.
-            previous = int(tokens[0]) if numbered else expected
-            words = " ".join(tokens[1:] if numbered else tokens)
-            result.problems.append(
-                f"line {previous}{context.describe(words)} "
-                f"(line {file_line} of the file): expected 'NUMBER  TEXT  CHECK', where CHECK "
-                f"is {CHECK_LENGTH} characters 0-9/a-f"
-            )
-            result.numbers.append(previous)
-            result.texts.append(words)
-            continue
-        number, body, check = int(tokens[0]), " ".join(tokens[1:-1]), tokens[-1].lower()
-        where = context.describe(body)
-        if line_check(number, body) != check:
-            if number != expected and line_check(expected, body) == check:
-                result.problems.append(
-                    f"line {expected}{where}: the line number is typed as {number}; "
-                    f"it should be {expected}"
-                )
-                number = expected
-            else:
-                result.problems.append(
-                    f"line {number}{where}: checksum does not match: check for a typo"
-                    f"{_suggestion(number, body, check)}"
-                )
-        result.numbers.append(number)
-        result.texts.append(body)
-        previous = number
-    result.problems.extend(_sequence_problems(result.numbers))
-    return result
-
-
-def _sequence_problems(numbers: list[int]) -> list[str]:
-    """Repeated, out-of-order and missing line numbers."""
-    problems = []
-    seen: set[int] = set()
-    highest = 0
-    for number in numbers:
-        if number in seen:
-            problems.append(f"line {number} appears more than once")
-        elif number < highest:
-            problems.append(
-                f"line {number} comes after line {highest}: lines are out of order "
-                "(swapped?); put them in order"
-            )
-        seen.add(number)
-        highest = max(highest, number)
-    missing = sorted(set(range(1, highest + 1)) - seen)
-    if len(missing) == 1:
-        problems.append(f"line {missing[0]} is missing: type every line of the printout")
-    elif missing:
-        listed = ", ".join(str(n) for n in missing[:20]) + (", ..." if len(missing) > 20 else "")
-        problems.append(f"lines {listed} are missing: type every line of the printout")
-    return problems
 
 
 @dataclass
@@ -305,7 +156,7 @@ def parse_backup(text: str) -> OfflineArchive:
     """
     if len(text) > MAX_BACKUP_CHARS:
         raise BackupError([f"the file is larger than {MAX_BACKUP_CHARS} characters: not a backup"])
-    lines = _read_lines(text)
+    lines = read_lines(text)
     if lines.problems:
         raise BackupError(lines.problems)
     if not lines.texts:
@@ -325,7 +176,7 @@ def parse_backup(text: str) -> OfflineArchive:
             continue
         found = halves.setdefault(block.name, {})
         if pair.keyid in seen:
-            problems.append(f"line {block.first_line}: key {_short(pair.keyid)} appears twice")
+            problems.append(f"line {block.first_line}: key {short_keyid(pair.keyid)} appears twice")
         elif block.half in found or (found and BOTH in (block.half, *found)):
             problems.append(
                 f"line {block.first_line}: key name {block.name!r} appears twice"
@@ -391,7 +242,7 @@ def _parse_blocks(numbered: list[tuple[int, str]], count: int) -> list[_Block]:
         elif text.startswith("key "):
             raise BackupError(
                 [
-                    f"line {number}: a new key starts, but key {_short(current.keyid)} "
+                    f"line {number}: a new key starts, but key {short_keyid(current.keyid)} "
                     f"(line {current.first_line}) has no 'end' line"
                 ]
             )
@@ -404,7 +255,7 @@ def _parse_blocks(numbered: list[tuple[int, str]], count: int) -> list[_Block]:
     if current is not None:
         raise BackupError(
             [
-                f"key {_short(current.keyid)} (line {current.first_line}) has no 'end' line: "
+                f"key {short_keyid(current.keyid)} (line {current.first_line}) has no 'end' line: "
                 "the end of the backup is missing"
             ]
         )
@@ -445,7 +296,7 @@ def _parse_key_line(number: int, text: str) -> _Block:
 
 def _rebuild_key(block: _Block) -> KeyPair:
     """The key pair from the PEM lines, refused unless it is exactly the recorded key."""
-    where = f"key {_short(block.keyid)} (lines {block.first_line}-{block.last_line})"
+    where = f"key {short_keyid(block.keyid)} (lines {block.first_line}-{block.last_line})"
     pem = ("\n".join(block.pem) + "\n").encode("ascii", errors="replace")
     try:
         private_key = load_pem_private_key(pem, password=None)
