@@ -7,148 +7,132 @@ Revises:
 import sqlalchemy as sa
 from alembic import op
 
+from tufa.server.migrations.columns import (
+    created_at,
+    factory_id,
+    factory_ref,
+    moment,
+    sha256,
+    string,
+)
+
 revision = "0001"
 down_revision = None
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:
     op.create_table(
         "server_facts",
-        sa.Column("name", sa.String(length=64), nullable=False),
+        string("name", 64),
         sa.Column("value", sa.LargeBinary(), nullable=False),
         sa.PrimaryKeyConstraint("name"),
     )
     op.create_table(
         "factories",
         sa.Column("id", sa.Integer(), nullable=False),
-        sa.Column("name", sa.String(length=64), nullable=False),
+        string("name", 64),
         sa.Column("anonymous_read", sa.Boolean(), nullable=False),
-        sa.Column("created_at", sa.DateTime(), nullable=False),
-        sa.Column("archive_downloaded_at", sa.DateTime(), nullable=True),
+        created_at(),
+        moment("archive_downloaded_at", nullable=True),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("name"),
     )
     op.create_table(
         "channels",
-        sa.Column("factory_id", sa.Integer(), nullable=False),
-        sa.Column("channel", sa.String(length=8), nullable=False),
-        sa.Column("root_version", sa.Integer(), nullable=False),
-        sa.Column("targets_version", sa.Integer(), nullable=False),
-        sa.Column("snapshot_version", sa.Integer(), nullable=False),
-        sa.Column("timestamp_version", sa.Integer(), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["factory_id"],
-            ["factories.id"],
+        factory_id(),
+        string("channel", 8),
+        *(
+            sa.Column(f"{role}_version", sa.Integer(), nullable=False)
+            for role in ("root", "targets", "snapshot", "timestamp")
         ),
+        factory_ref(),
         sa.PrimaryKeyConstraint("factory_id", "channel"),
     )
     op.create_table(
         "devices",
-        sa.Column("id", sa.String(length=36), nullable=False),
-        sa.Column("factory_id", sa.Integer(), nullable=False),
-        sa.Column("name", sa.String(length=128), nullable=False),
-        sa.Column("hardware_id", sa.String(length=128), nullable=False),
-        sa.Column("tag", sa.String(length=128), nullable=False),
-        sa.Column("channel", sa.String(length=8), nullable=False),
-        sa.Column("secret_sha256", sa.String(length=64), nullable=False),
-        sa.Column("created_at", sa.DateTime(), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["factory_id"],
-            ["factories.id"],
-        ),
+        string("id", 36),
+        factory_id(),
+        string("name", 128),
+        string("hardware_id", 128),
+        string("tag", 128),
+        string("channel", 8),
+        sha256("secret_sha256"),
+        created_at(),
+        factory_ref(),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("factory_id", "name"),
         sa.UniqueConstraint("secret_sha256"),
     )
-    with op.batch_alter_table("devices", schema=None) as batch_op:
-        batch_op.create_index(batch_op.f("ix_devices_factory_id"), ["factory_id"], unique=False)
-
+    _index_factory_id("devices")
     op.create_table(
         "key_archives",
-        sa.Column("factory_id", sa.Integer(), nullable=False),
+        factory_id(),
         sa.Column("archive_encrypted", sa.LargeBinary(), nullable=False),
-        sa.Column("sha256", sa.String(length=64), nullable=False),
-        sa.Column("created_at", sa.DateTime(), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["factory_id"],
-            ["factories.id"],
-        ),
+        sha256(),
+        created_at(),
+        factory_ref(),
         sa.PrimaryKeyConstraint("factory_id"),
     )
     op.create_table(
         "metadata_files",
-        sa.Column("factory_id", sa.Integer(), nullable=False),
-        sa.Column("channel", sa.String(length=8), nullable=False),
-        sa.Column("view", sa.String(length=128), nullable=False),
-        sa.Column("role", sa.String(length=16), nullable=False),
+        factory_id(),
+        string("channel", 8),
+        string("view", 128),
+        string("role", 16),
         sa.Column("version", sa.Integer(), nullable=False),
         sa.Column("body", sa.LargeBinary(), nullable=False),
-        sa.Column("etag", sa.String(length=80), nullable=False),
-        sa.Column("expires", sa.DateTime(), nullable=False),
-        sa.Column("created_at", sa.DateTime(), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["factory_id"],
-            ["factories.id"],
-        ),
+        string("etag", 80),
+        moment("expires", nullable=False),
+        created_at(),
+        factory_ref(),
         sa.PrimaryKeyConstraint("factory_id", "channel", "view", "role", "version"),
     )
     op.create_table(
         "online_keys",
         sa.Column("id", sa.Integer(), nullable=False),
-        sa.Column("factory_id", sa.Integer(), nullable=False),
-        sa.Column("role", sa.String(length=16), nullable=False),
-        sa.Column("keyid", sa.String(length=128), nullable=False),
+        factory_id(),
+        string("role", 16),
+        string("keyid", 128),
         sa.Column("public", sa.Text(), nullable=False),
         sa.Column("private_encrypted", sa.LargeBinary(), nullable=False),
-        sa.Column("created_at", sa.DateTime(), nullable=False),
-        sa.Column("retired_at", sa.DateTime(), nullable=True),
-        sa.ForeignKeyConstraint(
-            ["factory_id"],
-            ["factories.id"],
-        ),
+        created_at(),
+        moment("retired_at", nullable=True),
+        factory_ref(),
         sa.PrimaryKeyConstraint("id"),
     )
-    with op.batch_alter_table("online_keys", schema=None) as batch_op:
-        batch_op.create_index(batch_op.f("ix_online_keys_factory_id"), ["factory_id"], unique=False)
-
+    _index_factory_id("online_keys")
     op.create_table(
         "tokens",
-        sa.Column("id", sa.String(length=32), nullable=False),
-        sa.Column("factory_id", sa.Integer(), nullable=True),
-        sa.Column("secret_sha256", sa.String(length=64), nullable=False),
-        sa.Column("scopes", sa.String(length=200), nullable=False),
-        sa.Column("description", sa.String(length=200), nullable=False),
-        sa.Column("created_at", sa.DateTime(), nullable=False),
-        sa.Column("expires_at", sa.DateTime(), nullable=True),
-        sa.Column("revoked_at", sa.DateTime(), nullable=True),
-        sa.ForeignKeyConstraint(
-            ["factory_id"],
-            ["factories.id"],
-        ),
+        string("id", 32),
+        factory_id(nullable=True),
+        sha256("secret_sha256"),
+        string("scopes", 200),
+        string("description", 200),
+        created_at(),
+        moment("expires_at", nullable=True),
+        moment("revoked_at", nullable=True),
+        factory_ref(),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("secret_sha256"),
     )
-    with op.batch_alter_table("tokens", schema=None) as batch_op:
-        batch_op.create_index(batch_op.f("ix_tokens_factory_id"), ["factory_id"], unique=False)
+    _index_factory_id("tokens")
+
+
+def _index_factory_id(table: str) -> None:
+    op.create_index(op.f(f"ix_{table}_factory_id"), table, ["factory_id"], unique=False)
+
+
+def _drop_with_factory_index(table: str) -> None:
+    op.drop_index(op.f(f"ix_{table}_factory_id"), table_name=table)
+    op.drop_table(table)
 
 
 def downgrade() -> None:
     op.drop_table("server_facts")
-    with op.batch_alter_table("tokens", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_tokens_factory_id"))
-
-    op.drop_table("tokens")
-    with op.batch_alter_table("online_keys", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_online_keys_factory_id"))
-
-    op.drop_table("online_keys")
+    _drop_with_factory_index("tokens")
+    _drop_with_factory_index("online_keys")
     op.drop_table("metadata_files")
     op.drop_table("key_archives")
-    with op.batch_alter_table("devices", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_devices_factory_id"))
-
-    op.drop_table("devices")
+    _drop_with_factory_index("devices")
     op.drop_table("channels")
     op.drop_table("factories")

@@ -7,10 +7,10 @@ Revises: 0001
 import sqlalchemy as sa
 from alembic import op
 
+from tufa.server.migrations.columns import created_at, factory_id, factory_ref, string
+
 revision = "0002"
 down_revision = "0001"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:
@@ -20,13 +20,13 @@ def upgrade() -> None:
         )
     op.create_table(
         "root_updates",
-        sa.Column("factory_id", sa.Integer(), nullable=False),
-        sa.Column("message", sa.String(length=200), nullable=False),
-        sa.Column("created_at", sa.DateTime(), nullable=False),
+        factory_id(),
+        string("message", 200),
+        created_at(),
         sa.Column("ci_root", sa.LargeBinary(), nullable=False),
         sa.Column("prod_root", sa.LargeBinary(), nullable=False),
         sa.Column("prod_targets", sa.Text(), nullable=False),
-        sa.ForeignKeyConstraint(["factory_id"], ["factories.id"]),
+        factory_ref(),
         sa.PrimaryKeyConstraint("factory_id"),
     )
 

@@ -7,10 +7,18 @@ Revises: 0003
 import sqlalchemy as sa
 from alembic import op
 
+from tufa.server.migrations.columns import (
+    created_at,
+    device_id,
+    device_ref,
+    factory_id,
+    factory_ref,
+    moment,
+    string,
+)
+
 revision = "0004"
 down_revision = "0003"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:
@@ -19,36 +27,36 @@ def upgrade() -> None:
             sa.Column("view", sa.String(length=200), nullable=False, server_default="")
         )
     with op.batch_alter_table("targets") as batch_op:
-        batch_op.add_column(sa.Column("released_at", sa.DateTime(), nullable=True))
+        batch_op.add_column(moment("released_at", nullable=True))
     op.create_table(
         "waves",
-        sa.Column("factory_id", sa.Integer(), nullable=False),
-        sa.Column("name", sa.String(length=64), nullable=False),
-        sa.Column("tag", sa.String(length=128), nullable=False),
-        sa.Column("version", sa.String(length=64), nullable=False),
+        factory_id(),
+        string("name", 64),
+        string("tag", 128),
+        string("version", 64),
         sa.Column("targets_version", sa.Integer(), nullable=False),
-        sa.Column("status", sa.String(length=16), nullable=False),
+        string("status", 16),
         sa.Column("targets", sa.LargeBinary(), nullable=False),
-        sa.Column("created_at", sa.DateTime(), nullable=False),
-        sa.Column("finished_at", sa.DateTime(), nullable=True),
-        sa.ForeignKeyConstraint(["factory_id"], ["factories.id"]),
+        created_at(),
+        moment("finished_at", nullable=True),
+        factory_ref(),
         sa.PrimaryKeyConstraint("factory_id", "name"),
     )
     op.create_table(
         "device_groups",
-        sa.Column("factory_id", sa.Integer(), nullable=False),
-        sa.Column("name", sa.String(length=64), nullable=False),
-        sa.Column("created_at", sa.DateTime(), nullable=False),
-        sa.ForeignKeyConstraint(["factory_id"], ["factories.id"]),
+        factory_id(),
+        string("name", 64),
+        created_at(),
+        factory_ref(),
         sa.PrimaryKeyConstraint("factory_id", "name"),
     )
     op.create_table(
         "device_group_members",
-        sa.Column("factory_id", sa.Integer(), nullable=False),
-        sa.Column("group_name", sa.String(length=64), nullable=False),
-        sa.Column("device_id", sa.String(length=36), nullable=False),
-        sa.ForeignKeyConstraint(["factory_id"], ["factories.id"]),
-        sa.ForeignKeyConstraint(["device_id"], ["devices.id"]),
+        factory_id(),
+        string("group_name", 64),
+        device_id(),
+        factory_ref(),
+        device_ref(),
         sa.PrimaryKeyConstraint("factory_id", "group_name", "device_id"),
     )
 

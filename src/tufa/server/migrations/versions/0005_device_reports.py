@@ -7,31 +7,39 @@ Revises: 0004
 import sqlalchemy as sa
 from alembic import op
 
+from tufa.server.migrations.columns import (
+    device_id,
+    device_ref,
+    factory_id,
+    factory_ref,
+    moment,
+    sha256,
+    string,
+)
+
 revision = "0005"
 down_revision = "0004"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:
     with op.batch_alter_table("devices") as batch_op:
-        batch_op.add_column(sa.Column("installed_version", sa.String(length=64), nullable=True))
-        batch_op.add_column(sa.Column("installed_target", sa.String(length=255), nullable=True))
-        batch_op.add_column(sa.Column("installed_sha256", sa.String(length=64), nullable=True))
-        batch_op.add_column(sa.Column("last_report_at", sa.DateTime(), nullable=True))
+        batch_op.add_column(string("installed_version", 64, nullable=True))
+        batch_op.add_column(string("installed_target", 255, nullable=True))
+        batch_op.add_column(sha256("installed_sha256", nullable=True))
+        batch_op.add_column(moment("last_report_at", nullable=True))
     op.create_table(
         "device_events",
-        sa.Column("device_id", sa.String(length=36), nullable=False),
-        sa.Column("id", sa.String(length=64), nullable=False),
-        sa.Column("factory_id", sa.Integer(), nullable=False),
-        sa.Column("at", sa.DateTime(), nullable=False),
-        sa.Column("received_at", sa.DateTime(), nullable=False),
-        sa.Column("kind", sa.String(length=32), nullable=False),
-        sa.Column("version", sa.String(length=64), nullable=True),
-        sa.Column("target", sa.String(length=255), nullable=True),
+        device_id(),
+        string("id", 64),
+        factory_id(),
+        moment("at", nullable=False),
+        moment("received_at", nullable=False),
+        string("kind", 32),
+        string("version", 64, nullable=True),
+        string("target", 255, nullable=True),
         sa.Column("detail", sa.Text(), nullable=False),
-        sa.ForeignKeyConstraint(["device_id"], ["devices.id"]),
-        sa.ForeignKeyConstraint(["factory_id"], ["factories.id"]),
+        device_ref(),
+        factory_ref(),
         sa.PrimaryKeyConstraint("device_id", "id"),
     )
     op.create_index(

@@ -18,10 +18,10 @@ import json
 import sqlalchemy as sa
 from alembic import op
 
+from tufa.server.migrations.columns import factory_id, factory_ref, string
+
 revision = "0006"
 down_revision = "0005"
-branch_labels = None
-depends_on = None
 
 _COPIED = ("factory_id", "role", "keyid", "public", "private_encrypted", "created_at")
 
@@ -50,10 +50,10 @@ def upgrade() -> None:
 
     pairs = op.create_table(
         "root_key_pairs",
-        sa.Column("factory_id", sa.Integer(), nullable=False),
-        sa.Column("ci_keyid", sa.String(length=128), nullable=False),
-        sa.Column("prod_keyid", sa.String(length=128), nullable=False),
-        sa.ForeignKeyConstraint(["factory_id"], ["factories.id"]),
+        factory_id(),
+        string("ci_keyid", 128),
+        string("prod_keyid", 128),
+        factory_ref(),
         sa.PrimaryKeyConstraint("factory_id", "ci_keyid"),
     )
     newest_ci_roots = conn.execute(

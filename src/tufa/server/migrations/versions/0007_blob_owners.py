@@ -12,20 +12,20 @@ downloading what they are served (see ADR 0010).
 import sqlalchemy as sa
 from alembic import op
 
+from tufa.server.migrations.columns import created_at, factory_id, factory_ref, length, sha256
+
 revision = "0007"
 down_revision = "0006"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:
     op.create_table(
         "blob_owners",
-        sa.Column("factory_id", sa.Integer(), nullable=False),
-        sa.Column("sha256", sa.String(length=64), nullable=False),
-        sa.Column("length", sa.BigInteger(), nullable=False),
-        sa.Column("created_at", sa.DateTime(), nullable=False),
-        sa.ForeignKeyConstraint(["factory_id"], ["factories.id"]),
+        factory_id(),
+        sha256(),
+        length(),
+        created_at(),
+        factory_ref(),
         sa.PrimaryKeyConstraint("factory_id", "sha256"),
     )
     # The length a target signed is what its devices check; targets of one factory that

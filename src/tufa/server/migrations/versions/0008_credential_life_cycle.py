@@ -7,19 +7,26 @@ Revises: 0005
 import sqlalchemy as sa
 from alembic import op
 
+from tufa.server.migrations.columns import (
+    device_id,
+    factory_id,
+    factory_ref,
+    moment,
+    sha256,
+    string,
+)
+
 revision = "0008"
 down_revision = "0007"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:
     # Columns are only added (and the index created): on SQLite anything more would
     # rebuild `devices`, which its events and group memberships refer to.
     with op.batch_alter_table("devices") as batch_op:
-        batch_op.add_column(sa.Column("credential_since", sa.DateTime(), nullable=True))
-        batch_op.add_column(sa.Column("pending_secret_sha256", sa.String(length=64), nullable=True))
-        batch_op.add_column(sa.Column("revoked_at", sa.DateTime(), nullable=True))
+        batch_op.add_column(moment("credential_since", nullable=True))
+        batch_op.add_column(sha256("pending_secret_sha256", nullable=True))
+        batch_op.add_column(moment("revoked_at", nullable=True))
     op.create_index(
         "ix_devices_pending_secret_sha256", "devices", ["pending_secret_sha256"], unique=True
     )
@@ -27,13 +34,13 @@ def upgrade() -> None:
     op.execute("UPDATE devices SET credential_since = created_at")
     op.create_table(
         "retired_credentials",
-        sa.Column("secret_sha256", sa.String(length=64), nullable=False),
-        sa.Column("factory_id", sa.Integer(), nullable=False),
-        sa.Column("device_id", sa.String(length=36), nullable=False),
-        sa.Column("device_name", sa.String(length=128), nullable=False),
-        sa.Column("reason", sa.String(length=16), nullable=False),
-        sa.Column("retired_at", sa.DateTime(), nullable=False),
-        sa.ForeignKeyConstraint(["factory_id"], ["factories.id"]),
+        sha256("secret_sha256"),
+        factory_id(),
+        device_id(),
+        string("device_name", 128),
+        string("reason", 16),
+        moment("retired_at", nullable=False),
+        factory_ref(),
         sa.PrimaryKeyConstraint("secret_sha256"),
     )
     op.create_index(
