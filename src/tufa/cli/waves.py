@@ -10,8 +10,8 @@ from rich.table import Table
 from tuf.api.metadata import Metadata, Targets
 
 from tufa.cli.client import Api, with_api
+from tufa.cli.keys.archive_options import archive_option, load_archive
 from tufa.cli.output import console, json_option, print_json
-from tufa.cli.root_update import archive_option, load_archive
 from tufa.core.archive import OfflineArchive
 from tufa.core.metadata import TARGETS, Channel
 
