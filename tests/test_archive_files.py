@@ -26,7 +26,7 @@ import pytest
 from click.testing import CliRunner
 
 from tests.helpers import run_cli
-from tufa.cli.keys_archive import backup, copy_targets, restore
+from tufa.cli.keys.offline import backup, copy_targets, restore
 from tufa.cli.main import cli
 from tufa.core.archive import FIRST_ROOT_KEY_NAME, ArchiveError, ArchiveKey, OfflineArchive
 from tufa.core.backup import FORMAT_TITLE, BackupError, parse_backup, render_backup

@@ -22,7 +22,7 @@ import pytest
 from tuf.api.metadata import Metadata, Targets
 
 from tests.helpers import Factory, Server, assert_error, create_factory, dump_database, send
-from tufa.cli.root_update import RootUpdate
+from tufa.cli.keys.root_update import RootUpdate
 from tufa.core.archive import OfflineArchive
 from tufa.server.api import devices as api_devices
 from tufa.server.api import factories as api_factories

@@ -7,11 +7,10 @@ from typing import Any
 from urllib.parse import quote
 
 import click
-from rich.table import Table
 from rich.text import Text
 
 from tufa.cli.client import Api, with_api
-from tufa.cli.output import console, json_option, print_json
+from tufa.cli.output import json_option, print_json, print_records, print_table
 
 BASE_FIELDS = ("id", "name", "hardware_id", "tag", "channel", "created_at")
 
@@ -63,26 +62,25 @@ def list_devices(api: Api, as_json: bool) -> None:
     Example:
       tufa devices list --json | jq -r '.[] | select(.revoked_at) | .name'
     """
-    found = api.get_json(api.factory_path("/devices"))
-    if as_json:
-        print_json(found)
-        return
-    table = Table()
-    columns = ("name", "id", "hardware id", "tag", "channel", "installed", "registered", "status")
-    for column in columns:
-        table.add_column(column)
-    for d in found:
-        table.add_row(
-            _plain(d["name"]),
-            d["id"],
-            _plain(d["hardware_id"]),
-            _plain(d["tag"]),
-            d["channel"],
-            _plain(d["installed_version"]),
-            d["created_at"],
-            "revoked" if d["revoked_at"] else "active",
-        )
-    console().print(table)
+    print_records(
+        api.get_json(api.factory_path("/devices")),
+        as_json,
+        ("name", "id", "hardware id", "tag", "channel", "installed", "registered", "status"),
+        _device_row,
+    )
+
+
+def _device_row(d: dict[str, Any]) -> tuple[str | Text, ...]:
+    return (
+        _plain(d["name"]),
+        d["id"],
+        _plain(d["hardware_id"]),
+        _plain(d["tag"]),
+        d["channel"],
+        _plain(d["installed_version"]),
+        d["created_at"],
+        "revoked" if d["revoked_at"] else "active",
+    )
 
 
 @devices.command()
@@ -121,17 +119,12 @@ def show(api: Api, device: str, as_json: bool) -> None:
     if not events:
         click.echo("No events reported.")
         return
-    table = Table(title=f"Last {len(events)} event(s), newest first")
-    for column in ("at", "kind", "version", "target", "detail", "received", "id"):
-        table.add_column(column)
-    for e in events:
-        table.add_row(
-            *(
-                _plain(e[key])
-                for key in ("at", "kind", "version", "target", "detail", "received_at", "id")
-            )
-        )
-    console().print(table)
+    keys = ("at", "kind", "version", "target", "detail", "received_at", "id")
+    print_table(
+        ("at", "kind", "version", "target", "detail", "received", "id"),
+        ([_plain(e[key]) for key in keys] for e in events),
+        title=f"Last {len(events)} event(s), newest first",
+    )
 
 
 @devices.command()

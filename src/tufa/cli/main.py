@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import click
 
-# These modules add their commands to the `keys` group when imported.
-from tufa.cli import keys_archive, keys_rotation, keys_updates  # noqa: F401
 from tufa.cli.devices import devices
 from tufa.cli.factory import factory
 from tufa.cli.keys import keys

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 import click
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+from rich.table import Table
+
+Record = TypeVar("Record")
 
 # Key ids and URLs must print whole even when the output goes to a pipe or a log,
 # where rich would otherwise assume 80 columns and cut them.
@@ -30,6 +34,31 @@ def print_json(data: Any) -> None:
 
 def json_option(func: Any) -> Any:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(func)
+
+
+def print_table(
+    columns: Sequence[str], rows: Iterable[Sequence[RenderableType]], *, title: str | None = None
+) -> None:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    console().print(table)
+
+
+def print_records(
+    records: list[Record],
+    as_json: bool,
+    columns: Sequence[str],
+    row: Callable[[Record], Sequence[RenderableType]],
+) -> None:
+    """What a list command prints: with --json the records as the server sent them, else
+    a table of one row a record."""
+    if as_json:
+        print_json(records)
+        return
+    print_table(columns, map(row, records))
 
 
 def transfer_progress(*, quiet: bool) -> Progress:

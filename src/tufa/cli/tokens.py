@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import click
-from rich.table import Table
 
 from tufa.cli.client import Api, with_api
-from tufa.cli.output import console, json_option, print_json
+from tufa.cli.output import json_option, print_json, print_records
 from tufa.core.durations import parse_duration
 
 SCOPES = ("admin", "ci", "read", "register")
@@ -68,23 +68,23 @@ def create(
 @with_api
 def list_tokens(api: Api, as_json: bool) -> None:
     """List the factory's tokens (never their secrets)."""
-    found = api.get_json(api.factory_path("/tokens"))
-    if as_json:
-        print_json(found)
-        return
-    table = Table()
-    for column in ("id", "scopes", "description", "created", "expires", "revoked"):
-        table.add_column(column)
-    for t in found:
-        table.add_row(
-            t["id"],
-            ",".join(t["scopes"]),
-            t["description"],
-            t["created_at"],
-            t["expires_at"] or "never",
-            t["revoked_at"] or "",
-        )
-    console().print(table)
+    print_records(
+        api.get_json(api.factory_path("/tokens")),
+        as_json,
+        ("id", "scopes", "description", "created", "expires", "revoked"),
+        _token_row,
+    )
+
+
+def _token_row(t: dict[str, Any]) -> tuple[str, ...]:
+    return (
+        t["id"],
+        ",".join(t["scopes"]),
+        t["description"],
+        t["created_at"],
+        t["expires_at"] or "never",
+        t["revoked_at"] or "",
+    )
 
 
 @tokens.command()

@@ -6,12 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.table import Table
 from tuf.api.metadata import Metadata, Targets
 
 from tufa.cli.client import Api, with_api
-from tufa.cli.output import console, json_option, print_json
-from tufa.cli.root_update import archive_option, load_archive
+from tufa.cli.keys.archive_options import archive_option, load_archive
+from tufa.cli.output import json_option, print_json, print_records
 from tufa.core.archive import OfflineArchive
 from tufa.core.metadata import TARGETS, Channel
 
@@ -198,23 +197,23 @@ def cancel(api: Api, name: str, as_json: bool) -> None:
 @with_api
 def list_waves(api: Api, as_json: bool) -> None:
     """List waves, oldest first."""
-    found = api.get_json(api.factory_path("/waves"))
-    if as_json:
-        print_json(found)
-        return
-    table = Table()
-    for column in ("name", "tag", "version", "status", "targets", "devices"):
-        table.add_column(column)
-    for w in found:
-        table.add_row(
-            w["name"],
-            w["tag"],
-            w["version"],
-            w["status"],
-            str(w["targets_version"]),
-            f"{w['devices_served']}/{w['devices_of_tag']}",
-        )
-    console().print(table)
+    print_records(
+        api.get_json(api.factory_path("/waves")),
+        as_json,
+        ("name", "tag", "version", "status", "targets", "devices"),
+        _wave_row,
+    )
+
+
+def _wave_row(w: dict[str, Any]) -> tuple[str, ...]:
+    return (
+        w["name"],
+        w["tag"],
+        w["version"],
+        w["status"],
+        str(w["targets_version"]),
+        f"{w['devices_served']}/{w['devices_of_tag']}",
+    )
 
 
 @waves.command()

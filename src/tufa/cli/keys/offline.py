@@ -1,36 +1,35 @@
-"""`tufa keys copy-targets|backup|restore`: offline copies of the keys archive.
+"""`tufa keys copy-targets|backup|restore|sign-file`: work on the offline machine.
 
 These work on files only and never talk to the server: they are meant to run on the
 offline machine that holds the archive. Every file they write is new (an existing file
 is never replaced, so a typo in a file name cannot destroy the only copy of a key),
-written atomically and readable by the owner only, then read back and checked.
+written atomically and readable by the owner only, then read back and checked; but
+`sign-file`, which adds signatures to the root update file it is given.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
 
-from tufa.cli.keys import keys, write_new_file
+from tufa.cli.keys.archive_options import (
+    archive_option,
+    halves_json,
+    load_archive,
+    refuse_existing,
+    write_new_file,
+)
+from tufa.cli.keys.root_update import RootUpdate, print_status
 from tufa.cli.output import json_option, print_json
-from tufa.cli.root_update import load_archive
-from tufa.core.archive import ArchiveError, ArchiveKey, OfflineArchive
+from tufa.core.archive import ArchiveError, OfflineArchive
 from tufa.core.backup import MAX_BACKUP_CHARS, BackupError, parse_backup, render_backup
-from tufa.core.metadata import ROOT, TARGETS, Channel
+from tufa.core.metadata import ROOT, TARGETS
 
 _FILE = click.Path(dir_okay=False, path_type=Path)
 # Unknown entries are carried over to a targets-only copy, except anything that looks
 # like a private key: such a copy must not hold a root key under any name.
 _PRIVATE_KEY_MARKER = b"PRIVATE KEY-----"
-
-
-def _refuse_existing(path: Path) -> None:
-    if os.path.lexists(path):
-        raise click.ClickException(
-            f"{path} already exists; choose another file name (tufa never overwrites it)"
-        )
 
 
 def _write_archive(path: Path, archive: OfflineArchive, origin: Path) -> OfflineArchive:
@@ -65,11 +64,7 @@ def _read_back(path: Path, expected: list[str]) -> OfflineArchive:
     return written
 
 
-def _halves_json(key: ArchiveKey) -> dict[str, str]:
-    return {channel.value: key.half(channel).keyid for channel in Channel}
-
-
-@keys.command("copy-targets")
+@click.command("copy-targets")
 @click.argument("src", type=_FILE)
 @click.argument("dst", type=_FILE)
 @json_option
@@ -85,7 +80,7 @@ def copy_targets(src: Path, dst: Path, as_json: bool) -> None:
     Example:
       tufa keys copy-targets acme-keys.tgz acme-targets-only.tgz
     """
-    _refuse_existing(dst)
+    refuse_existing(dst)
     source = load_archive(src, None)
     targets_keys = source.keys_for(TARGETS)
     if not targets_keys:
@@ -101,7 +96,7 @@ def copy_targets(src: Path, dst: Path, as_json: bool) -> None:
     )
     keyids = [k.keyid for k in targets_keys]
     written = _write_archive(dst, copy, src)
-    roots = sorted(channel.value for channel in written.roots)
+    roots = sorted(written.roots)
     root_keyids = [keyid for k in source.keys_for(ROOT) for keyid in k.keyids]
     if as_json:
         print_json(
@@ -130,7 +125,7 @@ def copy_targets(src: Path, dst: Path, as_json: bool) -> None:
     click.echo("It can sign production releases but cannot change the root.")
 
 
-@keys.command()
+@click.command()
 @click.argument("archive", type=_FILE)
 @click.option("--out", "out", type=_FILE, required=True, help="The text file to write (new).")
 @json_option
@@ -147,7 +142,7 @@ def backup(archive: Path, out: Path, as_json: bool) -> None:
       tufa keys backup acme-keys.tgz --out acme-root-backup.txt
       lp acme-root-backup.txt
     """
-    _refuse_existing(out)
+    refuse_existing(out)
     source = load_archive(archive, None)
     try:
         text = render_backup(source)
@@ -170,7 +165,7 @@ def backup(archive: Path, out: Path, as_json: bool) -> None:
             {
                 "backup": str(out),
                 "factory": source.factory,
-                "root_keys": [_halves_json(k) for k in root_keys],
+                "root_keys": [halves_json(k) for k in root_keys],
                 "lines": len(lines),
             }
         )
@@ -192,7 +187,7 @@ def backup(archive: Path, out: Path, as_json: bool) -> None:
     click.echo(f"  tufa keys restore {out} --out ARCHIVE")
 
 
-@keys.command()
+@click.command()
 @click.argument("file", type=_FILE)
 @click.option("--out", "out", type=_FILE, required=True, help="The archive to write (new).")
 @json_option
@@ -209,7 +204,7 @@ def restore(file: Path, out: Path, as_json: bool) -> None:
       tufa keys restore typed-backup.txt --out acme-keys-restored.tgz
       tufa keys show-root -k acme-keys-restored.tgz
     """
-    _refuse_existing(out)
+    refuse_existing(out)
     try:
         if file.stat().st_size > MAX_BACKUP_CHARS * 4:
             raise click.ClickException(f"{file} is far too large to be a backup")
@@ -228,7 +223,7 @@ def restore(file: Path, out: Path, as_json: bool) -> None:
             {
                 "archive": str(out),
                 "factory": restored.factory,
-                "root_keys": [{**_halves_json(k), "name": k.name} for k in restored.keys],
+                "root_keys": [{**halves_json(k), "name": k.name} for k in restored.keys],
             }
         )
         return
@@ -242,3 +237,22 @@ def restore(file: Path, out: Path, as_json: bool) -> None:
         "The archive holds no roots and no targets keys. Check that the server's root "
         f"lists these keys: tufa keys show-root -k {out}"
     )
+
+
+@click.command("sign-file")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@archive_option()
+def sign_file(file: Path, archive: Path) -> None:
+    """Sign an exported root update FILE with ARCHIVE's keys, without a server.
+
+    \b
+    Example:
+      tufa keys sign-file update.json -k owner.tgz
+    """
+    update = RootUpdate.from_file(file)
+    payload = update.sign_with(load_archive(archive, update.factory))
+    update.add_signatures(payload)
+    assert update.factory is not None
+    update.save(file, update.factory)
+    click.echo(f"Signed {file} with {archive}.")
+    print_status(update)

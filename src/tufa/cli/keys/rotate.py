@@ -1,9 +1,12 @@
 """`tufa keys rotate-root` and `rotate-targets`: one-command key rotations.
 
-Each is a root update (see keys_updates) run start to finish. The order of steps is
-what makes a crash harmless: the new private key is written into the archive before
-the server ever hears of it, so the archive always holds every key the served root
-trusts; an update left open by an interrupted run is cancelled by the next run.
+Each is a root update (see `updates`) run start to finish. The order of steps is what
+makes a crash harmless: the new private key is written into the archive before the
+server ever hears of it, so the archive always holds every key the served root trusts;
+an update left open by an interrupted run is cancelled by the next run.
+
+The archive is loaded once and saved twice, and both saves are steps of that order:
+the new key before the update is staged, the new roots after it is applied.
 """
 
 from __future__ import annotations
@@ -14,14 +17,14 @@ from typing import Any
 import click
 
 from tufa.cli.client import Api, with_api
-from tufa.cli.keys import keys
-from tufa.cli.keys_updates import (
-    KEY_TYPE_OPTION,
+from tufa.cli.keys.archive_options import KEY_TYPE_OPTION, load_archive, store_served_roots
+from tufa.cli.keys.root_update import (
+    RootUpdate,
+    apply_update,
+    cancel_update,
     print_status,
-    refresh_archive_roots,
     replace_offline_keys,
 )
-from tufa.cli.root_update import UPDATES_PATH, RootUpdate, load_archive
 from tufa.core.archive import ArchiveKey, OfflineArchive, generate_root_key
 from tufa.core.crashpoints import crashpoint
 from tufa.core.keys import KeyPair, KeyType
@@ -43,39 +46,34 @@ def _start(api: Api, message: str) -> None:
                 "(`tufa keys updates apply`) or cancel it (`tufa keys updates cancel`) first"
             )
         click.echo("Cancelling the update an interrupted run left open.")
-        api.request("DELETE", api.factory_path(UPDATES_PATH))
-    api.request("POST", api.factory_path(UPDATES_PATH), json_body={"message": message})
+        cancel_update(api)
+    RootUpdate.open(api, message)
 
 
-def _finish(api: Api, archive_path: Path, update: RootUpdate, step: str) -> RootUpdate:
-    """Sign with the archive, apply if that is enough, refresh the archive's roots."""
-    payload = update.sign_with(load_archive(archive_path, api.factory))
-    signed = RootUpdate(
-        api.request(
-            "POST", api.factory_path(f"{UPDATES_PATH}/signatures"), json_body=payload
-        ).json()
-    )
+def _finish(
+    api: Api, archive_path: Path, held: OfflineArchive, update: RootUpdate, step: str
+) -> None:
+    """Sign with the archive, apply if that is enough, save the new roots into it."""
+    signed = RootUpdate.upload_signatures(api, update.sign_with(held))
     crashpoint(f"{step}:signed")
-    status = signed.status()
-    ready = all(status[c.value]["complete"] for c in Channel) and all(
-        entry["complete"] for entry in status["prod_targets"].values()
-    )
-    if not ready:
+    if not signed.ready():
         print_status(signed)
         raise click.ClickException(
             "the update is staged and signed with this archive, but needs more signatures: "
             "other key holders run `tufa keys updates sign -k THEIR.tgz`, then "
             "`tufa keys updates apply`"
         )
-    api.request("POST", api.factory_path(f"{UPDATES_PATH}/apply"))
+    apply_update(api)
     crashpoint(f"{step}:applied")
-    refresh_archive_roots(api, archive_path)
-    return signed
+    store_served_roots(api, held)
+    held.save(archive_path)
 
 
 def _current_root(api: Api, archive: Path, held: OfflineArchive) -> dict[str, Any]:
     """The served CI root, if `held` holds one of its root keys (both commands need one)."""
-    current: dict[str, Any] = api.get_json(api.factory_path("/repo/ci/metadata/root.json"))
+    current: dict[str, Any] = api.get_json(
+        api.factory_path(f"/repo/{Channel.CI}/metadata/root.json")
+    )
     trusted = current["signed"]["roles"][ROOT]["keyids"]
     if not any(k.ci.keyid in trusted for k in held.keys_for(ROOT)):
         raise click.ClickException(
@@ -106,10 +104,10 @@ def _rotate(
         resign_prod_targets=new.role == TARGETS,
     )
     crashpoint(f"{step}:staged")
-    _finish(api, archive, update, step)
+    _finish(api, archive, held, update, step)
 
 
-@keys.command("rotate-root")
+@click.command("rotate-root")
 @ARCHIVE_ARGUMENT
 @KEY_TYPE_OPTION
 @with_api
@@ -140,7 +138,7 @@ def rotate_root(api: Api, archive: Path, key_type: str) -> None:
     click.echo("Back the archive up now: it is the only copy of that key.")
 
 
-@keys.command("rotate-targets")
+@click.command("rotate-targets")
 @ARCHIVE_ARGUMENT
 @KEY_TYPE_OPTION
 @with_api

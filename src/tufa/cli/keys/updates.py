@@ -1,22 +1,38 @@
-"""`tufa keys updates ...` and `tufa keys sign-file`: root updates as signed transactions.
+"""`tufa keys updates ...`: root updates as signed transactions, step by step.
 
 One update may be open per factory. Edits stage changes to both channels' roots; each
-key holder signs (online with -k, or air-gapped through an exported file); `apply`
-makes the server check every rule and switch atomically.
+key holder signs (online with -k, or air-gapped through an exported file that
+`tufa keys sign-file`, in `offline`, signs); `apply` makes the server check every rule
+and switch atomically.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 import click
 
 from tufa.cli.client import Api, with_api
-from tufa.cli.keys import keys
-from tufa.cli.output import console, json_option, print_json
-from tufa.cli.root_update import UPDATES_PATH, RootUpdate, archive_option, load_archive
+from tufa.cli.keys.archive_options import (
+    KEY_TYPE_OPTION,
+    archive_option,
+    load_archive,
+    store_served_roots,
+)
+from tufa.cli.keys.root_update import (
+    RootUpdate,
+    add_offline_key_to,
+    apply_update,
+    cancel_update,
+    print_status,
+    remove_offline_key_from,
+    replace_offline_keys,
+    stage_new_online_keys,
+)
+from tufa.cli.output import json_option, print_json
 from tufa.core.archive import ArchiveKey, OfflineArchive, generate_root_key
 from tufa.core.keys import KeyPair, KeyType
 from tufa.core.metadata import MIN_PROD_TARGETS_THRESHOLD, ONLINE_ROLES, ROOT, TARGETS, Channel
@@ -27,16 +43,9 @@ ARCHIVE_OPTION = archive_option()
 ROLE_OPTION = click.option(
     "-r", "--role", required=True, type=click.Choice(OFFLINE_ROLES), help="Offline key role."
 )
-KEY_TYPE_OPTION = click.option(
-    "--key-type",
-    type=click.Choice([t.value for t in KeyType]),
-    default=KeyType.ED25519.value,
-    show_default=True,
-    help="Type of the new key.",
-)
 
 
-@keys.group()
+@click.group()
 def updates() -> None:
     """Change the factory's roots as a signed transaction.
 
@@ -50,36 +59,6 @@ def updates() -> None:
       tufa keys updates review
       tufa keys updates apply
     """
-
-
-def print_status(update: RootUpdate, *, prod_only: bool = False) -> None:
-    out = console()
-    status = update.status()
-    for channel in Channel:
-        if prod_only and channel is not Channel.PROD:
-            continue
-        entry = status[channel.value]
-        version = update.staged(channel).signed.version
-        mark = "[green]ready[/green]" if entry["complete"] else "[yellow]needs signatures[/yellow]"
-        out.print(f"[bold]{channel.value} root v{version}[/bold]: {mark}")
-        for which, label in (("old_root", "current root keys"), ("new_root", "new root keys")):
-            part = entry[which]
-            signed = ", ".join(k[:12] for k in part["signed"]) or "none"
-            out.print(
-                f"  {label}: signed by {signed}; {part['missing']} more needed "
-                f"(threshold {part['threshold']})"
-            )
-            if part["missing"]:
-                waiting = ", ".join(k[:12] for k in part["can_sign"])
-                out.print(f"    can still sign: {waiting}")
-    for view, entry in status["prod_targets"].items():
-        label = view or "default"
-        mark = "[green]ready[/green]" if entry["complete"] else "[yellow]needs signatures[/yellow]"
-        signed = ", ".join(k[:12] for k in entry["signed"]) or "none"
-        out.print(
-            f"[bold]re-signed production targets ({label})[/bold]: {mark}; offline signatures "
-            f"by {signed}, {entry['missing']} more needed (online signature added on apply)"
-        )
 
 
 def _diff(update: RootUpdate, channel: Channel) -> list[str]:
@@ -109,11 +88,10 @@ def init(api: Api, message: str, as_json: bool) -> None:
     Example:
       tufa keys updates init -m "rotate release manager keys"
     """
-    response = api.request("POST", api.factory_path(UPDATES_PATH), json_body={"message": message})
+    update = RootUpdate.open(api, message)
     if as_json:
-        print_json(response.json())
+        print_json(update.data)
         return
-    update = RootUpdate(response.json())
     click.echo(
         f"Opened root update {message!r}: staged roots v{update.staged(Channel.CI).signed.version}."
     )
@@ -138,8 +116,7 @@ def review(api: Api, prod: bool, diff: bool, as_json: bool) -> None:
             {
                 "message": update.data["message"],
                 "channels": {
-                    c.value: {"status": status[c.value], "changes": _diff(update, c)}
-                    for c in channels
+                    c: {"status": status["roots"][c], "changes": _diff(update, c)} for c in channels
                 },
                 "prod_targets": status["prod_targets"],
             }
@@ -148,52 +125,32 @@ def review(api: Api, prod: bool, diff: bool, as_json: bool) -> None:
     click.echo(f"Root update {update.data['message']!r} opened {update.data['created_at']}")
     if diff:
         for channel in channels:
-            click.echo(f"{channel.value} root changes:")
+            click.echo(f"{channel} root changes:")
             for line in _diff(update, channel):
                 click.echo(f"  {line}")
     print_status(update, prod_only=prod)
 
 
-def _edit(api: Api, change: Any, *, resign: bool = False, what: str) -> None:
+def _edit(
+    api: Api, change: Callable[[StagedRoots], None], *, resign: bool = False, what: str
+) -> None:
     update = RootUpdate.fetch(api).edit(api, change, resign_prod_targets=resign)
     click.echo(f"Staged: {what}.")
     print_status(update)
 
 
-def _generate_into(archive_path: Path, role: str, key_type: str, factory: str) -> ArchiveKey:
+def _generate_into(
+    archive: OfflineArchive, archive_path: Path, role: str, key_type: str
+) -> ArchiveKey:
     """A new key (for a root key, a pair: one half per channel), saved into the archive
-    (created if missing) before anything uses it."""
-    if archive_path.exists():
-        archive = load_archive(archive_path, factory)
-    else:
-        archive = OfflineArchive(factory=factory)
-        click.echo(f"Creating {archive_path}, a new archive for factory {factory!r}.")
+    before anything uses it."""
     if role == ROOT:
         key = archive.add(generate_root_key(KeyType(key_type)))
     else:
         key = archive.add_key(role, KeyPair.generate(KeyType(key_type)))
     archive.save(archive_path)
+    click.echo(f"New {role} key {key.label()} saved in {archive_path}.")
     return key
-
-
-def add_offline_key_to(staged: StagedRoots, key: ArchiveKey) -> None:
-    if key.role == ROOT:
-        staged.add_root_key(key.ci.public, key.prod.public)
-    else:
-        staged.add_targets_key(key.prod.public)
-
-
-def remove_offline_key_from(staged: StagedRoots, role: str, keyid: str) -> None:
-    if role == ROOT:
-        staged.remove_root_key(keyid)
-    else:
-        staged.remove_targets_key(keyid)
-
-
-def replace_offline_keys(staged: StagedRoots, role: str, old: list[str], new: ArchiveKey) -> None:
-    add_offline_key_to(staged, new)
-    for keyid in old:
-        remove_offline_key_from(staged, role, keyid)
 
 
 @updates.command("add-offline-key")
@@ -212,8 +169,12 @@ def add_offline_key(api: Api, role: str, archive: Path, key_type: str) -> None:
       tufa keys updates add-offline-key -r targets -k carol-targets.tgz
     """
     RootUpdate.fetch(api)  # fail before generating a key if no update is open
-    key = _generate_into(archive, role, key_type, api.factory)
-    click.echo(f"New {role} key {key.label()} saved in {archive}.")
+    if archive.exists():
+        held = load_archive(archive, api.factory)
+    else:
+        held = OfflineArchive(factory=api.factory)
+        click.echo(f"Creating {archive}, a new archive for factory {api.factory!r}.")
+    key = _generate_into(held, archive, role, key_type)
     _edit(
         api,
         lambda staged: add_offline_key_to(staged, key),
@@ -264,9 +225,11 @@ def rotate_offline_key(
     """
     update = RootUpdate.fetch(api)
     trusted = {k for c in Channel for k in update.staged(c).signed.roles[role].keyids}
-    held = load_archive(archive, api.factory).keys_for(role)
+    held = load_archive(archive, api.factory)
     candidates = [
-        k.keyid for k in held if set(k.keyids) & trusted and (key_id is None or key_id in k.keyids)
+        k.keyid
+        for k in held.keys_for(role)
+        if set(k.keyids) & trusted and (key_id is None or key_id in k.keyids)
     ]
     if len(candidates) != 1:
         found = ", ".join(candidates) or "none"
@@ -274,8 +237,7 @@ def rotate_offline_key(
             f"{archive} must hold exactly one {role} key of the staged roots to rotate "
             f"(found: {found}); name it with --key-id"
         )
-    key = _generate_into(archive, role, key_type, api.factory)
-    click.echo(f"New {role} key {key.label()} saved in {archive}.")
+    key = _generate_into(held, archive, role, key_type)
     _edit(
         api,
         lambda staged: replace_offline_keys(staged, role, candidates, key),
@@ -327,7 +289,7 @@ def set_threshold(api: Api, role: str, threshold: int) -> None:
     help="Whose online keys to replace; each channel gets keys of its own.",
 )
 @with_api
-def rotate_online_key(api: Api, roles: str, channel: str) -> None:
+def rotate_online_key(api: Api, roles: str, channel: Literal["ci", "prod", "both"]) -> None:
     """Have the server generate new online keys and stage them.
 
     Rotating the production online targets key re-signs production targets, which then
@@ -341,14 +303,10 @@ def rotate_online_key(api: Api, roles: str, channel: str) -> None:
     chosen = [r.strip() for r in roles.split(",") if r.strip()]
     if not chosen or set(chosen) - set(ONLINE_ROLES):
         raise click.UsageError(f"roles must be among {','.join(ONLINE_ROLES)}")
-    channels = [c.value for c in Channel] if channel == "both" else [channel]
-    api.request(
-        "POST",
-        api.factory_path(f"{UPDATES_PATH}/online-keys"),
-        json_body={"roles": chosen, "channels": channels},
-    )
+    channels = list(Channel) if channel == "both" else [Channel(channel)]
+    stage_new_online_keys(api, chosen, channels)
     update = RootUpdate.fetch(api)
-    if TARGETS in chosen and Channel.PROD.value in channels:
+    if TARGETS in chosen and Channel.PROD in channels:
         update = update.edit(api, lambda _staged: None, resign_prod_targets=True)
     click.echo(f"Staged new online keys: {update.data['pending_online_keys']}")
     print_status(update)
@@ -385,11 +343,7 @@ def sign(api: Api, archive: Path) -> None:
     )
     if not count:
         raise click.ClickException(f"{archive} holds no key that may sign this update")
-    after = RootUpdate(
-        api.request(
-            "POST", api.factory_path(f"{UPDATES_PATH}/signatures"), json_body=payload
-        ).json()
-    )
+    after = RootUpdate.upload_signatures(api, payload)
     click.echo(f"Added {count} signature(s) from {archive}.")
     print_status(after)
 
@@ -405,9 +359,11 @@ def apply(api: Api, archive: Path | None, as_json: bool) -> None:
     Example:
       tufa keys updates apply -k owner.tgz
     """
-    result = api.request("POST", api.factory_path(f"{UPDATES_PATH}/apply")).json()
+    result = apply_update(api)
     if archive is not None:
-        refresh_archive_roots(api, archive)
+        held = load_archive(archive, api.factory)
+        store_served_roots(api, held)
+        held.save(archive)
     if as_json:
         print_json(result)
         return
@@ -418,7 +374,7 @@ def apply(api: Api, archive: Path | None, as_json: bool) -> None:
 @with_api
 def cancel(api: Api) -> None:
     """Drop the open update (pending online keys are discarded)."""
-    api.request("DELETE", api.factory_path(UPDATES_PATH))
+    cancel_update(api)
     click.echo("Cancelled the open root update.")
 
 
@@ -446,41 +402,6 @@ def import_update(api: Api, file: Path) -> None:
     signed = RootUpdate.from_file(file)
     if signed.factory != api.factory:
         raise click.ClickException(f"{file} belongs to factory {signed.factory!r}")
-    after = RootUpdate(
-        api.request(
-            "POST",
-            api.factory_path(f"{UPDATES_PATH}/signatures"),
-            json_body=signed.all_signatures(),
-        ).json()
-    )
+    after = RootUpdate.upload_signatures(api, signed.all_signatures())
     click.echo(f"Imported the signatures in {file}.")
     print_status(after)
-
-
-@keys.command("sign-file")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@ARCHIVE_OPTION
-def sign_file(file: Path, archive: Path) -> None:
-    """Sign an exported root update FILE with ARCHIVE's keys, without a server.
-
-    \b
-    Example:
-      tufa keys sign-file update.json -k owner.tgz
-    """
-    update = RootUpdate.from_file(file)
-    payload = update.sign_with(load_archive(archive, update.factory))
-    update.add_signatures(payload)
-    assert update.factory is not None
-    update.save(file, update.factory)
-    click.echo(f"Signed {file} with {archive}.")
-    print_status(update)
-
-
-def refresh_archive_roots(api: Api, archive_path: Path) -> None:
-    """Store the served roots in the archive, so it documents what its keys govern."""
-    archive = load_archive(archive_path, api.factory)
-    for channel in Channel:
-        archive.roots[channel] = api.request(
-            "GET", api.factory_path(f"/repo/{channel.value}/metadata/root.json")
-        ).content
-    archive.save(archive_path)

@@ -1,8 +1,10 @@
-"""The CLI's side of a root update: fetch it, edit the staged roots, sign locally.
+"""The CLI's side of a root update: open, fetch, edit, sign, apply; and its status.
 
 The same class reads an update from the server or from an exported file, so an
 air-gapped machine signs with exactly the code an online one uses. Every edit is checked
-locally with the rules the server enforces before anything is uploaded.
+locally with the rules the server enforces before anything is uploaded. The commands
+that drive it are `updates` (step by step), `rotate` (start to finish) and
+`offline` (`sign-file`); this module is the only one that knows the API's paths.
 """
 
 from __future__ import annotations
@@ -12,14 +14,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import click
 from securesystemslib.signer import Signature
 from tuf.api.metadata import Metadata, Root, Targets
 
 from tufa.cli.client import Api
-from tufa.core.archive import ArchiveError, OfflineArchive
+from tufa.cli.output import console
+from tufa.core.archive import ArchiveKey, OfflineArchive
 from tufa.core.files import write_private_file
 from tufa.core.metadata import ROOT, TARGETS, Channel
 from tufa.core.root_update import (
@@ -35,30 +38,40 @@ EXPORT_FORMAT = "tufa-root-update/1"
 UPDATES_PATH = "/keys/updates"
 
 
-def archive_option(
-    *, required: bool = True, exists: bool = True, help: str = "Offline keys archive."
-) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """-k/--keys ARCHIVE, the same flag on every command that uses an archive."""
-    return click.option(
-        "-k",
-        "--keys",
-        "archive",
-        required=required,
-        type=click.Path(exists=exists, dir_okay=False, path_type=Path),
-        help=help,
-    )
+class SignaturePayload(TypedDict):
+    """The body `POST .../signatures` takes: signatures (as JSON) of each channel's staged
+    root and of each re-signed production targets view."""
+
+    roots: dict[Channel, list[dict[str, Any]]]
+    prod_targets: dict[str, list[dict[str, Any]]]
 
 
-def load_archive(path: Path, factory: str | None) -> OfflineArchive:
-    try:
-        archive = OfflineArchive.load(path)
-    except ArchiveError as e:
-        raise click.ClickException(str(e)) from e
-    if factory is not None and archive.factory != factory:
-        raise click.ClickException(
-            f"{path} is the archive of factory {archive.factory!r}, not {factory!r}"
-        )
-    return archive
+class SigningCount(TypedDict):
+    """Signatures of one piece of metadata against the threshold its root sets."""
+
+    threshold: int
+    signed: list[str]
+    missing: int
+    can_sign: list[str]
+
+
+class RootStatus(TypedDict):
+    """A staged root needs the threshold of both the current and the new root."""
+
+    complete: bool
+    old_root: SigningCount
+    new_root: SigningCount
+
+
+class TargetsStatus(SigningCount):
+    """Re-signed production targets, counting the online signature apply adds."""
+
+    complete: bool
+
+
+class UpdateStatus(TypedDict):
+    roots: dict[Channel, RootStatus]
+    prod_targets: dict[str, TargetsStatus]
 
 
 @dataclass
@@ -77,6 +90,18 @@ class RootUpdate:
     def fetch_open(cls, api: Api) -> RootUpdate | None:
         response = api.request("GET", api.factory_path(UPDATES_PATH), ok=(200, 404))
         return cls(response.json()) if response.status_code == 200 else None
+
+    @classmethod
+    def open(cls, api: Api, message: str) -> RootUpdate:
+        """Open a new update (the server refuses a second one)."""
+        path = api.factory_path(UPDATES_PATH)
+        return cls(api.request("POST", path, json_body={"message": message}).json())
+
+    @classmethod
+    def upload_signatures(cls, api: Api, payload: SignaturePayload) -> RootUpdate:
+        """Add signatures on the server; the update as it stands after them."""
+        path = api.factory_path(f"{UPDATES_PATH}/signatures")
+        return cls(api.request("POST", path, json_body=payload).json())
 
     @classmethod
     def from_file(cls, path: Path) -> RootUpdate:
@@ -114,8 +139,8 @@ class RootUpdate:
     def online_keyids_after(self) -> dict[Channel, dict[str, str]]:
         return {
             channel: {
-                **self.data["online_keys"][channel.value],
-                **self.data["pending_online_keys"][channel.value],
+                **self.data["online_keys"][channel],
+                **self.data["pending_online_keys"][channel],
             }
             for channel in Channel
         }
@@ -156,7 +181,7 @@ class RootUpdate:
         if resign_prod_targets:
             prod_targets = self._resigned_prod_targets()
         body = {
-            "roots": {c.value: root.to_dict() for c, root in staged.roots.items()},
+            "roots": {c: root.to_dict() for c, root in staged.roots.items()},
             "root_key_pairs": pairs_to_json(staged.pairs),
             "prod_targets": prod_targets,
         }
@@ -176,7 +201,7 @@ class RootUpdate:
 
     # -- signing and review ----------------------------------------------------------
 
-    def sign_with(self, archive: OfflineArchive) -> dict[str, Any]:
+    def sign_with(self, archive: OfflineArchive) -> SignaturePayload:
         """Signatures by every key of `archive` that may sign a staged root or the
         re-signed production targets; the payload `POST .../signatures` takes.
 
@@ -191,13 +216,13 @@ class RootUpdate:
                     f"refusing to sign: the staged roots pair root key {key.ci.keyid} with "
                     f"{paired}, but its production half is {key.prod.keyid}"
                 )
-        roots: dict[str, list[dict[str, Any]]] = {}
+        roots: dict[Channel, list[dict[str, Any]]] = {}
         for channel in Channel:
             staged = self.staged(channel)
             allowed = set(self.current(channel).signed.roles[ROOT].keyids) | set(
                 staged.signed.roles[ROOT].keyids
             )
-            roots[channel.value] = [
+            roots[channel] = [
                 pair.signer().sign(staged.signed_bytes).to_dict()
                 for pair in archive.signers_for(channel, ROOT, allowed)
             ]
@@ -210,7 +235,7 @@ class RootUpdate:
             ]
         return {"roots": roots, "prod_targets": targets}
 
-    def add_signatures(self, payload: dict[str, Any]) -> None:
+    def add_signatures(self, payload: SignaturePayload) -> None:
         """Put signatures into this (exported) update, for `sign-file`."""
         for channel, signatures in payload["roots"].items():
             for sig in signatures:
@@ -225,29 +250,124 @@ class RootUpdate:
             md = self.data["prod_targets"][view]
             md["signatures"] = _unique(md["signatures"])
 
-    def all_signatures(self) -> dict[str, Any]:
+    def all_signatures(self) -> SignaturePayload:
         return {
-            "roots": {c.value: self.data["staged"][c]["signatures"] for c in Channel},
+            "roots": {c: self.data["staged"][c]["signatures"] for c in Channel},
             "prod_targets": {v: md["signatures"] for v, md in self.data["prod_targets"].items()},
         }
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> UpdateStatus:
         """Who has signed and who must still sign, computed here with python-tuf."""
-        result: dict[str, Any] = {}
+        roots: dict[Channel, RootStatus] = {}
         for channel in Channel:
             verified, detail = root_signing_status(
                 self.current(channel).signed, self.staged(channel)
             )
-            result[channel.value] = {"complete": verified, **detail}
+            roots[channel] = {
+                "complete": verified,
+                "old_root": detail["old_root"],
+                "new_root": detail["new_root"],
+            }
         online_targets = self.online_keyids_after()[Channel.PROD][TARGETS]
         prod_root = self.staged(Channel.PROD).signed
-        result["prod_targets"] = {}
+        prod_targets: dict[str, TargetsStatus] = {}
         for view, md in self.staged_targets().items():
-            complete, detail = prod_targets_signing_status(prod_root, md, online_targets)
-            result["prod_targets"][view] = {"complete": complete, **detail}
-        return result
+            complete, count = prod_targets_signing_status(prod_root, md, online_targets)
+            prod_targets[view] = {
+                "complete": complete,
+                "threshold": count["threshold"],
+                "signed": count["signed"],
+                "missing": count["missing"],
+                "can_sign": count["can_sign"],
+            }
+        return {"roots": roots, "prod_targets": prod_targets}
+
+    def ready(self) -> bool:
+        """Signed enough to apply: both roots and every re-signed production targets."""
+        status = self.status()
+        return all(entry["complete"] for entry in status["roots"].values()) and all(
+            entry["complete"] for entry in status["prod_targets"].values()
+        )
 
 
 def _unique(signatures: list[dict[str, Any]]) -> list[dict[str, Any]]:
     by_key = {Signature.from_dict(dict(s)).keyid: s for s in signatures}
     return list(by_key.values())
+
+
+def apply_update(api: Api) -> dict[str, Any]:
+    """Have the server check every rule and switch both channels' roots at once."""
+    result: dict[str, Any] = api.request("POST", api.factory_path(f"{UPDATES_PATH}/apply")).json()
+    return result
+
+
+def cancel_update(api: Api) -> None:
+    api.request("DELETE", api.factory_path(UPDATES_PATH))
+
+
+def stage_new_online_keys(api: Api, roles: list[str], channels: list[Channel]) -> None:
+    """Have the server generate new online keys of `roles` and stage them."""
+    api.request(
+        "POST",
+        api.factory_path(f"{UPDATES_PATH}/online-keys"),
+        json_body={"roles": roles, "channels": channels},
+    )
+
+
+# -- staged key changes, shared by `updates` and `rotate` -----------------------------------
+
+
+def add_offline_key_to(staged: StagedRoots, key: ArchiveKey) -> None:
+    if key.role == ROOT:
+        staged.add_root_key(key.ci.public, key.prod.public)
+    else:
+        staged.add_targets_key(key.prod.public)
+
+
+def remove_offline_key_from(staged: StagedRoots, role: str, keyid: str) -> None:
+    if role == ROOT:
+        staged.remove_root_key(keyid)
+    else:
+        staged.remove_targets_key(keyid)
+
+
+def replace_offline_keys(staged: StagedRoots, role: str, old: list[str], new: ArchiveKey) -> None:
+    add_offline_key_to(staged, new)
+    for keyid in old:
+        remove_offline_key_from(staged, role, keyid)
+
+
+def print_status(update: RootUpdate, *, prod_only: bool = False) -> None:
+    """Who has signed what, and who still can, for people (`review --json` for scripts)."""
+    out = console()
+    status = update.status()
+    for channel in Channel:
+        if prod_only and channel is not Channel.PROD:
+            continue
+        entry = status["roots"][channel]
+        version = update.staged(channel).signed.version
+        out.print(f"[bold]{channel} root v{version}[/bold]: {_mark(entry['complete'])}")
+        for part, label in (
+            (entry["old_root"], "current root keys"),
+            (entry["new_root"], "new root keys"),
+        ):
+            signed = ", ".join(k[:12] for k in part["signed"]) or "none"
+            out.print(
+                f"  {label}: signed by {signed}; {part['missing']} more needed "
+                f"(threshold {part['threshold']})"
+            )
+            if part["missing"]:
+                waiting = ", ".join(k[:12] for k in part["can_sign"])
+                out.print(f"    can still sign: {waiting}")
+    for view, targets in status["prod_targets"].items():
+        label = view or "default"
+        signed = ", ".join(k[:12] for k in targets["signed"]) or "none"
+        out.print(
+            f"[bold]re-signed production targets ({label})[/bold]: "
+            f"{_mark(targets['complete'])}; offline signatures by {signed}, "
+            f"{targets['missing']} more needed (online signature added on apply)"
+        )
+
+
+def _mark(complete: bool) -> str:
+    return "[green]ready[/green]" if complete else "[yellow]needs signatures[/yellow]"
