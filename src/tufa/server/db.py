@@ -42,6 +42,8 @@ from sqlalchemy import (
     text,
 )
 
+from tufa.core.metadata import Channel
+
 log = logging.getLogger("tufa.server")
 
 
@@ -62,7 +64,32 @@ class UTCDateTime(TypeDecorator[datetime]):
         return None if value is None else value.replace(tzinfo=UTC)
 
 
+class ChannelName(TypeDecorator[Channel]):
+    """A channel, stored as its name: the rest of the server only ever sees `Channel`."""
+
+    impl = String(8)
+    cache_ok = True
+
+    def process_bind_param(self, value: Channel | str | None, dialect: Any) -> str | None:
+        # `Channel(...)` refuses a name that is no channel before it reaches a query.
+        return None if value is None else Channel(value).value
+
+    def process_result_value(self, value: str | None, dialect: Any) -> Channel | None:
+        return None if value is None else Channel(value)
+
+
 schema = MetaData()
+
+
+def _per_factory(name: str, *columns: Column[Any] | Index) -> Table:
+    """A table of what each factory has of its own, keyed by the factory first."""
+    return Table(
+        name,
+        schema,
+        Column("factory_id", Integer, ForeignKey("factories.id"), primary_key=True),
+        *columns,
+    )
+
 
 # Server-wide facts; "master_key_check" proves at start that the master key given is the
 # one that encrypted this database's private keys.
@@ -85,11 +112,9 @@ factories = Table(
 
 # One row per factory and channel: the version counters that every view of the channel
 # shares, and the row publishers lock to serialise their work.
-channels = Table(
+channels = _per_factory(
     "channels",
-    schema,
-    Column("factory_id", Integer, ForeignKey("factories.id"), primary_key=True),
-    Column("channel", String(8), primary_key=True),
+    Column("channel", ChannelName, primary_key=True),
     Column("root_version", Integer, nullable=False),
     Column("targets_version", Integer, nullable=False),
     Column("snapshot_version", Integer, nullable=False),
@@ -98,11 +123,9 @@ channels = Table(
 
 # Signed metadata, rendered to bytes once when published. `view` is "" for the
 # channel's default view; root files belong to the whole channel and use "".
-metadata_files = Table(
+metadata_files = _per_factory(
     "metadata_files",
-    schema,
-    Column("factory_id", Integer, ForeignKey("factories.id"), primary_key=True),
-    Column("channel", String(8), primary_key=True),
+    Column("channel", ChannelName, primary_key=True),
     Column("view", String(128), primary_key=True),
     Column("role", String(16), primary_key=True),
     Column("version", Integer, primary_key=True),
@@ -119,7 +142,7 @@ online_keys = Table(
     schema,
     Column("id", Integer, primary_key=True),
     Column("factory_id", Integer, ForeignKey("factories.id"), nullable=False, index=True),
-    Column("channel", String(8), nullable=False),
+    Column("channel", ChannelName, nullable=False),
     Column("role", String(16), nullable=False),
     Column("keyid", String(128), nullable=False),
     Column("public", Text, nullable=False),
@@ -134,10 +157,8 @@ online_keys = Table(
 # source that waves build production targets from, and what devices may download.
 # `url` is set for external targets (described only); the others name a blob the
 # factory owns (`blob_owners`).
-targets = Table(
+targets = _per_factory(
     "targets",
-    schema,
-    Column("factory_id", Integer, ForeignKey("factories.id"), primary_key=True),
     Column("name", String(255), primary_key=True),
     Column("length", BigInteger, nullable=False),
     Column("sha256", String(64), nullable=False),
@@ -155,10 +176,8 @@ targets = Table(
 # Which factory may use which stored file. The blob store keeps one file per SHA-256
 # for the whole server; access is per factory: a row exists once the factory uploaded
 # the bytes itself (or, for targets published before this table, referenced them).
-blob_owners = Table(
+blob_owners = _per_factory(
     "blob_owners",
-    schema,
-    Column("factory_id", Integer, ForeignKey("factories.id"), primary_key=True),
     Column("sha256", String(64), primary_key=True),
     Column("length", BigInteger, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
@@ -166,10 +185,8 @@ blob_owners = Table(
 
 # Releases on demand: production targets for a tag, signed offline, served to the
 # devices a rollout chose until the wave is completed (or cancelled).
-waves = Table(
+waves = _per_factory(
     "waves",
-    schema,
-    Column("factory_id", Integer, ForeignKey("factories.id"), primary_key=True),
     Column("name", String(64), primary_key=True),
     Column("tag", String(128), nullable=False),
     Column("version", String(64), nullable=False),
@@ -180,18 +197,14 @@ waves = Table(
     Column("finished_at", UTCDateTime),
 )
 
-device_groups = Table(
+device_groups = _per_factory(
     "device_groups",
-    schema,
-    Column("factory_id", Integer, ForeignKey("factories.id"), primary_key=True),
     Column("name", String(64), primary_key=True),
     Column("created_at", UTCDateTime, nullable=False),
 )
 
-device_group_members = Table(
+device_group_members = _per_factory(
     "device_group_members",
-    schema,
-    Column("factory_id", Integer, ForeignKey("factories.id"), primary_key=True),
     Column("group_name", String(64), primary_key=True),
     Column("device_id", String(36), ForeignKey("devices.id"), primary_key=True),
 )
@@ -199,10 +212,8 @@ device_group_members = Table(
 # The owner's root keys: each is a pair of keys, its CI half listed by the CI root and
 # its production half by the production root (ADR 0009). Factories created before the
 # channels were separated have pairs whose halves are the same key.
-root_key_pairs = Table(
+root_key_pairs = _per_factory(
     "root_key_pairs",
-    schema,
-    Column("factory_id", Integer, ForeignKey("factories.id"), primary_key=True),
     Column("ci_keyid", String(128), primary_key=True),
     Column("prod_keyid", String(128), nullable=False),
 )
@@ -210,10 +221,8 @@ root_key_pairs = Table(
 # The one open root update of a factory: the staged roots of both channels (signed
 # metadata JSON, collecting signatures), the staged root key pairs (JSON), and any
 # re-signed production targets per view.
-root_updates = Table(
+root_updates = _per_factory(
     "root_updates",
-    schema,
-    Column("factory_id", Integer, ForeignKey("factories.id"), primary_key=True),
     Column("message", String(200), nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     Column("ci_root", LargeBinary, nullable=False),
@@ -223,10 +232,8 @@ root_updates = Table(
 )
 
 # The offline keys archive waits here, encrypted, until its owner confirms the download.
-key_archives = Table(
+key_archives = _per_factory(
     "key_archives",
-    schema,
-    Column("factory_id", Integer, ForeignKey("factories.id"), primary_key=True),
     Column("archive_encrypted", LargeBinary, nullable=False),
     Column("sha256", String(64), nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
@@ -253,7 +260,7 @@ devices = Table(
     Column("name", String(128), nullable=False),
     Column("hardware_id", String(128), nullable=False),
     Column("tag", String(128), nullable=False),
-    Column("channel", String(8), nullable=False),
+    Column("channel", ChannelName, nullable=False),
     Column("secret_sha256", String(64), nullable=False, unique=True),
     Column("created_at", UTCDateTime, nullable=False),
     # When the current credential took effect: registration, or the first use of the

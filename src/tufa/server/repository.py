@@ -1,5 +1,5 @@
-"""A factory's TUF repositories as stored by the server: online keys, signed metadata,
-and the publishing steps that keep both channels valid.
+"""A factory's TUF repositories as stored by the server: online keys (`online_keys.py`),
+root key pairs, signed metadata, and the publishing steps that keep both channels valid.
 
 Metadata is rendered to bytes once, when it is signed, and stored with its ETag; the
 read path only looks bytes up. Versioned files never change, so they are cached here
@@ -12,15 +12,13 @@ import hashlib
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
-from securesystemslib.signer import Signer
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, insert, select, update
 from tuf.api.metadata import Metadata, Root, Targets
 
-from tufa.core.keys import KeyPair, key_from_json, key_to_json
 from tufa.core.metadata import (
     ROOT,
     SNAPSHOT,
@@ -35,7 +33,10 @@ from tufa.core.metadata import (
     sign,
     to_bytes,
 )
-from tufa.server.db import Database, channels, metadata_files, online_keys
+from tufa.core.root_update import RootKeyPairs
+from tufa.server.db import Database, channels, metadata_files, root_key_pairs
+from tufa.server.exceptions import Conflict
+from tufa.server.online_keys import OnlineKeys
 from tufa.server.secrets import MasterKey
 from tufa.server.settings import Settings
 
@@ -99,103 +100,11 @@ _NEWEST_FILE = (
 )
 
 
-def _live(factory_id: int, *, pending: bool = False) -> tuple[Any, ...]:
-    """Online keys in force (or, with `pending`, generated for the open root update)."""
-    return (
-        online_keys.c.factory_id == factory_id,
-        online_keys.c.retired_at.is_(None),
-        online_keys.c.pending.is_(pending),
-    )
-
-
-OnlineKeyids = dict[Channel, dict[str, str]]
-
-
-class Repository:
+class Repository(OnlineKeys):
     def __init__(self, db: Database, master_key: MasterKey, settings: Settings) -> None:
+        super().__init__(master_key, settings)
         self.db = db
-        self.master_key = master_key
-        self.settings = settings
         self._cache = _ImmutableFileCache()
-
-    # -- online keys ------------------------------------------------------------------
-
-    def store_online_key(
-        self,
-        conn: Connection,
-        factory_id: int,
-        channel: Channel,
-        role: str,
-        pair: KeyPair,
-        pending: bool = False,
-    ) -> None:
-        conn.execute(
-            insert(online_keys).values(
-                factory_id=factory_id,
-                channel=channel.value,
-                role=role,
-                keyid=pair.keyid,
-                public=key_to_json(pair.public).decode(),
-                private_encrypted=self.master_key.encrypt(
-                    pair.private_pem, f"online-key:{pair.keyid}"
-                ),
-                created_at=self.settings.clock.now(),
-                pending=pending,
-            )
-        )
-
-    def retire_online_key(
-        self,
-        conn: Connection,
-        factory_id: int,
-        channel: Channel,
-        role: str,
-        now: datetime,
-        *,
-        pending: bool = False,
-    ) -> None:
-        """`channel`'s online `role` key in force (or the pending one) signs no more."""
-        conn.execute(
-            update(online_keys)
-            .where(
-                *_live(factory_id, pending=pending),
-                online_keys.c.channel == channel.value,
-                online_keys.c.role == role,
-            )
-            .values(retired_at=now)
-        )
-
-    def online_signer(
-        self, conn: Connection, factory_id: int, channel: Channel, role: str
-    ) -> Signer:
-        """The signer of `channel`'s online key in force for `role` (pending keys sign
-        nothing)."""
-        row = conn.execute(
-            select(online_keys)
-            .where(
-                *_live(factory_id),
-                online_keys.c.channel == channel.value,
-                online_keys.c.role == role,
-            )
-            .order_by(online_keys.c.id.desc())
-            .limit(1)
-        ).one()
-        private = self.master_key.decrypt(row.private_encrypted, f"online-key:{row.keyid}")
-        return KeyPair.from_pem(private, key_from_json(row.public.encode())).signer()
-
-    def online_keyids(
-        self, conn: Connection, factory_id: int, *, pending: bool = False
-    ) -> OnlineKeyids:
-        """Channel -> role -> key id of the online keys in force (or pending)."""
-        rows = conn.execute(
-            select(online_keys.c.channel, online_keys.c.role, online_keys.c.keyid)
-            .where(*_live(factory_id, pending=pending))
-            .order_by(online_keys.c.id)
-        ).all()
-        found: OnlineKeyids = {channel: {} for channel in Channel}
-        for channel, role, keyid in rows:
-            found[Channel(channel)][role] = keyid
-        return found
 
     # -- storing and reading metadata ---------------------------------------------------
 
@@ -211,7 +120,7 @@ class Repository:
         conn.execute(
             insert(metadata_files).values(
                 factory_id=factory_id,
-                channel=channel.value,
+                channel=channel,
                 view=DEFAULT_VIEW if md.signed.type == ROOT else view,
                 role=md.signed.type,
                 version=md.signed.version,
@@ -262,9 +171,42 @@ class Repository:
         self, conn: Connection, factory_id: int, channel: Channel, version: int | None = None
     ) -> Metadata[Root]:
         """`channel`'s newest root, or the given version of it (all versions are kept)."""
-        stored = self.read_file(conn, factory_id, channel.value, ROOT, version)
+        stored = self.read_file(conn, factory_id, channel, ROOT, version)
         assert stored is not None, f"factory {factory_id} has no {channel} root {version or ''}"
         return Metadata[Root].from_bytes(stored.body)
+
+    def roots(self, conn: Connection, factory_id: int) -> dict[Channel, Metadata[Root]]:
+        """The newest root of each channel."""
+        return {channel: self.root(conn, factory_id, channel) for channel in Channel}
+
+    def live_files(
+        self, conn: Connection, factory_id: int, channel: Channel, role: str
+    ) -> dict[str, StoredFile]:
+        """The newest `role` file of each view of `channel` that serves devices."""
+        found = {}
+        for view in self.live_views(conn, factory_id, channel):
+            stored = self.read_file(conn, factory_id, channel, role, None, view)
+            assert stored is not None, f"{channel} view {view!r} of {factory_id} has no {role}"
+            found[view] = stored
+        return found
+
+    def counter(self, conn: Connection, factory_id: int, channel: Channel, role: str) -> int:
+        """The version `role` files of `channel` last took (the views share the counter)."""
+        version: int = conn.execute(
+            select(channels.c[f"{role}_version"]).where(
+                channels.c.factory_id == factory_id, channels.c.channel == channel
+            )
+        ).scalar_one()
+        return version
+
+    def root_key_pairs(self, conn: Connection, factory_id: int) -> RootKeyPairs:
+        """The owner's root keys in force, each its CI half -> its production half."""
+        rows = conn.execute(
+            select(root_key_pairs.c.ci_keyid, root_key_pairs.c.prod_keyid).where(
+                root_key_pairs.c.factory_id == factory_id
+            )
+        ).all()
+        return dict(rows)
 
     # -- publishing -----------------------------------------------------------------
 
@@ -279,13 +221,13 @@ class Repository:
     ) -> None:
         """Sign a new snapshot naming `targets_version`, and a timestamp naming it.
 
-        Both take the next number of the channel's shared counters, so every view of a
+        Each takes the next number of the channel's shared counter, so every view of a
         channel moves on one version sequence and no device ever sees a version go down.
         """
-        counters = self.bump(conn, factory_id, channel, SNAPSHOT, TIMESTAMP)
+        version = self.bump(conn, factory_id, channel, SNAPSHOT)[SNAPSHOT]
         snapshot = sign(
             build_snapshot(
-                counters[SNAPSHOT],
+                version,
                 expiry(now, self.settings.snapshot_expiry),
                 self._stored_body(conn, factory_id, channel, TARGETS, targets_version),
                 targets_version,
@@ -293,23 +235,85 @@ class Repository:
             [self.online_signer(conn, factory_id, channel, SNAPSHOT)],
         )
         snapshot_bytes = self.store(conn, factory_id, channel, snapshot, view)
+        self._publish_timestamp(conn, factory_id, channel, snapshot_bytes, version, now, view)
+
+    def _publish_timestamp(
+        self,
+        conn: Connection,
+        factory_id: int,
+        channel: Channel,
+        snapshot: bytes,
+        snapshot_version: int,
+        now: datetime,
+        view: str,
+    ) -> None:
+        """Sign a new timestamp naming the snapshot, as the next version of the counter."""
+        version = self.bump(conn, factory_id, channel, TIMESTAMP)[TIMESTAMP]
         timestamp = sign(
             build_timestamp(
-                counters[TIMESTAMP],
-                expiry(now, self.settings.timestamp_expiry),
-                snapshot_bytes,
-                counters[SNAPSHOT],
+                version, expiry(now, self.settings.timestamp_expiry), snapshot, snapshot_version
             ),
             [self.online_signer(conn, factory_id, channel, TIMESTAMP)],
         )
         self.store(conn, factory_id, channel, timestamp, view)
+
+    def publish_roots(
+        self,
+        conn: Connection,
+        factory_id: int,
+        roots: Mapping[Channel, Metadata[Root]],
+        pairs: RootKeyPairs,
+        prod_targets: Mapping[str, Metadata[Targets]],
+        now: datetime,
+    ) -> None:
+        """Put new roots in force with everything that changes with them (an applied root
+        update, checked by its caller): the pending online keys, the root key pairs, the
+        views' re-signed production targets (countersigned by the online targets key), and
+        fresh CI targets, snapshots and timestamps, so that every file devices fetch next
+        chains to the new roots."""
+        self.promote_pending_keys(conn, factory_id, now)
+        conn.execute(delete(root_key_pairs).where(root_key_pairs.c.factory_id == factory_id))
+        conn.execute(
+            insert(root_key_pairs),
+            [
+                {"factory_id": factory_id, "ci_keyid": ci, "prod_keyid": prod}
+                for ci, prod in sorted(pairs.items())
+            ],
+        )
+        for channel, root in roots.items():
+            self.store(conn, factory_id, channel, root)
+        conn.execute(
+            update(channels)
+            .where(channels.c.factory_id == factory_id)
+            .values(root_version=roots[Channel.CI].signed.version)
+        )
+        prod_root = roots[Channel.PROD].signed
+        prod_versions = {
+            view: stored.version
+            for view, stored in self.live_files(conn, factory_id, Channel.PROD, TARGETS).items()
+        }
+        for view, targets in sorted(prod_targets.items()):
+            targets.sign(self.online_signer(conn, factory_id, Channel.PROD, TARGETS), append=True)
+            prod_root.verify_delegate(TARGETS, targets.signed_bytes, targets.signatures)
+            counter = self.bump(conn, factory_id, Channel.PROD, TARGETS)[TARGETS]
+            if counter != targets.signed.version:
+                raise Conflict(
+                    "production targets changed while this update was open; stage and sign "
+                    "the re-signed production targets again"
+                )
+            self.store(conn, factory_id, Channel.PROD, targets, view)
+            prod_versions[view] = counter
+        ci_targets = self.resign_ci_targets(conn, factory_id, now)
+        self.publish_snapshot_and_timestamp(conn, factory_id, Channel.CI, ci_targets, now)
+        for view, version in sorted(prod_versions.items()):
+            self.publish_snapshot_and_timestamp(conn, factory_id, Channel.PROD, version, now, view)
 
     def _stored_body(
         self, conn: Connection, factory_id: int, channel: Channel, role: str, version: int
     ) -> bytes:
         """A file's bytes as stored in this transaction, bypassing the cache: a publish
         that is rolled back must never leave its files in the cache."""
-        params = {"factory_id": factory_id, "channel": channel.value, "role": role}
+        params = {"factory_id": factory_id, "channel": channel, "role": role}
         row = conn.execute(_FILE_BY_VERSION, {**params, "version": version}).one()
         body: bytes = row.body
         return body
@@ -317,7 +321,7 @@ class Repository:
     def bump(
         self, conn: Connection, factory_id: int, channel: Channel, *roles: str
     ) -> dict[str, int]:
-        where = (channels.c.factory_id == factory_id, channels.c.channel == channel.value)
+        where = (channels.c.factory_id == factory_id, channels.c.channel == channel)
         conn.execute(
             update(channels)
             .where(*where)
@@ -339,13 +343,13 @@ class Repository:
             try:
                 with self.db.write() as conn:
                     self.db.lock_channel(conn, factory_id, channel)
-                    if self._resign_channel(conn, factory_id, Channel(channel)):
+                    if self._resign_channel(conn, factory_id, channel):
                         refreshed += 1
             except Exception:
                 log.exception("re-signing %s channel of factory %s failed", channel, factory_id)
         return refreshed
 
-    def live_views(self, conn: Connection, factory_id: int, channel: str) -> list[str]:
+    def live_views(self, conn: Connection, factory_id: int, channel: Channel) -> list[str]:
         """The views of a channel that serve devices (those with a timestamp)."""
         return sorted(
             conn.execute(
@@ -361,17 +365,17 @@ class Repository:
 
     def _resign_channel(self, conn: Connection, factory_id: int, channel: Channel) -> bool:
         now = self.settings.clock.now()
-        root = self.read_file(conn, factory_id, channel.value, ROOT, None)
+        root = self.read_file(conn, factory_id, channel, ROOT, None)
         assert root is not None
         if root.expires - now < self.settings.offline_expiry_warning:
             log.warning(
                 "%s root of factory %s expires at %s: extend it with `tufa keys updates`",
-                channel.value,
+                channel,
                 factory_id,
                 root.expires.isoformat(),
             )
         refreshed = False
-        for view in self.live_views(conn, factory_id, channel.value):
+        for view in self.live_views(conn, factory_id, channel):
             refreshed |= self._resign_view(conn, factory_id, channel, view, now)
         return refreshed
 
@@ -379,7 +383,7 @@ class Repository:
         self, conn: Connection, factory_id: int, channel: Channel, view: str, now: datetime
     ) -> bool:
         def newest(role: str) -> StoredFile:
-            found = self.read_file(conn, factory_id, channel.value, role, None, view)
+            found = self.read_file(conn, factory_id, channel, role, None, view)
             assert found is not None, f"{channel} view {view!r} of {factory_id} has no {role}"
             return found
 
@@ -406,13 +410,15 @@ class Repository:
             )
             return True
         if due(newest(TIMESTAMP), TIMESTAMP):
-            self._resign_timestamp(conn, factory_id, channel, snapshot, now, view)
+            self._publish_timestamp(
+                conn, factory_id, channel, snapshot.body, snapshot.version, now, view
+            )
             return True
         return False
 
     def resign_ci_targets(self, conn: Connection, factory_id: int, now: datetime) -> int:
         """Sign the CI targets again, same content, as the next version; return it."""
-        stored = self.read_file(conn, factory_id, Channel.CI.value, TARGETS, None)
+        stored = self.read_file(conn, factory_id, Channel.CI, TARGETS, None)
         assert stored is not None
         current = Metadata[Targets].from_bytes(stored.body).signed
         version = self.bump(conn, factory_id, Channel.CI, TARGETS)[TARGETS]
@@ -422,24 +428,3 @@ class Repository:
         )
         self.store(conn, factory_id, Channel.CI, resigned)
         return version
-
-    def _resign_timestamp(
-        self,
-        conn: Connection,
-        factory_id: int,
-        channel: Channel,
-        snapshot: StoredFile,
-        now: datetime,
-        view: str,
-    ) -> None:
-        version = self.bump(conn, factory_id, channel, TIMESTAMP)[TIMESTAMP]
-        timestamp = sign(
-            build_timestamp(
-                version,
-                expiry(now, self.settings.timestamp_expiry),
-                snapshot.body,
-                snapshot.version,
-            ),
-            [self.online_signer(conn, factory_id, channel, TIMESTAMP)],
-        )
-        self.store(conn, factory_id, channel, timestamp, view)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, TypedDict
 
 from sqlalchemy import Connection, select, update
 from starlette.requests import Request
@@ -24,7 +24,6 @@ from tufa.server.auth import Scope, require_factory, require_operator
 from tufa.server.db import factories
 from tufa.server.errors import bad_request, not_found
 from tufa.server.factories import create_factory
-from tufa.server.root_updates import current_root_key_pairs
 from tufa.server.state import ServerState
 
 READERS = {Scope.ADMIN, Scope.CI, Scope.READ}
@@ -39,7 +38,7 @@ async def create(request: Request) -> JSONResponse:
         {
             "name": created.name,
             "admin_token": created.admin_token,
-            "root_key": {channel.value: keyid for channel, keyid in created.root_keyids.items()},
+            "root_key": created.root_keyids,
         },
         status=201,
     )
@@ -86,7 +85,32 @@ async def configure(request: Request) -> JSONResponse:
     return ok(await threaded(lambda: describe(state, name, state.base_url(request))))
 
 
-def describe(state: ServerState, name: str, base_url: str) -> dict[str, Any]:
+class FileStatus(TypedDict):
+    version: int
+    expires: str
+
+
+class OnlineKey(TypedDict):
+    channel: Channel
+    role: str
+    keyid: str
+
+
+class FactoryStatus(TypedDict):
+    name: str
+    created_at: str
+    anonymous_read: bool
+    archive_downloaded_at: str | None
+    # Per channel: its metadata and targets URLs, and the newest file of each role.
+    channels: dict[Channel, dict[str, str | FileStatus]]
+    online_keys: list[OnlineKey]
+    root_key_pairs: list[dict[str, str]]
+    channels_share_keys: list[str]
+    first_separated_root_version: int | None
+    warnings: list[str]
+
+
+def describe(state: ServerState, name: str, base_url: str) -> FactoryStatus:
     """What `tufa factory show` prints: where each channel is served and how fresh it is."""
     repo, settings = state.repo, state.settings
     now = settings.clock.now()
@@ -95,22 +119,22 @@ def describe(state: ServerState, name: str, base_url: str) -> dict[str, Any]:
         if row is None:
             raise not_found(f"unknown factory {name!r}")
         newest = {
-            (channel, role): repo.read_file(conn, row.id, channel.value, role, None)
+            (channel, role): repo.read_file(conn, row.id, channel, role, None)
             for channel in Channel
             for role in (ROOT, TARGETS, SNAPSHOT, TIMESTAMP)
         }
         online = repo.online_keyids(conn, row.id)
-        pairs = current_root_key_pairs(conn, row.id)
-        roots = {channel: repo.root(conn, row.id, channel).signed for channel in Channel}
+        pairs = repo.root_key_pairs(conn, row.id)
+        roots = {channel: md.signed for channel, md in repo.roots(conn, row.id).items()}
         first_separated = _first_separated_root_version(state, conn, row.id, roots)
     shared = shared_keyids(roots[Channel.CI], roots[Channel.PROD], online)
     warnings: list[str] = []
     if shared:
         warnings.append(shared_keys_warning(len(shared)))
-    described: dict[str, Any] = {}
+    described: dict[Channel, dict[str, str | FileStatus]] = {}
     for channel in Channel:
-        prefix = f"{base_url}/api/v1/factories/{name}/repo/{channel.value}"
-        entry: dict[str, Any] = {
+        prefix = f"{base_url}/api/v1/factories/{name}/repo/{channel}"
+        entry: dict[str, str | FileStatus] = {
             "metadata_url": f"{prefix}/metadata/",
             "targets_url": f"{prefix}/targets/",
         }
@@ -121,7 +145,7 @@ def describe(state: ServerState, name: str, base_url: str) -> dict[str, Any]:
             offline_signed = role == ROOT or (role == TARGETS and channel is Channel.PROD)
             if offline_signed and stored.expires - now < settings.offline_expiry_warning:
                 warnings.append(_expiry_warning(channel, role, stored.expires, now))
-        described[channel.value] = entry
+        described[channel] = entry
     return {
         "name": row.name,
         "created_at": iso(row.created_at),
@@ -129,7 +153,7 @@ def describe(state: ServerState, name: str, base_url: str) -> dict[str, Any]:
         "archive_downloaded_at": iso(row.archive_downloaded_at),
         "channels": described,
         "online_keys": [
-            {"channel": channel.value, "role": role, "keyid": keyid}
+            {"channel": channel, "role": role, "keyid": keyid}
             for channel in Channel
             for role, keyid in sorted(online[channel].items())
         ],
@@ -162,7 +186,7 @@ def _expiry_warning(channel: Channel, role: str, expires: datetime, now: datetim
     fix = (
         "extend it with `tufa keys updates`" if role == ROOT else "release a new wave to re-sign it"
     )
-    return f"the {channel.value} {role} metadata {when} ({iso(expires)}): {fix}"
+    return f"the {channel} {role} metadata {when} ({iso(expires)}): {fix}"
 
 
 routes = [

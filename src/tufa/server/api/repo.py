@@ -47,7 +47,6 @@ from tufa.server.views import tag_view
 _VERSIONED = re.compile(r"^([1-9][0-9]{0,9})\.(root|snapshot|targets)\.json$")
 _LATEST = {"timestamp.json": TIMESTAMP, "root.json": ROOT}
 _IMMUTABLE = "max-age=31536000, immutable"
-CHANNELS = frozenset(c.value for c in Channel)
 READERS = {Scope.ADMIN, Scope.CI, Scope.READ}
 # A target of the factory, and whether the factory owns the file it names (external
 # targets own none: they are downloaded from their URL).
@@ -76,6 +75,13 @@ def version_of(filename: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _channel(name: str) -> Channel:
+    try:
+        return Channel(name)
+    except ValueError:
+        raise not_found(f"unknown channel {name!r}: use 'ci' or 'prod'") from None
+
+
 def _parse_filename(filename: str) -> tuple[str, int | None]:
     match = _VERSIONED.match(filename)
     if match:
@@ -99,7 +105,7 @@ def _authorize(
     conn: Connection,
     secret: str | None,
     name: str,
-    channel: str,
+    channel: Channel,
     tag: str | None = None,
 ) -> _Reader:
     """The factory, if the caller may read `channel` of it, and the caller's view: a
@@ -126,7 +132,7 @@ def _authorize(
         if principal.channel != channel:
             raise forbidden(f"this device follows the {principal.channel} channel, not {channel}")
         return _Reader(factory, principal.view, device=True)
-    if tag is not None and channel == Channel.PROD.value:
+    if tag is not None and channel is Channel.PROD:
         if not LABEL.fullmatch(tag):
             raise bad_request(f"?tag={tag!r} is not a tag: tags are labels such as 'main'")
         # CI devices of any tag are served the default view, so only prod has tags.
@@ -138,7 +144,7 @@ def _lookup(
     state: ServerState,
     secret: str | None,
     name: str,
-    channel: str,
+    channel: Channel,
     filename: str,
     tag: str | None = None,
 ) -> tuple[StoredFile, bool]:
@@ -157,7 +163,7 @@ def _listed_in_view(
 ) -> bool:
     """Whether the production targets that `view` serves list target `name` with this
     SHA-256 (a view with no release yet serves the default view's, as its timestamp)."""
-    stored = state.repo.read_file(conn, factory_id, Channel.PROD.value, TARGETS, None, view)
+    stored = state.repo.read_file(conn, factory_id, Channel.PROD, TARGETS, None, view)
     assert stored is not None
     # The server's own signed bytes: plain JSON is enough to look one entry up.
     listed = json.loads(stored.body)["signed"]["targets"].get(name)
@@ -165,7 +171,7 @@ def _listed_in_view(
 
 
 def _target_blob(
-    state: ServerState, secret: str | None, name: str, channel: str, filename: str
+    state: ServerState, secret: str | None, name: str, channel: Channel, filename: str
 ) -> Path:
     """The stored file behind `SHA256.NAME`, the consistent-snapshot target path.
 
@@ -179,7 +185,7 @@ def _target_blob(
             _TARGET_BY_NAME, {"factory_id": factory_id, "name": target, "sha256": digest}
         ).first()
         served = row is not None and (
-            channel == Channel.CI.value
+            channel is Channel.CI
             or (
                 _listed_in_view(state, conn, factory_id, reader.view, target, digest)
                 if reader.device
@@ -198,9 +204,7 @@ def _target_blob(
 async def target_file(request: Request) -> Response:
     state = state_of(request)
     secret = bearer_secret(request.headers.get("authorization"))
-    name, channel = request.path_params["factory"], request.path_params["channel"]
-    if channel not in CHANNELS:
-        raise not_found(f"unknown channel {channel!r}: use 'ci' or 'prod'")
+    name, channel = request.path_params["factory"], _channel(request.path_params["channel"])
     filename = request.path_params["filename"]
     path = await threaded(lambda: _target_blob(state, secret, name, channel, filename))
     # Range requests let a device resume a cut download; the content never changes.
@@ -223,9 +227,7 @@ async def metadata(request: Request) -> Response:
     state = state_of(request)
     secret = bearer_secret(request.headers.get("authorization"))
     name = request.path_params["factory"]
-    channel = request.path_params["channel"]
-    if channel not in CHANNELS:
-        raise not_found(f"unknown channel {channel!r}: use 'ci' or 'prod'")
+    channel = _channel(request.path_params["channel"])
     filename = request.path_params["filename"]
     # Only timestamp.json depends on the view; versioned files name one file in all views.
     tag = request.query_params.get("tag") if filename == "timestamp.json" else None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from sqlalchemy import Connection
@@ -23,7 +23,7 @@ from tufa.server.api.common import (
 )
 from tufa.server.auth import Scope, require_factory
 from tufa.server.errors import bad_request
-from tufa.server.root_updates import RootUpdates
+from tufa.server.root_updates.transaction import RootUpdates
 from tufa.server.state import ServerState
 
 PREFIX = "/api/v1/factories/{factory}/keys/updates"
@@ -44,15 +44,15 @@ async def _admin(request: Request) -> tuple[ServerState, int]:
 async def _run(
     state: ServerState,
     factory_id: int,
-    step: Callable[[RootUpdates, Connection, int], dict[str, Any] | None],
+    step: Callable[[RootUpdates, Connection, int], Mapping[str, object] | None],
     *,
     write: bool = True,
-) -> dict[str, Any]:
+) -> Mapping[str, object]:
     """Run `step` in one transaction; a step that returns nothing answers with the
     update as it stands after the step."""
     updates = RootUpdates(state)
 
-    def work() -> dict[str, Any]:
+    def work() -> Mapping[str, object]:
         with state.db.write() if write else state.db.read() as conn:
             result = step(updates, conn, factory_id)
             return result if result is not None else updates.describe(conn, factory_id)
@@ -61,7 +61,7 @@ async def _run(
 
 
 def _channels(data: dict[str, Any], name: str) -> dict[Channel, Any]:
-    unknown = set(data) - {c.value for c in Channel}
+    unknown = set(data) - set(Channel)
     if unknown:
         raise bad_request(f"field {name!r} has unknown channel(s): {', '.join(sorted(unknown))}")
     return {Channel(key): value for key, value in data.items()}
@@ -104,8 +104,8 @@ async def online_keys(request: Request) -> JSONResponse:
     state, factory_id = await _admin(request)
     data = await json_object(request)
     roles = string_list(data, "roles")
-    names = string_list(data, "channels") if "channels" in data else [c.value for c in Channel]
-    if not set(names) <= {c.value for c in Channel}:
+    names = string_list(data, "channels") if "channels" in data else list(Channel)
+    if not set(names) <= set(Channel):
         raise bad_request("field 'channels' must list 'ci', 'prod' or both")
     chosen = [Channel(name) for name in dict.fromkeys(names)]
     return ok(
@@ -117,7 +117,7 @@ async def signatures(request: Request) -> JSONResponse:
     state, factory_id = await _admin(request)
     data = await json_object(request)
     roots = {
-        channel: signature_list(value, f"roots.{channel.value}")
+        channel: signature_list(value, f"roots.{channel}")
         for channel, value in _channels(field(data, "roots", dict, {}), "roots").items()
     }
     targets = {
