@@ -39,15 +39,24 @@ def target_version(target: TargetFile) -> str | None:
     return version if isinstance(version, str) and version else None
 
 
+def _labels(target: TargetFile, key: str) -> list[str]:
+    labels = custom_of(target).get(key)
+    return [label for label in labels if isinstance(label, str)] if isinstance(labels, list) else []
+
+
+def hardware_ids_of(target: TargetFile) -> list[str]:
+    return _labels(target, "hardwareIds")
+
+
+def tags_of(target: TargetFile) -> list[str]:
+    return _labels(target, "tags")
+
+
 def is_for(target: TargetFile, hardware_id: str, tag: str) -> bool:
-    custom = custom_of(target)
-    hardware_ids, tags = custom.get("hardwareIds"), custom.get("tags")
     return (
         target_version(target) is not None
-        and isinstance(hardware_ids, list)
-        and hardware_id in hardware_ids
-        and isinstance(tags, list)
-        and tag in tags
+        and hardware_id in hardware_ids_of(target)
+        and tag in tags_of(target)
     )
 
 

@@ -26,9 +26,9 @@ from tufa.server.api import (
     tokens,
     waves,
 )
+from tufa.server.api.common import refuse_unstorable_params
 from tufa.server.errors import ApiError, api_error_handler, error_body, refused_handler
 from tufa.server.exceptions import Refused
-from tufa.server.inputs import refuse_unstorable_params
 from tufa.server.state import ServerState
 
 log = logging.getLogger("tufa.server")

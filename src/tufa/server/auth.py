@@ -13,15 +13,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import Connection, bindparam, select
 
+from tufa.core.metadata import Channel
 from tufa.server.db import devices, factories, retired_credentials, tokens
 from tufa.server.errors import ApiError
 from tufa.server.secrets import secret_digest
 
 OPERATOR_SCOPE = "operator"
+# Who a caller is: the server operator, a factory token, or a device credential.
+PrincipalKind = Literal["operator", "token", "device"]
 
 
 class Scope(StrEnum):
@@ -35,12 +38,12 @@ class Scope(StrEnum):
 
 @dataclass(frozen=True)
 class Principal:
-    kind: str  # "operator", "token" or "device"
+    kind: PrincipalKind
     factory_id: int | None = None
     factory_name: str | None = None
     scopes: frozenset[str] = frozenset()
     device_id: str | None = None
-    channel: str | None = None
+    channel: Channel | None = None  # a device's
     view: str = ""
     # A device that presented the credential a rotation issued, for the first time: the
     # caller must adopt it (`credentials.settle`), which retires the old one.
@@ -148,7 +151,7 @@ def authenticate(conn: Connection, secret: str, now: datetime) -> Principal:
             factory_id=device.factory_id,
             factory_name=device.factory_name,
             device_id=device.id,
-            channel=device.channel,
+            channel=Channel(device.channel),
             view=device.view,
             credential_pending=device.secret_sha256 != digest["digest"],
         )

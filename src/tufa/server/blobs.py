@@ -27,7 +27,7 @@ from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from tufa.server.db import blob_owners
-from tufa.server.errors import ApiError, bad_request
+from tufa.server.exceptions import InvalidInput, TooLarge
 
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 
@@ -38,7 +38,7 @@ class BlobStore:
 
     def path_for(self, sha256: str) -> Path:
         if not SHA256_PATTERN.fullmatch(sha256):
-            raise bad_request(f"{sha256!r} is not a lowercase hex SHA-256")
+            raise InvalidInput(f"{sha256!r} is not a lowercase hex SHA-256")
         return self.root / "sha256" / sha256[:2] / sha256
 
     async def put(
@@ -51,7 +51,7 @@ class BlobStore:
         """
         final = self.path_for(sha256)
         if length > max_bytes:
-            raise ApiError(413, "too_large", f"blobs may be at most {max_bytes} bytes")
+            raise TooLarge(f"blobs may be at most {max_bytes} bytes")
         incoming = self.root / "incoming"
         incoming.mkdir(parents=True, exist_ok=True)
         tmp = incoming / f"{sha256}.{secrets.token_hex(4)}.part"
@@ -62,15 +62,15 @@ class BlobStore:
                 async for chunk in chunks:
                     received += len(chunk)
                     if received > length:
-                        raise bad_request(f"the upload is longer than the declared {length} bytes")
+                        raise InvalidInput(f"the upload is longer than the declared {length} bytes")
                     digest.update(chunk)
                     f.write(chunk)
                 f.flush()
                 os.fsync(f.fileno())
             if received != length:
-                raise bad_request(f"the upload has {received} bytes, not the declared {length}")
+                raise InvalidInput(f"the upload has {received} bytes, not the declared {length}")
             if digest.hexdigest() != sha256:
-                raise bad_request(
+                raise InvalidInput(
                     f"the uploaded bytes have SHA-256 {digest.hexdigest()}, not {sha256}"
                 )
             final.parent.mkdir(parents=True, exist_ok=True)

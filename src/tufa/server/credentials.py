@@ -24,7 +24,7 @@ from tufa.server.db import (
     devices,
     retired_credentials,
 )
-from tufa.server.errors import not_found
+from tufa.server.devices import NewDevice, add_device, device_row, find_device
 from tufa.server.secrets import new_secret, secret_digest
 
 DEVICE_SECRET_PREFIX = "tufad"  # noqa: S105 (a label, not a secret)
@@ -34,24 +34,13 @@ SUPERSEDED = "superseded"  # issued by a rotation, never used, replaced by a lat
 DELETED = "deleted"  # its device was deleted
 
 
-def find_device(conn: Connection, factory_id: int, ident: str, *, lock: bool = False) -> Any:
-    """The device of the factory with id `ident`, or else named `ident`; 404 if none.
-    An id wins over a name, so a device named like another's id cannot stand in for it.
-    `lock` holds its row until the transaction ends (PostgreSQL; SQLite writers are
-    serialised anyway)."""
-    missing = not_found(f"no device {ident!r} in this factory; `tufa devices list` shows them")
-    if not ident.isprintable():  # no name has a NUL or another control (PostgreSQL: no NUL)
-        raise missing
-    for column in (devices.c.id, devices.c.name):
-        query = select(devices).where(devices.c.factory_id == factory_id, column == ident)
-        found = conn.execute(query.with_for_update() if lock else query).first()
-        if found is not None:
-            return found
-    raise missing
-
-
-def _locked(conn: Connection, device_id: str | None) -> Any:
-    return conn.execute(select(devices).where(devices.c.id == device_id).with_for_update()).first()
+def register(
+    conn: Connection, factory_id: int, device: NewDevice, now: datetime
+) -> tuple[Any, str]:
+    """Register a device with its first credential. Returns the device row and the
+    credential's secret, which only its digest is kept of."""
+    secret = new_secret(DEVICE_SECRET_PREFIX)
+    return add_device(conn, factory_id, device, secret_digest(secret), now), secret
 
 
 def _retire(conn: Connection, digest: str, device: Any, reason: str, now: datetime) -> None:
@@ -86,7 +75,8 @@ def settle(db: Database, principal: Principal, secret: str, now: datetime) -> Pr
     if not principal.credential_pending:
         return principal
     with db.write() as conn:
-        _adopt_if_pending(conn, _locked(conn, principal.device_id), secret_digest(secret), now)
+        device = device_row(conn, principal.device_id, lock=True)
+        _adopt_if_pending(conn, device, secret_digest(secret), now)
         return authenticate(conn, secret, now)
 
 
@@ -95,11 +85,11 @@ def rotate(db: Database, principal: Principal, secret: str, now: datetime) -> tu
     one issued earlier and never used is retired. Returns the device row and the secret."""
     new = new_secret(DEVICE_SECRET_PREFIX)
     with db.write() as conn:
-        device = _locked(conn, principal.device_id)
+        device = device_row(conn, principal.device_id, lock=True)
         _adopt_if_pending(conn, device, secret_digest(secret), now)
         # Under the row lock: refuses a credential that died since the request began.
         authenticate(conn, secret, now)
-        device = _locked(conn, principal.device_id)
+        device = device_row(conn, principal.device_id, lock=True)
         if device.pending_secret_sha256 is not None:
             _retire(conn, device.pending_secret_sha256, device, SUPERSEDED, now)
         conn.execute(
@@ -107,7 +97,7 @@ def rotate(db: Database, principal: Principal, secret: str, now: datetime) -> tu
             .where(devices.c.id == device.id)
             .values(pending_secret_sha256=secret_digest(new))
         )
-        return _locked(conn, device.id), new
+        return device_row(conn, device.id, lock=True), new
 
 
 def revoke(conn: Connection, factory_id: int, ident: str, now: datetime) -> Any:
@@ -115,7 +105,7 @@ def revoke(conn: Connection, factory_id: int, ident: str, now: datetime) -> Any:
     device = find_device(conn, factory_id, ident, lock=True)
     if device.revoked_at is None:
         conn.execute(update(devices).where(devices.c.id == device.id).values(revoked_at=now))
-    return _locked(conn, device.id)
+    return device_row(conn, device.id, lock=True)
 
 
 def delete_device(

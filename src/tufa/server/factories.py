@@ -35,7 +35,7 @@ from tufa.core.metadata import (
 )
 from tufa.server.auth import Scope
 from tufa.server.db import channels, factories, key_archives, root_key_pairs
-from tufa.server.errors import conflict
+from tufa.server.exceptions import Conflict
 from tufa.server.state import ServerState
 from tufa.server.tokens import create_token
 
@@ -111,7 +111,7 @@ def create_factory(state: ServerState, name: str) -> CreatedFactory:
                 conn.execute(
                     insert(channels).values(
                         factory_id=factory_id,
-                        channel=channel.value,
+                        channel=channel,
                         root_version=1,
                         targets_version=1,
                         snapshot_version=0,
@@ -139,7 +139,7 @@ def create_factory(state: ServerState, name: str) -> CreatedFactory:
                 conn, factory_id, [Scope.ADMIN.value], "factory admin (created with factory)", now
             )
     except IntegrityError as e:
-        raise conflict(f"a factory named {name!r} already exists") from e
+        raise Conflict(f"a factory named {name!r} already exists") from e
     return CreatedFactory(
         name=name,
         admin_token=admin_token.secret,
@@ -149,7 +149,7 @@ def create_factory(state: ServerState, name: str) -> CreatedFactory:
 
 def _insert_factory(conn: Connection, name: str, now: object) -> int:
     if conn.execute(select(factories.c.id).where(factories.c.name == name)).first():
-        raise conflict(f"a factory named {name!r} already exists")
+        raise Conflict(f"a factory named {name!r} already exists")
     result = conn.execute(insert(factories).values(name=name, anonymous_read=False, created_at=now))
     factory_id = result.inserted_primary_key
     assert factory_id is not None

@@ -1,11 +1,15 @@
-"""The input rules every request passes before a handler looks at it.
+"""The input rules every request passes before a handler looks at it, and every target's
+custom metadata before it is signed.
 
 No text holds a NUL character or a lone surrogate: PostgreSQL stores no NUL, and no
 UTF-8 encodes a lone surrogate (JSON's `\\ud800` escape can carry one). A JSON body has
 no fractional number, NaN or Infinity (canonical JSON, which TUF metadata is signed in,
 has none), no integer outside 64 bits (what the database columns and other TUF clients
-hold), and no nesting deeper than `MAX_JSON_DEPTH`. Each refusal is a 400 that names
-the parameter, or the JSON path of the field such as 'targets[0].custom.build'.
+hold), and no nesting deeper than `MAX_JSON_DEPTH`. Each refusal (InvalidInput, a 400)
+names the parameter, or the JSON path of the field such as 'targets[0].custom.build'.
+
+The API applies them to every request (api/common.py: `refuse_unstorable_params` and
+`json_object`); publishing applies the JSON rules to custom metadata with a lower depth.
 """
 
 from __future__ import annotations
@@ -14,9 +18,7 @@ import json
 import re
 from typing import Any
 
-from starlette.requests import Request
-
-from tufa.server.errors import bad_request
+from tufa.server.exceptions import InvalidInput
 
 # Signed metadata in a body nests 7 levels (roots.ci.signed.keys.ID.keyval.public); the
 # rest is room for a target's custom metadata, which has a limit of its own (publishing).
@@ -36,18 +38,6 @@ def text_problem(text: str) -> str | None:
     except UnicodeEncodeError as e:
         return f"contains a lone surrogate (\\u{ord(text[e.start]):04x}), which is not text"
     return None
-
-
-def refuse_unstorable_params(request: Request) -> None:
-    """Refuse a request whose path or query parameters hold text no database stores."""
-    for kind, params in (
-        ("path parameter", request.path_params.items()),
-        ("query parameter", request.query_params.multi_items()),
-    ):
-        for name, value in params:
-            problem = text_problem(name) or text_problem(str(value))
-            if problem is not None:
-                raise bad_request(f"{kind} '{json.dumps(name)[1:-1]}' {problem}; remove it")
 
 
 def json_path(parent: str, key: str | int) -> str:
@@ -72,26 +62,28 @@ def refuse_unsignable_json(value: Any, path: str = "", max_depth: int = MAX_JSON
         if isinstance(item, str):
             problem = text_problem(item)
             if problem is not None:
-                raise bad_request(f"{label} {problem}; remove it")
+                raise InvalidInput(f"{label} {problem}; remove it")
         elif isinstance(item, int):
             if not INT64_MIN <= item <= INT64_MAX:
-                raise bad_request(f"{label} is out of range: integers must be from -2^63 to 2^63-1")
+                raise InvalidInput(
+                    f"{label} is out of range: integers must be from -2^63 to 2^63-1"
+                )
         elif isinstance(item, float):
-            raise bad_request(
+            raise InvalidInput(
                 f"{label} is the number {item!r}: only integers are accepted, as "
                 "signed (canonical) JSON has no fractions, NaN or Infinity; send an integer "
                 "or a string"
             )
         else:
             if depth > max_depth:
-                raise bad_request(
+                raise InvalidInput(
                     f"{label} nests deeper than {max_depth} levels of arrays and objects"
                 )
             children = list(item.items() if isinstance(item, dict) else enumerate(item))
             for key, _ in children:
                 problem = text_problem(key) if isinstance(key, str) else None
                 if problem is not None:
-                    raise bad_request(f"a key of {label} {problem}; remove it")
+                    raise InvalidInput(f"a key of {label} {problem}; remove it")
             # Reversed onto the stack, so the first problem in document order is named.
             pending.extend(
                 (child, json_path(at, key), depth + 1) for key, child in reversed(children)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 import uvicorn
@@ -30,6 +32,7 @@ from tufa.server.tokens import create_operator_token, rotate_operator_token
 # A chosen operator token must carry enough to be a secret; at most what a header holds.
 MIN_OPERATOR_TOKEN = 32
 MAX_OPERATOR_TOKEN = 256
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Duration(click.ParamType[timedelta]):
@@ -71,17 +74,26 @@ db_option = click.option(
 )
 
 
+def shared_path_option(flag: str, envvar: str, what: str, *, file: bool) -> Callable[[F], F]:
+    """An option naming a file or directory that every replica must share with the others."""
+    return click.option(
+        flag,
+        type=click.Path(file_okay=file, dir_okay=not file, path_type=Path),
+        envvar=envvar,
+        help=f"{what} Replicas sharing one database must share it.",
+    )
+
+
 @cli.command()
 @data_dir_option
 @db_option
 @click.option("--host", default="127.0.0.1", show_default=True, envvar="TUFA_HOST")
 @click.option("--port", default=8080, show_default=True, type=int, envvar="TUFA_PORT")
-@click.option(
+@shared_path_option(
     "--master-key-file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    envvar="TUFA_MASTER_KEY_FILE",
-    help="Key that encrypts online private keys [default: DATA_DIR/master.key]. "
-    "Replicas sharing one database must share it.",
+    "TUFA_MASTER_KEY_FILE",
+    "Key that encrypts online private keys [default: DATA_DIR/master.key].",
+    file=True,
 )
 @click.option(
     "--online-key-type",
@@ -91,12 +103,11 @@ db_option = click.option(
     envvar="TUFA_ONLINE_KEY_TYPE",
     help="Type of the online keys the server generates for new factories and rotations.",
 )
-@click.option(
+@shared_path_option(
     "--blob-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    envvar="TUFA_BLOB_DIR",
-    help="Where uploaded target files are stored [default: DATA_DIR/blobs]. Replicas "
-    "sharing one database must share it.",
+    "TUFA_BLOB_DIR",
+    "Where uploaded target files are stored [default: DATA_DIR/blobs].",
+    file=False,
 )
 @click.option(
     "--public-url",

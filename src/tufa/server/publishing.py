@@ -20,10 +20,10 @@ from tuf.api.metadata import Metadata, TargetFile, Targets
 from tuf.ngclient import UpdaterConfig
 
 from tufa.core.metadata import TARGETS, Channel, build_targets, expiry, sign, to_bytes
-from tufa.core.selection import version_key
+from tufa.core.selection import hardware_ids_of, tags_of, target_version, version_key
 from tufa.server.blobs import SHA256_PATTERN, owned_lengths
 from tufa.server.db import targets as targets_table
-from tufa.server.errors import ApiError, bad_request, conflict, not_found
+from tufa.server.exceptions import Conflict, InvalidInput, NotFound, TargetsTooLarge
 from tufa.server.inputs import refuse_unsignable_json
 from tufa.server.state import ServerState
 
@@ -89,30 +89,30 @@ def parse_target(data: Any, where: str) -> TargetSpec:
     """Check one target description from a request (at JSON path `where`, such as
     'targets[0]'); errors name the field."""
     if not isinstance(data, dict):
-        raise bad_request("each target must be a JSON object")
+        raise InvalidInput("each target must be a JSON object")
     name = data.get("name")
     if not isinstance(name, str) or not TARGET_NAME.fullmatch(name):
-        raise bad_request(
+        raise InvalidInput(
             "target 'name' must be 1-255 letters, digits or . _ + - (no slashes), e.g. "
             "'rpi4-image-42'"
         )
     length, sha256, url = data.get("length"), data.get("sha256"), data.get("url")
     if not isinstance(length, int) or isinstance(length, bool) or length < 0:
-        raise bad_request(f"target {name!r}: 'length' must be a non-negative integer")
+        raise InvalidInput(f"target {name!r}: 'length' must be a non-negative integer")
     if not isinstance(sha256, str) or not SHA256_PATTERN.fullmatch(sha256):
-        raise bad_request(f"target {name!r}: 'sha256' must be 64 lowercase hex digits")
+        raise InvalidInput(f"target {name!r}: 'sha256' must be 64 lowercase hex digits")
     if url is not None and (
         not isinstance(url, str) or not url.startswith(("https://", "http://"))
     ):
-        raise bad_request(f"target {name!r}: 'url' must be an http(s) URL")
+        raise InvalidInput(f"target {name!r}: 'url' must be an http(s) URL")
     if url is not None and len(url) > MAX_URL_LENGTH:
-        raise bad_request(
+        raise InvalidInput(
             f"target {name!r}: 'url' may be at most {MAX_URL_LENGTH} characters (it has {len(url)})"
         )
     custom = _custom(data.get("custom", {}), name, f"{where}.custom")
     version = data.get("version")
     if not isinstance(version, str) or not VERSION_LABEL.fullmatch(version):
-        raise bad_request(
+        raise InvalidInput(
             f"target {name!r}: 'version' must be up to 64 letters, digits or . _ : + - such as '42'"
         )
     hardware_ids = _labels(data.get("hardware_ids"), name, "hardware_ids")
@@ -129,7 +129,7 @@ def _labels(value: Any, name: str, field: str) -> list[str]:
         or not 1 <= len(value) <= MAX_LABELS
         or not all(isinstance(v, str) and LABEL.fullmatch(v) for v in value)
     ):
-        raise bad_request(
+        raise InvalidInput(
             f"target {name!r}: '{field}' must be a list of 1 to {MAX_LABELS} labels of up to "
             "128 letters, digits or . _ : + -"
         )
@@ -140,7 +140,7 @@ def _custom(value: Any, name: str, where: str) -> dict[str, Any]:
     """The extra custom metadata of a target (at JSON path `where`): a small JSON
     object, no reserved key."""
     if not isinstance(value, dict):
-        raise bad_request(f"target {name!r}: 'custom' must be a JSON object")
+        raise InvalidInput(f"target {name!r}: 'custom' must be a JSON object")
     for key, field in RESERVED_CUSTOM.items():
         if key in value:
             meaning = (
@@ -150,14 +150,14 @@ def _custom(value: Any, name: str, where: str) -> dict[str, Any]:
                 if key == "url"
                 else ""
             )
-            raise bad_request(
+            raise InvalidInput(
                 f"target {name!r}: 'custom.{key}' is written by tufa from the target's "
                 f"'{field}' field; give it there instead{meaning}"
             )
     refuse_unsignable_json(value, where, max_depth=MAX_CUSTOM_DEPTH)
     size = len(json.dumps(value, separators=(",", ":")))
     if size > MAX_CUSTOM_BYTES:
-        raise bad_request(
+        raise InvalidInput(
             f"target {name!r}: 'custom' may be at most {MAX_CUSTOM_BYTES} bytes as compact "
             f"JSON (it has {size}); keep large data in the target file itself"
         )
@@ -167,13 +167,16 @@ def _custom(value: Any, name: str, where: str) -> dict[str, Any]:
 def refuse_oversized_targets(size: int, what: str, advice: str) -> None:
     """Refuse a publish whose targets metadata some device could not download."""
     if size > MAX_TARGETS_BYTES:
-        raise ApiError(
-            409,
-            "targets_too_large",
+        raise TargetsTooLarge(
             f"{what} would be {size} bytes, more than the {MAX_TARGETS_BYTES} that every "
             f"device accepts (python-tuf's ngclient refuses more than "
             f"{NGCLIENT_TARGETS_MAX_LENGTH} by default): {advice}. Nothing was published",
         )
+
+
+def _version(target: TargetFile) -> str:
+    """The target's version; every published target has one (parse_target)."""
+    return target_version(target) or ""
 
 
 @dataclass(frozen=True)
@@ -190,18 +193,18 @@ class CiPublisher:
         self.repo = state.repo
 
     def _current(self, conn: Connection, factory_id: int) -> Targets:
-        stored = self.repo.read_file(conn, factory_id, Channel.CI.value, TARGETS, None)
+        stored = self.repo.read_file(conn, factory_id, Channel.CI, TARGETS, None)
         assert stored is not None
         return Metadata[Targets].from_bytes(stored.body).signed
 
     def add(self, factory_id: int, specs: list[TargetSpec]) -> PublishResult:
         if not specs or len(specs) > MAX_TARGETS_PER_PUBLISH:
-            raise bad_request(f"give 1 to {MAX_TARGETS_PER_PUBLISH} targets per publish")
+            raise InvalidInput(f"give 1 to {MAX_TARGETS_PER_PUBLISH} targets per publish")
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
-            raise bad_request("the same target name appears twice in one publish")
+            raise InvalidInput("the same target name appears twice in one publish")
         with self.state.db.write() as conn:
-            self.state.db.lock_channel(conn, factory_id, Channel.CI.value)
+            self.state.db.lock_channel(conn, factory_id, Channel.CI)
             self._check_uploaded(conn, factory_id, specs)
             now = self.state.settings.clock.now()
             known = {
@@ -224,7 +227,7 @@ class CiPublisher:
                         spec.url,
                         spec.custom,
                     ):
-                        raise conflict(
+                        raise Conflict(
                             f"a different target named {spec.name!r} was already published; "
                             "targets never change: publish under a new name"
                         )
@@ -265,13 +268,13 @@ class CiPublisher:
         owned = owned_lengths(conn, factory_id, (spec.sha256 for spec in hosted))
         for spec in hosted:
             if spec.sha256 not in owned:
-                raise bad_request(
+                raise InvalidInput(
                     f"target {spec.name!r}: 'sha256': this factory has no uploaded file with "
                     f"SHA-256 {spec.sha256}; upload it first (`tufa targets add --file` does "
                     "both), or give the 'url' devices download it from"
                 )
             if owned[spec.sha256] != spec.length:
-                raise bad_request(
+                raise InvalidInput(
                     f"target {spec.name!r}: 'length' is {spec.length}, but the uploaded file "
                     f"with SHA-256 {spec.sha256} has {owned[spec.sha256]} bytes"
                 )
@@ -279,16 +282,15 @@ class CiPublisher:
     def prune(self, factory_id: int, keep: int) -> PublishResult:
         """Keep the `keep` highest versions per (hardware id, tag) in the CI targets."""
         if keep < 1:
-            raise bad_request("'keep' must be at least 1")
+            raise InvalidInput("'keep' must be at least 1")
         with self.state.db.write() as conn:
-            self.state.db.lock_channel(conn, factory_id, Channel.CI.value)
+            self.state.db.lock_channel(conn, factory_id, Channel.CI)
             current = dict(self._current(conn, factory_id).targets)
             versions: dict[tuple[str, str], set[str]] = defaultdict(set)
             for target in current.values():
-                custom = target.custom
-                for hw in custom.get("hardwareIds", []):
-                    for tag in custom.get("tags", []):
-                        versions[hw, tag].add(str(custom.get("version")))
+                for hw in hardware_ids_of(target):
+                    for tag in tags_of(target):
+                        versions[hw, tag].add(_version(target))
             kept = {
                 key: set(sorted(found, key=version_key)[-keep:]) for key, found in versions.items()
             }
@@ -296,9 +298,9 @@ class CiPublisher:
                 name
                 for name, target in current.items()
                 if not any(
-                    str(target.custom.get("version")) in kept[hw, tag]
-                    for hw in target.custom.get("hardwareIds", [])
-                    for tag in target.custom.get("tags", [])
+                    _version(target) in kept[hw, tag]
+                    for hw in hardware_ids_of(target)
+                    for tag in tags_of(target)
                 )
             )
             if removed:
@@ -313,15 +315,15 @@ class CiPublisher:
         Production views are signed offline and keep their own list: a target they list
         stays served to their devices, and its file stays stored."""
         if not names or len(names) > MAX_TARGETS_PER_PUBLISH:
-            raise bad_request(f"'names' must list 1 to {MAX_TARGETS_PER_PUBLISH} target names")
+            raise InvalidInput(f"'names' must list 1 to {MAX_TARGETS_PER_PUBLISH} target names")
         if len(set(names)) != len(names):
-            raise bad_request("'names' lists the same target twice")
+            raise InvalidInput("'names' lists the same target twice")
         with self.state.db.write() as conn:
-            self.state.db.lock_channel(conn, factory_id, Channel.CI.value)
+            self.state.db.lock_channel(conn, factory_id, Channel.CI)
             current = dict(self._current(conn, factory_id).targets)
             missing = sorted(set(names) - set(current))
             if missing:
-                raise not_found(
+                raise NotFound(
                     f"not in the CI targets: {', '.join(missing)}; nothing was deleted "
                     "(`tufa targets list` shows what is)"
                 )

@@ -1,10 +1,12 @@
-"""What every request handler reaches through `request.app.state.tufa`."""
+"""What every request handler works with: settings, database, keys, repository, blobs.
+
+The API reaches it through the request (`tufa.server.api.common.state_of`); domain
+modules are given it.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from starlette.requests import Request
 
 from tufa.server.blobs import BlobStore
 from tufa.server.db import Database
@@ -20,11 +22,3 @@ class ServerState:
     master_key: MasterKey
     repo: Repository
     blobs: BlobStore
-
-    def base_url(self, request: Request) -> str:
-        return (self.settings.public_url or str(request.base_url)).rstrip("/")
-
-
-def state_of(request: Request) -> ServerState:
-    state: ServerState = request.app.state.tufa
-    return state

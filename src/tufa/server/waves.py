@@ -7,6 +7,9 @@ devices a rollout picks. `complete` makes it the tag's production targets for ev
 device of the tag; `cancel` stops further rollouts, and the devices that got it keep
 being served it until a newer release of their tag exists, so no version they have
 seen ever goes down.
+
+Which devices are served a wave, and how far it reached them, are queries of the fleet
+(devices.py).
 """
 
 from __future__ import annotations
@@ -14,34 +17,28 @@ from __future__ import annotations
 import math
 import re
 from datetime import timedelta
-from typing import Any
+from typing import Any, Final, Literal
 
 from securesystemslib.signer import Signature
-from sqlalchemy import Connection, exists, func, insert, select, update
+from sqlalchemy import Connection, insert, select, update
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, Root, TargetFile, Targets
 
 from tufa.core.clock import iso
 from tufa.core.metadata import TARGETS, Channel, build_targets, expiry, to_bytes
-from tufa.core.selection import version_key
-from tufa.server.db import (
-    channels,
-    device_events,
-    device_group_members,
-    device_groups,
-    devices,
-    targets,
-    waves,
-)
-from tufa.server.errors import ApiError, bad_request, conflict, not_found
+from tufa.core.selection import custom_of, tags_of, target_version, version_key
+from tufa.server import devices
+from tufa.server.db import channels, targets, waves
+from tufa.server.exceptions import Conflict, InvalidInput, NotFound, RuleViolated
 from tufa.server.publishing import refuse_oversized_targets
 from tufa.server.signatures import verify_signature
 from tufa.server.state import ServerState
 from tufa.server.views import tag_view, wave_view
 
-ACTIVE, COMPLETE, CANCELLED = "active", "complete", "cancelled"
-# Device report events that say a version did not stay installed.
-FAILED_KINDS = ("install-failed", "rolled-back")
+WaveStatus = Literal["active", "complete", "cancelled"]
+ACTIVE: Final = "active"
+COMPLETE: Final = "complete"
+CANCELLED: Final = "cancelled"
 WAVE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MAX_EXPIRES_DAYS = 3650
 # A rollout's limit: a count (up to 999,999,999 devices), or a share in percent.
@@ -62,7 +59,7 @@ class Waves:
     def _next_version(self, conn: Connection, factory_id: int) -> int:
         counter = conn.execute(
             select(channels.c.targets_version).where(
-                channels.c.factory_id == factory_id, channels.c.channel == PROD.value
+                channels.c.factory_id == factory_id, channels.c.channel == PROD
             )
         ).scalar_one()
         return int(counter) + 1
@@ -79,7 +76,7 @@ class Waves:
         """The production targets a wave for build `version` of `tag` would serve, for
         the owner to sign."""
         if not 1 <= expires_days <= MAX_EXPIRES_DAYS:
-            raise bad_request(f"'expires_days' must be 1 to {MAX_EXPIRES_DAYS}")
+            raise InvalidInput(f"'expires_days' must be 1 to {MAX_EXPIRES_DAYS}")
         built = build_targets(
             self._next_version(conn, factory_id),
             expiry(self.state.settings.clock.now(), timedelta(days=expires_days)),
@@ -98,29 +95,27 @@ class Waves:
         ).scalars()
         highest = max(attempted, key=version_key, default=None)
         if highest is not None and version_key(version) <= version_key(highest):
-            raise bad_request(
+            raise InvalidInput(
                 f"version {version} of tag {tag!r} must be higher than every version released "
                 f"or attempted for it (highest so far: {highest})"
             )
-        ci = self.repo.read_file(conn, factory_id, Channel.CI.value, TARGETS, None)
+        ci = self.repo.read_file(conn, factory_id, Channel.CI, TARGETS, None)
         assert ci is not None
         build = {
             name: _released_for(target, tag)
             for name, target in Metadata[Targets].from_bytes(ci.body).signed.targets.items()
-            if str(target.custom.get("version")) == version and tag in target.custom.get("tags", [])
+            if target_version(target) == version and tag in tags_of(target)
         }
         if not build:
-            raise bad_request(
+            raise InvalidInput(
                 f"no CI target of version {version} has tag {tag!r}; publish the build with "
                 "`tufa targets add` first"
             )
-        released = self.repo.read_file(conn, factory_id, PROD.value, TARGETS, None, tag_view(tag))
+        released = self.repo.read_file(conn, factory_id, PROD, TARGETS, None, tag_view(tag))
         assert released is not None
         current = Metadata[Targets].from_bytes(released.body).signed.targets
         kept = {
-            name: target
-            for name, target in current.items()
-            if str(target.custom.get("version")) not in prune
+            name: target for name, target in current.items() if target_version(target) not in prune
         }
         return {**kept, **build}
 
@@ -135,35 +130,33 @@ class Waves:
         md: Metadata[Targets],
     ) -> dict[str, Any]:
         """Store a wave signed offline, after checking it is exactly what `prepare` builds."""
-        self.state.db.lock_channel(conn, factory_id, PROD.value)
+        self.state.db.lock_channel(conn, factory_id, PROD)
         if not WAVE_NAME.fullmatch(name):
-            raise bad_request("wave names are 1-64 letters, digits, '.', '_' or '-'")
+            raise InvalidInput("wave names are 1-64 letters, digits, '.', '_' or '-'")
         if self._row(conn, factory_id, name, required=False) is not None:
-            raise conflict(f"a wave named {name!r} exists already; waves are never reused")
+            raise Conflict(f"a wave named {name!r} exists already; waves are never reused")
         active = self._active_for(conn, factory_id, tag)
         if active is not None:
-            raise conflict(
+            raise Conflict(
                 f"wave {active!r} is active for tag {tag!r}: complete or cancel it first"
             )
         expected = self._content(conn, factory_id, tag, version, prune)
         expected_version = self._next_version(conn, factory_id)
         if md.signed.targets != expected or md.signed.version != expected_version:
-            raise ApiError(
-                400,
-                "rule_violated",
+            raise RuleViolated(
                 "the signed targets are not what this wave must serve (the current production "
                 f"targets of {tag!r} plus build {version}, version {expected_version}); run "
                 "`tufa waves init` again",
             )
         now = self.state.settings.clock.now()
         if not now < md.signed.expires <= now + timedelta(days=MAX_EXPIRES_DAYS):
-            raise bad_request(f"a wave must expire within {MAX_EXPIRES_DAYS} days from now")
+            raise InvalidInput(f"a wave must expire within {MAX_EXPIRES_DAYS} days from now")
         self._check_offline_signatures(conn, factory_id, md)
         md.sign(self.repo.online_signer(conn, factory_id, PROD, TARGETS), append=True)
         _refuse_oversized(tag, len(to_bytes(md)))
         counter = self.repo.bump(conn, factory_id, PROD, TARGETS)[TARGETS]
         if counter != md.signed.version:
-            raise conflict("production targets changed meanwhile; run `tufa waves init` again")
+            raise Conflict("production targets changed meanwhile; run `tufa waves init` again")
         conn.execute(
             insert(waves).values(
                 factory_id=factory_id,
@@ -197,10 +190,10 @@ class Waves:
         offline = set(root.roles[TARGETS].keyids) - {online}
         offline_signatures = [s for s in md.signatures.values() if s.keyid != online]
         if not offline_signatures:
-            raise bad_request("a wave must be signed with an offline targets key (-k ARCHIVE)")
+            raise InvalidInput("a wave must be signed with an offline targets key (-k ARCHIVE)")
         for sig in offline_signatures:
             if sig.keyid not in offline:
-                raise bad_request(
+                raise InvalidInput(
                     f"key {sig.keyid} is not an offline targets key of the production root"
                 )
             verify_signature(root.keys[sig.keyid], sig, md.signed_bytes, "wave's targets")
@@ -227,10 +220,10 @@ class Waves:
     def add_signatures(
         self, conn: Connection, factory_id: int, name: str, signatures: list[Signature]
     ) -> dict[str, Any]:
-        self.state.db.lock_channel(conn, factory_id, PROD.value)
+        self.state.db.lock_channel(conn, factory_id, PROD)
         row = self._row(conn, factory_id, name)
         if row.status != ACTIVE:
-            raise conflict(f"wave {name!r} is {row.status}")
+            raise Conflict(f"wave {name!r} is {row.status}")
         md = Metadata[Targets].from_bytes(row.targets)
         was_signed = self._signed_enough(conn, factory_id, md)
         for sig in signatures:
@@ -258,42 +251,26 @@ class Waves:
         dry_run: bool,
     ) -> dict[str, Any]:
         """Serve the wave to more devices of its tag: a group, a list, a count or a share."""
-        self.state.db.lock_channel(conn, factory_id, PROD.value)
+        self.state.db.lock_channel(conn, factory_id, PROD)
         row = self._row(conn, factory_id, name)
         if row.status != ACTIVE:
-            raise conflict(f"wave {name!r} is {row.status}; only an active wave rolls out")
+            raise Conflict(f"wave {name!r} is {row.status}; only an active wave rolls out")
         if not self._signed_enough(conn, factory_id, Metadata[Targets].from_bytes(row.targets)):
-            raise conflict(f"wave {name!r} needs more offline signatures first (`tufa waves sign`)")
-        query = select(devices.c.id, devices.c.name).where(
-            devices.c.factory_id == factory_id,
-            devices.c.channel == PROD.value,
-            devices.c.tag == row.tag,
-            devices.c.view != wave_view(name),
-            # A revoked device is served nothing: it would only use up a --limit.
-            devices.c.revoked_at.is_(None),
+            raise Conflict(f"wave {name!r} needs more offline signatures first (`tufa waves sign`)")
+        candidates = devices.production_devices(
+            conn,
+            factory_id,
+            row.tag,
+            not_in_view=wave_view(name),
+            group=group,
+            idents=device_ids,
         )
-        if group is not None:
-            known = conn.execute(
-                select(device_groups.c.name).where(
-                    device_groups.c.factory_id == factory_id, device_groups.c.name == group
-                )
-            ).first()
-            if known is None:
-                raise not_found(f"no device group named {group!r}")
-            members = select(device_group_members.c.device_id).where(
-                device_group_members.c.factory_id == factory_id,
-                device_group_members.c.group_name == group,
-            )
-            query = query.where(devices.c.id.in_(members))
-        if device_ids is not None:
-            query = query.where(devices.c.id.in_(device_ids) | devices.c.name.in_(device_ids))
-        candidates = conn.execute(query.order_by(devices.c.name)).all()
         if device_ids is not None:
             matched = {d.id for d in candidates} | {d.name for d in candidates}
-            already = self._served(conn, factory_id, name)
+            already = devices.served(conn, factory_id, wave_view(name))
             unknown = sorted(set(device_ids) - matched - already)
             if unknown:
-                raise not_found(f"not production devices of tag {row.tag!r}: {', '.join(unknown)}")
+                raise NotFound(f"not production devices of tag {row.tag!r}: {', '.join(unknown)}")
         chosen = candidates[: _limit(limit, len(candidates))]
         result = {
             "wave": name,
@@ -302,11 +279,7 @@ class Waves:
         }
         if dry_run or not chosen:
             return result
-        conn.execute(
-            update(devices)
-            .where(devices.c.id.in_([d.id for d in chosen]))
-            .values(view=wave_view(name))
-        )
+        devices.serve(conn, [d.id for d in chosen], wave_view(name))
         # The wave's snapshot and timestamp are published again with new numbers, higher
         # than any version the devices saw in the view they come from.
         self.repo.publish_snapshot_and_timestamp(
@@ -321,40 +294,32 @@ class Waves:
 
     def complete(self, conn: Connection, factory_id: int, name: str) -> dict[str, Any]:
         """Make the wave the production targets of its tag, for every device of the tag."""
-        self.state.db.lock_channel(conn, factory_id, PROD.value)
+        self.state.db.lock_channel(conn, factory_id, PROD)
         row = self._row(conn, factory_id, name)
         if row.status != ACTIVE:
-            raise conflict(f"wave {name!r} is {row.status}")
+            raise Conflict(f"wave {name!r} is {row.status}")
         md = Metadata[Targets].from_bytes(row.targets)
         if not self._signed_enough(conn, factory_id, md):
-            raise conflict(f"wave {name!r} needs more offline signatures (`tufa waves sign`)")
+            raise Conflict(f"wave {name!r} needs more offline signatures (`tufa waves sign`)")
         now = self.state.settings.clock.now()
         view = tag_view(row.tag)
         self.repo.store(conn, factory_id, PROD, md, view)
         self.repo.publish_snapshot_and_timestamp(
             conn, factory_id, PROD, md.signed.version, now, view
         )
-        conn.execute(
-            update(devices)
-            .where(
-                devices.c.factory_id == factory_id,
-                devices.c.channel == PROD.value,
-                devices.c.tag == row.tag,
-            )
-            .values(view=view)
-        )
+        devices.serve_tag(conn, factory_id, row.tag, view)
         self._finish(conn, factory_id, name, COMPLETE)
         return self.describe(conn, factory_id, name)
 
     def cancel(self, conn: Connection, factory_id: int, name: str) -> dict[str, Any]:
-        self.state.db.lock_channel(conn, factory_id, PROD.value)
+        self.state.db.lock_channel(conn, factory_id, PROD)
         row = self._row(conn, factory_id, name)
         if row.status != ACTIVE:
-            raise conflict(f"wave {name!r} is {row.status}")
+            raise Conflict(f"wave {name!r} is {row.status}")
         self._finish(conn, factory_id, name, CANCELLED)
         return self.describe(conn, factory_id, name)
 
-    def _finish(self, conn: Connection, factory_id: int, name: str, status: str) -> None:
+    def _finish(self, conn: Connection, factory_id: int, name: str, status: WaveStatus) -> None:
         conn.execute(
             update(waves)
             .where(waves.c.factory_id == factory_id, waves.c.name == name)
@@ -368,7 +333,7 @@ class Waves:
             select(waves).where(waves.c.factory_id == factory_id, waves.c.name == name)
         ).first()
         if row is None and required:
-            raise not_found(f"no wave named {name!r}")
+            raise NotFound(f"no wave named {name!r}")
         return row
 
     def _active_for(self, conn: Connection, factory_id: int, tag: str) -> str | None:
@@ -378,15 +343,6 @@ class Waves:
             )
         ).scalar()
         return name
-
-    def _served(self, conn: Connection, factory_id: int, name: str) -> set[str]:
-        """Ids and names of the devices the wave is served to."""
-        rows = conn.execute(
-            select(devices.c.id, devices.c.name).where(
-                devices.c.factory_id == factory_id, devices.c.view == wave_view(name)
-            )
-        ).all()
-        return {r.id for r in rows} | {r.name for r in rows}
 
     def active(self, conn: Connection, factory_id: int) -> list[str]:
         return list(
@@ -400,40 +356,9 @@ class Waves:
     def describe(self, conn: Connection, factory_id: int, name: str) -> dict[str, Any]:
         row = self._row(conn, factory_id, name)
         md = Metadata[Targets].from_bytes(row.targets)
-        # Revoked devices are out of the fleet (served nothing), deleted ones are gone
-        # with their events: neither counts.
-        fleet = (devices.c.factory_id == factory_id) & devices.c.revoked_at.is_(None)
-        tag_devices = conn.execute(
-            select(func.count())
-            .select_from(devices)
-            .where(fleet, devices.c.channel == PROD.value, devices.c.tag == row.tag)
-        ).scalar_one()
         # Once complete, the wave's release is what every device of its tag is served, so
         # its install counts cover them all.
-        reached = (
-            (devices.c.channel == PROD.value) & (devices.c.tag == row.tag)
-            if row.status == COMPLETE
-            else devices.c.view == wave_view(name)
-        )
-        served_query = select(func.count()).select_from(devices).where(fleet, reached)
-        served = conn.execute(served_query).scalar_one()
-        installed = conn.execute(
-            served_query.where(devices.c.installed_version == row.version)
-        ).scalar_one()
-        # A failure counts until the device reports the version installed after all (a
-        # retry that worked); a device that never reported the version installed counts
-        # too (installed_version is NULL, hence IS DISTINCT FROM rather than !=).
-        failed = conn.execute(
-            served_query.where(
-                devices.c.installed_version.is_distinct_from(row.version),
-                exists().where(
-                    device_events.c.factory_id == factory_id,
-                    device_events.c.version == row.version,
-                    device_events.c.device_id == devices.c.id,
-                    device_events.c.kind.in_(FAILED_KINDS),
-                ),
-            )
-        ).scalar_one()
+        reached = None if row.status == COMPLETE else wave_view(name)
         return {
             "name": row.name,
             "tag": row.tag,
@@ -444,10 +369,7 @@ class Waves:
             "signed_by": sorted(md.signatures),
             "targets": sorted(md.signed.targets),
             "expires": iso(md.signed.expires),
-            "devices_served": served,
-            "devices_of_tag": tag_devices,
-            "devices_installed": installed,
-            "devices_failed": failed,
+            **devices.release_progress(conn, factory_id, row.tag, row.version, reached),
             "created_at": iso(row.created_at),
             "finished_at": iso(row.finished_at),
             "metadata": md.to_dict(),
@@ -470,7 +392,7 @@ def _released_for(target: TargetFile, tag: str) -> TargetFile:
     tag only. Every view of the production channel is signed by the same keys, so anyone
     in the middle can serve a device of one tag another tag's view; a device finds
     nothing there to install, even of a build CI had published for both tags."""
-    custom = {**target.custom, "tags": [tag]}
+    custom = {**custom_of(target), "tags": [tag]}
     fields = {**target.unrecognized_fields, "custom": custom}
     return TargetFile(target.length, dict(target.hashes), target.path, fields)
 
@@ -496,4 +418,4 @@ def _limit(limit: str | None, available: int) -> int:
         return math.ceil(available * float(share) / 100)
     if count is not None and int(count) >= 1:
         return int(count)
-    raise bad_request("'limit' must be a count such as 10 or a share such as 25%")
+    raise InvalidInput("'limit' must be a count such as 10 or a share such as 25%")

@@ -1,4 +1,5 @@
-"""Helpers every handler uses: the caller's identity, JSON bodies, field checks."""
+"""Helpers every handler uses: the server state, the caller's identity, the input rules
+(tufa.server.inputs) applied to parameters and JSON bodies, field checks."""
 
 from __future__ import annotations
 
@@ -15,11 +16,35 @@ from starlette.responses import JSONResponse
 from tufa.server.auth import Principal, authenticate, bearer_secret
 from tufa.server.credentials import settle
 from tufa.server.errors import bad_request
-from tufa.server.inputs import refuse_unsignable_json
-from tufa.server.state import ServerState, state_of
+from tufa.server.inputs import refuse_unsignable_json, text_problem
+from tufa.server.state import ServerState
 
 T = TypeVar("T")
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{1,62}")
+
+
+def state_of(request: Request) -> ServerState:
+    state: ServerState = request.app.state.tufa
+    return state
+
+
+def base_url(request: Request) -> str:
+    """The server's URL as devices reach it: the configured public URL, if the server
+    sits behind a proxy, or else the one this request came to."""
+    public_url = state_of(request).settings.public_url
+    return (public_url or str(request.base_url)).rstrip("/")
+
+
+def refuse_unstorable_params(request: Request) -> None:
+    """Refuse a request whose path or query parameters hold text no database stores."""
+    for kind, params in (
+        ("path parameter", request.path_params.items()),
+        ("query parameter", request.query_params.multi_items()),
+    ):
+        for name, value in params:
+            problem = text_problem(name) or text_problem(str(value))
+            if problem is not None:
+                raise bad_request(f"{kind} '{json.dumps(name)[1:-1]}' {problem}; remove it")
 
 
 async def caller(request: Request) -> tuple[ServerState, Principal | None]:

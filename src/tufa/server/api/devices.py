@@ -6,19 +6,17 @@ credentials)."""
 from __future__ import annotations
 
 import re
-import uuid
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
-from sqlalchemy import Connection, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Connection
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from tufa.core.clock import iso
 from tufa.core.metadata import Channel
-from tufa.server import credentials
+from tufa.server import credentials, devices
 from tufa.server.api.common import caller, field, json_object, ok, text_field, threaded
 from tufa.server.auth import (
     Principal,
@@ -29,11 +27,8 @@ from tufa.server.auth import (
     require_factory,
     unauthorized,
 )
-from tufa.server.credentials import DEVICE_SECRET_PREFIX
-from tufa.server.db import device_events, devices
-from tufa.server.errors import bad_request, conflict
-from tufa.server.secrets import new_secret, secret_digest
-from tufa.server.views import tag_view
+from tufa.server.devices import DeviceEvent, Installed, NewDevice
+from tufa.server.errors import bad_request
 
 MAX_LABEL = 128
 # Device reports: the limits match the columns of `devices` and `device_events`.
@@ -88,36 +83,20 @@ async def register(request: Request) -> JSONResponse:
     )
     data = await json_object(request)
     channel = field(data, "channel", str)
-    if channel not in {c.value for c in Channel}:
+    if channel not in set(Channel):
         raise bad_request("field 'channel' must be 'ci' or 'prod'")
-    values = {
+    new: NewDevice = {
         "name": text_field(data, "name", MAX_LABEL),
         "hardware_id": text_field(data, "hardware_id", MAX_LABEL),
         "tag": text_field(data, "tag", MAX_LABEL),
-        "channel": channel,
+        "channel": Channel(channel),
     }
-    # A production device is served its tag's releases until a wave takes it.
-    values["view"] = tag_view(values["tag"]) if channel == Channel.PROD.value else ""
-    secret = new_secret(DEVICE_SECRET_PREFIX)
+    factory_id = caller_token.factory_id
+    assert factory_id is not None
 
     def insert_device() -> dict[str, Any]:
-        device_id = str(uuid.uuid4())
-        try:
-            with state.db.write() as conn:
-                now = state.settings.clock.now()
-                conn.execute(
-                    insert(devices).values(
-                        id=device_id,
-                        factory_id=caller_token.factory_id,
-                        secret_sha256=secret_digest(secret),
-                        created_at=now,
-                        credential_since=now,
-                        **values,
-                    )
-                )
-                row = conn.execute(select(devices).where(devices.c.id == device_id)).one()
-        except IntegrityError as e:
-            raise conflict(f"a device named {values['name']!r} is already registered") from e
+        with state.db.write() as conn:
+            row, secret = credentials.register(conn, factory_id, new, state.settings.clock.now())
         return {**_device_json(row), "credential": secret}
 
     return ok(await threaded(insert_device), status=201)
@@ -128,12 +107,9 @@ async def list_all(request: Request) -> JSONResponse:
     reader = require_factory(principal, request.path_params["factory"], {Scope.ADMIN, Scope.READ})
 
     def rows() -> list[dict[str, Any]]:
+        assert reader.factory_id is not None
         with state.db.read() as conn:
-            found = conn.execute(
-                select(devices)
-                .where(devices.c.factory_id == reader.factory_id)
-                .order_by(devices.c.name)
-            ).all()
+            found = devices.list_devices(conn, reader.factory_id)
         return [
             {
                 **_device_json(r),
@@ -154,19 +130,9 @@ async def show(request: Request) -> JSONResponse:
     def row() -> dict[str, Any]:
         assert reader.factory_id is not None
         with state.db.read() as conn:
-            found = credentials.find_device(conn, reader.factory_id, ident)
+            found = devices.find_device(conn, reader.factory_id, ident)
             earlier = credentials.earlier_devices(conn, reader.factory_id, found.name)
-            # Newest by the device's clock; ties (same second) in a stable order.
-            events = conn.execute(
-                select(device_events)
-                .where(device_events.c.device_id == found.id)
-                .order_by(
-                    device_events.c.at.desc(),
-                    device_events.c.received_at.desc(),
-                    device_events.c.id.desc(),
-                )
-                .limit(SHOWN_EVENTS)
-            ).all()
+            events = devices.recent_events(conn, found.id, SHOWN_EVENTS)
         return {
             **_device_json(found),
             "installed_version": found.installed_version,
@@ -223,7 +189,7 @@ async def credential_show(request: Request) -> JSONResponse:
 
     def row() -> dict[str, Any]:
         with state.db.read() as conn:
-            found = conn.execute(select(devices).where(devices.c.id == device.device_id)).first()
+            found = devices.device_row(conn, device.device_id)
             if found is None:
                 _refuse_dead(conn, secret, state.settings.clock.now())
         return _device_json(found)
@@ -289,7 +255,7 @@ def _text(
     return value
 
 
-def _installed(data: dict[str, Any]) -> dict[str, str | None]:
+def _installed(data: dict[str, Any]) -> Installed:
     if "installed" not in data:
         raise bad_request("field 'installed' is required (null when nothing is installed yet)")
     installed = data["installed"]
@@ -332,12 +298,12 @@ def _detail(event: dict[str, Any], label: str) -> str:
     return value
 
 
-def _events(data: dict[str, Any]) -> list[dict[str, Any]]:
+def _events(data: dict[str, Any]) -> list[DeviceEvent]:
     """The events of a report, checked; an id given twice counts once (the first)."""
     events = field(data, "events", list)
     if len(events) > MAX_EVENTS:
         raise bad_request(f"field 'events' holds at most {MAX_EVENTS} events; send the rest next")
-    checked: dict[str, dict[str, Any]] = {}
+    checked: dict[str, DeviceEvent] = {}
     for index, event in enumerate(events):
         where = f"events[{index}]"
         if not isinstance(event, dict):
@@ -375,42 +341,13 @@ async def report(request: Request) -> JSONResponse:
 
     def store() -> int:
         now = state.settings.clock.now()
+        assert factory_id is not None
+        assert device_id is not None
         with state.db.write() as conn:
-            # The update comes first: on PostgreSQL it locks the device's row, so two
-            # reports of one device (a resend racing the original) take turns, and the
-            # second sees the events the first stored.
-            updated = conn.execute(
-                update(devices)
-                .where(devices.c.id == device_id, devices.c.revoked_at.is_(None))
-                .values(**installed, last_report_at=now)
-            )
-            if updated.rowcount == 0:
+            accepted = devices.record_report(conn, factory_id, device_id, installed, events, now)
+            if accepted is None:
                 _refuse_dead(conn, secret, now)
-            if not events:
-                return 0
-            known = set(
-                conn.execute(
-                    select(device_events.c.id).where(
-                        device_events.c.device_id == device_id,
-                        device_events.c.id.in_([e["id"] for e in events]),
-                    )
-                ).scalars()
-            )
-            new = [e for e in events if e["id"] not in known]
-            if new:
-                conn.execute(
-                    insert(device_events),
-                    [
-                        {
-                            **e,
-                            "device_id": device_id,
-                            "factory_id": factory_id,
-                            "received_at": now,
-                        }
-                        for e in new
-                    ],
-                )
-        return len(new)
+        return accepted
 
     return ok({"accepted": await threaded(store)})
 

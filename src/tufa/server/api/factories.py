@@ -19,7 +19,15 @@ from tufa.core.root_update import (
     shared_keyids,
     shared_keys_warning,
 )
-from tufa.server.api.common import caller, field, json_object, name_field, ok, threaded
+from tufa.server.api.common import (
+    base_url,
+    caller,
+    field,
+    json_object,
+    name_field,
+    ok,
+    threaded,
+)
 from tufa.server.auth import Scope, require_factory, require_operator
 from tufa.server.db import factories
 from tufa.server.errors import bad_request, not_found
@@ -60,7 +68,7 @@ async def show(request: Request) -> JSONResponse:
     state, principal = await caller(request)
     name = request.path_params["factory"]
     require_factory(principal, name, READERS)
-    return ok(await threaded(lambda: describe(state, name, state.base_url(request))))
+    return ok(await threaded(lambda: describe(state, name, base_url(request))))
 
 
 async def configure(request: Request) -> JSONResponse:
@@ -82,7 +90,7 @@ async def configure(request: Request) -> JSONResponse:
             )
 
     await threaded(apply)
-    return ok(await threaded(lambda: describe(state, name, state.base_url(request))))
+    return ok(await threaded(lambda: describe(state, name, base_url(request))))
 
 
 class FileStatus(TypedDict):

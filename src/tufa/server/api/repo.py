@@ -27,7 +27,7 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from tufa.core.metadata import ROOT, TARGETS, TIMESTAMP, Channel
-from tufa.server.api.common import threaded
+from tufa.server.api.common import state_of, threaded
 from tufa.server.auth import (
     Scope,
     authenticate,
@@ -41,7 +41,7 @@ from tufa.server.db import blob_owners, factories, targets
 from tufa.server.errors import bad_request, not_found
 from tufa.server.publishing import LABEL
 from tufa.server.repository import DEFAULT_VIEW, StoredFile
-from tufa.server.state import ServerState, state_of
+from tufa.server.state import ServerState
 from tufa.server.views import tag_view
 
 _VERSIONED = re.compile(r"^([1-9][0-9]{0,9})\.(root|snapshot|targets)\.json$")

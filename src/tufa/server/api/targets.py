@@ -15,7 +15,7 @@ from tuf.api.metadata import Metadata, TargetFile, Targets
 
 from tufa.core.clock import iso
 from tufa.core.metadata import TARGETS, Channel
-from tufa.core.selection import version_key
+from tufa.core.selection import custom_of, hardware_ids_of, tags_of, version_key
 from tufa.server.api.common import caller, field, json_object, ok, threaded
 from tufa.server.auth import Scope, require_factory
 from tufa.server.blobs import grant
@@ -42,12 +42,12 @@ def _result(result: PublishResult) -> dict[str, Any]:
 
 
 def target_json(target: TargetFile) -> dict[str, Any]:
-    custom = target.custom
+    custom = custom_of(target)
     return {
         "name": target.path,
         "version": custom.get("version"),
-        "hardware_ids": custom.get("hardwareIds", []),
-        "tags": custom.get("tags", []),
+        "hardware_ids": hardware_ids_of(target),
+        "tags": tags_of(target),
         "length": target.length,
         "sha256": target.hashes.get("sha256"),
         "url": custom.get("url"),
@@ -112,7 +112,7 @@ async def delete(request: Request) -> JSONResponse:
 
 
 def _listed(
-    state: ServerState, factory_id: int, channel: str, view: str = DEFAULT_VIEW
+    state: ServerState, factory_id: int, channel: Channel, view: str = DEFAULT_VIEW
 ) -> dict[str, TargetFile]:
     with state.db.read() as conn:
         stored = state.repo.read_file(conn, factory_id, channel, TARGETS, None, view)
@@ -124,21 +124,22 @@ def _listed(
 async def list_all(request: Request) -> JSONResponse:
     state, principal = await caller(request)
     reader = require_factory(principal, request.path_params["factory"], READERS)
-    channel = request.query_params.get("channel", Channel.CI.value)
-    if channel not in {c.value for c in Channel}:
+    channel_name = request.query_params.get("channel", Channel.CI)
+    if channel_name not in set(Channel):
         raise bad_request("'channel' must be 'ci' or 'prod'")
+    channel = Channel(channel_name)
     tag = request.query_params.get("tag")
     hardware_id = request.query_params.get("hardware_id")
     assert reader.factory_id is not None
     factory_id = reader.factory_id
     # Production targets are kept per tag: a tag's view is what its devices are served.
-    view = tag_view(tag) if channel == Channel.PROD.value and tag else DEFAULT_VIEW
+    view = tag_view(tag) if channel == Channel.PROD and tag else DEFAULT_VIEW
     listed = await threaded(lambda: _listed(state, factory_id, channel, view))
     found = [
         target_json(t)
         for t in listed.values()
-        if (tag is None or tag in t.custom.get("tags", []))
-        and (hardware_id is None or hardware_id in t.custom.get("hardwareIds", []))
+        if (tag is None or tag in tags_of(t))
+        and (hardware_id is None or hardware_id in hardware_ids_of(t))
     ]
     found.sort(key=lambda t: (version_key(str(t["version"])), t["name"]))
     return ok(found)
@@ -160,7 +161,7 @@ async def show(request: Request) -> JSONResponse:
             ).first()
         if row is None:
             raise not_found(f"no target named {name!r} was ever published")
-        listed_in = [c.value for c in Channel if name in _listed(state, factory_id, c.value)]
+        listed_in = [c for c in Channel if name in _listed(state, factory_id, c)]
         return {
             "name": row.name,
             "version": row.version,

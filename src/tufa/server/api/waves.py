@@ -6,14 +6,14 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Connection, insert, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Connection
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 from tuf.api.metadata import Metadata, Targets
 
 from tufa.core.clock import iso
+from tufa.server import devices
 from tufa.server.api.common import (
     caller,
     field,
@@ -24,8 +24,7 @@ from tufa.server.api.common import (
     threaded,
 )
 from tufa.server.auth import Scope, require_factory
-from tufa.server.db import device_group_members, device_groups, devices
-from tufa.server.errors import bad_request, conflict, not_found
+from tufa.server.errors import bad_request
 from tufa.server.publishing import LABEL, NGCLIENT_TARGETS_MAX_LENGTH, VERSION_LABEL
 from tufa.server.state import ServerState
 from tufa.server.waves import WAVE_NAME, Waves
@@ -170,14 +169,7 @@ async def create_group(request: Request) -> JSONResponse:
         raise bad_request("group names are 1-64 letters, digits, '.', '_' or '-'")
 
     def insert_group(conn: Connection) -> dict[str, Any]:
-        try:
-            conn.execute(
-                insert(device_groups).values(
-                    factory_id=factory_id, name=name, created_at=state.settings.clock.now()
-                )
-            )
-        except IntegrityError as e:
-            raise conflict(f"a device group named {name!r} exists already") from e
+        devices.create_group(conn, factory_id, name, state.settings.clock.now())
         return {"name": name, "devices": []}
 
     return ok(await _in_transaction(state, insert_group), status=201)
@@ -191,67 +183,22 @@ async def add_to_group(request: Request) -> JSONResponse:
         raise bad_request("field 'devices' must name at least one device (id or name)")
 
     def add(conn: Connection) -> dict[str, Any]:
-        exists = conn.execute(
-            select(device_groups.c.name).where(
-                device_groups.c.factory_id == factory_id, device_groups.c.name == group
-            )
-        ).first()
-        if exists is None:
-            raise not_found(f"no device group named {group!r}")
-        # Locked: a device deleted meanwhile must not gain a membership (PostgreSQL).
-        found = conn.execute(
-            select(devices.c.id, devices.c.name)
-            .where(
-                devices.c.factory_id == factory_id,
-                devices.c.id.in_(wanted) | devices.c.name.in_(wanted),
-            )
-            .with_for_update()
-        ).all()
-        missing = set(wanted) - {d.id for d in found} - {d.name for d in found}
-        if missing:
-            raise not_found(f"no such device(s): {', '.join(sorted(missing))}")
-        members = set(_members(conn, factory_id, group))
-        for device in found:
-            if device.id not in members:
-                conn.execute(
-                    insert(device_group_members).values(
-                        factory_id=factory_id, group_name=group, device_id=device.id
-                    )
-                )
-        return {"name": group, "devices": _members(conn, factory_id, group)}
+        return {"name": group, "devices": devices.add_to_group(conn, factory_id, group, wanted)}
 
     return ok(await _in_transaction(state, add))
-
-
-def _members(conn: Connection, factory_id: int, group: str) -> list[str]:
-    return list(
-        conn.execute(
-            select(device_group_members.c.device_id)
-            .where(
-                device_group_members.c.factory_id == factory_id,
-                device_group_members.c.group_name == group,
-            )
-            .order_by(device_group_members.c.device_id)
-        ).scalars()
-    )
 
 
 async def list_groups(request: Request) -> JSONResponse:
     state, factory_id = await _allowed(request, READERS)
 
     def groups(conn: Connection) -> list[dict[str, Any]]:
-        rows = conn.execute(
-            select(device_groups)
-            .where(device_groups.c.factory_id == factory_id)
-            .order_by(device_groups.c.name)
-        ).all()
         return [
             {
                 "name": r.name,
                 "created_at": iso(r.created_at),
-                "devices": _members(conn, factory_id, r.name),
+                "devices": devices.group_members(conn, factory_id, r.name),
             }
-            for r in rows
+            for r in devices.groups(conn, factory_id)
         ]
 
     return ok(await _in_transaction(state, groups, write=False))

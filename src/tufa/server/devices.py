@@ -1,0 +1,330 @@
+"""The fleet as the database holds it: devices, their reports, device groups, and which
+view of the production channel each device is served.
+
+Every device and device-group query of the server lives here; the API (api/devices.py,
+api/waves.py) and the waves (waves.py) call these, and the credential life cycle
+(credentials.py) builds on `find_device` and `device_row`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, TypedDict
+
+from sqlalchemy import Connection, exists, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from tufa.core.metadata import Channel
+from tufa.server.db import device_events, device_group_members, device_groups, devices
+from tufa.server.exceptions import Conflict, NotFound
+from tufa.server.views import tag_view
+
+# Device report events that say a version did not stay installed.
+FAILED_KINDS = ("install-failed", "rolled-back")
+
+
+class NewDevice(TypedDict):
+    """A device as it registers."""
+
+    name: str
+    hardware_id: str
+    tag: str
+    channel: Channel
+
+
+class Installed(TypedDict):
+    """What a device reports it runs (all None before its first install)."""
+
+    installed_version: str | None
+    installed_target: str | None
+    installed_sha256: str | None
+
+
+class DeviceEvent(TypedDict):
+    id: str
+    at: datetime
+    kind: str
+    version: str | None
+    target: str | None
+    detail: str
+
+
+class ReleaseProgress(TypedDict):
+    """How far a release of one tag reached the production devices of that tag."""
+
+    devices_served: int
+    devices_of_tag: int
+    devices_installed: int
+    devices_failed: int
+
+
+# -- devices --------------------------------------------------------------------------
+
+
+def find_device(conn: Connection, factory_id: int, ident: str, *, lock: bool = False) -> Any:
+    """The device of the factory with id `ident`, or else named `ident`; NotFound if none.
+    An id wins over a name, so a device named like another's id cannot stand in for it.
+    `lock` holds its row until the transaction ends (PostgreSQL; SQLite writers are
+    serialised anyway)."""
+    missing = NotFound(f"no device {ident!r} in this factory; `tufa devices list` shows them")
+    if not ident.isprintable():  # no name has a NUL or another control (PostgreSQL: no NUL)
+        raise missing
+    for column in (devices.c.id, devices.c.name):
+        query = select(devices).where(devices.c.factory_id == factory_id, column == ident)
+        found = conn.execute(query.with_for_update() if lock else query).first()
+        if found is not None:
+            return found
+    raise missing
+
+
+def device_row(conn: Connection, device_id: str | None, *, lock: bool = False) -> Any:
+    """The device with this id, or None once it is deleted."""
+    query = select(devices).where(devices.c.id == device_id)
+    return conn.execute(query.with_for_update() if lock else query).first()
+
+
+def add_device(
+    conn: Connection, factory_id: int, device: NewDevice, secret_sha256: str, now: datetime
+) -> Any:
+    """Store a new device under a new id; its name is unique in the factory."""
+    device_id = str(uuid.uuid4())
+    # A production device is served its tag's releases until a wave takes it.
+    view = tag_view(device["tag"]) if device["channel"] == Channel.PROD else ""
+    row = {"id": device_id, "factory_id": factory_id, "view": view, **device}
+    try:
+        conn.execute(
+            insert(devices).values(
+                **row, secret_sha256=secret_sha256, created_at=now, credential_since=now
+            )
+        )
+    except IntegrityError as e:
+        raise Conflict(f"a device named {device['name']!r} is already registered") from e
+    return device_row(conn, device_id)
+
+
+def list_devices(conn: Connection, factory_id: int) -> Sequence[Any]:
+    return conn.execute(
+        select(devices).where(devices.c.factory_id == factory_id).order_by(devices.c.name)
+    ).all()
+
+
+def recent_events(conn: Connection, device_id: str, limit: int) -> Sequence[Any]:
+    """The device's newest events by its own clock; ties (same second) in a stable order."""
+    return conn.execute(
+        select(device_events)
+        .where(device_events.c.device_id == device_id)
+        .order_by(
+            device_events.c.at.desc(),
+            device_events.c.received_at.desc(),
+            device_events.c.id.desc(),
+        )
+        .limit(limit)
+    ).all()
+
+
+def record_report(
+    conn: Connection,
+    factory_id: int,
+    device_id: str,
+    installed: Installed,
+    events: list[DeviceEvent],
+    now: datetime,
+) -> int | None:
+    """Store what the device runs and the events not stored yet; how many were new, or
+    None when the device is revoked or deleted (nothing is stored then)."""
+    # The update comes first: on PostgreSQL it locks the device's row, so two reports of
+    # one device (a resend racing the original) take turns, and the second sees the
+    # events the first stored.
+    updated = conn.execute(
+        update(devices)
+        .where(devices.c.id == device_id, devices.c.revoked_at.is_(None))
+        .values(**installed, last_report_at=now)
+    )
+    if updated.rowcount == 0:
+        return None
+    if not events:
+        return 0
+    known = set(
+        conn.execute(
+            select(device_events.c.id).where(
+                device_events.c.device_id == device_id,
+                device_events.c.id.in_([e["id"] for e in events]),
+            )
+        ).scalars()
+    )
+    new = [e for e in events if e["id"] not in known]
+    if new:
+        conn.execute(
+            insert(device_events),
+            [
+                {**e, "device_id": device_id, "factory_id": factory_id, "received_at": now}
+                for e in new
+            ],
+        )
+    return len(new)
+
+
+# -- device groups --------------------------------------------------------------------
+
+
+def create_group(conn: Connection, factory_id: int, name: str, now: datetime) -> None:
+    try:
+        conn.execute(insert(device_groups).values(factory_id=factory_id, name=name, created_at=now))
+    except IntegrityError as e:
+        raise Conflict(f"a device group named {name!r} exists already") from e
+
+
+def groups(conn: Connection, factory_id: int) -> Sequence[Any]:
+    return conn.execute(
+        select(device_groups)
+        .where(device_groups.c.factory_id == factory_id)
+        .order_by(device_groups.c.name)
+    ).all()
+
+
+def _require_group(conn: Connection, factory_id: int, group: str) -> None:
+    known = conn.execute(
+        select(device_groups.c.name).where(
+            device_groups.c.factory_id == factory_id, device_groups.c.name == group
+        )
+    ).first()
+    if known is None:
+        raise NotFound(f"no device group named {group!r}")
+
+
+def group_members(conn: Connection, factory_id: int, group: str) -> list[str]:
+    """The ids of the group's devices, in order."""
+    return list(
+        conn.execute(
+            select(device_group_members.c.device_id)
+            .where(
+                device_group_members.c.factory_id == factory_id,
+                device_group_members.c.group_name == group,
+            )
+            .order_by(device_group_members.c.device_id)
+        ).scalars()
+    )
+
+
+def add_to_group(conn: Connection, factory_id: int, group: str, wanted: list[str]) -> list[str]:
+    """Add the devices `wanted` (ids or names, all of them or none) to the group; returns
+    its members."""
+    _require_group(conn, factory_id, group)
+    # Locked: a device deleted meanwhile must not gain a membership (PostgreSQL).
+    found = conn.execute(
+        select(devices.c.id, devices.c.name)
+        .where(
+            devices.c.factory_id == factory_id,
+            devices.c.id.in_(wanted) | devices.c.name.in_(wanted),
+        )
+        .with_for_update()
+    ).all()
+    missing = set(wanted) - {d.id for d in found} - {d.name for d in found}
+    if missing:
+        raise NotFound(f"no such device(s): {', '.join(sorted(missing))}")
+    members = set(group_members(conn, factory_id, group))
+    for device in found:
+        if device.id not in members:
+            conn.execute(
+                insert(device_group_members).values(
+                    factory_id=factory_id, group_name=group, device_id=device.id
+                )
+            )
+    return group_members(conn, factory_id, group)
+
+
+# -- views of the production channel --------------------------------------------------
+
+
+def production_devices(
+    conn: Connection,
+    factory_id: int,
+    tag: str,
+    *,
+    not_in_view: str,
+    group: str | None,
+    idents: list[str] | None,
+) -> Sequence[Any]:
+    """Ids and names of the production devices of `tag` not served `not_in_view`, by
+    name, of `group` and among `idents` (ids or names) if given. A revoked device is
+    served nothing, so it is never among them."""
+    query = select(devices.c.id, devices.c.name).where(
+        devices.c.factory_id == factory_id,
+        devices.c.channel == Channel.PROD,
+        devices.c.tag == tag,
+        devices.c.view != not_in_view,
+        devices.c.revoked_at.is_(None),
+    )
+    if group is not None:
+        _require_group(conn, factory_id, group)
+        members = select(device_group_members.c.device_id).where(
+            device_group_members.c.factory_id == factory_id,
+            device_group_members.c.group_name == group,
+        )
+        query = query.where(devices.c.id.in_(members))
+    if idents is not None:
+        query = query.where(devices.c.id.in_(idents) | devices.c.name.in_(idents))
+    return conn.execute(query.order_by(devices.c.name)).all()
+
+
+def served(conn: Connection, factory_id: int, view: str) -> set[str]:
+    """Ids and names of the devices served `view`."""
+    rows = conn.execute(
+        select(devices.c.id, devices.c.name).where(
+            devices.c.factory_id == factory_id, devices.c.view == view
+        )
+    ).all()
+    return {r.id for r in rows} | {r.name for r in rows}
+
+
+def serve(conn: Connection, device_ids: list[str], view: str) -> None:
+    conn.execute(update(devices).where(devices.c.id.in_(device_ids)).values(view=view))
+
+
+def serve_tag(conn: Connection, factory_id: int, tag: str, view: str) -> None:
+    """Serve `view` to every production device of `tag`."""
+    conn.execute(
+        update(devices)
+        .where(
+            devices.c.factory_id == factory_id,
+            devices.c.channel == Channel.PROD,
+            devices.c.tag == tag,
+        )
+        .values(view=view)
+    )
+
+
+def release_progress(
+    conn: Connection, factory_id: int, tag: str, version: str, view: str | None
+) -> ReleaseProgress:
+    """How many production devices of `tag` are served the release of `version` (those
+    served `view`, or with None every one of the tag), and how many of those reported it
+    installed or failed."""
+    # Revoked devices are out of the fleet (served nothing), deleted ones are gone with
+    # their events: neither counts.
+    fleet = (devices.c.factory_id == factory_id) & devices.c.revoked_at.is_(None)
+    of_tag = (devices.c.channel == Channel.PROD) & (devices.c.tag == tag)
+    tag_devices = select(func.count()).select_from(devices).where(fleet, of_tag)
+    reached = of_tag if view is None else devices.c.view == view
+    served_query = select(func.count()).select_from(devices).where(fleet, reached)
+    installed = served_query.where(devices.c.installed_version == version)
+    # A failure counts until the device reports the version installed after all (a retry
+    # that worked); a device that never reported the version installed counts too
+    # (installed_version is NULL, hence IS DISTINCT FROM rather than !=).
+    failed = served_query.where(
+        devices.c.installed_version.is_distinct_from(version),
+        exists().where(
+            device_events.c.factory_id == factory_id,
+            device_events.c.version == version,
+            device_events.c.device_id == devices.c.id,
+            device_events.c.kind.in_(FAILED_KINDS),
+        ),
+    )
+    return {
+        "devices_served": conn.execute(served_query).scalar_one(),
+        "devices_of_tag": conn.execute(tag_devices).scalar_one(),
+        "devices_installed": conn.execute(installed).scalar_one(),
+        "devices_failed": conn.execute(failed).scalar_one(),
+    }
