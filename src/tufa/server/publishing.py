@@ -190,7 +190,7 @@ class CiPublisher:
         self.repo = state.repo
 
     def _current(self, conn: Connection, factory_id: int) -> Targets:
-        stored = self.repo.read_file(conn, factory_id, Channel.CI.value, TARGETS, None)
+        stored = self.repo.read_file(conn, factory_id, Channel.CI, TARGETS, None)
         assert stored is not None
         return Metadata[Targets].from_bytes(stored.body).signed
 
@@ -201,7 +201,7 @@ class CiPublisher:
         if len(set(names)) != len(names):
             raise bad_request("the same target name appears twice in one publish")
         with self.state.db.write() as conn:
-            self.state.db.lock_channel(conn, factory_id, Channel.CI.value)
+            self.state.db.lock_channel(conn, factory_id, Channel.CI)
             self._check_uploaded(conn, factory_id, specs)
             now = self.state.settings.clock.now()
             known = {
@@ -281,7 +281,7 @@ class CiPublisher:
         if keep < 1:
             raise bad_request("'keep' must be at least 1")
         with self.state.db.write() as conn:
-            self.state.db.lock_channel(conn, factory_id, Channel.CI.value)
+            self.state.db.lock_channel(conn, factory_id, Channel.CI)
             current = dict(self._current(conn, factory_id).targets)
             versions: dict[tuple[str, str], set[str]] = defaultdict(set)
             for target in current.values():
@@ -317,7 +317,7 @@ class CiPublisher:
         if len(set(names)) != len(names):
             raise bad_request("'names' lists the same target twice")
         with self.state.db.write() as conn:
-            self.state.db.lock_channel(conn, factory_id, Channel.CI.value)
+            self.state.db.lock_channel(conn, factory_id, Channel.CI)
             current = dict(self._current(conn, factory_id).targets)
             missing = sorted(set(names) - set(current))
             if missing:

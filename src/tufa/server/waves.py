@@ -102,7 +102,7 @@ class Waves:
                 f"version {version} of tag {tag!r} must be higher than every version released "
                 f"or attempted for it (highest so far: {highest})"
             )
-        ci = self.repo.read_file(conn, factory_id, Channel.CI.value, TARGETS, None)
+        ci = self.repo.read_file(conn, factory_id, Channel.CI, TARGETS, None)
         assert ci is not None
         build = {
             name: _released_for(target, tag)
@@ -114,7 +114,7 @@ class Waves:
                 f"no CI target of version {version} has tag {tag!r}; publish the build with "
                 "`tufa targets add` first"
             )
-        released = self.repo.read_file(conn, factory_id, PROD.value, TARGETS, None, tag_view(tag))
+        released = self.repo.read_file(conn, factory_id, PROD, TARGETS, None, tag_view(tag))
         assert released is not None
         current = Metadata[Targets].from_bytes(released.body).signed.targets
         kept = {
@@ -135,7 +135,7 @@ class Waves:
         md: Metadata[Targets],
     ) -> dict[str, Any]:
         """Store a wave signed offline, after checking it is exactly what `prepare` builds."""
-        self.state.db.lock_channel(conn, factory_id, PROD.value)
+        self.state.db.lock_channel(conn, factory_id, PROD)
         if not WAVE_NAME.fullmatch(name):
             raise bad_request("wave names are 1-64 letters, digits, '.', '_' or '-'")
         if self._row(conn, factory_id, name, required=False) is not None:
@@ -227,7 +227,7 @@ class Waves:
     def add_signatures(
         self, conn: Connection, factory_id: int, name: str, signatures: list[Signature]
     ) -> dict[str, Any]:
-        self.state.db.lock_channel(conn, factory_id, PROD.value)
+        self.state.db.lock_channel(conn, factory_id, PROD)
         row = self._row(conn, factory_id, name)
         if row.status != ACTIVE:
             raise conflict(f"wave {name!r} is {row.status}")
@@ -258,7 +258,7 @@ class Waves:
         dry_run: bool,
     ) -> dict[str, Any]:
         """Serve the wave to more devices of its tag: a group, a list, a count or a share."""
-        self.state.db.lock_channel(conn, factory_id, PROD.value)
+        self.state.db.lock_channel(conn, factory_id, PROD)
         row = self._row(conn, factory_id, name)
         if row.status != ACTIVE:
             raise conflict(f"wave {name!r} is {row.status}; only an active wave rolls out")
@@ -321,7 +321,7 @@ class Waves:
 
     def complete(self, conn: Connection, factory_id: int, name: str) -> dict[str, Any]:
         """Make the wave the production targets of its tag, for every device of the tag."""
-        self.state.db.lock_channel(conn, factory_id, PROD.value)
+        self.state.db.lock_channel(conn, factory_id, PROD)
         row = self._row(conn, factory_id, name)
         if row.status != ACTIVE:
             raise conflict(f"wave {name!r} is {row.status}")
@@ -347,7 +347,7 @@ class Waves:
         return self.describe(conn, factory_id, name)
 
     def cancel(self, conn: Connection, factory_id: int, name: str) -> dict[str, Any]:
-        self.state.db.lock_channel(conn, factory_id, PROD.value)
+        self.state.db.lock_channel(conn, factory_id, PROD)
         row = self._row(conn, factory_id, name)
         if row.status != ACTIVE:
             raise conflict(f"wave {name!r} is {row.status}")

@@ -112,7 +112,7 @@ async def delete(request: Request) -> JSONResponse:
 
 
 def _listed(
-    state: ServerState, factory_id: int, channel: str, view: str = DEFAULT_VIEW
+    state: ServerState, factory_id: int, channel: Channel, view: str = DEFAULT_VIEW
 ) -> dict[str, TargetFile]:
     with state.db.read() as conn:
         stored = state.repo.read_file(conn, factory_id, channel, TARGETS, None, view)
@@ -124,15 +124,16 @@ def _listed(
 async def list_all(request: Request) -> JSONResponse:
     state, principal = await caller(request)
     reader = require_factory(principal, request.path_params["factory"], READERS)
-    channel = request.query_params.get("channel", Channel.CI.value)
-    if channel not in {c.value for c in Channel}:
-        raise bad_request("'channel' must be 'ci' or 'prod'")
+    try:
+        channel = Channel(request.query_params.get("channel", Channel.CI))
+    except ValueError:
+        raise bad_request("'channel' must be 'ci' or 'prod'") from None
     tag = request.query_params.get("tag")
     hardware_id = request.query_params.get("hardware_id")
     assert reader.factory_id is not None
     factory_id = reader.factory_id
     # Production targets are kept per tag: a tag's view is what its devices are served.
-    view = tag_view(tag) if channel == Channel.PROD.value and tag else DEFAULT_VIEW
+    view = tag_view(tag) if channel is Channel.PROD and tag else DEFAULT_VIEW
     listed = await threaded(lambda: _listed(state, factory_id, channel, view))
     found = [
         target_json(t)
@@ -160,7 +161,7 @@ async def show(request: Request) -> JSONResponse:
             ).first()
         if row is None:
             raise not_found(f"no target named {name!r} was ever published")
-        listed_in = [c.value for c in Channel if name in _listed(state, factory_id, c.value)]
+        listed_in = [c for c in Channel if name in _listed(state, factory_id, c)]
         return {
             "name": row.name,
             "version": row.version,
