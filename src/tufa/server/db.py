@@ -343,7 +343,7 @@ class Database:
         with self._writer.begin() as conn:
             yield conn
 
-    def lock_channel(self, conn: Connection, factory_id: int, channel: str) -> None:
+    def lock_channel(self, conn: Connection, factory_id: int, channel: Channel) -> None:
         """Serialise publishers of one channel until the transaction ends."""
         if self.is_sqlite:
             return  # BEGIN IMMEDIATE already holds the database's write lock.

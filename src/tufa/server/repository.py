@@ -136,7 +136,7 @@ class Repository(OnlineKeys):
         self,
         conn: Connection,
         factory_id: int,
-        channel: str,
+        channel: Channel,
         role: str,
         version: int | None,
         view: str = DEFAULT_VIEW,
