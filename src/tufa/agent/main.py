@@ -16,7 +16,8 @@ from typing import Any, ParamSpec, TypeVar
 import click
 import httpx
 
-from tufa.agent.agent import USER_AGENT, Agent, Plan, describe_error
+from tufa.agent.agent import USER_AGENT, Agent, describe_error
+from tufa.agent.plan import Plan
 from tufa.agent.reports import EventQueue
 from tufa.agent.state import CREDENTIAL_FILE, AgentConfig, AgentError, StateDir, printable
 from tufa.agent.trust import channel_of, load_root, provision_root, trusted_versions
