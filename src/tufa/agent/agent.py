@@ -1,7 +1,8 @@
 """One device's update cycle: refresh, select, download, install, report.
 
 Each step starts from what ngclient verified; what to install is decided in
-`tufa.agent.plan`.
+`tufa.agent.plan`. The agent talks to its server through one HTTP client for its run
+(metadata, targets, reports, the credential), which sends the device credential.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ from tufa.core.bundle import BUNDLE_METADATA_URL, TARGETS_DIR, BundleFetcher, re
 from tufa.core.clock import now_iso
 from tufa.core.crashpoints import crashpoint
 from tufa.core.fetcher import BearerFetcher, CredentialRefused
-from tufa.core.responses import refusal
+from tufa.core.http import api_client
+from tufa.core.metadata import Channel
+from tufa.core.responses import refusal_of
 from tufa.core.selection import custom_of
 
 log = logging.getLogger("tufa.agent")
@@ -57,13 +60,12 @@ class Agent:
             self.config.health_timeout,
         )
         limits = httpx.Timeout(timeout, connect=min(timeout, 10.0))
-        headers = {"User-Agent": USER_AGENT}
-        self.client = httpx.Client(
-            headers={**headers, "Authorization": f"Bearer {self.credential}"}, timeout=limits
-        )
+        self.client, self.auth = api_client(self.credential, USER_AGENT, limits)
         # Targets hosted elsewhere (a CDN, a bucket) never see the device credential.
-        self.external = httpx.Client(headers=headers, timeout=limits, follow_redirects=True)
-        self.fetcher = BearerFetcher(self.credential, timeout=timeout, user_agent=USER_AGENT)
+        self.external = httpx.Client(
+            headers={"User-Agent": USER_AGENT}, timeout=limits, follow_redirects=True
+        )
+        self.fetcher = BearerFetcher(client=(self.client, self.auth))
 
     def reload_credential(self) -> None:
         """Use the credential file as it is now: a `rotate-credential` (or a new
@@ -71,13 +73,11 @@ class Agent:
         credential = self.state.credential()
         if credential != self.credential:
             self.credential = credential
-            self.client.headers["Authorization"] = f"Bearer {credential}"
-            self.fetcher.set_token(credential)
+            self.auth.token = credential
 
     def close(self) -> None:
         self.client.close()
         self.external.close()
-        self.fetcher.close()
 
     # Recovery ---------------------------------------------------------------------------
 
@@ -217,7 +217,7 @@ class Agent:
                 f"belongs to {self.config.factory!r}"
             )
         if manifest.channel != self.config.channel:
-            flag = "--prod" if self.config.channel == "prod" else "no --prod"
+            flag = "--prod" if self.config.channel == Channel.PROD else "no --prod"
             raise AgentError(
                 f"{bundle_dir} is a {manifest.channel} bundle and this device follows the "
                 f"{self.config.channel} channel: write the bundle with {flag}"
@@ -273,12 +273,10 @@ class Agent:
         except httpx.HTTPError as e:
             raise AgentError(f"cannot reach the server: {e}; {otherwise}") from e
         if response.status_code != expected:
-            code, message = refusal(response.content)
-            if response.status_code == 401:
-                raise AgentError(describe_error(CredentialRefused(code, message)))
-            raise AgentError(
-                f"the server refused: HTTP {response.status_code}: {message}; {otherwise}"
-            )
+            refusal = refusal_of(response)
+            if refusal.status == 401:
+                raise AgentError(describe_error(CredentialRefused(refusal.code, refusal.message)))
+            raise AgentError(f"the server refused: {refusal}; {otherwise}")
         try:
             return response.json()
         except ValueError:

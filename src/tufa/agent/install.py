@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
-from tufa.agent.state import AgentError, Release, StateDir
+from tufa.agent.state import AgentError, InstallerKind, Release, StateDir
 from tufa.core.crashpoints import crashpoint
 from tufa.core.files import fsync_dir, write_private_file
 
@@ -183,7 +183,11 @@ class CommandInstaller:
 
 
 def make_installer(
-    state: StateDir, kind: str, command: str | None, health_check: str | None, timeout: float
+    state: StateDir,
+    kind: InstallerKind,
+    command: str | None,
+    health_check: str | None,
+    timeout: float,
 ) -> Installer:
     if kind == "slots":
         return SlotInstaller(state, health_check, timeout)
