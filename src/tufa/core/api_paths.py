@@ -17,6 +17,7 @@ TARGET = f"{TARGETS}/{{name}}"
 PRUNE_TARGETS = f"{TARGETS}/prune"
 DELETE_TARGETS = f"{TARGETS}/delete"
 DEVICES = f"{FACTORY}/devices"
+DEVICE = f"{DEVICES}/{{device}}"
 DEVICE_CREDENTIAL = f"{FACTORY}/device-credential"
 DEVICE_REPORTS = f"{FACTORY}/device-reports"
 # What TUF clients read: `filename` is a metadata file name (1.root.json, timestamp.json)
