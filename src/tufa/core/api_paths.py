@@ -1,8 +1,9 @@
 """The URL layout of a tufa server's API, spelled once.
 
 The templates name their fields in braces, as Starlette routes do, so the server's
-route lists and the clients (CLI, agent) share them; clients fill them in with
-`path` or the helpers below. Other paths under a factory are `factory_path(name, suffix)`.
+route lists (server/api/) and the clients (CLI, agent) share them; clients fill them
+in with `path` or the helpers below. Paths not listed here are
+`factory_path(name, suffix)`.
 """
 
 from __future__ import annotations
@@ -11,15 +12,20 @@ from tufa.core.metadata import Channel
 
 FACTORIES = "/api/v1/factories"
 FACTORY = f"{FACTORIES}/{{factory}}"
+
+# CI publishing (`tufa targets`): blobs first, then the targets that name them.
 BLOB = f"{FACTORY}/blobs/{{sha256}}"
 TARGETS = f"{FACTORY}/targets"
 TARGET = f"{TARGETS}/{{name}}"
 PRUNE_TARGETS = f"{TARGETS}/prune"
 DELETE_TARGETS = f"{TARGETS}/delete"
+
+# Devices: the inventory (admin tokens), and what a device itself calls.
 DEVICES = f"{FACTORY}/devices"
 DEVICE = f"{DEVICES}/{{device}}"
 DEVICE_CREDENTIAL = f"{FACTORY}/device-credential"
 DEVICE_REPORTS = f"{FACTORY}/device-reports"
+
 # What TUF clients read: `filename` is a metadata file name (1.root.json, timestamp.json)
 # or a target's consistent-snapshot name (SHA256.NAME).
 METADATA_FILE = f"{FACTORY}/repo/{{channel}}/metadata/{{filename}}"
