@@ -19,6 +19,7 @@ from tuf.api.metadata import TargetFile
 
 from tufa.agent.state import AgentError
 from tufa.core import download as verified
+from tufa.core.crashpoints import crashpoint
 from tufa.core.download import Progress
 
 log = logging.getLogger("tufa.agent")
@@ -72,7 +73,9 @@ def copy_verified(source: Path, target: TargetFile, downloads: Path) -> Path:
         )
     _check_free_space(downloads, size)
     with _worded(str(source)):
-        return verified.copy(source, target, downloads / sha256_of(target))
+        return verified.copy(
+            source, target, downloads / sha256_of(target), progress=_progress_log(target)
+        )
 
 
 @contextmanager
@@ -119,10 +122,17 @@ def _agent_error(error: verified.DownloadError, url: str) -> AgentError:
 
 
 def _progress_log(target: TargetFile) -> Progress:
+    """A progress line every few seconds; the power-cut tests cut at the checkpoint
+    half-way, which the download has just synced."""
     last_report = time.monotonic()
+    previous: int | None = None  # the first call says where the file starts
+    half = target.length // 2
 
     def report(written: int) -> None:
-        nonlocal last_report
+        nonlocal last_report, previous
+        if previous is not None and previous < half <= written:
+            crashpoint("download:half-written")
+        previous = written
         if time.monotonic() - last_report >= PROGRESS_EVERY:
             last_report = time.monotonic()
             log.info(

@@ -24,14 +24,14 @@ import httpx
 from tuf.api import exceptions
 from tuf.api.metadata import TargetFile
 
-from tufa.core.crashpoints import crashpoint
 from tufa.core.responses import Refusal, streamed_refusal
 
 log = logging.getLogger("tufa.download")
 
 CHUNK_SIZE = 256 * 1024
 
-# Told the bytes written so far, after each chunk.
+# Told the bytes of the file so far: first where it starts (0, or where it resumes),
+# then after each chunk, the half-way checkpoint included.
 Progress = Callable[[int], None]
 
 
@@ -148,11 +148,12 @@ def download(
     return _accept(part, target, dest)
 
 
-def copy(source: Path, target: TargetFile, dest: Path) -> Path:
+def copy(source: Path, target: TargetFile, dest: Path, *, progress: Progress | None = None) -> Path:
     """Copy a local file (from an offline bundle) into `dest`, with the same length
     bound and hash check as a download."""
     with source.open("rb") as f:
-        _write(part_of(dest), "wb", 0, target, iter(lambda: f.read(CHUNK_SIZE), b""), None)
+        chunks = iter(lambda: f.read(CHUNK_SIZE), b"")
+        _write(part_of(dest), "wb", 0, target, chunks, progress)
     return _accept(part_of(dest), target, dest)
 
 
@@ -219,6 +220,8 @@ def _write(
 ) -> None:
     written = offset
     half = target.length // 2
+    if progress is not None:
+        progress(written)
     try:
         with part.open(mode) as f:
             for chunk in chunks:
@@ -228,9 +231,10 @@ def _write(
                     raise TooLong(target)
                 f.write(chunk)
                 if written < half <= written + len(chunk):
+                    # A checkpoint: the first half survives a power cut, and the next
+                    # call resumes from there.
                     f.flush()
                     os.fsync(f.fileno())
-                    crashpoint("download:half-written")
                 written += len(chunk)
                 if progress is not None:
                     progress(written)
