@@ -1,8 +1,8 @@
 """One device's update cycle: refresh, select, download, install, report.
 
-Each step starts from what ngclient verified. The cycle never goes down: it installs a
-target only if its version is higher than the one installed, and a release that failed
-to install is not tried again until a newer one is published.
+Each step starts from what ngclient verified; what to install is decided in
+`tufa.agent.plan`. The agent talks to its server through one HTTP client for its run
+(metadata, targets, reports, the credential), which sends the device credential.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,8 @@ from tufa.agent.download import (
     download,
     partial_download_exists,
 )
-from tufa.agent.install import CommandInstaller, Installer, Outcome, SlotInstaller
+from tufa.agent.install import Outcome, make_installer
+from tufa.agent.plan import Plan, plan_for
 from tufa.agent.reports import EventQueue, send_reports
 from tufa.agent.state import AgentError, AgentStatus, Release, StateDir, printable
 from tufa.agent.trust import VERIFICATION_ERRORS, ChannelGuard, open_updater, trusted_targets
@@ -35,82 +35,15 @@ from tufa.core.bundle import BUNDLE_METADATA_URL, TARGETS_DIR, BundleFetcher, re
 from tufa.core.clock import now_iso
 from tufa.core.crashpoints import crashpoint
 from tufa.core.fetcher import BearerFetcher, CredentialRefused
-from tufa.core.files import is_plain_name
-from tufa.core.responses import refusal
-from tufa.core.selection import custom_of, newest_for, target_version, version_key
+from tufa.core.http import api_client
+from tufa.core.metadata import Channel
+from tufa.core.responses import refusal_of
+from tufa.core.selection import custom_of
 
 log = logging.getLogger("tufa.agent")
 
 USER_AGENT = f"tufa-agent/{tufa.__version__} python-tuf/{tuf.__version__}"
 HEARTBEAT = 3600.0  # seconds between reports of an idle device
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What a check found: the release to install, or why nothing is to be done."""
-
-    release: Release | None
-    reason: str
-    target: TargetFile | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"install": asdict(self.release) if self.release else None, "reason": self.reason}
-
-
-def release_of(target: TargetFile) -> Release:
-    # The name and the digest become file names on the device (slots, downloads): signed
-    # or not, a path there would write or delete files outside them (the trusted root).
-    sha256 = target.hashes.get("sha256", "")
-    if (
-        not is_plain_name(target.path)
-        or len(sha256) != 64
-        or any(c not in "0123456789abcdef" for c in sha256)
-    ):
-        raise AgentError(
-            f"refused: target {target.path!r} (sha256 {sha256!r}) is not a plain file name "
-            "with a SHA-256 digest, as the server publishes; nothing was downloaded"
-        )
-    return Release(
-        version=target_version(target) or "",
-        target=target.path,
-        sha256=sha256,
-        length=target.length,
-    )
-
-
-def plan_for(status: AgentStatus, hardware_id: str, tag: str, targets: list[TargetFile]) -> Plan:
-    target = newest_for(targets, hardware_id, tag)
-    if target is None:
-        return Plan(None, f"no target is published for hardware id {hardware_id!r} and tag {tag!r}")
-    release = release_of(target)
-    installed = status.installed
-    if installed is not None and installed.sha256 == release.sha256:
-        return Plan(None, f"version {installed.version} ({installed.target}) is up to date")
-    if release.sha256 in status.failed:
-        return Plan(
-            None,
-            f"version {release.version} ({release.target}) failed to install before; "
-            "waiting for a newer version",
-        )
-    if installed is not None and version_key(release.version) <= version_key(installed.version):
-        return Plan(
-            None,
-            f"refusing to move from version {installed.version} to {release.version} "
-            f"({release.target}): the agent never installs a lower or equal version",
-        )
-    return Plan(release, f"version {release.version} ({release.target}) is to be installed", target)
-
-
-def make_installer(
-    state: StateDir, kind: str, command: str | None, health_check: str | None, timeout: float
-) -> Installer:
-    if kind == "slots":
-        return SlotInstaller(state, health_check, timeout)
-    if kind == "command":
-        if not command:
-            raise AgentError("the command installer needs --install-command")
-        return CommandInstaller(state, command, timeout)
-    raise AgentError(f"unknown installer {kind!r} in the configuration: use slots or command")
 
 
 class Agent:
@@ -127,13 +60,12 @@ class Agent:
             self.config.health_timeout,
         )
         limits = httpx.Timeout(timeout, connect=min(timeout, 10.0))
-        headers = {"User-Agent": USER_AGENT}
-        self.client = httpx.Client(
-            headers={**headers, "Authorization": f"Bearer {self.credential}"}, timeout=limits
-        )
+        self.client, self.auth = api_client(self.credential, USER_AGENT, limits)
         # Targets hosted elsewhere (a CDN, a bucket) never see the device credential.
-        self.external = httpx.Client(headers=headers, timeout=limits, follow_redirects=True)
-        self.fetcher = BearerFetcher(self.credential, timeout=timeout, user_agent=USER_AGENT)
+        self.external = httpx.Client(
+            headers={"User-Agent": USER_AGENT}, timeout=limits, follow_redirects=True
+        )
+        self.fetcher = BearerFetcher(client=(self.client, self.auth))
 
     def reload_credential(self) -> None:
         """Use the credential file as it is now: a `rotate-credential` (or a new
@@ -141,13 +73,11 @@ class Agent:
         credential = self.state.credential()
         if credential != self.credential:
             self.credential = credential
-            self.client.headers["Authorization"] = f"Bearer {credential}"
-            self.fetcher.set_token(credential)
+            self.auth.token = credential
 
     def close(self) -> None:
         self.client.close()
         self.external.close()
-        self.fetcher.close()
 
     # Recovery ---------------------------------------------------------------------------
 
@@ -287,7 +217,7 @@ class Agent:
                 f"belongs to {self.config.factory!r}"
             )
         if manifest.channel != self.config.channel:
-            flag = "--prod" if self.config.channel == "prod" else "no --prod"
+            flag = "--prod" if self.config.channel == Channel.PROD else "no --prod"
             raise AgentError(
                 f"{bundle_dir} is a {manifest.channel} bundle and this device follows the "
                 f"{self.config.channel} channel: write the bundle with {flag}"
@@ -343,12 +273,10 @@ class Agent:
         except httpx.HTTPError as e:
             raise AgentError(f"cannot reach the server: {e}; {otherwise}") from e
         if response.status_code != expected:
-            code, message = refusal(response.content)
-            if response.status_code == 401:
-                raise AgentError(describe_error(CredentialRefused(code, message)))
-            raise AgentError(
-                f"the server refused: HTTP {response.status_code}: {message}; {otherwise}"
-            )
+            refusal = refusal_of(response)
+            if refusal.status == 401:
+                raise AgentError(describe_error(CredentialRefused(refusal.code, refusal.message)))
+            raise AgentError(f"the server refused: {refusal}; {otherwise}")
         try:
             return response.json()
         except ValueError:

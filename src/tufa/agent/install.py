@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
-from tufa.agent.state import Release, StateDir
+from tufa.agent.state import AgentError, InstallerKind, Release, StateDir
 from tufa.core.crashpoints import crashpoint
 from tufa.core.files import fsync_dir, write_private_file
 
@@ -180,3 +180,19 @@ class CommandInstaller:
 
     def roll_back(self, previous: Release | None) -> None:
         """A command installs in one step; there is nothing of ours to undo."""
+
+
+def make_installer(
+    state: StateDir,
+    kind: InstallerKind,
+    command: str | None,
+    health_check: str | None,
+    timeout: float,
+) -> Installer:
+    if kind == "slots":
+        return SlotInstaller(state, health_check, timeout)
+    if kind == "command":
+        if not command:
+            raise AgentError("the command installer needs --install-command")
+        return CommandInstaller(state, command, timeout)
+    raise AgentError(f"unknown installer {kind!r} in the configuration: use slots or command")

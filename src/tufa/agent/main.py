@@ -11,18 +11,29 @@ from collections.abc import Callable
 from dataclasses import asdict
 from functools import wraps
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypedDict, TypeVar
 
 import click
 import httpx
 
-from tufa.agent.agent import USER_AGENT, Agent, Plan, describe_error
+from tufa.agent.agent import USER_AGENT, Agent, describe_error
+from tufa.agent.plan import Plan
 from tufa.agent.reports import EventQueue
-from tufa.agent.state import CREDENTIAL_FILE, AgentConfig, AgentError, StateDir, printable
+from tufa.agent.state import (
+    CREDENTIAL_FILE,
+    AgentConfig,
+    AgentError,
+    InstallerKind,
+    StateDir,
+    printable,
+)
 from tufa.agent.trust import channel_of, load_root, provision_root, trusted_versions
 from tufa.agent.tuf_commands import tuf_group
+from tufa.core import api_paths
 from tufa.core.bundle import BundleError
-from tufa.core.responses import refusal_message
+from tufa.core.http import api_client
+from tufa.core.metadata import Channel
+from tufa.core.responses import refusal_of
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -137,7 +148,7 @@ def register(
     tag: str,
     root_file: Path,
     name: str | None,
-    installer: str,
+    installer: InstallerKind,
     install_command: str | None,
     health_check: str | None,
     health_timeout: float,
@@ -202,23 +213,25 @@ def register(
     click.echo(f"Registered {name} ({device['id']}) on the {channel} channel of {factory}.")
 
 
+class RegisteredDevice(TypedDict):
+    id: str
+    credential: str
+
+
 def _register_with_server(
-    server: str, factory: str, token: str, name: str, hardware_id: str, tag: str, channel: str
-) -> dict[str, str]:
+    server: str, factory: str, token: str, name: str, hardware_id: str, tag: str, channel: Channel
+) -> RegisteredDevice:
+    body = {"name": name, "hardware_id": hardware_id, "tag": tag, "channel": channel}
+    client, _ = api_client(token, USER_AGENT, timeout=30.0)
     try:
-        response = httpx.post(
-            f"{server}/api/v1/factories/{factory}/devices",
-            json={"name": name, "hardware_id": hardware_id, "tag": tag, "channel": channel},
-            headers={"Authorization": f"Bearer {token}", "User-Agent": USER_AGENT},
-            timeout=30.0,
-        )
+        with client:
+            response = client.post(
+                f"{server}{api_paths.path(api_paths.DEVICES, factory)}", json=body
+            )
     except httpx.HTTPError as e:
         raise AgentError(f"cannot reach {server}: {e}") from e
     if response.status_code != 201:
-        raise AgentError(
-            f"the server refused the registration: HTTP {response.status_code}: "
-            f"{refusal_message(response)}"
-        )
+        raise AgentError(f"the server refused the registration: {refusal_of(response)}")
     try:
         device = response.json()
         return {"id": str(device["id"]), "credential": str(device["credential"])}

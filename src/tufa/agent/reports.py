@@ -11,12 +11,13 @@ import json
 import logging
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 import httpx
 
 from tufa.agent.state import EVENTS_FILE, Release, write_json
 from tufa.core.clock import now_iso
+from tufa.core.responses import refusal_of
 
 log = logging.getLogger("tufa.agent")
 
@@ -24,11 +25,22 @@ MAX_QUEUED = 500  # the oldest go first when a device is offline for very long
 BATCH = 100  # the server's limit per report
 
 
+class Event(TypedDict):
+    """One queued event, as the server's device reports take it."""
+
+    id: str
+    at: str
+    kind: str  # the server's EVENT_KINDS (server/api/devices.py)
+    version: str | None
+    target: str | None
+    detail: str
+
+
 class EventQueue:
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / EVENTS_FILE
 
-    def pending(self) -> list[dict[str, Any]]:
+    def pending(self) -> list[Event]:
         try:
             found = json.loads(self.path.read_bytes())
         except (FileNotFoundError, ValueError):
@@ -36,7 +48,7 @@ class EventQueue:
         return found if isinstance(found, list) else []
 
     def add(self, kind: str, release: Release | None, detail: str = "") -> None:
-        event = {
+        event: Event = {
             "id": uuid.uuid4().hex,
             "at": now_iso(),
             "kind": kind,
@@ -68,16 +80,14 @@ def send_reports(
             # The server will never take these events: keeping them would block every
             # later report behind them.
             log.warning(
-                "the server refused %d event(s), dropped: %s", len(batch), response.text[:300]
+                "the server refused %d event(s), dropped: %s",
+                len(batch),
+                refusal_of(response).message,
             )
             queue.drop({e["id"] for e in batch})
             continue
         if response.status_code >= 300:
-            log.warning(
-                "the server refused the report: HTTP %s %s",
-                response.status_code,
-                response.text[:200],
-            )
+            log.warning("the server refused the report: %s", refusal_of(response))
             return False
         queue.drop({e["id"] for e in batch})
         if len(batch) < BATCH:

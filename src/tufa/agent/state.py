@@ -22,9 +22,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import Any, Literal, Self, TypedDict, TypeVar
 
+from tufa.core import api_paths
 from tufa.core.files import write_private_file
+from tufa.core.metadata import Channel
 
 CONFIG_FILE = "config.json"
 CREDENTIAL_FILE = "credential"
@@ -32,6 +34,9 @@ STATUS_FILE = "status.json"
 EVENTS_FILE = "events.json"
 
 _T = TypeVar("_T")
+
+# Two slots and a `current` link, or the user's own command (`tufa-agent register --installer`).
+InstallerKind = Literal["slots", "command"]
 
 
 class AgentError(Exception):
@@ -69,31 +74,52 @@ def _from_dict(cls: type[_T], data: Any) -> _T:
 class AgentConfig:
     server: str
     factory: str
-    channel: str
+    channel: Channel
     device_id: str
     name: str
     hardware_id: str
     tag: str
-    installer: str = "slots"
+    installer: InstallerKind = "slots"
     install_command: str | None = None
     health_check: str | None = None
     health_timeout: float = 60.0
 
+    def __post_init__(self) -> None:
+        # config.json holds the channel as a string.
+        try:
+            object.__setattr__(self, "channel", Channel(self.channel))
+        except ValueError:
+            raise AgentError(
+                f"the configuration names channel {self.channel!r}, neither 'ci' nor 'prod': "
+                "register the device again"
+            ) from None
+
+    def _url(self, path: str) -> str:
+        return f"{self.server}{path}"
+
     @property
     def metadata_url(self) -> str:
-        return f"{self.server}/api/v1/factories/{self.factory}/repo/{self.channel}/metadata/"
+        return self._url(api_paths.metadata_base(self.factory, self.channel))
 
     @property
     def targets_url(self) -> str:
-        return f"{self.server}/api/v1/factories/{self.factory}/repo/{self.channel}/targets/"
+        return self._url(api_paths.targets_base(self.factory, self.channel))
 
     @property
     def reports_url(self) -> str:
-        return f"{self.server}/api/v1/factories/{self.factory}/device-reports"
+        return self._url(api_paths.path(api_paths.DEVICE_REPORTS, self.factory))
 
     @property
     def credential_url(self) -> str:
-        return f"{self.server}/api/v1/factories/{self.factory}/device-credential"
+        return self._url(api_paths.path(api_paths.DEVICE_CREDENTIAL, self.factory))
+
+
+class ReportedRelease(TypedDict):
+    """A release as device reports name it."""
+
+    version: str
+    target: str
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -106,7 +132,7 @@ class Release:
     length: int
     slot: str | None = None
 
-    def to_report(self) -> dict[str, str]:
+    def to_report(self) -> ReportedRelease:
         # Cut to the server's field sizes: a report it refuses would hold up every later one.
         return {"version": self.version[:64], "target": self.target[:255], "sha256": self.sha256}
 

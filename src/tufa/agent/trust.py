@@ -19,6 +19,7 @@ from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
 from tufa.agent.state import AgentError
 from tufa.core.files import write_private_file
+from tufa.core.metadata import MIN_PROD_TARGETS_THRESHOLD, Channel
 
 # tufa's metadata carries no delegations and only the top-level targets in snapshot,
 # so the limits are far below python-tuf's defaults: a server (or a man in the middle)
@@ -64,14 +65,14 @@ def provision_root(metadata_dir: Path, data: bytes, source: str) -> Metadata[Roo
     return root
 
 
-def channel_of(root: Metadata[Root]) -> str:
+def channel_of(root: Metadata[Root]) -> Channel:
     """A production root asks for the online and an offline targets signature; a CI
     root for one. The root a device is provisioned with is what fixes its channel."""
     return _channel_of_threshold(root.signed.roles[Targets.type].threshold)
 
 
-def _channel_of_threshold(threshold: int) -> str:
-    return "prod" if threshold >= 2 else "ci"
+def _channel_of_threshold(threshold: int) -> Channel:
+    return Channel.PROD if threshold >= MIN_PROD_TARGETS_THRESHOLD else Channel.CI
 
 
 class ChannelMismatchError(exceptions.RepositoryError):
@@ -91,7 +92,7 @@ class ChannelGuard(FetcherInterface):
     Only refuses, never accepts: what passes is verified by ngclient as usual.
     """
 
-    def __init__(self, inner: FetcherInterface, channel: str) -> None:
+    def __init__(self, inner: FetcherInterface, channel: Channel) -> None:
         self._inner = inner
         self._channel = channel
 

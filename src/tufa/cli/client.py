@@ -10,17 +10,18 @@ import functools
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 import httpx
 
 import tufa
+from tufa.core import api_paths
 from tufa.core.files import write_private_file
-
-F = TypeVar("F", bound=Callable[..., Any])
+from tufa.core.http import api_client
+from tufa.core.responses import Refusal, refusal_of
 
 
 def config_path() -> Path:
@@ -50,11 +51,22 @@ def save_config(values: dict[str, str]) -> Path:
 
 @dataclass
 class Api:
-    """A logged-in view of one server, and optionally one factory on it."""
+    """A logged-in view of one server, and optionally one factory on it.
+
+    It owns one HTTP client, so a command's requests share connections; `with_api`
+    closes it when the command ends.
+    """
 
     server: str
     token: str | None
     factory_name: str | None
+    client: httpx.Client = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.client, _ = api_client(self.token, f"tufa-cli/{tufa.__version__}", timeout=60)
+
+    def close(self) -> None:
+        self.client.close()
 
     @property
     def factory(self) -> str:
@@ -65,7 +77,14 @@ class Api:
         return self.factory_name
 
     def factory_path(self, suffix: str = "") -> str:
-        return f"/api/v1/factories/{self.factory}{suffix}"
+        return api_paths.factory_path(self.factory, suffix)
+
+    def path(self, template: str, **fields: str) -> str:
+        """An `api_paths` template filled in for this factory."""
+        return api_paths.path(template, self.factory, **fields)
+
+    def url(self, path: str) -> str:
+        return path if path.startswith(("http://", "https://")) else f"{self.server}{path}"
 
     def request(
         self,
@@ -75,32 +94,25 @@ class Api:
         json_body: Any = None,
         ok: tuple[int, ...] = (200, 201),
     ) -> httpx.Response:
-        url = path if path.startswith(("http://", "https://")) else f"{self.server}{path}"
-        headers = {"User-Agent": f"tufa-cli/{tufa.__version__}"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
         try:
-            response = httpx.request(method, url, json=json_body, headers=headers, timeout=60)
+            response = self.client.request(method, self.url(path), json=json_body)
         except httpx.HTTPError as e:
             raise click.ClickException(
                 f"cannot reach the server at {self.server}: {e}. Is it running? "
                 "Check --server, TUFA_SERVER or `tufa login`."
             ) from e
         if response.status_code not in ok:
-            raise click.ClickException(_describe_error(response))
+            raise click.ClickException(_describe_error(refusal_of(response)))
         return response
 
     def get_json(self, path: str) -> Any:
         return self.request("GET", path).json()
 
 
-def _describe_error(response: httpx.Response) -> str:
-    try:
-        error = response.json()["error"]
-        message = f"{error['message']} (HTTP {response.status_code} {error['code']})"
-    except (ValueError, KeyError, TypeError):
-        message = f"HTTP {response.status_code}: {response.text[:200]}"
-    return f"the server refused: {message}"
+def _describe_error(refusal: Refusal) -> str:
+    if refusal.code is None:
+        return f"the server refused: {refusal}"
+    return f"the server refused: {refusal.message} (HTTP {refusal.status} {refusal.code})"
 
 
 def with_api(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -109,7 +121,11 @@ def with_api(func: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(func)
     def wrapper(server: str | None, factory: str | None, token: str | None, **kwargs: Any) -> Any:
-        return func(api=make_api(server, factory, token), **kwargs)
+        api = make_api(server, factory, token)
+        try:
+            return func(api=api, **kwargs)
+        finally:
+            api.close()
 
     wrapper = click.option("--token", envvar="TUFA_TOKEN", help="API token [env TUFA_TOKEN].")(
         wrapper

@@ -27,12 +27,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TypedDict
 
 from tuf.api import exceptions
 from tuf.ngclient import FetcherInterface
 
 from tufa.core.files import is_plain_name
+from tufa.core.metadata import Channel
 
 BUNDLE_FORMAT = 1
 MANIFEST_FILE = "bundle.json"
@@ -40,11 +41,20 @@ METADATA_DIR = "metadata"
 TARGETS_DIR = "targets"
 BUNDLE_METADATA_URL = f"bundle:///{METADATA_DIR}/"
 BUNDLE_TARGETS_URL = f"bundle:///{TARGETS_DIR}/"
-CHANNELS = ("ci", "prod")
 
 _CHUNK_SIZE = 256 * 1024
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _WRITE_IT_AGAIN = "write the bundle again with `tufa targets offline-update TAG VERSION DIR`"
+
+
+class ManifestJson(TypedDict):
+    format: int
+    factory: str
+    channel: str
+    tag: str
+    version: str
+    created_at: str
+    targets: list[str]
 
 
 class BundleError(ValueError):
@@ -61,13 +71,13 @@ class BundleManifest:
 
     format: int = BUNDLE_FORMAT
     factory: str
-    channel: str
+    channel: Channel
     tag: str
     version: str
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC).replace(microsecond=0))
     targets: tuple[str, ...]
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> ManifestJson:
         return {
             "format": self.format,
             "factory": self.factory,
@@ -104,7 +114,7 @@ class BundleManifest:
                     f"{MANIFEST_FILE}: {key!r} must be a non-empty string: {_WRITE_IT_AGAIN}"
                 )
             strings[key] = value
-        if strings["channel"] not in CHANNELS:
+        if strings["channel"] not in tuple(Channel):
             raise BundleError(
                 f"{MANIFEST_FILE}: channel {strings['channel']!r} is neither 'ci' nor 'prod': "
                 f"{_WRITE_IT_AGAIN}"
@@ -129,7 +139,7 @@ class BundleManifest:
         return cls(
             format=fmt,
             factory=strings["factory"],
-            channel=strings["channel"],
+            channel=Channel(strings["channel"]),
             tag=strings["tag"],
             version=strings["version"],
             created_at=created_at,

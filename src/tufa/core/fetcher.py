@@ -14,10 +14,10 @@ from tuf.api import exceptions
 from tuf.ngclient import FetcherInterface
 
 import tufa
-from tufa.core.responses import refusal
+from tufa.core.http import BearerAuth, api_client
+from tufa.core.responses import streamed_refusal
 
 CHUNK_SIZE = 256 * 1024
-MAX_ERROR_BODY = 4096  # what is read of an error answer for its message
 REVOKED = "credential_revoked"  # the server's error code for a credential that died
 
 
@@ -31,19 +31,26 @@ class CredentialRefused(exceptions.DownloadHTTPError):
 
 
 class BearerFetcher(FetcherInterface):
+    """Fetches with its own client sending `token`, or, given `client` and its `auth`,
+    with that client (the agent's, so metadata, targets and reports share connections)."""
+
     def __init__(
-        self, token: str | None, timeout: float = 30.0, user_agent: str | None = None
+        self,
+        token: str | None = None,
+        timeout: float = 30.0,
+        user_agent: str | None = None,
+        *,
+        client: tuple[httpx.Client, BearerAuth] | None = None,
     ) -> None:
-        default = f"tufa/{tufa.__version__} python-tuf/{tuf.__version__}"
-        self._client = httpx.Client(headers={"User-Agent": user_agent or default}, timeout=timeout)
-        self.set_token(token)
+        self._owns_client = client is None
+        if client is None:
+            default = f"tufa/{tufa.__version__} python-tuf/{tuf.__version__}"
+            client = api_client(token, user_agent or default, timeout)
+        self._client, self._auth = client
 
     def set_token(self, token: str | None) -> None:
         """Send `token` from the next request on (a device whose credential was rotated)."""
-        if token:
-            self._client.headers["Authorization"] = f"Bearer {token}"
-        else:
-            self._client.headers.pop("Authorization", None)
+        self._auth.token = token
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         try:
@@ -53,28 +60,11 @@ class BearerFetcher(FetcherInterface):
         except httpx.HTTPError as e:
             raise exceptions.DownloadError(f"cannot reach {url}: {e}") from e
         if response.status_code >= 400:
-            code, message = refusal(self._error_body(response))
+            refusal = streamed_refusal(response)
             if response.status_code == 401:
-                raise CredentialRefused(code, message)
-            raise exceptions.DownloadHTTPError(
-                f"HTTP {response.status_code}: {message}", response.status_code
-            )
+                raise CredentialRefused(refusal.code, refusal.message)
+            raise exceptions.DownloadHTTPError(str(refusal), response.status_code)
         return self._chunks(response)
-
-    @staticmethod
-    def _error_body(response: httpx.Response) -> bytes:
-        """The start of an error answer, for its message; never more than a few KiB."""
-        body = b""
-        try:
-            for chunk in response.iter_bytes(MAX_ERROR_BODY):
-                body += chunk
-                if len(body) >= MAX_ERROR_BODY:
-                    break
-        except httpx.HTTPError:
-            pass  # the status says enough
-        finally:
-            response.close()
-        return body[:MAX_ERROR_BODY]
 
     @staticmethod
     def _chunks(response: httpx.Response) -> Iterator[bytes]:
@@ -88,4 +78,5 @@ class BearerFetcher(FetcherInterface):
             response.close()
 
     def close(self) -> None:
-        self._client.close()
+        if self._owns_client:
+            self._client.close()

@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from tufa.core import api_paths
 from tufa.core.clock import iso
 from tufa.core.metadata import Channel
 from tufa.server import credentials, devices
@@ -353,12 +354,12 @@ async def report(request: Request) -> JSONResponse:
 
 
 routes = [
-    Route("/api/v1/factories/{factory}/devices", register, methods=["POST"]),
-    Route("/api/v1/factories/{factory}/devices", list_all, methods=["GET"]),
-    Route("/api/v1/factories/{factory}/devices/{device}", show, methods=["GET"]),
-    Route("/api/v1/factories/{factory}/devices/{device}", remove, methods=["DELETE"]),
-    Route("/api/v1/factories/{factory}/devices/{device}/revoke", revoke, methods=["POST"]),
-    Route("/api/v1/factories/{factory}/device-credential", credential_show, methods=["GET"]),
-    Route("/api/v1/factories/{factory}/device-credential", credential_rotate, methods=["POST"]),
-    Route("/api/v1/factories/{factory}/device-reports", report, methods=["POST"]),
+    Route(api_paths.DEVICES, register, methods=["POST"]),
+    Route(api_paths.DEVICES, list_all, methods=["GET"]),
+    Route(api_paths.DEVICE, show, methods=["GET"]),
+    Route(api_paths.DEVICE, remove, methods=["DELETE"]),
+    Route(f"{api_paths.DEVICE}/revoke", revoke, methods=["POST"]),
+    Route(api_paths.DEVICE_CREDENTIAL, credential_show, methods=["GET"]),
+    Route(api_paths.DEVICE_CREDENTIAL, credential_rotate, methods=["POST"]),
+    Route(api_paths.DEVICE_REPORTS, report, methods=["POST"]),
 ]

@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from tuf.api.metadata import Root
 
+from tufa.core import api_paths
 from tufa.core.clock import iso
 from tufa.core.metadata import ROOT, SNAPSHOT, TARGETS, TIMESTAMP, Channel
 from tufa.core.root_update import (
@@ -198,8 +199,8 @@ def _expiry_warning(channel: Channel, role: str, expires: datetime, now: datetim
 
 
 routes = [
-    Route("/api/v1/factories", create, methods=["POST"]),
-    Route("/api/v1/factories", list_all, methods=["GET"]),
-    Route("/api/v1/factories/{factory}", show, methods=["GET"]),
-    Route("/api/v1/factories/{factory}", configure, methods=["PATCH"]),
+    Route(api_paths.FACTORIES, create, methods=["POST"]),
+    Route(api_paths.FACTORIES, list_all, methods=["GET"]),
+    Route(api_paths.FACTORY, show, methods=["GET"]),
+    Route(api_paths.FACTORY, configure, methods=["PATCH"]),
 ]

@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
+from tufa.core import api_paths
 from tufa.core.metadata import ROOT, TARGETS, TIMESTAMP, Channel
 from tufa.server.api.common import state_of, threaded
 from tufa.server.auth import (
@@ -245,14 +246,6 @@ async def metadata(request: Request) -> Response:
 
 
 routes = [
-    Route(
-        "/api/v1/factories/{factory}/repo/{channel}/targets/{filename}",
-        target_file,
-        methods=["GET", "HEAD"],
-    ),
-    Route(
-        "/api/v1/factories/{factory}/repo/{channel}/metadata/{filename}",
-        metadata,
-        methods=["GET", "HEAD"],
-    ),
+    Route(api_paths.TARGET_FILE, target_file, methods=["GET", "HEAD"]),
+    Route(api_paths.METADATA_FILE, metadata, methods=["GET", "HEAD"]),
 ]

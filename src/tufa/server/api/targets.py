@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from tuf.api.metadata import Metadata, TargetFile, Targets
 
+from tufa.core import api_paths
 from tufa.core.clock import iso
 from tufa.core.metadata import TARGETS, Channel
 from tufa.core.selection import custom_of, hardware_ids_of, tags_of, version_key
@@ -178,10 +179,10 @@ async def show(request: Request) -> JSONResponse:
 
 
 routes = [
-    Route("/api/v1/factories/{factory}/blobs/{sha256}", upload_blob, methods=["PUT"]),
-    Route("/api/v1/factories/{factory}/targets", add, methods=["POST"]),
-    Route("/api/v1/factories/{factory}/targets", list_all, methods=["GET"]),
-    Route("/api/v1/factories/{factory}/targets/prune", prune, methods=["POST"]),
-    Route("/api/v1/factories/{factory}/targets/delete", delete, methods=["POST"]),
-    Route("/api/v1/factories/{factory}/targets/{name}", show, methods=["GET"]),
+    Route(api_paths.BLOB, upload_blob, methods=["PUT"]),
+    Route(api_paths.TARGETS, add, methods=["POST"]),
+    Route(api_paths.TARGETS, list_all, methods=["GET"]),
+    Route(api_paths.PRUNE_TARGETS, prune, methods=["POST"]),
+    Route(api_paths.DELETE_TARGETS, delete, methods=["POST"]),
+    Route(api_paths.TARGET, show, methods=["GET"]),
 ]
