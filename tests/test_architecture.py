@@ -37,9 +37,7 @@ def _module_name(path: Path) -> str:
 
 
 MODULES = {
-    _module_name(path): path
-    for path in sorted(SRC.rglob("*.py"))
-    if "migrations" not in path.parts
+    _module_name(path): path for path in sorted(SRC.rglob("*.py")) if "migrations" not in path.parts
 }
 
 

@@ -371,17 +371,20 @@ def describe_error(error: BaseException) -> str:
     return printable(_describe(error))
 
 
+# What each of ngclient's verification failures means, most specific first.
+_REFUSALS: tuple[tuple[type[Exception], str], ...] = (
+    (exceptions.ExpiredMetadataError, "expired metadata"),
+    (exceptions.BadVersionNumberError, "rollback attack or bad version"),
+    (exceptions.UnsignedMetadataError, "metadata not signed by the trusted keys"),
+    (exceptions.LengthOrHashMismatchError, "length or hash mismatch"),
+    (exceptions.DownloadLengthMismatchError, "response longer than allowed"),
+)
+
+
 def _describe(error: BaseException) -> str:
-    if isinstance(error, exceptions.ExpiredMetadataError):
-        return f"refused: expired metadata ({error})"
-    if isinstance(error, exceptions.BadVersionNumberError):
-        return f"refused: rollback attack or bad version ({error})"
-    if isinstance(error, exceptions.UnsignedMetadataError):
-        return f"refused: metadata not signed by the trusted keys ({error})"
-    if isinstance(error, exceptions.LengthOrHashMismatchError):
-        return f"refused: length or hash mismatch ({error})"
-    if isinstance(error, exceptions.DownloadLengthMismatchError):
-        return f"refused: response longer than allowed ({error})"
+    meaning = next((text for kind, text in _REFUSALS if isinstance(error, kind)), None)
+    if meaning is not None:
+        return f"refused: {meaning} ({error})"
     if isinstance(error, exceptions.RepositoryError):
         return f"refused: {type(error).__name__}: {error}"
     if isinstance(error, CredentialRefused):

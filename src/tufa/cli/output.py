@@ -47,6 +47,14 @@ def print_table(
     console().print(table)
 
 
+def print_fields(fields: Sequence[tuple[str, object]]) -> None:
+    """What a `show` command prints: one `label: value` line a field, the labels
+    right-aligned; a missing value prints as `-`."""
+    width = max(len(label) for label, _ in fields)
+    for label, value in fields:
+        click.echo(f"{label:>{width}}: {'-' if value is None else value}")
+
+
 def print_records(
     records: list[Record],
     as_json: bool,

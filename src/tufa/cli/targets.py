@@ -15,7 +15,7 @@ from rich.table import Table
 
 from tufa.cli.bundles import offline_update
 from tufa.cli.client import Api, with_api
-from tufa.cli.output import console, json_option, print_json, transfer_progress
+from tufa.cli.output import console, json_option, print_fields, print_json, transfer_progress
 from tufa.core import api_paths
 from tufa.core.metadata import Channel
 from tufa.core.responses import refusal_of
@@ -264,10 +264,14 @@ def show(api: Api, name: str, as_json: bool) -> None:
     if as_json:
         print_json(found)
         return
-    for key in ("name", "version", "length", "sha256", "url", "created_at", "pruned_at"):
-        click.echo(f"{key:>10}: {found[key] if found[key] is not None else '-'}")
-    click.echo(f"{'channels':>10}: {', '.join(found['channels']) or 'none'}")
-    click.echo(f"{'custom':>10}: {json.dumps(found['custom'], sort_keys=True)}")
+    keys = ("name", "version", "length", "sha256", "url", "created_at", "pruned_at")
+    print_fields(
+        [
+            *((key, found[key]) for key in keys),
+            ("channels", ", ".join(found["channels"]) or "none"),
+            ("custom", json.dumps(found["custom"], sort_keys=True)),
+        ]
+    )
 
 
 def _print_removed(result: dict[str, Any], as_json: bool) -> None:

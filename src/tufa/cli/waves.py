@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ from tuf.api.metadata import Metadata, Targets
 
 from tufa.cli.client import Api, with_api
 from tufa.cli.keys.archive_options import archive_option, load_archive
-from tufa.cli.output import json_option, print_json, print_records
+from tufa.cli.output import json_option, print_fields, print_json, print_records
 from tufa.core.archive import OfflineArchive
 from tufa.core.metadata import TARGETS, Channel
 
@@ -22,6 +23,11 @@ ARCHIVE_OPTION = archive_option(
 @click.group()
 def waves() -> None:
     """Release a CI build to production devices, signed with your offline key."""
+
+
+def _on_named_wave(command: Callable[..., None]) -> click.Command:
+    """A `tufa waves` command on wave NAME, with --json and the server options."""
+    return waves.command()(click.argument("name")(json_option(with_api(command))))
 
 
 def _sign_with(api: Api, archive: OfflineArchive, md: Metadata[Targets]) -> list[str]:
@@ -174,19 +180,13 @@ def _finish(api: Api, name: str, action: str, as_json: bool) -> None:
     click.echo(f"Wave {name} is now {result['status']}.")
 
 
-@waves.command()
-@click.argument("name")
-@json_option
-@with_api
+@_on_named_wave
 def complete(api: Api, name: str, as_json: bool) -> None:
     """Make wave NAME the production targets of every device of its tag."""
     _finish(api, name, "complete", as_json)
 
 
-@waves.command()
-@click.argument("name")
-@json_option
-@with_api
+@_on_named_wave
 def cancel(api: Api, name: str, as_json: bool) -> None:
     """Stop wave NAME; devices that got it keep it until a newer release of their tag."""
     _finish(api, name, "cancel", as_json)
@@ -216,22 +216,23 @@ def _wave_row(w: dict[str, Any]) -> tuple[str, ...]:
     )
 
 
-@waves.command()
-@click.argument("name")
-@json_option
-@with_api
+@_on_named_wave
 def show(api: Api, name: str, as_json: bool) -> None:
     """Show wave NAME: its targets, signatures and devices."""
     wave = api.get_json(api.factory_path(f"/waves/{name}"))
     if as_json:
         print_json(wave)
         return
-    for key in ("name", "tag", "version", "status", "targets_version", "expires", "created_at"):
-        click.echo(f"{key:>15}: {wave[key]}")
-    click.echo(f"{'signed':>15}: {'yes' if wave['signed'] else 'needs more signatures'}")
-    click.echo(f"{'signed by':>15}: {', '.join(wave['signed_by'])}")
-    click.echo(f"{'targets':>15}: {', '.join(wave['targets'])}")
-    click.echo(f"{'devices':>15}: {wave['devices_served']} of {wave['devices_of_tag']} of the tag")
+    keys = ("name", "tag", "version", "status", "targets_version", "expires", "created_at")
+    print_fields(
+        [
+            *((key, wave[key]) for key in keys),
+            ("signed", "yes" if wave["signed"] else "needs more signatures"),
+            ("signed by", ", ".join(wave["signed_by"])),
+            ("targets", ", ".join(wave["targets"])),
+            ("devices", f"{wave['devices_served']} of {wave['devices_of_tag']} of the tag"),
+        ]
+    )
 
 
 @waves.command()

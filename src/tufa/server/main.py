@@ -84,6 +84,11 @@ def shared_path_option(flag: str, envvar: str, what: str, *, file: bool) -> Call
     )
 
 
+def duration_option(flag: str, default: str, help: str | None = None) -> Callable[[F], F]:
+    """A validity or interval, written as `90s`, `12h` or `30d`."""
+    return click.option(flag, type=DURATION, default=default, show_default=True, help=help)
+
+
 @cli.command()
 @data_dir_option
 @db_option
@@ -114,24 +119,12 @@ def shared_path_option(flag: str, envvar: str, what: str, *, file: bool) -> Call
     envvar="TUFA_PUBLIC_URL",
     help="Base URL devices use, if the server sits behind a proxy.",
 )
-@click.option("--timestamp-expiry", type=DURATION, default="1d", show_default=True)
-@click.option("--snapshot-expiry", type=DURATION, default="7d", show_default=True)
-@click.option("--ci-targets-expiry", type=DURATION, default="30d", show_default=True)
-@click.option(
-    "--root-expiry",
-    type=DURATION,
-    default="365d",
-    show_default=True,
-    help="Validity of roots the server creates.",
-)
-@click.option("--prod-targets-expiry", type=DURATION, default="365d", show_default=True)
-@click.option(
-    "--resign-interval",
-    type=DURATION,
-    default="60s",
-    show_default=True,
-    help="How often online metadata is checked for re-signing.",
-)
+@duration_option("--timestamp-expiry", "1d")
+@duration_option("--snapshot-expiry", "7d")
+@duration_option("--ci-targets-expiry", "30d")
+@duration_option("--root-expiry", "365d", "Validity of roots the server creates.")
+@duration_option("--prod-targets-expiry", "365d")
+@duration_option("--resign-interval", "60s", "How often online metadata is checked for re-signing.")
 @click.option(
     "--no-resign",
     is_flag=True,

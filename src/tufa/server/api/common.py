@@ -9,11 +9,12 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from securesystemslib.signer import Signature
+from sqlalchemy import Connection
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from tufa.server.auth import Principal, authenticate, bearer_secret
+from tufa.server.auth import Principal, Scope, authenticate, bearer_secret, require_factory
 from tufa.server.credentials import settle
 from tufa.server.errors import bad_request
 from tufa.server.inputs import refuse_unsignable_json, text_problem
@@ -61,6 +62,15 @@ async def caller(request: Request) -> tuple[ServerState, Principal | None]:
         return settle(state.db, principal, secret, now)
 
     return state, await run_in_threadpool(lookup)
+
+
+async def factory_caller(request: Request, scopes: set[Scope]) -> tuple[ServerState, int]:
+    """The server state and the id of the factory the path names, once the caller may act
+    on it with one of `scopes` (a 401 or 403 otherwise)."""
+    state, principal = await caller(request)
+    allowed = require_factory(principal, request.path_params["factory"], scopes)
+    assert allowed.factory_id is not None  # only operators have none, and they are refused
+    return state, allowed.factory_id
 
 
 async def json_object(request: Request) -> dict[str, Any]:
@@ -137,6 +147,16 @@ def _json_type(kind: type) -> str:
 
 async def threaded(fn: Callable[[], T]) -> T:
     return await run_in_threadpool(fn)
+
+
+async def writing(state: ServerState, work: Callable[[Connection], T]) -> T:
+    """`work` in one write transaction, in the thread pool (database calls block)."""
+
+    def run() -> T:
+        with state.db.write() as conn:
+            return work(conn)
+
+    return await threaded(run)
 
 
 def ok(data: Any, status: int = 200) -> JSONResponse:

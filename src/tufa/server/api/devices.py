@@ -18,7 +18,16 @@ from tufa.core import api_paths
 from tufa.core.clock import iso
 from tufa.core.metadata import Channel
 from tufa.server import credentials, devices
-from tufa.server.api.common import caller, field, json_object, ok, text_field, threaded
+from tufa.server.api.common import (
+    caller,
+    factory_caller,
+    field,
+    json_object,
+    ok,
+    text_field,
+    threaded,
+    writing,
+)
 from tufa.server.auth import (
     Principal,
     Scope,
@@ -104,13 +113,11 @@ async def register(request: Request) -> JSONResponse:
 
 
 async def list_all(request: Request) -> JSONResponse:
-    state, principal = await caller(request)
-    reader = require_factory(principal, request.path_params["factory"], {Scope.ADMIN, Scope.READ})
+    state, factory_id = await factory_caller(request, {Scope.ADMIN, Scope.READ})
 
     def rows() -> list[dict[str, Any]]:
-        assert reader.factory_id is not None
         with state.db.read() as conn:
-            found = devices.list_devices(conn, reader.factory_id)
+            found = devices.list_devices(conn, factory_id)
         return [
             {
                 **_device_json(r),
@@ -124,15 +131,13 @@ async def list_all(request: Request) -> JSONResponse:
 
 
 async def show(request: Request) -> JSONResponse:
-    state, principal = await caller(request)
-    reader = require_factory(principal, request.path_params["factory"], {Scope.ADMIN, Scope.READ})
+    state, factory_id = await factory_caller(request, {Scope.ADMIN, Scope.READ})
     ident = request.path_params["device"]
 
     def row() -> dict[str, Any]:
-        assert reader.factory_id is not None
         with state.db.read() as conn:
-            found = devices.find_device(conn, reader.factory_id, ident)
-            earlier = credentials.earlier_devices(conn, reader.factory_id, found.name)
+            found = devices.find_device(conn, factory_id, ident)
+            earlier = credentials.earlier_devices(conn, factory_id, found.name)
             events = devices.recent_events(conn, found.id, SHOWN_EVENTS)
         return {
             **_device_json(found),
@@ -151,33 +156,24 @@ async def show(request: Request) -> JSONResponse:
 
 async def revoke(request: Request) -> JSONResponse:
     """Refuse the device's credentials from now on, on every replica (no cache)."""
-    state, principal = await caller(request)
-    admin = require_factory(principal, request.path_params["factory"], {Scope.ADMIN})
+    state, factory_id = await factory_caller(request, {Scope.ADMIN})
     ident = request.path_params["device"]
 
-    def apply() -> dict[str, Any]:
-        assert admin.factory_id is not None
-        with state.db.write() as conn:
-            row = credentials.revoke(conn, admin.factory_id, ident, state.settings.clock.now())
-        return _device_json(row)
-
-    return ok(await threaded(apply))
+    now = state.settings.clock.now()
+    row = await writing(state, lambda conn: credentials.revoke(conn, factory_id, ident, now))
+    return ok(_device_json(row))
 
 
 async def remove(request: Request) -> JSONResponse:
     """Delete the device for good: credentials, events and group memberships."""
-    state, principal = await caller(request)
-    admin = require_factory(principal, request.path_params["factory"], {Scope.ADMIN})
+    state, factory_id = await factory_caller(request, {Scope.ADMIN})
     ident = request.path_params["device"]
 
-    def apply() -> dict[str, Any]:
-        assert admin.factory_id is not None
-        now = state.settings.clock.now()
-        with state.db.write() as conn:
-            row, events, groups = credentials.delete_device(conn, admin.factory_id, ident, now)
-        return {"deleted": _device_json(row), "events_deleted": events, "groups_left": groups}
-
-    return ok(await threaded(apply))
+    now = state.settings.clock.now()
+    row, events, groups = await writing(
+        state, lambda conn: credentials.delete_device(conn, factory_id, ident, now)
+    )
+    return ok({"deleted": _device_json(row), "events_deleted": events, "groups_left": groups})
 
 
 async def credential_show(request: Request) -> JSONResponse:

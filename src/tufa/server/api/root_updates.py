@@ -13,7 +13,7 @@ from starlette.routing import Route
 from tufa.core.metadata import Channel
 from tufa.core.root_update import RootKeyPairs, pairs_from_json
 from tufa.server.api.common import (
-    caller,
+    factory_caller,
     field,
     json_object,
     ok,
@@ -21,24 +21,15 @@ from tufa.server.api.common import (
     string_list,
     threaded,
 )
-from tufa.server.auth import Scope, require_factory
+from tufa.server.auth import Scope
 from tufa.server.errors import bad_request
 from tufa.server.root_updates.transaction import RootUpdates
 from tufa.server.state import ServerState
 
 PREFIX = "/api/v1/factories/{factory}/keys/updates"
-
-
-async def _admin(request: Request) -> tuple[ServerState, int]:
-    """The server state and the factory id, if the caller is the factory's admin.
-
-    Checked before the request body is read, so a caller without the right learns
-    nothing from validation errors.
-    """
-    state, principal = await caller(request)
-    admin = require_factory(principal, request.path_params["factory"], {Scope.ADMIN})
-    assert admin.factory_id is not None
-    return state, admin.factory_id
+# Checked before the request body is read, so a caller without the right learns nothing
+# from validation errors.
+ADMIN = {Scope.ADMIN}
 
 
 async def _run(
@@ -68,7 +59,7 @@ def _channels(data: dict[str, Any], name: str) -> dict[Channel, Any]:
 
 
 async def init(request: Request) -> JSONResponse:
-    state, factory_id = await _admin(request)
+    state, factory_id = await factory_caller(request, ADMIN)
     data = await json_object(request)
     message = field(data, "message", str).strip()
     if not message:
@@ -78,12 +69,12 @@ async def init(request: Request) -> JSONResponse:
 
 
 async def show(request: Request) -> JSONResponse:
-    state, factory_id = await _admin(request)
+    state, factory_id = await factory_caller(request, ADMIN)
     return ok(await _run(state, factory_id, lambda u, c, f: u.describe(c, f), write=False))
 
 
 async def stage(request: Request) -> JSONResponse:
-    state, factory_id = await _admin(request)
+    state, factory_id = await factory_caller(request, ADMIN)
     data = await json_object(request)
     roots = _channels(field(data, "roots", dict), "roots")
     if set(roots) != set(Channel):
@@ -101,7 +92,7 @@ async def stage(request: Request) -> JSONResponse:
 
 
 async def online_keys(request: Request) -> JSONResponse:
-    state, factory_id = await _admin(request)
+    state, factory_id = await factory_caller(request, ADMIN)
     data = await json_object(request)
     roles = string_list(data, "roles")
     names = string_list(data, "channels") if "channels" in data else list(Channel)
@@ -114,7 +105,7 @@ async def online_keys(request: Request) -> JSONResponse:
 
 
 async def signatures(request: Request) -> JSONResponse:
-    state, factory_id = await _admin(request)
+    state, factory_id = await factory_caller(request, ADMIN)
     data = await json_object(request)
     roots = {
         channel: signature_list(value, f"roots.{channel}")
@@ -128,12 +119,12 @@ async def signatures(request: Request) -> JSONResponse:
 
 
 async def apply(request: Request) -> JSONResponse:
-    state, factory_id = await _admin(request)
+    state, factory_id = await factory_caller(request, ADMIN)
     return ok(await _run(state, factory_id, lambda u, c, f: u.apply(c, f)))
 
 
 async def cancel(request: Request) -> JSONResponse:
-    state, factory_id = await _admin(request)
+    state, factory_id = await factory_caller(request, ADMIN)
     return ok(await _run(state, factory_id, lambda u, c, f: u.cancel(c, f)))
 
 

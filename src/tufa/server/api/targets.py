@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -17,8 +18,8 @@ from tufa.core import api_paths
 from tufa.core.clock import iso
 from tufa.core.metadata import TARGETS, Channel
 from tufa.core.selection import custom_of, hardware_ids_of, tags_of, version_key
-from tufa.server.api.common import caller, field, json_object, ok, threaded
-from tufa.server.auth import Scope, require_factory
+from tufa.server.api.common import factory_caller, field, json_object, ok, threaded
+from tufa.server.auth import Scope
 from tufa.server.blobs import grant
 from tufa.server.db import targets as targets_table
 from tufa.server.errors import bad_request, not_found
@@ -34,12 +35,7 @@ BLOB_PATH = re.compile(r"^/api/v1/factories/[^/]+/blobs/[^/]+$")
 
 
 def _result(result: PublishResult) -> dict[str, Any]:
-    return {
-        "added": result.added,
-        "unchanged": result.unchanged,
-        "removed": result.removed,
-        "targets_version": result.targets_version,
-    }
+    return dataclasses.asdict(result)
 
 
 def target_json(target: TargetFile) -> dict[str, Any]:
@@ -57,14 +53,11 @@ def target_json(target: TargetFile) -> dict[str, Any]:
 
 
 async def upload_blob(request: Request) -> JSONResponse:
-    state, principal = await caller(request)
-    uploader = require_factory(principal, request.path_params["factory"], PUBLISHERS)
+    state, factory_id = await factory_caller(request, PUBLISHERS)
     declared = request.headers.get("content-length")
     if declared is None or not declared.isdigit():
         raise bad_request("blob uploads need a Content-Length header")
     sha256, length = request.path_params["sha256"], int(declared)
-    assert uploader.factory_id is not None
-    factory_id = uploader.factory_id
     try:
         await state.blobs.put(request.stream(), sha256, length, state.settings.max_blob_bytes)
     except ClientDisconnect as e:
@@ -82,33 +75,24 @@ async def upload_blob(request: Request) -> JSONResponse:
 
 
 async def add(request: Request) -> JSONResponse:
-    state, principal = await caller(request)
-    publisher = require_factory(principal, request.path_params["factory"], PUBLISHERS)
+    state, factory_id = await factory_caller(request, PUBLISHERS)
     listed = field(await json_object(request), "targets", list)
     specs = [parse_target(item, f"targets[{i}]") for i, item in enumerate(listed)]
-    assert publisher.factory_id is not None
-    factory_id = publisher.factory_id
     result = await threaded(lambda: CiPublisher(state).add(factory_id, specs))
     return ok(_result(result), status=201 if result.added else 200)
 
 
 async def prune(request: Request) -> JSONResponse:
-    state, principal = await caller(request)
-    publisher = require_factory(principal, request.path_params["factory"], PUBLISHERS)
+    state, factory_id = await factory_caller(request, PUBLISHERS)
     keep = field(await json_object(request), "keep", int)
-    assert publisher.factory_id is not None
-    factory_id = publisher.factory_id
     return ok(_result(await threaded(lambda: CiPublisher(state).prune(factory_id, keep))))
 
 
 async def delete(request: Request) -> JSONResponse:
-    state, principal = await caller(request)
-    publisher = require_factory(principal, request.path_params["factory"], PUBLISHERS)
+    state, factory_id = await factory_caller(request, PUBLISHERS)
     names = field(await json_object(request), "names", list)
     if not all(isinstance(name, str) for name in names):
         raise bad_request("field 'names' must be a list of target names (strings)")
-    assert publisher.factory_id is not None
-    factory_id = publisher.factory_id
     return ok(_result(await threaded(lambda: CiPublisher(state).delete(factory_id, names))))
 
 
@@ -123,16 +107,13 @@ def _listed(
 
 
 async def list_all(request: Request) -> JSONResponse:
-    state, principal = await caller(request)
-    reader = require_factory(principal, request.path_params["factory"], READERS)
+    state, factory_id = await factory_caller(request, READERS)
     channel_name = request.query_params.get("channel", Channel.CI)
     if channel_name not in set(Channel):
         raise bad_request("'channel' must be 'ci' or 'prod'")
     channel = Channel(channel_name)
     tag = request.query_params.get("tag")
     hardware_id = request.query_params.get("hardware_id")
-    assert reader.factory_id is not None
-    factory_id = reader.factory_id
     # Production targets are kept per tag: a tag's view is what its devices are served.
     view = tag_view(tag) if channel == Channel.PROD and tag else DEFAULT_VIEW
     listed = await threaded(lambda: _listed(state, factory_id, channel, view))
@@ -147,11 +128,8 @@ async def list_all(request: Request) -> JSONResponse:
 
 
 async def show(request: Request) -> JSONResponse:
-    state, principal = await caller(request)
-    reader = require_factory(principal, request.path_params["factory"], READERS)
+    state, factory_id = await factory_caller(request, READERS)
     name = request.path_params["name"]
-    assert reader.factory_id is not None
-    factory_id = reader.factory_id
 
     def describe() -> dict[str, Any]:
         with state.db.read() as conn:

@@ -12,7 +12,15 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from tufa.core.clock import iso
-from tufa.server.api.common import caller, field, json_object, ok, text_field, threaded
+from tufa.server.api.common import (
+    caller,
+    factory_caller,
+    field,
+    json_object,
+    ok,
+    text_field,
+    threaded,
+)
 from tufa.server.auth import Scope, require_factory, require_operator
 from tufa.server.db import tokens
 from tufa.server.errors import bad_request, not_found
@@ -64,14 +72,13 @@ async def create(request: Request) -> JSONResponse:
 
 
 async def list_all(request: Request) -> JSONResponse:
-    state, principal = await caller(request)
-    admin = require_factory(principal, request.path_params["factory"], {Scope.ADMIN})
+    state, factory_id = await factory_caller(request, {Scope.ADMIN})
 
     def rows() -> list[dict[str, Any]]:
         with state.db.read() as conn:
             found = conn.execute(
                 select(tokens)
-                .where(tokens.c.factory_id == admin.factory_id)
+                .where(tokens.c.factory_id == factory_id)
                 .order_by(tokens.c.created_at, tokens.c.id)
             ).all()
         return [_token_json(r) for r in found]
@@ -80,13 +87,12 @@ async def list_all(request: Request) -> JSONResponse:
 
 
 async def revoke(request: Request) -> JSONResponse:
-    state, principal = await caller(request)
-    admin = require_factory(principal, request.path_params["factory"], {Scope.ADMIN})
+    state, factory_id = await factory_caller(request, {Scope.ADMIN})
     token_id = request.path_params["token_id"]
 
     def apply() -> dict[str, Any]:
         with state.db.write() as conn:
-            where = (tokens.c.id == token_id, tokens.c.factory_id == admin.factory_id)
+            where = (tokens.c.id == token_id, tokens.c.factory_id == factory_id)
             row = conn.execute(select(tokens).where(*where)).first()
             if row is None:
                 raise not_found(f"no token {token_id!r} in this factory")
