@@ -124,6 +124,36 @@ def test_background_resigner_keeps_both_channels_refreshable(
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_server_back_from_downtime_serves_fresh_metadata_from_its_first_answer(
+    backend: str, make_server: Callable[..., Server], tmp_path: Path
+) -> None:
+    # An hour between passes: only the start-up pass can have re-signed anything here.
+    offset_file = tmp_path / "clock-offset"
+    server = _start(make_server, backend, offset_file, "--resign-interval", "1h")
+    factory = create_factory(server)
+    assert all(_timestamp_version(factory, channel) == 1 for channel in CHANNELS)
+
+    server.local.stop()
+    offset = 2 * DAY  # down for two days: every timestamp it served has expired
+    set_clock_offset(offset_file, offset)
+    logged_before = len(server.local.log())
+    server.local.start()
+    # The pass is done before the server takes requests, not racing the first of them.
+    restart_log = server.local.log()[logged_before:]
+    assert "re-signed online metadata of 2 channel(s)" in restart_log, restart_log
+    assert restart_log.index("re-signed online metadata") < restart_log.index(
+        "Application startup complete"
+    ), restart_log
+    for channel in CHANNELS:
+        assert _timestamp_version(factory, channel) == 2, channel
+        updater = _updater_at(factory, channel, tmp_path / f"after-{channel}", offset)
+        updater.refresh()
+        assert updater._trusted_set.timestamp.expires > datetime.now(UTC) + timedelta(
+            seconds=offset
+        )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_without_resigning_a_client_refuses_the_expired_timestamp(
     backend: str, make_server: Callable[..., Server], tmp_path: Path
 ) -> None:

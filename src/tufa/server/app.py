@@ -124,24 +124,33 @@ async def internal_error(_request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _resign_pass(state: ServerState) -> None:
+    try:
+        refreshed = await run_in_threadpool(state.repo.resign_due)
+        if refreshed:
+            log.info("re-signed online metadata of %d channel(s)", refreshed)
+    except Exception:
+        log.exception(
+            "re-signing pass failed; trying again in %ss",
+            state.settings.resign_interval.total_seconds(),
+        )
+
+
 async def _resign_forever(state: ServerState) -> None:
-    interval = state.settings.resign_interval.total_seconds()
     while True:
-        try:
-            refreshed = await run_in_threadpool(state.repo.resign_due)
-            if refreshed:
-                log.info("re-signed online metadata of %d channel(s)", refreshed)
-        except Exception:
-            log.exception("re-signing pass failed; trying again in %ss", interval)
-        await asyncio.sleep(interval)
+        await asyncio.sleep(state.settings.resign_interval.total_seconds())
+        await _resign_pass(state)
 
 
 def create_app(state: ServerState) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
-        task = (
-            asyncio.create_task(_resign_forever(state)) if state.settings.resign_enabled else None
-        )
+        task = None
+        if state.settings.resign_enabled:
+            # The first pass runs before the server answers anything: after downtime no
+            # device is served a timestamp that had expired while the server was down.
+            await _resign_pass(state)
+            task = asyncio.create_task(_resign_forever(state))
         try:
             yield
         finally:
