@@ -76,9 +76,6 @@ class Api:
             )
         return self.factory_name
 
-    def factory_path(self, suffix: str = "") -> str:
-        return api_paths.factory_path(self.factory, suffix)
-
     def path(self, template: str, **fields: str) -> str:
         """An `api_paths` template filled in for this factory."""
         return api_paths.path(template, self.factory, **fields)

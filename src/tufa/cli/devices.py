@@ -11,6 +11,7 @@ from rich.text import Text
 
 from tufa.cli.client import Api, with_api
 from tufa.cli.output import json_option, print_json, print_records, print_table
+from tufa.core import api_paths
 
 BASE_FIELDS = ("id", "name", "hardware_id", "tag", "channel", "created_at")
 
@@ -28,7 +29,7 @@ def _plain(value: Any) -> Text:
 
 
 def _device_path(api: Api, device: str) -> str:
-    return api.factory_path(f"/devices/{quote(device, safe='')}")
+    return api.path(api_paths.DEVICE, device=quote(device, safe=""))
 
 
 def _credential(device: dict[str, Any]) -> str:
@@ -63,7 +64,7 @@ def list_devices(api: Api, as_json: bool) -> None:
       tufa devices list --json | jq -r '.[] | select(.revoked_at) | .name'
     """
     print_records(
-        api.get_json(api.factory_path("/devices")),
+        api.get_json(api.path(api_paths.DEVICES)),
         as_json,
         ("name", "id", "hardware id", "tag", "channel", "installed", "registered", "status"),
         _device_row,

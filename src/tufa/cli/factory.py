@@ -9,6 +9,7 @@ from rich.table import Table
 
 from tufa.cli.client import Api, save_config, with_api
 from tufa.cli.output import console, json_option, print_json, warn
+from tufa.core import api_paths
 
 
 @click.group()
@@ -31,7 +32,7 @@ def create(api: Api, name: str, login: bool, as_json: bool) -> None:
       tufa factory create acme --server http://127.0.0.1:8080 --token $OPERATOR_TOKEN --login
       tufa keys download acme-keys.tgz
     """
-    created = api.request("POST", "/api/v1/factories", json_body={"name": name}).json()
+    created = api.request("POST", api_paths.FACTORIES, json_body={"name": name}).json()
     if login:
         save_config({"server": api.server, "factory": name, "token": created["admin_token"]})
     if as_json:
@@ -49,7 +50,7 @@ def create(api: Api, name: str, login: bool, as_json: bool) -> None:
 @with_api
 def list_factories(api: Api, as_json: bool) -> None:
     """List every factory on the server (operator token)."""
-    found = api.get_json("/api/v1/factories")
+    found = api.get_json(api_paths.FACTORIES)
     if as_json:
         print_json(found)
         return
@@ -66,7 +67,7 @@ def show(api: Api, as_json: bool) -> None:
     Point any TUF client at a channel's metadata URL, bootstrapped with that channel's
     root (`tufa keys show-root [--prod] --json`).
     """
-    data = api.get_json(api.factory_path())
+    data = api.get_json(api.path(api_paths.FACTORY))
     if as_json:
         print_json(data)
         return
@@ -91,7 +92,7 @@ def set_options(api: Api, anonymous_read: bool | None, as_json: bool) -> None:
     if anonymous_read is None:
         raise click.UsageError("nothing to change: give --anonymous-read or --no-anonymous-read")
     data = api.request(
-        "PATCH", api.factory_path(), json_body={"anonymous_read": anonymous_read}
+        "PATCH", api.path(api_paths.FACTORY), json_body={"anonymous_read": anonymous_read}
     ).json()
     if as_json:
         print_json(data)

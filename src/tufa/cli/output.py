@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import click
@@ -47,9 +47,19 @@ def print_table(
     console().print(table)
 
 
-def print_fields(fields: Sequence[tuple[str, object]]) -> None:
-    """What a `show` command prints: one `label: value` line a field, the labels
-    right-aligned; a missing value prints as `-`."""
+def print_record(
+    record: Mapping[str, object],
+    as_json: bool,
+    keys: Sequence[str],
+    more: Sequence[tuple[str, object]] = (),
+) -> None:
+    """What a `show` command prints: with --json the record as the server sent it, else
+    one `label: value` line for each of `keys`, then the `more` fields made for reading;
+    labels right-aligned, a missing value as `-`."""
+    if as_json:
+        print_json(record)
+        return
+    fields = [*((key, record[key]) for key in keys), *more]
     width = max(len(label) for label, _ in fields)
     for label, value in fields:
         click.echo(f"{label:>{width}}: {'-' if value is None else value}")

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from tufa.cli.bundles import offline_update
 from tufa.cli.client import Api, with_api
-from tufa.cli.output import console, json_option, print_fields, print_json, transfer_progress
+from tufa.cli.output import console, json_option, print_json, print_record, transfer_progress
 from tufa.core import api_paths
 from tufa.core.metadata import Channel
 from tufa.core.responses import refusal_of
@@ -261,16 +261,14 @@ def list_targets(
 def show(api: Api, name: str, as_json: bool) -> None:
     """Show target NAME: hashes, custom metadata, and which channels list it."""
     found = api.get_json(api.path(api_paths.TARGET, name=name))
-    if as_json:
-        print_json(found)
-        return
-    keys = ("name", "version", "length", "sha256", "url", "created_at", "pruned_at")
-    print_fields(
-        [
-            *((key, found[key]) for key in keys),
+    print_record(
+        found,
+        as_json,
+        keys=("name", "version", "length", "sha256", "url", "created_at", "pruned_at"),
+        more=[
             ("channels", ", ".join(found["channels"]) or "none"),
             ("custom", json.dumps(found["custom"], sort_keys=True)),
-        ]
+        ],
     )
 
 

@@ -9,6 +9,7 @@ import click
 
 from tufa.cli.client import Api, with_api
 from tufa.cli.output import json_option, print_json, print_records
+from tufa.core import api_paths
 from tufa.core.durations import parse_duration
 
 SCOPES = ("admin", "ci", "read", "register")
@@ -55,7 +56,7 @@ def create(
     body: dict[str, object] = {"scopes": list(scopes), "description": description}
     if expires is not None:
         body["expires_in_seconds"] = int(expires.total_seconds())
-    created = api.request("POST", api.factory_path("/tokens"), json_body=body).json()
+    created = api.request("POST", api.path(api_paths.TOKENS), json_body=body).json()
     if as_json:
         print_json(created)
         return
@@ -69,7 +70,7 @@ def create(
 def list_tokens(api: Api, as_json: bool) -> None:
     """List the factory's tokens (never their secrets)."""
     print_records(
-        api.get_json(api.factory_path("/tokens")),
+        api.get_json(api.path(api_paths.TOKENS)),
         as_json,
         ("id", "scopes", "description", "created", "expires", "revoked"),
         _token_row,
@@ -98,7 +99,7 @@ def revoke(api: Api, token_id: str, as_json: bool) -> None:
     Example:
       tufa tokens revoke tok_3f2a9c0d1e4b5a67
     """
-    revoked = api.request("DELETE", api.factory_path(f"/tokens/{token_id}")).json()
+    revoked = api.request("DELETE", api.path(api_paths.TOKEN, token_id=token_id)).json()
     if as_json:
         print_json(revoked)
         return

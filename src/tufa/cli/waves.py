@@ -11,7 +11,8 @@ from tuf.api.metadata import Metadata, Targets
 
 from tufa.cli.client import Api, with_api
 from tufa.cli.keys.archive_options import archive_option, load_archive
-from tufa.cli.output import json_option, print_fields, print_json, print_records
+from tufa.cli.output import json_option, print_json, print_record, print_records
+from tufa.core import api_paths
 from tufa.core.archive import OfflineArchive
 from tufa.core.metadata import TARGETS, Channel
 
@@ -32,8 +33,10 @@ def _on_named_wave(command: Callable[..., None]) -> click.Command:
 
 def _sign_with(api: Api, archive: OfflineArchive, md: Metadata[Targets]) -> list[str]:
     """Sign `md` with the archive's offline targets keys that production trusts."""
-    prod_root = api.get_json(api.factory_path("/repo/prod/metadata/root.json"))["signed"]
-    online = {k["keyid"] for k in api.get_json(api.factory_path())["online_keys"]}
+    prod_root = api.get_json(
+        api.path(api_paths.METADATA_FILE, channel=Channel.PROD, filename="root.json")
+    )["signed"]
+    online = {k["keyid"] for k in api.get_json(api.path(api_paths.FACTORY))["online_keys"]}
     trusted = set(prod_root["roles"][TARGETS]["keyids"]) - online
     used = []
     for pair in archive.signers_for(Channel.PROD, TARGETS, trusted - set(md.signatures)):
@@ -82,12 +85,12 @@ def init(
     keys = load_archive(archive, api.factory)
     pruned = [v.strip() for v in prune.split(",") if v.strip()]
     body = {"tag": tag, "version": version, "prune": pruned, "expires_days": expires_days}
-    signed = api.request("POST", api.factory_path("/waves/prepare"), json_body=body).json()
+    signed = api.request("POST", api.path(api_paths.PREPARE_WAVE), json_body=body).json()
     md = Metadata[Targets].from_dict({"signed": signed["signed"], "signatures": []})
     _sign_with(api, keys, md)
     created = api.request(
         "POST",
-        api.factory_path("/waves"),
+        api.path(api_paths.WAVES),
         json_body={**body, "name": name, "targets": md.to_dict()},
     ).json()
     if as_json:
@@ -112,12 +115,12 @@ def sign(api: Api, name: str, archive: Path) -> None:
     Example:
       tufa waves sign release-43 -k carol-targets.tgz
     """
-    wave = api.get_json(api.factory_path(f"/waves/{name}"))
+    wave = api.get_json(api.path(api_paths.WAVE, name=name))
     md = Metadata[Targets].from_dict(wave["metadata"])
     used = _sign_with(api, load_archive(archive, api.factory), md)
     signatures = [md.signatures[keyid].to_dict() for keyid in used]
     after = api.request(
-        "POST", api.factory_path(f"/waves/{name}/signatures"), json_body={"signatures": signatures}
+        "POST", api.path(api_paths.WAVE_SIGNATURES, name=name), json_body={"signatures": signatures}
     ).json()
     click.echo(f"Signed wave {name} with {', '.join(used) or 'no new key'}.")
     click.echo("Ready to roll out." if after["signed"] else "Still needs more signatures.")
@@ -162,7 +165,7 @@ def rollout(
             body["devices"] = [line.strip() for line in lines if line.strip()]
         else:
             body["devices"] = [u.strip() for u in uuids.split(",") if u.strip()]
-    result = api.request("POST", api.factory_path(f"/waves/{name}/rollout"), json_body=body).json()
+    result = api.request("POST", api.path(api_paths.WAVE_ROLLOUT, name=name), json_body=body).json()
     if as_json:
         print_json(result)
         return
@@ -172,8 +175,8 @@ def rollout(
         click.echo(f"  {device['name']}  {device['id']}")
 
 
-def _finish(api: Api, name: str, action: str, as_json: bool) -> None:
-    result = api.request("POST", api.factory_path(f"/waves/{name}/{action}")).json()
+def _finish(api: Api, name: str, action_path: str, as_json: bool) -> None:
+    result = api.request("POST", api.path(action_path, name=name)).json()
     if as_json:
         print_json({k: v for k, v in result.items() if k != "metadata"})
         return
@@ -183,13 +186,13 @@ def _finish(api: Api, name: str, action: str, as_json: bool) -> None:
 @_on_named_wave
 def complete(api: Api, name: str, as_json: bool) -> None:
     """Make wave NAME the production targets of every device of its tag."""
-    _finish(api, name, "complete", as_json)
+    _finish(api, name, api_paths.WAVE_COMPLETE, as_json)
 
 
 @_on_named_wave
 def cancel(api: Api, name: str, as_json: bool) -> None:
     """Stop wave NAME; devices that got it keep it until a newer release of their tag."""
-    _finish(api, name, "cancel", as_json)
+    _finish(api, name, api_paths.WAVE_CANCEL, as_json)
 
 
 @waves.command("list")
@@ -198,7 +201,7 @@ def cancel(api: Api, name: str, as_json: bool) -> None:
 def list_waves(api: Api, as_json: bool) -> None:
     """List waves, oldest first."""
     print_records(
-        api.get_json(api.factory_path("/waves")),
+        api.get_json(api.path(api_paths.WAVES)),
         as_json,
         ("name", "tag", "version", "status", "targets", "devices"),
         _wave_row,
@@ -219,19 +222,17 @@ def _wave_row(w: dict[str, Any]) -> tuple[str, ...]:
 @_on_named_wave
 def show(api: Api, name: str, as_json: bool) -> None:
     """Show wave NAME: its targets, signatures and devices."""
-    wave = api.get_json(api.factory_path(f"/waves/{name}"))
-    if as_json:
-        print_json(wave)
-        return
-    keys = ("name", "tag", "version", "status", "targets_version", "expires", "created_at")
-    print_fields(
-        [
-            *((key, wave[key]) for key in keys),
+    wave = api.get_json(api.path(api_paths.WAVE, name=name))
+    print_record(
+        wave,
+        as_json,
+        keys=("name", "tag", "version", "status", "targets_version", "expires", "created_at"),
+        more=[
             ("signed", "yes" if wave["signed"] else "needs more signatures"),
             ("signed by", ", ".join(wave["signed_by"])),
             ("targets", ", ".join(wave["targets"])),
             ("devices", f"{wave['devices_served']} of {wave['devices_of_tag']} of the tag"),
-        ]
+        ],
     )
 
 
@@ -247,9 +248,9 @@ def status(api: Api, name: str | None, as_json: bool) -> None:
     run another version).
     """
     found = (
-        [api.get_json(api.factory_path(f"/waves/{name}"))]
+        [api.get_json(api.path(api_paths.WAVE, name=name))]
         if name
-        else [w for w in api.get_json(api.factory_path("/waves")) if w["status"] == "active"]
+        else [w for w in api.get_json(api.path(api_paths.WAVES)) if w["status"] == "active"]
     )
     rows = [
         {
@@ -291,7 +292,7 @@ def create(api: Api, name: str) -> None:
       tufa device-groups create beta-testers
       tufa device-groups add beta-testers field-unit-1 field-unit-2
     """
-    api.request("POST", api.factory_path("/device-groups"), json_body={"name": name})
+    api.request("POST", api.path(api_paths.DEVICE_GROUPS), json_body={"name": name})
     click.echo(f"Created device group {name}.")
 
 
@@ -303,7 +304,7 @@ def add(api: Api, name: str, devices: tuple[str, ...]) -> None:
     """Add DEVICES (names or ids) to group NAME."""
     result = api.request(
         "POST",
-        api.factory_path(f"/device-groups/{name}/devices"),
+        api.path(api_paths.DEVICE_GROUP_DEVICES, group=name),
         json_body={"devices": list(devices)},
     ).json()
     click.echo(f"Group {name} has {len(result['devices'])} device(s).")
@@ -314,7 +315,7 @@ def add(api: Api, name: str, devices: tuple[str, ...]) -> None:
 @with_api
 def list_groups(api: Api, as_json: bool) -> None:
     """List device groups and their members."""
-    found = api.get_json(api.factory_path("/device-groups"))
+    found = api.get_json(api.path(api_paths.DEVICE_GROUPS))
     if as_json:
         print_json(found)
         return

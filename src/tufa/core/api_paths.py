@@ -1,17 +1,39 @@
 """The URL layout of a tufa server's API, spelled once.
 
 The templates name their fields in braces, as Starlette routes do, so the server's
-route lists (server/api/) and the clients (CLI, agent) share them; clients fill them
-in with `path` or the helpers below. Paths not listed here are
-`factory_path(name, suffix)`.
+route lists (server/api/) and the clients (CLI, agent, demo) share them; clients fill
+them in with `path` or the helpers below. Every route of the server is here.
 """
 
 from __future__ import annotations
 
+import re
+
 from tufa.core.metadata import Channel
+
+# What a `{factory}` segment may be: factory names are chosen once, at creation, and
+# appear in every path and in the names of backups.
+FACTORY_NAME = re.compile(r"[a-z0-9][a-z0-9-]{1,62}")
 
 FACTORIES = "/api/v1/factories"
 FACTORY = f"{FACTORIES}/{{factory}}"
+# The operator replacing their own token over HTTP.
+OPERATOR_TOKEN = "/api/v1/operator-token"  # noqa: S105 (a path, not a secret)
+
+# Factory tokens (`tufa tokens`).
+TOKENS = f"{FACTORY}/tokens"
+TOKEN = f"{TOKENS}/{{token_id}}"
+
+# The one-time offline keys archive (`tufa keys download`).
+KEYS_ARCHIVE = f"{FACTORY}/keys/archive"
+KEYS_ARCHIVE_CONFIRM = f"{KEYS_ARCHIVE}/confirm"
+
+# Root update transactions (`tufa keys updates`).
+ROOT_UPDATE = f"{FACTORY}/keys/updates"
+ROOT_UPDATE_STAGED = f"{ROOT_UPDATE}/staged"
+ROOT_UPDATE_ONLINE_KEYS = f"{ROOT_UPDATE}/online-keys"
+ROOT_UPDATE_SIGNATURES = f"{ROOT_UPDATE}/signatures"
+ROOT_UPDATE_APPLY = f"{ROOT_UPDATE}/apply"
 
 # CI publishing (`tufa targets`): blobs first, then the targets that name them.
 BLOB = f"{FACTORY}/blobs/{{sha256}}"
@@ -25,6 +47,18 @@ DEVICES = f"{FACTORY}/devices"
 DEVICE = f"{DEVICES}/{{device}}"
 DEVICE_CREDENTIAL = f"{FACTORY}/device-credential"
 DEVICE_REPORTS = f"{FACTORY}/device-reports"
+DEVICE_REVOKE = f"{DEVICE}/revoke"
+
+# Production releases (`tufa waves`) and the device groups they roll out to.
+WAVES = f"{FACTORY}/waves"
+PREPARE_WAVE = f"{WAVES}/prepare"
+WAVE = f"{WAVES}/{{name}}"
+WAVE_SIGNATURES = f"{WAVE}/signatures"
+WAVE_ROLLOUT = f"{WAVE}/rollout"
+WAVE_COMPLETE = f"{WAVE}/complete"
+WAVE_CANCEL = f"{WAVE}/cancel"
+DEVICE_GROUPS = f"{FACTORY}/device-groups"
+DEVICE_GROUP_DEVICES = f"{DEVICE_GROUPS}/{{group}}/devices"
 
 # What TUF clients read: `filename` is a metadata file name (1.root.json, timestamp.json)
 # or a target's consistent-snapshot name (SHA256.NAME).
@@ -35,10 +69,6 @@ TARGET_FILE = f"{FACTORY}/repo/{{channel}}/targets/{{filename}}"
 def path(template: str, factory: str, **fields: str) -> str:
     """`template` for `factory`, its other fields filled in from `fields`."""
     return template.format(factory=factory, **fields)
-
-
-def factory_path(factory: str, suffix: str = "") -> str:
-    return path(FACTORY, factory) + suffix
 
 
 def metadata_base(factory: str, channel: Channel) -> str:

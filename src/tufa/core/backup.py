@@ -41,6 +41,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from securesystemslib.signer import CryptoSigner, SSlibKey
 
+from tufa.core.api_paths import FACTORY_NAME
 from tufa.core.archive import FIRST_ROOT_KEY_NAME, ArchiveKey, OfflineArchive
 from tufa.core.backup_lines import BackupError, normalise, number_lines, read_lines, short_keyid
 from tufa.core.keys import KeyPair
@@ -70,9 +71,6 @@ _KEYID = re.compile(r"[0-9a-f]{64}")
 # Key names end up as `keys/<name>.sec` in the archive, which reads a key back as a
 # root key only under these names; anything else could be a path.
 _KEY_NAME = re.compile(rf"{FIRST_ROOT_KEY_NAME}|root-[A-Za-z0-9._-]{{1,128}}")
-# The server's rule for factory names (tufa.server.api.common.NAME_PATTERN); the core
-# package does not import server code.
-_FACTORY_NAME = re.compile(r"[a-z0-9][a-z0-9-]{1,62}")
 
 
 def _default_name(keyid: str) -> str:
@@ -216,7 +214,7 @@ def _parse_header(numbered: list[tuple[int, str]]) -> tuple[str, int]:
         raise BackupError(["the header is incomplete: lines 1 to 5 must all be there"])
     factory_line, created_line, count_line = numbered[1][1], numbered[2][1], numbered[3][1]
     factory = factory_line.removeprefix("factory: ")
-    if factory == factory_line or not _FACTORY_NAME.fullmatch(factory):
+    if factory == factory_line or not FACTORY_NAME.fullmatch(factory):
         raise BackupError([f"line 2: expected 'factory: NAME', found {factory_line!r}"])
     if not created_line.startswith("created: "):
         raise BackupError([f"line 3: expected 'created: DATE', found {created_line!r}"])

@@ -17,8 +17,10 @@ from typing import Any
 
 from tuf.api.metadata import TargetFile
 
+from tufa.core import api_paths
 from tufa.core.keys import KeyPair
 from tufa.core.metadata import (
+    Channel,
     build_root,
     build_snapshot,
     build_targets,
@@ -84,7 +86,9 @@ class FileServer:
 class Impostor(FileServer):
     """Serves a repository for `factory`/`channel` signed by keys nobody trusts."""
 
-    def __init__(self, factory: str, channel: str, root_version: int, hardware_id: str, tag: str):
+    def __init__(
+        self, factory: str, channel: Channel, root_version: int, hardware_id: str, tag: str
+    ):
         key = KeyPair.generate()
         signer = key.signer()
         expires = expiry(utcnow(), timedelta(days=365))
@@ -108,13 +112,13 @@ class Impostor(FileServer):
         snapshot = to_bytes(sign(build_snapshot(900, expires, targets, 900), [signer]))
         timestamp = build_timestamp(900, expires, snapshot, 900)
         digest = hashlib.sha256(FAKE_BUILD).hexdigest()
-        prefix = f"/api/v1/factories/{factory}/repo/{channel}"
+        metadata = api_paths.metadata_base(factory, channel)
         super().__init__(
             {
-                f"{prefix}/metadata/{root_version}.root.json": to_bytes(sign(root, [signer])),
-                f"{prefix}/metadata/timestamp.json": to_bytes(sign(timestamp, [signer])),
-                f"{prefix}/metadata/900.snapshot.json": snapshot,
-                f"{prefix}/metadata/900.targets.json": targets,
-                f"{prefix}/targets/{digest}.{target.path}": FAKE_BUILD,
+                f"{metadata}{root_version}.root.json": to_bytes(sign(root, [signer])),
+                f"{metadata}timestamp.json": to_bytes(sign(timestamp, [signer])),
+                f"{metadata}900.snapshot.json": snapshot,
+                f"{metadata}900.targets.json": targets,
+                f"{api_paths.targets_base(factory, channel)}{digest}.{target.path}": FAKE_BUILD,
             }
         )

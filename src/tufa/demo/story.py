@@ -6,7 +6,6 @@ the demo stops with an error the moment anything behaves other than described.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
@@ -15,7 +14,6 @@ import subprocess
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,9 @@ from typing import Any
 import click
 import httpx
 
+from tufa.core import api_paths
+from tufa.core.http import api_client
+from tufa.core.metadata import Channel
 from tufa.demo.impostor import FileServer, Impostor
 from tufa.demo.local_server import LocalServer, console_script, stop_process
 
@@ -135,8 +136,8 @@ def _run_story(story: _Story) -> None:
     story.tufa("keys", "show-root", "-k", "demo-keys.tgz")
     story.tufa("keys", "show-root", "--prod", "-k", "demo-keys.tgz")
     story.tufa("factory", "show")
-    for channel in ("ci", "prod"):
-        root = story.tufa("get", f"/api/v1/factories/demo/repo/{channel}/metadata/1.root.json")
+    for channel in Channel:
+        root = story.tufa("get", api_paths.metadata_base("demo", channel) + "1.root.json")
         (story.workdir / f"{channel}-root.json").write_text(root)
     story.say("ci-root.json and prod-root.json are flashed onto devices at the factory")
 
@@ -148,17 +149,15 @@ def _run_story(story: _Story) -> None:
 
     story.chapter("5. Devices register with the root they were provisioned with")
     devices = (("ci", "dev-board-1"), ("prod", "field-unit-1"), ("prod", "field-unit-2"))
-    for channel, name in devices:
-        _register(story, name, channel, created["token"])
+    for channel_name, name in devices:
+        _register(story, name, channel_name, created["token"])
     story.tufa("devices", "list")
     story.say("two of them run the agent from now on, checking every second")
     story.start_agent("dev-board-1")
     story.start_agent("field-unit-1")
     credential = (story.agent_dir("dev-board-1") / "credential").read_text().strip()
-    other = httpx.get(
-        f"{url}/api/v1/factories/demo/repo/prod/metadata/timestamp.json",
-        headers={"Authorization": f"Bearer {credential}"},
-    )
+    with _client(credential) as client:
+        other = client.get(f"{url}{api_paths.metadata_base('demo', Channel.PROD)}timestamp.json")
     story.say(f"the CI device asking for production metadata gets HTTP {other.status_code}")
     if other.status_code != 403:
         raise click.ClickException("a CI device could read the production channel")
@@ -210,67 +209,76 @@ def _run_story(story: _Story) -> None:
 
     story.chapter("10. Friday night: an impostor answers for the update server")
     story.stop_agents()
-    trusted_root = json.loads(
-        story.command("tufa-agent", "status", "--json", "--dir", "devices/dev-board-1")
-    )["trusted_metadata"]["root"]
-    with _pointed_at(
-        story, "dev-board-1", Impostor("demo", "ci", trusted_root + 1, "rpi4", "main")
-    ):
-        story.say(
-            "a hijacked DNS name sends dev-board-1 to a server that offers build 765 under a "
-            "newer root, all signed with its own keys"
-        )
-        story.command("tufa-agent", "run", "--once", "--dir", "devices/dev-board-1", fails=True)
-        _still_runs(story, "dev-board-1", "43", "not signed by the trusted keys")
-    story.say("refused: dev-board-1 still runs build 43; with its server back, it carries on")
-    story.command("tufa-agent", "run", "--once", "--dir", "devices/dev-board-1")
+    trusted_root = _agent_status(story, "dev-board-1")["trusted_metadata"]["root"]
+    _attack(
+        story,
+        "dev-board-1",
+        Impostor("demo", Channel.CI, trusted_root + 1, "rpi4", "main"),
+        "a hijacked DNS name sends dev-board-1 to a server that offers build 765 under a "
+        "newer root, all signed with its own keys",
+        refusal="not signed by the trusted keys",
+        still_runs="build 43",
+    )
 
     story.chapter("11. A man in the middle serves a production device the CI channel's files")
-    with _pointed_at(story, "field-unit-1", _recorded_ci_channel(story)):
-        story.say(
-            "genuine files, every one signed by the server or the owner: the CI channel's "
-            "roots, timestamp, snapshot and targets (build 43, never released), served at "
-            "the production URLs. The channels share no signing key: the CI timestamp is "
-            "signed by a key the production root does not list"
-        )
-        story.command("tufa-agent", "run", "--once", "--dir", "devices/field-unit-1", fails=True)
-        _still_runs(story, "field-unit-1", "42", "timestamp was signed by 0/1 keys")
-    story.say("refused: field-unit-1 still runs the release, 42, and carries on")
-    story.command("tufa-agent", "run", "--once", "--dir", "devices/field-unit-1")
+    _attack(
+        story,
+        "field-unit-1",
+        _recorded_ci_channel(story),
+        "genuine files, every one signed by the server or the owner: the CI channel's "
+        "roots, timestamp, snapshot and targets (build 43, never released), served at "
+        "the production URLs. The channels share no signing key: the CI timestamp is "
+        "signed by a key the production root does not list",
+        refusal="timestamp was signed by 0/1 keys",
+        still_runs="the release, 42",
+    )
 
 
-@contextlib.contextmanager
-def _pointed_at(story: _Story, device: str, fake: FileServer) -> Iterator[None]:
-    """DEVICE's traffic goes to `fake` (a hijacked name), and back to the server after."""
+def _agent_status(story: _Story, device: str) -> dict[str, Any]:
+    status: dict[str, Any] = json.loads(
+        story.command("tufa-agent", "status", "--json", "--dir", f"devices/{device}")
+    )
+    return status
+
+
+def _attack(
+    story: _Story, device: str, fake: FileServer, how: str, *, refusal: str, still_runs: str
+) -> None:
+    """Point DEVICE at `fake` (a hijacked name), show that the agent refuses it for saying
+    `refusal` and still runs `still_runs` (ending in its version), then point it back and
+    show that it carries on."""
     config_file = story.agent_dir(device) / "config.json"
     genuine = config_file.read_bytes()
     config_file.write_text(json.dumps({**json.loads(genuine), "server": fake.url}))
     try:
-        yield
+        story.say(how)
+        story.command("tufa-agent", "run", "--once", "--dir", f"devices/{device}", fails=True)
+        status = _agent_status(story, device)
+        if (status["installed"] or {}).get("version") != still_runs.split()[-1]:
+            raise click.ClickException(f"the attack changed what {device} runs")
+        if refusal not in (status["last_error"] or ""):
+            raise click.ClickException(f"{device} failed, but not by refusing the attack")
     finally:
         config_file.write_bytes(genuine)
         fake.close()
+    story.say(f"refused: {device} still runs {still_runs}; with its server back, it carries on")
+    story.command("tufa-agent", "run", "--once", "--dir", f"devices/{device}")
 
 
-def _still_runs(story: _Story, device: str, version: str, refusal: str) -> None:
-    """DEVICE still runs VERSION, having refused the attack for saying `refusal`."""
-    status = json.loads(
-        story.command("tufa-agent", "status", "--json", "--dir", f"devices/{device}")
-    )
-    if (status["installed"] or {}).get("version") != version:
-        raise click.ClickException(f"the attack changed what {device} runs")
-    if refusal not in (status["last_error"] or ""):
-        raise click.ClickException(f"{device} failed, but not by refusing the attack")
+def _client(token: str) -> httpx.Client:
+    client, _ = api_client(token, "tufa-demo", timeout=10)
+    return client
 
 
 def _recorded_ci_channel(story: _Story) -> FileServer:
     """What a man in the middle who recorded the CI channel serves for the production
     channel: the CI roots, and the timestamp, snapshot and targets CI devices get now."""
     token = json.loads((story.workdir / "config.json").read_text())["token"]
-    base = f"{story.server.url}/api/v1/factories/demo/repo"
+    client = _client(token)
+    ci_base = story.server.url + api_paths.metadata_base("demo", Channel.CI)
 
     def ci_file(name: str) -> httpx.Response:
-        return httpx.get(f"{base}/ci/metadata/{name}", headers={"Authorization": f"Bearer {token}"})
+        return client.get(ci_base + name)
 
     files: dict[str, bytes] = {}
     version = 1
@@ -283,9 +291,9 @@ def _recorded_ci_channel(story: _Story) -> FileServer:
     targets = json.loads(files[f"{snapshot}.snapshot.json"])["signed"]["meta"]["targets.json"]
     name = f"{targets['version']}.targets.json"
     files[name] = ci_file(name).content
-    return FileServer(
-        {f"{base.removeprefix(story.server.url)}/prod/metadata/{n}": b for n, b in files.items()}
-    )
+    client.close()
+    prod_base = api_paths.metadata_base("demo", Channel.PROD)
+    return FileServer({prod_base + name: body for name, body in files.items()})
 
 
 @click.command()

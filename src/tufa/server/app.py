@@ -13,9 +13,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tufa.core import api_paths
 from tufa.server.api import (
     devices,
     factories,
@@ -32,6 +33,8 @@ from tufa.server.exceptions import Refused
 from tufa.server.state import ServerState
 
 log = logging.getLogger("tufa.server")
+_BLOB_PATH = compile_path(api_paths.BLOB)[0]
+_WAVE_CREATE_PATH = compile_path(api_paths.WAVES)[0]
 
 
 class BodySizeLimit:
@@ -50,9 +53,9 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if targets.BLOB_PATH.match(scope["path"]):
+        if _BLOB_PATH.match(scope["path"]):
             limit = self.max_blob_bytes
-        elif waves.CREATE_PATH.match(scope["path"]):
+        elif _WAVE_CREATE_PATH.match(scope["path"]):
             limit = max(self.max_bytes, waves.MAX_CREATE_BYTES)
         else:
             limit = self.max_bytes

@@ -10,6 +10,7 @@ a device, an operator token) holds at once on every server replica sharing it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -95,7 +96,9 @@ def _retired_message(row: Any) -> str:
     )
 
 
-def bearer_secret(header: str | None) -> str | None:
+def bearer_secret(headers: Mapping[str, str]) -> str | None:
+    """The secret of the request's `Authorization: Bearer` header; None if it has none."""
+    header = headers.get("authorization")
     if not header:
         return None
     scheme, _, secret = header.partition(" ")

@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from tufa.cli.client import Api
+from tufa.core import api_paths
 from tufa.core.archive import ArchiveError, ArchiveKey, OfflineArchive
 from tufa.core.files import write_private_file
 from tufa.core.keys import KeyType
@@ -62,7 +63,7 @@ def store_served_roots(api: Api, archive: OfflineArchive) -> None:
     archive documents what its keys govern."""
     for channel in Channel:
         archive.roots[channel] = api.request(
-            "GET", api.factory_path(f"/repo/{channel}/metadata/root.json")
+            "GET", api.path(api_paths.METADATA_FILE, channel=channel, filename="root.json")
         ).content
 
 

@@ -14,6 +14,7 @@ import click
 from tufa.cli.client import Api, with_api
 from tufa.cli.keys.archive_options import halves_json, refuse_existing, write_new_file
 from tufa.cli.output import json_option, print_json
+from tufa.core import api_paths
 from tufa.core.archive import ArchiveError, OfflineArchive
 from tufa.core.metadata import ROOT
 
@@ -34,7 +35,7 @@ def download(api: Api, archive: Path, as_json: bool) -> None:
       tufa keys download acme-keys.tgz
     """
     refuse_existing(archive)
-    response = api.request("GET", api.factory_path("/keys/archive"))
+    response = api.request("GET", api.path(api_paths.KEYS_ARCHIVE))
     data = response.content
     digest = hashlib.sha256(data).hexdigest()
     if digest != response.headers.get("x-tufa-archive-sha256"):
@@ -50,7 +51,7 @@ def download(api: Api, archive: Path, as_json: bool) -> None:
     write_new_file(archive, data)
     if hashlib.sha256(archive.read_bytes()).hexdigest() != digest:
         raise click.ClickException(f"{archive} did not read back intact; check the disk, run again")
-    api.request("POST", api.factory_path("/keys/archive/confirm"), json_body={"sha256": digest})
+    api.request("POST", api.path(api_paths.KEYS_ARCHIVE_CONFIRM), json_body={"sha256": digest})
     root_keys = parsed.keys_for(ROOT)
     if as_json:
         print_json(

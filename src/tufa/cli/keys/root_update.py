@@ -22,6 +22,7 @@ from tuf.api.metadata import Metadata, Root, Targets
 
 from tufa.cli.client import Api
 from tufa.cli.output import console
+from tufa.core import api_paths
 from tufa.core.archive import ArchiveKey, OfflineArchive
 from tufa.core.files import write_private_file
 from tufa.core.metadata import ROOT, TARGETS, Channel
@@ -35,7 +36,6 @@ from tufa.core.root_update import (
 )
 
 EXPORT_FORMAT = "tufa-root-update/1"
-UPDATES_PATH = "/keys/updates"
 
 
 class SignaturePayload(TypedDict):
@@ -84,23 +84,23 @@ class RootUpdate:
 
     @classmethod
     def fetch(cls, api: Api) -> RootUpdate:
-        return cls(api.get_json(api.factory_path(UPDATES_PATH)))
+        return cls(api.get_json(api.path(api_paths.ROOT_UPDATE)))
 
     @classmethod
     def fetch_open(cls, api: Api) -> RootUpdate | None:
-        response = api.request("GET", api.factory_path(UPDATES_PATH), ok=(200, 404))
+        response = api.request("GET", api.path(api_paths.ROOT_UPDATE), ok=(200, 404))
         return cls(response.json()) if response.status_code == 200 else None
 
     @classmethod
     def open(cls, api: Api, message: str) -> RootUpdate:
         """Open a new update (the server refuses a second one)."""
-        path = api.factory_path(UPDATES_PATH)
+        path = api.path(api_paths.ROOT_UPDATE)
         return cls(api.request("POST", path, json_body={"message": message}).json())
 
     @classmethod
     def upload_signatures(cls, api: Api, payload: SignaturePayload) -> RootUpdate:
         """Add signatures on the server; the update as it stands after them."""
-        path = api.factory_path(f"{UPDATES_PATH}/signatures")
+        path = api.path(api_paths.ROOT_UPDATE_SIGNATURES)
         return cls(api.request("POST", path, json_body=payload).json())
 
     @classmethod
@@ -186,7 +186,7 @@ class RootUpdate:
             "prod_targets": prod_targets,
         }
         return RootUpdate(
-            api.request("PUT", api.factory_path(f"{UPDATES_PATH}/staged"), json_body=body).json()
+            api.request("PUT", api.path(api_paths.ROOT_UPDATE_STAGED), json_body=body).json()
         )
 
     def _resigned_prod_targets(self) -> dict[str, Any]:
@@ -297,19 +297,19 @@ def _unique(signatures: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def apply_update(api: Api) -> dict[str, Any]:
     """Have the server check every rule and switch both channels' roots at once."""
-    result: dict[str, Any] = api.request("POST", api.factory_path(f"{UPDATES_PATH}/apply")).json()
+    result: dict[str, Any] = api.request("POST", api.path(api_paths.ROOT_UPDATE_APPLY)).json()
     return result
 
 
 def cancel_update(api: Api) -> None:
-    api.request("DELETE", api.factory_path(UPDATES_PATH))
+    api.request("DELETE", api.path(api_paths.ROOT_UPDATE))
 
 
 def stage_new_online_keys(api: Api, roles: list[str], channels: list[Channel]) -> None:
     """Have the server generate new online keys of `roles` and stage them."""
     api.request(
         "POST",
-        api.factory_path(f"{UPDATES_PATH}/online-keys"),
+        api.path(api_paths.ROOT_UPDATE_ONLINE_KEYS),
         json_body={"roles": roles, "channels": channels},
     )
 

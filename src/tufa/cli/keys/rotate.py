@@ -25,6 +25,7 @@ from tufa.cli.keys.root_update import (
     print_status,
     replace_offline_keys,
 )
+from tufa.core import api_paths
 from tufa.core.archive import ArchiveKey, OfflineArchive, generate_root_key
 from tufa.core.crashpoints import crashpoint
 from tufa.core.keys import KeyPair, KeyType
@@ -72,7 +73,7 @@ def _finish(
 def _current_root(api: Api, archive: Path, held: OfflineArchive) -> dict[str, Any]:
     """The served CI root, if `held` holds one of its root keys (both commands need one)."""
     current: dict[str, Any] = api.get_json(
-        api.factory_path(f"/repo/{Channel.CI}/metadata/root.json")
+        api.path(api_paths.METADATA_FILE, channel=Channel.CI, filename="root.json")
     )
     trusted = current["signed"]["roles"][ROOT]["keyids"]
     if not any(k.ci.keyid in trusted for k in held.keys_for(ROOT)):
@@ -159,16 +160,14 @@ def rotate_targets(api: Api, archive: Path, key_type: str) -> None:
     """
     held = load_archive(archive, api.factory)
     current = _current_root(api, archive, held)
-    factory = api.get_json(api.factory_path())
+    factory = api.get_json(api.path(api_paths.FACTORY))
     if factory["channels_share_keys"]:
         raise click.ClickException(
             "this factory was created before tufa separated its channels, and its next "
             f"root update must separate them: {SEPARATE_CHANNELS_FIX}; then rotate the "
             "targets key"
         )
-    active = [
-        w["name"] for w in api.get_json(api.factory_path("/waves")) if w["status"] == "active"
-    ]
+    active = [w["name"] for w in api.get_json(api.path(api_paths.WAVES)) if w["status"] == "active"]
     if active:
         raise click.ClickException(
             f"wave {active[0]!r} is active: complete or cancel it before rotating the targets "

@@ -12,6 +12,7 @@ from rich.table import Table
 from tufa.cli.client import Api, with_api
 from tufa.cli.keys.archive_options import archive_option, load_archive
 from tufa.cli.output import console, json_option, warn
+from tufa.core import api_paths
 from tufa.core.metadata import OFFLINE_EXPIRY_WARNING, Channel
 from tufa.core.root_update import shared_keys_warning
 
@@ -35,9 +36,11 @@ def show_root(api: Api, prod: bool, archive: Path | None, as_json: bool) -> None
       tufa keys show-root --json | jq '.signed.roles.root.keyids[0]'
     """
     channel = Channel.PROD if prod else Channel.CI
-    served = api.request("GET", api.factory_path(f"/repo/{channel}/metadata/root.json"))
+    served = api.request(
+        "GET", api.path(api_paths.METADATA_FILE, channel=channel, filename="root.json")
+    )
     root = served.json()
-    factory = api.get_json(api.factory_path())
+    factory = api.get_json(api.path(api_paths.FACTORY))
     expires = datetime.fromisoformat(root["signed"]["expires"].replace("Z", "+00:00"))
     for warning in filter(None, [_expiry_warning(channel, expires), _shared_keys_warning(factory)]):
         warn(warning)

@@ -1,27 +1,28 @@
-"""Helpers every handler uses: the server state, the caller's identity, the input rules
-(tufa.server.inputs) applied to parameters and JSON bodies, field checks."""
+"""Helpers every handler uses: the server state, the caller's identity, routes, the
+transactions a handler runs in the thread pool, and the JSON answer. Reading a request
+body's fields is `fields.py`."""
 
 from __future__ import annotations
 
+import functools
 import json
-import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
-from securesystemslib.signer import Signature
 from sqlalchemy import Connection
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from tufa.server.auth import Principal, Scope, authenticate, bearer_secret, require_factory
 from tufa.server.credentials import settle
 from tufa.server.errors import bad_request
-from tufa.server.inputs import refuse_unsignable_json, text_problem
+from tufa.server.inputs import text_problem
 from tufa.server.state import ServerState
 
 T = TypeVar("T")
-NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{1,62}")
 
 
 def state_of(request: Request) -> ServerState:
@@ -51,7 +52,7 @@ def refuse_unstorable_params(request: Request) -> None:
 async def caller(request: Request) -> tuple[ServerState, Principal | None]:
     """The server state and the authenticated caller (None when no token was sent)."""
     state = state_of(request)
-    secret = bearer_secret(request.headers.get("authorization"))
+    secret = bearer_secret(request.headers)
     if secret is None:
         return state, None
 
@@ -73,76 +74,13 @@ async def factory_caller(request: Request, scopes: set[Scope]) -> tuple[ServerSt
     return state, allowed.factory_id
 
 
-async def json_object(request: Request) -> dict[str, Any]:
-    body = await request.body()
-    try:
-        data = json.loads(body or b"{}")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise bad_request(f"the request body is not valid JSON: {e}") from e
-    except RecursionError as e:
-        raise bad_request("the request body is not valid JSON: nested too deeply") from e
-    if not isinstance(data, dict):
-        raise bad_request("the request body must be a JSON object")
-    # Before any handler sees it: no field anywhere holds what cannot be signed or stored.
-    refuse_unsignable_json(data)
-    return data
+Endpoint = Callable[[Request], Awaitable[Response]]
 
 
-def field(data: dict[str, Any], name: str, kind: type[T], default: T | None = None) -> T:
-    """`data[name]` checked to be of `kind`; missing fields take `default` or are refused."""
-    if name not in data or data[name] is None:
-        if default is None:
-            raise bad_request(f"field {name!r} is required")
-        return default
-    value = data[name]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise bad_request(f"field {name!r} must be of type {_json_type(kind)}")
-    return value
-
-
-def string_list(data: dict[str, Any], name: str) -> list[str]:
-    """`data[name]`: a list of strings, empty if left out."""
-    value = field(data, name, list, [])
-    if not all(isinstance(v, str) for v in value):
-        raise bad_request(f"field {name!r} must be a list of strings")
-    return value
-
-
-def signature_list(value: Any, label: str) -> list[Signature]:
-    """`value` (the field at JSON path `label`) as signatures: {keyid, sig} objects."""
-    if not isinstance(value, list) or not all(
-        isinstance(item, dict)
-        and isinstance(item.get("keyid"), str)
-        and isinstance(item.get("sig"), str)
-        for item in value
-    ):
-        raise bad_request(f"field {label!r} must be a list of {{keyid, sig}} objects of strings")
-    return [Signature.from_dict(dict(item)) for item in value]
-
-
-def name_field(data: dict[str, Any], name: str) -> str:
-    value = field(data, name, str)
-    if not NAME_PATTERN.fullmatch(value):
-        raise bad_request(
-            f"field {name!r} must be 2-63 lowercase letters, digits or '-', starting with a "
-            "letter or digit"
-        )
-    return value
-
-
-def text_field(data: dict[str, Any], name: str, max_length: int, *, required: bool = True) -> str:
-    """A short printable text: stripped, no control characters, at most `max_length`."""
-    value = field(data, name, str, None if required else "").strip()
-    if (required and not value) or len(value) > max_length or not value.isprintable():
-        least = 1 if required else 0
-        raise bad_request(f"field {name!r} must be {least}-{max_length} printable characters")
-    return value
-
-
-def _json_type(kind: type) -> str:
-    return {str: "string", int: "integer", bool: "boolean", list: "array", dict: "object"}.get(
-        kind, kind.__name__
-    )
+def resource(path: str, **endpoints: Endpoint) -> list[Route]:
+    """The routes of one URL, an endpoint per HTTP method:
+    `resource(api_paths.DEVICES, POST=register, GET=list_all)`. GET answers HEAD too."""
+    return [Route(path, endpoint, methods=[method]) for method, endpoint in endpoints.items()]
 
 
 async def threaded(fn: Callable[[], T]) -> T:
@@ -151,12 +89,19 @@ async def threaded(fn: Callable[[], T]) -> T:
 
 async def writing(state: ServerState, work: Callable[[Connection], T]) -> T:
     """`work` in one write transaction, in the thread pool (database calls block)."""
+    return await threaded(functools.partial(_within, state.db.write, work))
 
-    def run() -> T:
-        with state.db.write() as conn:
-            return work(conn)
 
-    return await threaded(run)
+async def reading(state: ServerState, work: Callable[[Connection], T]) -> T:
+    """`work` in one read-only transaction, in the thread pool."""
+    return await threaded(functools.partial(_within, state.db.read, work))
+
+
+def _within(
+    transaction: Callable[[], AbstractContextManager[Connection]], work: Callable[[Connection], T]
+) -> T:
+    with transaction() as conn:
+        return work(conn)
 
 
 def ok(data: Any, status: int = 200) -> JSONResponse:

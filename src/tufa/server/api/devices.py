@@ -12,22 +12,13 @@ from typing import Any, NoReturn
 from sqlalchemy import Connection
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
 
 from tufa.core import api_paths
 from tufa.core.clock import iso
 from tufa.core.metadata import Channel
 from tufa.server import credentials, devices
-from tufa.server.api.common import (
-    caller,
-    factory_caller,
-    field,
-    json_object,
-    ok,
-    text_field,
-    threaded,
-    writing,
-)
+from tufa.server.api.common import caller, factory_caller, ok, reading, resource, threaded, writing
+from tufa.server.api.fields import field, json_object, text_field
 from tufa.server.auth import (
     Principal,
     Scope,
@@ -39,6 +30,7 @@ from tufa.server.auth import (
 )
 from tufa.server.devices import DeviceEvent, Installed, NewDevice
 from tufa.server.errors import bad_request
+from tufa.server.state import ServerState
 
 MAX_LABEL = 128
 # Device reports: the limits match the columns of `devices` and `device_events`.
@@ -104,20 +96,18 @@ async def register(request: Request) -> JSONResponse:
     factory_id = caller_token.factory_id
     assert factory_id is not None
 
-    def insert_device() -> dict[str, Any]:
-        with state.db.write() as conn:
-            row, secret = credentials.register(conn, factory_id, new, state.settings.clock.now())
+    def insert_device(conn: Connection) -> dict[str, Any]:
+        row, secret = credentials.register(conn, factory_id, new, state.settings.clock.now())
         return {**_device_json(row), "credential": secret}
 
-    return ok(await threaded(insert_device), status=201)
+    return ok(await writing(state, insert_device), status=201)
 
 
 async def list_all(request: Request) -> JSONResponse:
     state, factory_id = await factory_caller(request, {Scope.ADMIN, Scope.READ})
 
-    def rows() -> list[dict[str, Any]]:
-        with state.db.read() as conn:
-            found = devices.list_devices(conn, factory_id)
+    def rows(conn: Connection) -> list[dict[str, Any]]:
+        found = devices.list_devices(conn, factory_id)
         return [
             {
                 **_device_json(r),
@@ -127,18 +117,17 @@ async def list_all(request: Request) -> JSONResponse:
             for r in found
         ]
 
-    return ok(await threaded(rows))
+    return ok(await reading(state, rows))
 
 
 async def show(request: Request) -> JSONResponse:
     state, factory_id = await factory_caller(request, {Scope.ADMIN, Scope.READ})
     ident = request.path_params["device"]
 
-    def row() -> dict[str, Any]:
-        with state.db.read() as conn:
-            found = devices.find_device(conn, factory_id, ident)
-            earlier = credentials.earlier_devices(conn, factory_id, found.name)
-            events = devices.recent_events(conn, found.id, SHOWN_EVENTS)
+    def row(conn: Connection) -> dict[str, Any]:
+        found = devices.find_device(conn, factory_id, ident)
+        earlier = credentials.earlier_devices(conn, factory_id, found.name)
+        events = devices.recent_events(conn, found.id, SHOWN_EVENTS)
         return {
             **_device_json(found),
             "installed_version": found.installed_version,
@@ -151,7 +140,7 @@ async def show(request: Request) -> JSONResponse:
             ],
         }
 
-    return ok(await threaded(row))
+    return ok(await reading(state, row))
 
 
 async def revoke(request: Request) -> JSONResponse:
@@ -179,28 +168,21 @@ async def remove(request: Request) -> JSONResponse:
 async def credential_show(request: Request) -> JSONResponse:
     """The calling device and the state of its credential. After a rotation, the first
     request with the new credential (this one, say) makes it the only valid one."""
-    state, principal = await caller(request)
-    device = _require_device(principal, request.path_params["factory"], "read its credential")
-    secret = bearer_secret(request.headers.get("authorization"))
-    assert secret is not None
+    state, device, secret = await _device_caller(request, "read its credential")
 
-    def row() -> dict[str, Any]:
-        with state.db.read() as conn:
-            found = devices.device_row(conn, device.device_id)
-            if found is None:
-                _refuse_dead(conn, secret, state.settings.clock.now())
+    def row(conn: Connection) -> dict[str, Any]:
+        found = devices.device_row(conn, device.device_id)
+        if found is None:
+            _refuse_dead(conn, secret, state.settings.clock.now())
         return _device_json(found)
 
-    return ok(await threaded(row))
+    return ok(await reading(state, row))
 
 
 async def credential_rotate(request: Request) -> JSONResponse:
     """Issue the calling device a new credential. The one it called with keeps working
     until the new one is used once; from then on only the new one does (ADR 0011)."""
-    state, principal = await caller(request)
-    device = _require_device(principal, request.path_params["factory"], "rotate a credential")
-    secret = bearer_secret(request.headers.get("authorization"))
-    assert secret is not None
+    state, device, secret = await _device_caller(request, "rotate a credential")
 
     def apply() -> dict[str, Any]:
         now = state.settings.clock.now()
@@ -219,16 +201,21 @@ def _refuse_dead(conn: Connection, secret: str, now: datetime) -> NoReturn:
 # -- device reports ---------------------------------------------------------------------
 
 
-def _require_device(principal: Principal | None, factory: str, action: str) -> Principal:
-    """The caller, if it is a device of `factory`: reports and credentials are the
-    caller's own, so no token, whatever its scopes, may send or rotate them."""
+async def _device_caller(request: Request, action: str) -> tuple[ServerState, Principal, str]:
+    """The server state, and the caller and its credential if the caller is a device of
+    the path's factory: reports and credentials are the caller's own, so no token,
+    whatever its scopes, may send or rotate them."""
+    state, principal = await caller(request)
+    factory = request.path_params["factory"]
     if principal is None:
         raise unauthorized(f"this request needs a device credential of factory {factory!r}")
     if principal.kind != "device":
         raise forbidden(f"only a device credential may {action}")
     if principal.factory_name != factory:
         raise forbidden(f"this credential is not valid for factory {factory!r}")
-    return principal
+    secret = bearer_secret(request.headers)
+    assert secret is not None  # the device was authenticated by it
+    return state, principal, secret
 
 
 def _text(
@@ -327,14 +314,11 @@ def _events(data: dict[str, Any]) -> list[DeviceEvent]:
 
 async def report(request: Request) -> JSONResponse:
     """A device says what it runs now and what happened since its last report."""
-    state, principal = await caller(request)
-    device = _require_device(principal, request.path_params["factory"], "send device reports")
+    state, device, secret = await _device_caller(request, "send device reports")
     device_id, factory_id = device.device_id, device.factory_id
     data = await json_object(request)
     installed = _installed(data)
     events = _events(data)
-    secret = bearer_secret(request.headers.get("authorization"))
-    assert secret is not None
 
     def store() -> int:
         now = state.settings.clock.now()
@@ -350,12 +334,9 @@ async def report(request: Request) -> JSONResponse:
 
 
 routes = [
-    Route(api_paths.DEVICES, register, methods=["POST"]),
-    Route(api_paths.DEVICES, list_all, methods=["GET"]),
-    Route(api_paths.DEVICE, show, methods=["GET"]),
-    Route(api_paths.DEVICE, remove, methods=["DELETE"]),
-    Route(f"{api_paths.DEVICE}/revoke", revoke, methods=["POST"]),
-    Route(api_paths.DEVICE_CREDENTIAL, credential_show, methods=["GET"]),
-    Route(api_paths.DEVICE_CREDENTIAL, credential_rotate, methods=["POST"]),
-    Route(api_paths.DEVICE_REPORTS, report, methods=["POST"]),
+    *resource(api_paths.DEVICES, POST=register, GET=list_all),
+    *resource(api_paths.DEVICE, GET=show, DELETE=remove),
+    *resource(api_paths.DEVICE_REVOKE, POST=revoke),
+    *resource(api_paths.DEVICE_CREDENTIAL, GET=credential_show, POST=credential_rotate),
+    *resource(api_paths.DEVICE_REPORTS, POST=report),
 ]

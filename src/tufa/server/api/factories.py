@@ -8,7 +8,6 @@ from typing import Any, TypedDict
 from sqlalchemy import Connection, select, update
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
 from tuf.api.metadata import Root
 
 from tufa.core import api_paths
@@ -20,15 +19,8 @@ from tufa.core.root_update import (
     shared_keyids,
     shared_keys_warning,
 )
-from tufa.server.api.common import (
-    base_url,
-    caller,
-    field,
-    json_object,
-    name_field,
-    ok,
-    threaded,
-)
+from tufa.server.api.common import base_url, caller, ok, reading, resource, threaded, writing
+from tufa.server.api.fields import field, json_object, name_field
 from tufa.server.auth import Scope, require_factory, require_operator
 from tufa.server.db import factories
 from tufa.server.errors import bad_request, not_found
@@ -57,12 +49,11 @@ async def list_all(request: Request) -> JSONResponse:
     state, principal = await caller(request)
     require_operator(principal)
 
-    def names() -> list[dict[str, Any]]:
-        with state.db.read() as conn:
-            rows = conn.execute(select(factories).order_by(factories.c.name)).all()
+    def names(conn: Connection) -> list[dict[str, Any]]:
+        rows = conn.execute(select(factories).order_by(factories.c.name)).all()
         return [{"name": r.name, "created_at": iso(r.created_at)} for r in rows]
 
-    return ok(await threaded(names))
+    return ok(await reading(state, names))
 
 
 async def show(request: Request) -> JSONResponse:
@@ -82,15 +73,12 @@ async def configure(request: Request) -> JSONResponse:
         raise bad_request(f"unknown field(s): {', '.join(sorted(unknown))}")
     anonymous_read = field(data, "anonymous_read", bool)
 
-    def apply() -> None:
-        with state.db.write() as conn:
-            conn.execute(
-                update(factories)
-                .where(factories.c.name == name)
-                .values(anonymous_read=anonymous_read)
-            )
+    def apply(conn: Connection) -> None:
+        conn.execute(
+            update(factories).where(factories.c.name == name).values(anonymous_read=anonymous_read)
+        )
 
-    await threaded(apply)
+    await writing(state, apply)
     return ok(await threaded(lambda: describe(state, name, base_url(request))))
 
 
@@ -142,10 +130,9 @@ def describe(state: ServerState, name: str, base_url: str) -> FactoryStatus:
         warnings.append(shared_keys_warning(len(shared)))
     described: dict[Channel, dict[str, str | FileStatus]] = {}
     for channel in Channel:
-        prefix = f"{base_url}/api/v1/factories/{name}/repo/{channel}"
         entry: dict[str, str | FileStatus] = {
-            "metadata_url": f"{prefix}/metadata/",
-            "targets_url": f"{prefix}/targets/",
+            "metadata_url": base_url + api_paths.metadata_base(name, channel),
+            "targets_url": base_url + api_paths.targets_base(name, channel),
         }
         for role in (ROOT, TARGETS, SNAPSHOT, TIMESTAMP):
             stored = newest[channel, role]
@@ -199,8 +186,6 @@ def _expiry_warning(channel: Channel, role: str, expires: datetime, now: datetim
 
 
 routes = [
-    Route(api_paths.FACTORIES, create, methods=["POST"]),
-    Route(api_paths.FACTORIES, list_all, methods=["GET"]),
-    Route(api_paths.FACTORY, show, methods=["GET"]),
-    Route(api_paths.FACTORY, configure, methods=["PATCH"]),
+    *resource(api_paths.FACTORIES, POST=create, GET=list_all),
+    *resource(api_paths.FACTORY, GET=show, PATCH=configure),
 ]

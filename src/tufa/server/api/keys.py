@@ -10,10 +10,11 @@ from __future__ import annotations
 from sqlalchemy import delete, select, update
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
+from tufa.core import api_paths
 from tufa.core.clock import iso
-from tufa.server.api.common import caller, field, json_object, ok, threaded
+from tufa.server.api.common import caller, ok, resource, threaded
+from tufa.server.api.fields import field, json_object
 from tufa.server.auth import Scope, require_factory
 from tufa.server.db import factories, key_archives
 from tufa.server.errors import ApiError, bad_request, not_found
@@ -90,6 +91,6 @@ async def confirm(request: Request) -> JSONResponse:
 
 
 routes = [
-    Route("/api/v1/factories/{factory}/keys/archive", download, methods=["GET"]),
-    Route("/api/v1/factories/{factory}/keys/archive/confirm", confirm, methods=["POST"]),
+    *resource(api_paths.KEYS_ARCHIVE, GET=download),
+    *resource(api_paths.KEYS_ARCHIVE_CONFIRM, POST=confirm),
 ]

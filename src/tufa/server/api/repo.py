@@ -24,11 +24,10 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, select
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
-from starlette.routing import Route
 
 from tufa.core import api_paths
 from tufa.core.metadata import ROOT, TARGETS, TIMESTAMP, Channel
-from tufa.server.api.common import state_of, threaded
+from tufa.server.api.common import resource, state_of, threaded
 from tufa.server.auth import (
     Scope,
     authenticate,
@@ -204,7 +203,7 @@ def _target_blob(
 
 async def target_file(request: Request) -> Response:
     state = state_of(request)
-    secret = bearer_secret(request.headers.get("authorization"))
+    secret = bearer_secret(request.headers)
     name, channel = request.path_params["factory"], _channel(request.path_params["channel"])
     filename = request.path_params["filename"]
     path = await threaded(lambda: _target_blob(state, secret, name, channel, filename))
@@ -226,7 +225,7 @@ def _matches(if_none_match: str | None, etag: str) -> bool:
 
 async def metadata(request: Request) -> Response:
     state = state_of(request)
-    secret = bearer_secret(request.headers.get("authorization"))
+    secret = bearer_secret(request.headers)
     name = request.path_params["factory"]
     channel = _channel(request.path_params["channel"])
     filename = request.path_params["filename"]
@@ -246,6 +245,6 @@ async def metadata(request: Request) -> Response:
 
 
 routes = [
-    Route(api_paths.TARGET_FILE, target_file, methods=["GET", "HEAD"]),
-    Route(api_paths.METADATA_FILE, metadata, methods=["GET", "HEAD"]),
+    *resource(api_paths.TARGET_FILE, GET=target_file),
+    *resource(api_paths.METADATA_FILE, GET=metadata),
 ]

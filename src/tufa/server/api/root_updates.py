@@ -8,25 +8,17 @@ from typing import Any
 from sqlalchemy import Connection
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
 
+from tufa.core import api_paths
 from tufa.core.metadata import Channel
 from tufa.core.root_update import RootKeyPairs, pairs_from_json
-from tufa.server.api.common import (
-    factory_caller,
-    field,
-    json_object,
-    ok,
-    signature_list,
-    string_list,
-    threaded,
-)
+from tufa.server.api.common import factory_caller, ok, resource, threaded
+from tufa.server.api.fields import field, json_object, signature_list, string_list
 from tufa.server.auth import Scope
 from tufa.server.errors import bad_request
 from tufa.server.root_updates.transaction import RootUpdates
 from tufa.server.state import ServerState
 
-PREFIX = "/api/v1/factories/{factory}/keys/updates"
 # Checked before the request body is read, so a caller without the right learns nothing
 # from validation errors.
 ADMIN = {Scope.ADMIN}
@@ -129,11 +121,9 @@ async def cancel(request: Request) -> JSONResponse:
 
 
 routes = [
-    Route(PREFIX, init, methods=["POST"]),
-    Route(PREFIX, show, methods=["GET"]),
-    Route(PREFIX, cancel, methods=["DELETE"]),
-    Route(f"{PREFIX}/staged", stage, methods=["PUT"]),
-    Route(f"{PREFIX}/online-keys", online_keys, methods=["POST"]),
-    Route(f"{PREFIX}/signatures", signatures, methods=["POST"]),
-    Route(f"{PREFIX}/apply", apply, methods=["POST"]),
+    *resource(api_paths.ROOT_UPDATE, POST=init, GET=show, DELETE=cancel),
+    *resource(api_paths.ROOT_UPDATE_STAGED, PUT=stage),
+    *resource(api_paths.ROOT_UPDATE_ONLINE_KEYS, POST=online_keys),
+    *resource(api_paths.ROOT_UPDATE_SIGNATURES, POST=signatures),
+    *resource(api_paths.ROOT_UPDATE_APPLY, POST=apply),
 ]

@@ -5,20 +5,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
 from tuf.api.metadata import Metadata, TargetFile, Targets
 
 from tufa.core import api_paths
 from tufa.core.clock import iso
 from tufa.core.metadata import TARGETS, Channel
 from tufa.core.selection import custom_of, hardware_ids_of, tags_of, version_key
-from tufa.server.api.common import factory_caller, field, json_object, ok, threaded
+from tufa.server.api.common import factory_caller, ok, reading, resource, threaded, writing
+from tufa.server.api.fields import field, json_object
 from tufa.server.auth import Scope
 from tufa.server.blobs import grant
 from tufa.server.db import targets as targets_table
@@ -31,7 +30,6 @@ from tufa.server.views import tag_view
 log = logging.getLogger("tufa.server")
 PUBLISHERS = {Scope.ADMIN, Scope.CI}
 READERS = {Scope.ADMIN, Scope.CI, Scope.READ}
-BLOB_PATH = re.compile(r"^/api/v1/factories/[^/]+/blobs/[^/]+$")
 
 
 def _result(result: PublishResult) -> dict[str, Any]:
@@ -65,11 +63,10 @@ async def upload_blob(request: Request) -> JSONResponse:
         log.info("upload of blob %s cut short by the client", sha256)
         raise bad_request("the upload was cut short; nothing was stored") from e
 
-    def record() -> None:
-        with state.db.write() as conn:
-            grant(conn, factory_id, sha256, length, state.settings.clock.now())
+    def record(conn: Connection) -> None:
+        grant(conn, factory_id, sha256, length, state.settings.clock.now())
 
-    await threaded(record)
+    await writing(state, record)
     # The same answer whether or not any factory had these bytes before (ADR 0010).
     return ok({"sha256": sha256, "length": length, "stored": True}, status=201)
 
@@ -131,13 +128,12 @@ async def show(request: Request) -> JSONResponse:
     state, factory_id = await factory_caller(request, READERS)
     name = request.path_params["name"]
 
-    def describe() -> dict[str, Any]:
-        with state.db.read() as conn:
-            row = conn.execute(
-                select(targets_table).where(
-                    targets_table.c.factory_id == factory_id, targets_table.c.name == name
-                )
-            ).first()
+    def describe(conn: Connection) -> dict[str, Any]:
+        row = conn.execute(
+            select(targets_table).where(
+                targets_table.c.factory_id == factory_id, targets_table.c.name == name
+            )
+        ).first()
         if row is None:
             raise not_found(f"no target named {name!r} was ever published")
         listed_in = [c for c in Channel if name in _listed(state, factory_id, c)]
@@ -153,14 +149,13 @@ async def show(request: Request) -> JSONResponse:
             "channels": listed_in,
         }
 
-    return ok(await threaded(describe))
+    return ok(await reading(state, describe))
 
 
 routes = [
-    Route(api_paths.BLOB, upload_blob, methods=["PUT"]),
-    Route(api_paths.TARGETS, add, methods=["POST"]),
-    Route(api_paths.TARGETS, list_all, methods=["GET"]),
-    Route(api_paths.PRUNE_TARGETS, prune, methods=["POST"]),
-    Route(api_paths.DELETE_TARGETS, delete, methods=["POST"]),
-    Route(api_paths.TARGET, show, methods=["GET"]),
+    *resource(api_paths.BLOB, PUT=upload_blob),
+    *resource(api_paths.TARGETS, POST=add, GET=list_all),
+    *resource(api_paths.PRUNE_TARGETS, POST=prune),
+    *resource(api_paths.DELETE_TARGETS, POST=delete),
+    *resource(api_paths.TARGET, GET=show),
 ]

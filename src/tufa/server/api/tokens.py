@@ -6,21 +6,14 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, select, update
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
 
+from tufa.core import api_paths
 from tufa.core.clock import iso
-from tufa.server.api.common import (
-    caller,
-    factory_caller,
-    field,
-    json_object,
-    ok,
-    text_field,
-    threaded,
-)
+from tufa.server.api.common import caller, factory_caller, ok, reading, resource, threaded, writing
+from tufa.server.api.fields import field, json_object, text_field
 from tufa.server.auth import Scope, require_factory, require_operator
 from tufa.server.db import tokens
 from tufa.server.errors import bad_request, not_found
@@ -74,35 +67,31 @@ async def create(request: Request) -> JSONResponse:
 async def list_all(request: Request) -> JSONResponse:
     state, factory_id = await factory_caller(request, {Scope.ADMIN})
 
-    def rows() -> list[dict[str, Any]]:
-        with state.db.read() as conn:
-            found = conn.execute(
-                select(tokens)
-                .where(tokens.c.factory_id == factory_id)
-                .order_by(tokens.c.created_at, tokens.c.id)
-            ).all()
+    def rows(conn: Connection) -> list[dict[str, Any]]:
+        found = conn.execute(
+            select(tokens)
+            .where(tokens.c.factory_id == factory_id)
+            .order_by(tokens.c.created_at, tokens.c.id)
+        ).all()
         return [_token_json(r) for r in found]
 
-    return ok(await threaded(rows))
+    return ok(await reading(state, rows))
 
 
 async def revoke(request: Request) -> JSONResponse:
     state, factory_id = await factory_caller(request, {Scope.ADMIN})
     token_id = request.path_params["token_id"]
 
-    def apply() -> dict[str, Any]:
-        with state.db.write() as conn:
-            where = (tokens.c.id == token_id, tokens.c.factory_id == factory_id)
-            row = conn.execute(select(tokens).where(*where)).first()
-            if row is None:
-                raise not_found(f"no token {token_id!r} in this factory")
-            if row.revoked_at is None:
-                conn.execute(
-                    update(tokens).where(*where).values(revoked_at=state.settings.clock.now())
-                )
-            return _token_json(conn.execute(select(tokens).where(*where)).one())
+    def apply(conn: Connection) -> dict[str, Any]:
+        where = (tokens.c.id == token_id, tokens.c.factory_id == factory_id)
+        row = conn.execute(select(tokens).where(*where)).first()
+        if row is None:
+            raise not_found(f"no token {token_id!r} in this factory")
+        if row.revoked_at is None:
+            conn.execute(update(tokens).where(*where).values(revoked_at=state.settings.clock.now()))
+        return _token_json(conn.execute(select(tokens).where(*where)).one())
 
-    return ok(await threaded(apply))
+    return ok(await writing(state, apply))
 
 
 async def rotate_operator(request: Request) -> JSONResponse:
@@ -120,8 +109,7 @@ async def rotate_operator(request: Request) -> JSONResponse:
 
 
 routes = [
-    Route("/api/v1/operator-token", rotate_operator, methods=["POST"]),
-    Route("/api/v1/factories/{factory}/tokens", create, methods=["POST"]),
-    Route("/api/v1/factories/{factory}/tokens", list_all, methods=["GET"]),
-    Route("/api/v1/factories/{factory}/tokens/{token_id}", revoke, methods=["DELETE"]),
+    *resource(api_paths.OPERATOR_TOKEN, POST=rotate_operator),
+    *resource(api_paths.TOKENS, POST=create, GET=list_all),
+    *resource(api_paths.TOKEN, DELETE=revoke),
 ]

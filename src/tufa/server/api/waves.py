@@ -2,62 +2,30 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Connection
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
 from tuf.api.metadata import Metadata, Targets
 
+from tufa.core import api_paths
 from tufa.core.clock import iso
 from tufa.server import devices
-from tufa.server.api.common import (
-    caller,
-    field,
-    json_object,
-    ok,
-    signature_list,
-    string_list,
-    threaded,
-)
-from tufa.server.auth import Scope, require_factory
+from tufa.server.api.common import Endpoint, factory_caller, ok, reading, resource, writing
+from tufa.server.api.fields import field, json_object, signature_list, string_list
+from tufa.server.auth import Scope
 from tufa.server.errors import bad_request
 from tufa.server.publishing import LABEL, NGCLIENT_TARGETS_MAX_LENGTH, VERSION_LABEL
-from tufa.server.state import ServerState
 from tufa.server.waves import WAVE_NAME, Waves
 
 ADMIN = {Scope.ADMIN}
 READERS = {Scope.ADMIN, Scope.CI, Scope.READ}
-PREFIX = "/api/v1/factories/{factory}/waves"
-# A signed wave (POST PREFIX) carries its production targets as JSON: room for the
+# A signed wave (POST api_paths.WAVES) carries its production targets as JSON: room for the
 # largest targets file devices accept (larger ones are refused as such), and for the
 # spacing of JSON as clients send it.
-CREATE_PATH = re.compile(r"^/api/v1/factories/[^/]+/waves$")
 MAX_CREATE_BYTES = 2 * NGCLIENT_TARGETS_MAX_LENGTH
-
-
-async def _allowed(request: Request, scopes: set[Scope]) -> tuple[ServerState, int]:
-    """Check the caller before anything of the request is read."""
-    state, principal = await caller(request)
-    allowed = require_factory(principal, request.path_params["factory"], scopes)
-    assert allowed.factory_id is not None
-    return state, allowed.factory_id
-
-
-async def _in_transaction(
-    state: ServerState,
-    step: Callable[[Connection], Any],
-    *,
-    write: bool = True,
-) -> Any:
-    def work() -> Any:
-        with state.db.write() if write else state.db.read() as conn:
-            return step(conn)
-
-    return await threaded(work)
 
 
 def _tag_and_version(data: dict[str, Any]) -> tuple[str, str]:
@@ -75,20 +43,18 @@ def _tag_and_version(data: dict[str, Any]) -> tuple[str, str]:
 
 
 async def prepare(request: Request) -> JSONResponse:
-    state, factory_id = await _allowed(request, ADMIN)
+    state, factory_id = await factory_caller(request, ADMIN)
     data = await json_object(request)
     tag, version = _tag_and_version(data)
     prune = string_list(data, "prune")
     days = field(data, "expires_days", int, 365)
     waves = Waves(state)
-    built = await _in_transaction(
-        state, lambda c: waves.prepare(c, factory_id, tag, version, prune, days), write=False
-    )
+    built = await reading(state, lambda c: waves.prepare(c, factory_id, tag, version, prune, days))
     return ok({"signed": built.to_dict()})
 
 
 async def create(request: Request) -> JSONResponse:
-    state, factory_id = await _allowed(request, ADMIN)
+    state, factory_id = await factory_caller(request, ADMIN)
     data = await json_object(request)
     name = field(data, "name", str)
     tag, version = _tag_and_version(data)
@@ -98,41 +64,28 @@ async def create(request: Request) -> JSONResponse:
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise bad_request(f"field 'targets' is not signed targets metadata: {e}") from e
     waves = Waves(state)
-    created = await _in_transaction(
+    created = await writing(
         state, lambda c: waves.create(c, factory_id, name, tag, version, prune, md)
     )
     return ok(created, status=201)
 
 
 async def list_all(request: Request) -> JSONResponse:
-    state, factory_id = await _allowed(request, READERS)
+    state, factory_id = await factory_caller(request, READERS)
     waves = Waves(state)
-    return ok(await _in_transaction(state, lambda c: waves.list(c, factory_id), write=False))
-
-
-async def show(request: Request) -> JSONResponse:
-    state, factory_id = await _allowed(request, READERS)
-    name = request.path_params["name"]
-    waves = Waves(state)
-    return ok(
-        await _in_transaction(state, lambda c: waves.describe(c, factory_id, name), write=False)
-    )
+    return ok(await reading(state, lambda c: waves.list(c, factory_id)))
 
 
 async def sign(request: Request) -> JSONResponse:
-    state, factory_id = await _allowed(request, ADMIN)
+    state, factory_id = await factory_caller(request, ADMIN)
     name = request.path_params["name"]
     signatures = signature_list(field(await json_object(request), "signatures", list), "signatures")
     waves = Waves(state)
-    return ok(
-        await _in_transaction(
-            state, lambda c: waves.add_signatures(c, factory_id, name, signatures)
-        )
-    )
+    return ok(await writing(state, lambda c: waves.add_signatures(c, factory_id, name, signatures)))
 
 
 async def rollout(request: Request) -> JSONResponse:
-    state, factory_id = await _allowed(request, ADMIN)
+    state, factory_id = await factory_caller(request, ADMIN)
     name = request.path_params["name"]
     data = await json_object(request)
     group = field(data, "group", str, "") or None
@@ -141,29 +94,35 @@ async def rollout(request: Request) -> JSONResponse:
     dry_run = field(data, "dry_run", bool, False)
     waves = Waves(state)
     return ok(
-        await _in_transaction(
+        await writing(
             state,
             lambda c: waves.rollout(c, factory_id, name, group, device_ids, limit, dry_run),
         )
     )
 
 
-async def complete(request: Request) -> JSONResponse:
-    state, factory_id = await _allowed(request, ADMIN)
-    name = request.path_params["name"]
-    waves = Waves(state)
-    return ok(await _in_transaction(state, lambda c: waves.complete(c, factory_id, name)))
+def _on_named_wave(
+    scopes: set[Scope], step: Callable[[Waves, Connection, int, str], object], *, write: bool
+) -> Endpoint:
+    """An endpoint that runs `step` on the wave the path names, in one transaction."""
+
+    async def endpoint(request: Request) -> JSONResponse:
+        state, factory_id = await factory_caller(request, scopes)
+        name = request.path_params["name"]
+        waves = Waves(state)
+        transaction = writing if write else reading
+        return ok(await transaction(state, lambda c: step(waves, c, factory_id, name)))
+
+    return endpoint
 
 
-async def cancel(request: Request) -> JSONResponse:
-    state, factory_id = await _allowed(request, ADMIN)
-    name = request.path_params["name"]
-    waves = Waves(state)
-    return ok(await _in_transaction(state, lambda c: waves.cancel(c, factory_id, name)))
+show = _on_named_wave(READERS, Waves.describe, write=False)
+complete = _on_named_wave(ADMIN, Waves.complete, write=True)
+cancel = _on_named_wave(ADMIN, Waves.cancel, write=True)
 
 
 async def create_group(request: Request) -> JSONResponse:
-    state, factory_id = await _allowed(request, ADMIN)
+    state, factory_id = await factory_caller(request, ADMIN)
     name = field(await json_object(request), "name", str)
     if not WAVE_NAME.fullmatch(name):
         raise bad_request("group names are 1-64 letters, digits, '.', '_' or '-'")
@@ -172,11 +131,11 @@ async def create_group(request: Request) -> JSONResponse:
         devices.create_group(conn, factory_id, name, state.settings.clock.now())
         return {"name": name, "devices": []}
 
-    return ok(await _in_transaction(state, insert_group), status=201)
+    return ok(await writing(state, insert_group), status=201)
 
 
 async def add_to_group(request: Request) -> JSONResponse:
-    state, factory_id = await _allowed(request, ADMIN)
+    state, factory_id = await factory_caller(request, ADMIN)
     group = request.path_params["group"]
     wanted = string_list(await json_object(request), "devices")
     if not wanted:
@@ -185,11 +144,11 @@ async def add_to_group(request: Request) -> JSONResponse:
     def add(conn: Connection) -> dict[str, Any]:
         return {"name": group, "devices": devices.add_to_group(conn, factory_id, group, wanted)}
 
-    return ok(await _in_transaction(state, add))
+    return ok(await writing(state, add))
 
 
 async def list_groups(request: Request) -> JSONResponse:
-    state, factory_id = await _allowed(request, READERS)
+    state, factory_id = await factory_caller(request, READERS)
 
     def groups(conn: Connection) -> list[dict[str, Any]]:
         return [
@@ -201,21 +160,17 @@ async def list_groups(request: Request) -> JSONResponse:
             for r in devices.groups(conn, factory_id)
         ]
 
-    return ok(await _in_transaction(state, groups, write=False))
+    return ok(await reading(state, groups))
 
 
 routes = [
-    Route(f"{PREFIX}/prepare", prepare, methods=["POST"]),
-    Route(PREFIX, create, methods=["POST"]),
-    Route(PREFIX, list_all, methods=["GET"]),
-    Route(f"{PREFIX}/{{name}}", show, methods=["GET"]),
-    Route(f"{PREFIX}/{{name}}/signatures", sign, methods=["POST"]),
-    Route(f"{PREFIX}/{{name}}/rollout", rollout, methods=["POST"]),
-    Route(f"{PREFIX}/{{name}}/complete", complete, methods=["POST"]),
-    Route(f"{PREFIX}/{{name}}/cancel", cancel, methods=["POST"]),
-    Route("/api/v1/factories/{factory}/device-groups", create_group, methods=["POST"]),
-    Route("/api/v1/factories/{factory}/device-groups", list_groups, methods=["GET"]),
-    Route(
-        "/api/v1/factories/{factory}/device-groups/{group}/devices", add_to_group, methods=["POST"]
-    ),
+    *resource(api_paths.PREPARE_WAVE, POST=prepare),
+    *resource(api_paths.WAVES, POST=create, GET=list_all),
+    *resource(api_paths.WAVE, GET=show),
+    *resource(api_paths.WAVE_SIGNATURES, POST=sign),
+    *resource(api_paths.WAVE_ROLLOUT, POST=rollout),
+    *resource(api_paths.WAVE_COMPLETE, POST=complete),
+    *resource(api_paths.WAVE_CANCEL, POST=cancel),
+    *resource(api_paths.DEVICE_GROUPS, POST=create_group, GET=list_groups),
+    *resource(api_paths.DEVICE_GROUP_DEVICES, POST=add_to_group),
 ]
