@@ -36,8 +36,8 @@ from tests.helpers import (
 )
 from tests.test_device_reports import create_wave, event, installed, publish_build, report
 from tufa.demo.local_server import LocalServer, console_script
-from tufa.server.auth import OPERATOR_SCOPE
 from tufa.server.db import retired_credentials, tokens
+from tufa.server.principals import OPERATOR_SCOPE
 
 REVOKED = "credential_revoked"
 

@@ -102,7 +102,7 @@ class ArchiveKey:
     def files(self) -> Iterator[tuple[str, KeyPair]]:
         """Archive entry stems (under keys/) and the key each holds."""
         for channel, pair in self.halves():
-            yield (self.name if channel is None else f"{self.name}.{channel.value}"), pair
+            yield (self.name if channel is None else f"{self.name}.{channel}"), pair
 
 
 def generate_root_key(key_type: KeyType = KeyType.ED25519, name: str | None = None) -> ArchiveKey:
@@ -161,7 +161,7 @@ class OfflineArchive:
                 files[f"keys/{stem}.pub"] = key_to_json(pair.public)
                 files[f"keys/{stem}.sec"] = pair.private_pem
         for channel, root in self.roots.items():
-            files[f"roles/{channel.value}/root.json"] = root
+            files[f"roles/{channel}/root.json"] = root
         buf = io.BytesIO()
         now = int(time.time())
         with tarfile.open(fileobj=buf, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:
@@ -202,7 +202,7 @@ class OfflineArchive:
             )
         archive = cls(factory=factory, config_extra=_other_settings(config))
         for channel in Channel:
-            root = files.pop(f"roles/{channel.value}/root.json", None)
+            root = files.pop(f"roles/{channel}/root.json", None)
             if root is not None:
                 archive.roots[channel] = root
         halves: dict[str, dict[Channel, KeyPair]] = {}

@@ -181,7 +181,7 @@ def check_staged_roots(
     """
     for channel in Channel:
         _check_channel(
-            staged[channel], current[channel], f"{channel.value} root", online_keyids[channel], now
+            staged[channel], current[channel], f"{channel} root", online_keyids[channel], now
         )
     ci, prod = staged[Channel.CI], staged[Channel.PROD]
     if ci.roles[TARGETS].threshold != 1:

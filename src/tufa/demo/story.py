@@ -105,7 +105,7 @@ class _Story:
         self.command("tufa-agent", "status", "--dir", f"devices/{device}")
 
 
-def _register(story: _Story, device: str, channel: str, registration_token: str) -> None:
+def _register(story: _Story, device: str, channel: Channel, registration_token: str) -> None:
     args = (
         "register", "--server", story.server.url, "--factory", "demo", "--token",
         registration_token, "--hardware-id", "rpi4", "--tag", "main", "--root",
@@ -148,9 +148,13 @@ def _run_story(story: _Story) -> None:
     story.tufa("tokens", "list")
 
     story.chapter("5. Devices register with the root they were provisioned with")
-    devices = (("ci", "dev-board-1"), ("prod", "field-unit-1"), ("prod", "field-unit-2"))
-    for channel_name, name in devices:
-        _register(story, name, channel_name, created["token"])
+    devices = (
+        (Channel.CI, "dev-board-1"),
+        (Channel.PROD, "field-unit-1"),
+        (Channel.PROD, "field-unit-2"),
+    )
+    for device_channel, name in devices:
+        _register(story, name, device_channel, created["token"])
     story.tufa("devices", "list")
     story.say("two of them run the agent from now on, checking every second")
     story.start_agent("dev-board-1")

@@ -16,7 +16,6 @@ from typing import Any
 
 from sqlalchemy import Connection, delete, func, insert, select, update
 
-from tufa.server.auth import Principal, authenticate
 from tufa.server.db import (
     Database,
     device_events,
@@ -25,6 +24,7 @@ from tufa.server.db import (
     retired_credentials,
 )
 from tufa.server.devices import NewDevice, add_device, device_row, find_device
+from tufa.server.principals import Principal, authenticate
 from tufa.server.secrets import new_secret, secret_digest
 
 DEVICE_SECRET_PREFIX = "tufad"  # noqa: S105 (a label, not a secret)

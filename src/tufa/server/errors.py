@@ -7,7 +7,14 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from tufa.server.exceptions import Conflict, InvalidInput, NotFound, Refused, TooLarge
+from tufa.server.exceptions import (
+    Conflict,
+    InvalidInput,
+    NotAuthenticated,
+    NotFound,
+    Refused,
+    TooLarge,
+)
 
 
 class ApiError(Exception):
@@ -33,6 +40,7 @@ def conflict(message: str) -> ApiError:
 # The status of each domain refusal (tufa.server.exceptions), most specific class first.
 _STATUS_OF: tuple[tuple[type[Refused], int], ...] = (
     (InvalidInput, 400),
+    (NotAuthenticated, 401),
     (NotFound, 404),
     (Conflict, 409),
     (TooLarge, 413),

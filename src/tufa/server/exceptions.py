@@ -59,3 +59,16 @@ class TooLarge(Refused):
     """An upload larger than the server stores."""
 
     code = "too_large"
+
+
+class NotAuthenticated(Refused):
+    """The secret a caller sent is no valid credential: unknown, expired or revoked."""
+
+    code = "unauthorized"
+
+
+class CredentialRevoked(NotAuthenticated):
+    """A device credential that worked once and never will again; its own code, so an
+    agent can tell it from a typo'd or unknown credential."""
+
+    code = "credential_revoked"

@@ -33,9 +33,9 @@ from tufa.core.metadata import (
     sign,
     to_bytes,
 )
-from tufa.server.auth import Scope
 from tufa.server.db import channels, factories, key_archives, root_key_pairs
 from tufa.server.exceptions import Conflict
+from tufa.server.principals import Scope
 from tufa.server.state import ServerState
 from tufa.server.tokens import create_token
 

@@ -20,9 +20,9 @@ from tufa.core.durations import parse_duration
 from tufa.core.files import default_database_url
 from tufa.core.keys import KeyType
 from tufa.server.app import create_app
-from tufa.server.auth import OPERATOR_SCOPE
 from tufa.server.blobs import BlobStore
 from tufa.server.db import Database, server_facts, tokens
+from tufa.server.principals import OPERATOR_SCOPE
 from tufa.server.repository import Repository
 from tufa.server.secrets import MasterKey
 from tufa.server.settings import Clock, OffsetClock, Settings

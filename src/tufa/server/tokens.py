@@ -9,8 +9,8 @@ from datetime import datetime
 
 from sqlalchemy import Connection, insert, update
 
-from tufa.server.auth import OPERATOR_SCOPE
 from tufa.server.db import tokens
+from tufa.server.principals import OPERATOR_SCOPE
 from tufa.server.secrets import new_secret, secret_digest
 
 TOKEN_PREFIX = "tufa"  # noqa: S105 (a label, not a secret)

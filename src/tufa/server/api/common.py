@@ -16,10 +16,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tufa.server.auth import Principal, Scope, authenticate, bearer_secret, require_factory
+from tufa.server.auth import bearer_secret, require_factory
 from tufa.server.credentials import settle
 from tufa.server.errors import bad_request
 from tufa.server.inputs import text_problem
+from tufa.server.principals import Principal, Scope, authenticate
 from tufa.server.state import ServerState
 
 T = TypeVar("T")

@@ -19,17 +19,10 @@ from tufa.core.metadata import Channel
 from tufa.server import credentials, devices
 from tufa.server.api.common import caller, factory_caller, ok, reading, resource, threaded, writing
 from tufa.server.api.fields import field, json_object, text_field
-from tufa.server.auth import (
-    Principal,
-    Scope,
-    authenticate,
-    bearer_secret,
-    forbidden,
-    require_factory,
-    unauthorized,
-)
+from tufa.server.auth import bearer_secret, forbidden, require_factory, unauthorized
 from tufa.server.devices import DeviceEvent, Installed, NewDevice
 from tufa.server.errors import bad_request
+from tufa.server.principals import Principal, Scope, authenticate
 from tufa.server.state import ServerState
 
 MAX_LABEL = 128

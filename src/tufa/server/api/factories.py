@@ -21,10 +21,11 @@ from tufa.core.root_update import (
 )
 from tufa.server.api.common import base_url, caller, ok, reading, resource, threaded, writing
 from tufa.server.api.fields import field, json_object, name_field
-from tufa.server.auth import Scope, require_factory, require_operator
+from tufa.server.auth import require_factory, require_operator
 from tufa.server.db import factories
 from tufa.server.errors import bad_request, not_found
 from tufa.server.factories import create_factory
+from tufa.server.principals import Scope
 from tufa.server.state import ServerState
 
 READERS = {Scope.ADMIN, Scope.CI, Scope.READ}

@@ -15,10 +15,11 @@ from tufa.core import api_paths
 from tufa.core.clock import iso
 from tufa.server.api.common import caller, ok, resource, threaded
 from tufa.server.api.fields import field, json_object
-from tufa.server.auth import Scope, require_factory
+from tufa.server.auth import require_factory
 from tufa.server.db import factories, key_archives
 from tufa.server.errors import ApiError, bad_request, not_found
 from tufa.server.factories import archive_purpose
+from tufa.server.principals import Scope
 from tufa.server.state import ServerState
 
 

@@ -28,17 +28,11 @@ from starlette.responses import FileResponse, Response
 from tufa.core import api_paths
 from tufa.core.metadata import ROOT, TARGETS, TIMESTAMP, Channel
 from tufa.server.api.common import resource, state_of, threaded
-from tufa.server.auth import (
-    Scope,
-    authenticate,
-    bearer_secret,
-    forbidden,
-    require_factory,
-    unauthorized,
-)
+from tufa.server.auth import bearer_secret, forbidden, require_factory, unauthorized
 from tufa.server.credentials import settle
 from tufa.server.db import blob_owners, factories, targets
 from tufa.server.errors import bad_request, not_found
+from tufa.server.principals import Scope, authenticate
 from tufa.server.publishing import LABEL
 from tufa.server.repository import DEFAULT_VIEW, StoredFile
 from tufa.server.state import ServerState

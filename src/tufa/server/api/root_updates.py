@@ -14,8 +14,8 @@ from tufa.core.metadata import Channel
 from tufa.core.root_update import RootKeyPairs, pairs_from_json
 from tufa.server.api.common import factory_caller, ok, resource, threaded
 from tufa.server.api.fields import field, json_object, signature_list, string_list
-from tufa.server.auth import Scope
 from tufa.server.errors import bad_request
+from tufa.server.principals import Scope
 from tufa.server.root_updates.transaction import RootUpdates
 from tufa.server.state import ServerState
 

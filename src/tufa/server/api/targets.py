@@ -15,13 +15,13 @@ from tuf.api.metadata import Metadata, TargetFile, Targets
 from tufa.core import api_paths
 from tufa.core.clock import iso
 from tufa.core.metadata import TARGETS, Channel
-from tufa.core.selection import custom_of, hardware_ids_of, tags_of, version_key
+from tufa.core.selection import custom_of, hardware_ids_of, tags_of, target_version, version_key
 from tufa.server.api.common import factory_caller, ok, reading, resource, threaded, writing
 from tufa.server.api.fields import field, json_object
-from tufa.server.auth import Scope
 from tufa.server.blobs import grant
 from tufa.server.db import targets as targets_table
 from tufa.server.errors import bad_request, not_found
+from tufa.server.principals import Scope
 from tufa.server.publishing import CiPublisher, PublishResult, parse_target
 from tufa.server.repository import DEFAULT_VIEW
 from tufa.server.state import ServerState
@@ -40,7 +40,7 @@ def target_json(target: TargetFile) -> dict[str, Any]:
     custom = custom_of(target)
     return {
         "name": target.path,
-        "version": custom.get("version"),
+        "version": target_version(target),
         "hardware_ids": hardware_ids_of(target),
         "tags": tags_of(target),
         "length": target.length,

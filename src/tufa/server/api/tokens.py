@@ -14,9 +14,10 @@ from tufa.core import api_paths
 from tufa.core.clock import iso
 from tufa.server.api.common import caller, factory_caller, ok, reading, resource, threaded, writing
 from tufa.server.api.fields import field, json_object, text_field
-from tufa.server.auth import Scope, require_factory, require_operator
+from tufa.server.auth import require_factory, require_operator
 from tufa.server.db import tokens
 from tufa.server.errors import bad_request, not_found
+from tufa.server.principals import Scope
 from tufa.server.tokens import create_token, rotate_operator_token
 
 MAX_TOKEN_LIFETIME = timedelta(days=3650)

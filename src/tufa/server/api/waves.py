@@ -15,8 +15,8 @@ from tufa.core.clock import iso
 from tufa.server import devices
 from tufa.server.api.common import Endpoint, factory_caller, ok, reading, resource, writing
 from tufa.server.api.fields import field, json_object, signature_list, string_list
-from tufa.server.auth import Scope
 from tufa.server.errors import bad_request
+from tufa.server.principals import Scope
 from tufa.server.publishing import LABEL, NGCLIENT_TARGETS_MAX_LENGTH, VERSION_LABEL
 from tufa.server.waves import WAVE_NAME, Waves
 
