@@ -28,8 +28,8 @@ def _plain(value: Any) -> Text:
     )
 
 
-def _device_path(api: Api, device: str) -> str:
-    return api.path(api_paths.DEVICE, device=quote(device, safe=""))
+def _device_path(api: Api, device: str, template: str = api_paths.DEVICE) -> str:
+    return api.path(template, device=quote(device, safe=""))
 
 
 def _credential(device: dict[str, Any]) -> str:
@@ -143,7 +143,7 @@ def revoke(api: Api, device: str, as_json: bool) -> None:
     Example:
       tufa devices revoke field-unit-1
     """
-    revoked = api.request("POST", _device_path(api, device) + "/revoke").json()
+    revoked = api.request("POST", _device_path(api, device, api_paths.DEVICE_REVOKE)).json()
     if as_json:
         print_json(revoked)
         return

@@ -15,6 +15,8 @@ from tufa.core.metadata import Channel
 # appear in every path and in the names of backups.
 FACTORY_NAME = re.compile(r"[a-z0-9][a-z0-9-]{1,62}")
 
+# Answers 200 once the server serves (after its first re-signing pass).
+HEALTH = "/healthz"
 FACTORIES = "/api/v1/factories"
 FACTORY = f"{FACTORIES}/{{factory}}"
 # The operator replacing their own token over HTTP.

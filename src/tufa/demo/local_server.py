@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 
+from tufa.core import api_paths
 from tufa.core.files import default_database_url
 
 
@@ -92,7 +93,7 @@ class LocalServer:
                     f"tufa-server exited with status {self.process.returncode}:\n{self.log()}"
                 )
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                if httpx.get(self.url + api_paths.HEALTH, timeout=1).status_code == 200:
                     return self
             except httpx.HTTPError:
                 time.sleep(0.1)

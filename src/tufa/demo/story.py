@@ -213,7 +213,7 @@ def _run_story(story: _Story) -> None:
 
     story.chapter("10. Friday night: an impostor answers for the update server")
     story.stop_agents()
-    trusted_root = _agent_status(story, "dev-board-1")["trusted_metadata"]["root"]
+    trusted_root = _status_command(story, "dev-board-1")["trusted_metadata"]["root"]
     _attack(
         story,
         "dev-board-1",
@@ -221,7 +221,8 @@ def _run_story(story: _Story) -> None:
         "a hijacked DNS name sends dev-board-1 to a server that offers build 765 under a "
         "newer root, all signed with its own keys",
         refusal="not signed by the trusted keys",
-        still_runs="build 43",
+        still_runs="43",
+        closing="refused: dev-board-1 still runs build 43; with its server back, it carries on",
     )
 
     story.chapter("11. A man in the middle serves a production device the CI channel's files")
@@ -234,11 +235,12 @@ def _run_story(story: _Story) -> None:
         "the production URLs. The channels share no signing key: the CI timestamp is "
         "signed by a key the production root does not list",
         refusal="timestamp was signed by 0/1 keys",
-        still_runs="the release, 42",
+        still_runs="42",
+        closing="refused: field-unit-1 still runs the release, 42, and carries on",
     )
 
 
-def _agent_status(story: _Story, device: str) -> dict[str, Any]:
+def _status_command(story: _Story, device: str) -> dict[str, Any]:
     status: dict[str, Any] = json.loads(
         story.command("tufa-agent", "status", "--json", "--dir", f"devices/{device}")
     )
@@ -246,10 +248,17 @@ def _agent_status(story: _Story, device: str) -> dict[str, Any]:
 
 
 def _attack(
-    story: _Story, device: str, fake: FileServer, how: str, *, refusal: str, still_runs: str
+    story: _Story,
+    device: str,
+    fake: FileServer,
+    how: str,
+    *,
+    refusal: str,
+    still_runs: str,
+    closing: str,
 ) -> None:
     """Point DEVICE at `fake` (a hijacked name), show that the agent refuses it for saying
-    `refusal` and still runs `still_runs` (ending in its version), then point it back and
+    `refusal` and still runs version `still_runs`, then say `closing`, point it back and
     show that it carries on."""
     config_file = story.agent_dir(device) / "config.json"
     genuine = config_file.read_bytes()
@@ -257,15 +266,15 @@ def _attack(
     try:
         story.say(how)
         story.command("tufa-agent", "run", "--once", "--dir", f"devices/{device}", fails=True)
-        status = _agent_status(story, device)
-        if (status["installed"] or {}).get("version") != still_runs.split()[-1]:
+        status = _status_command(story, device)
+        if (status["installed"] or {}).get("version") != still_runs:
             raise click.ClickException(f"the attack changed what {device} runs")
         if refusal not in (status["last_error"] or ""):
             raise click.ClickException(f"{device} failed, but not by refusing the attack")
     finally:
         config_file.write_bytes(genuine)
         fake.close()
-    story.say(f"refused: {device} still runs {still_runs}; with its server back, it carries on")
+    story.say(closing)
     story.command("tufa-agent", "run", "--once", "--dir", f"devices/{device}")
 
 
@@ -278,24 +287,24 @@ def _recorded_ci_channel(story: _Story) -> FileServer:
     """What a man in the middle who recorded the CI channel serves for the production
     channel: the CI roots, and the timestamp, snapshot and targets CI devices get now."""
     token = json.loads((story.workdir / "config.json").read_text())["token"]
-    client = _client(token)
     ci_base = story.server.url + api_paths.metadata_base("demo", Channel.CI)
-
-    def ci_file(name: str) -> httpx.Response:
-        return client.get(ci_base + name)
-
     files: dict[str, bytes] = {}
-    version = 1
-    while (root := ci_file(f"{version}.root.json")).status_code == 200:
-        files[f"{version}.root.json"] = root.content
-        version += 1
-    files["timestamp.json"] = ci_file("timestamp.json").content
-    snapshot = json.loads(files["timestamp.json"])["signed"]["meta"]["snapshot.json"]["version"]
-    files[f"{snapshot}.snapshot.json"] = ci_file(f"{snapshot}.snapshot.json").content
-    targets = json.loads(files[f"{snapshot}.snapshot.json"])["signed"]["meta"]["targets.json"]
-    name = f"{targets['version']}.targets.json"
-    files[name] = ci_file(name).content
-    client.close()
+    with _client(token) as client:
+
+        def ci_file(name: str) -> httpx.Response:
+            return client.get(ci_base + name)
+
+        version = 1
+        while (root := ci_file(f"{version}.root.json")).status_code == 200:
+            files[f"{version}.root.json"] = root.content
+            version += 1
+        files["timestamp.json"] = ci_file("timestamp.json").content
+        meta = json.loads(files["timestamp.json"])["signed"]["meta"]
+        snapshot = f"{meta['snapshot.json']['version']}.snapshot.json"
+        files[snapshot] = ci_file(snapshot).content
+        targets = json.loads(files[snapshot])["signed"]["meta"]["targets.json"]
+        name = f"{targets['version']}.targets.json"
+        files[name] = ci_file(name).content
     prod_base = api_paths.metadata_base("demo", Channel.PROD)
     return FileServer({prod_base + name: body for name, body in files.items()})
 

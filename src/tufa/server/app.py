@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -27,7 +27,7 @@ from tufa.server.api import (
     tokens,
     waves,
 )
-from tufa.server.api.common import refuse_unstorable_params
+from tufa.server.api.common import Endpoint, refuse_unstorable_params
 from tufa.server.errors import ApiError, api_error_handler, error_body, refused_handler
 from tufa.server.exceptions import Refused
 from tufa.server.state import ServerState
@@ -82,9 +82,6 @@ async def health(_request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-Endpoint = Callable[[Request], Awaitable[Response]]
-
-
 def _checked(endpoint: Endpoint) -> Endpoint:
     """`endpoint`, behind the input rules for path and query parameters (inputs.py)."""
 
@@ -101,7 +98,7 @@ def _checked(endpoint: Endpoint) -> Endpoint:
 ROUTES = [
     Route(route.path, _checked(route.endpoint), methods=route.methods)
     for route in (
-        Route("/healthz", health),
+        Route(api_paths.HEALTH, health),
         *factories.routes,
         *keys.routes,
         *root_updates.routes,

@@ -313,17 +313,16 @@ async def report(request: Request) -> JSONResponse:
     installed = _installed(data)
     events = _events(data)
 
-    def store() -> int:
+    def store(conn: Connection) -> int:
         now = state.settings.clock.now()
         assert factory_id is not None
         assert device_id is not None
-        with state.db.write() as conn:
-            accepted = devices.record_report(conn, factory_id, device_id, installed, events, now)
-            if accepted is None:
-                _refuse_dead(conn, secret, now)
+        accepted = devices.record_report(conn, factory_id, device_id, installed, events, now)
+        if accepted is None:
+            _refuse_dead(conn, secret, now)
         return accepted
 
-    return ok({"accepted": await threaded(store)})
+    return ok({"accepted": await writing(state, store)})
 
 
 routes = [

@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse
 from tufa.core import api_paths
 from tufa.core.metadata import Channel
 from tufa.core.root_update import RootKeyPairs, pairs_from_json
-from tufa.server.api.common import factory_caller, ok, resource, threaded
+from tufa.server.api.common import factory_caller, ok, reading, resource, writing
 from tufa.server.api.fields import field, json_object, signature_list, string_list
 from tufa.server.errors import bad_request
 from tufa.server.principals import Scope
@@ -35,12 +35,11 @@ async def _run(
     update as it stands after the step."""
     updates = RootUpdates(state)
 
-    def work() -> Mapping[str, object]:
-        with state.db.write() if write else state.db.read() as conn:
-            result = step(updates, conn, factory_id)
-            return result if result is not None else updates.describe(conn, factory_id)
+    def work(conn: Connection) -> Mapping[str, object]:
+        result = step(updates, conn, factory_id)
+        return result if result is not None else updates.describe(conn, factory_id)
 
-    return await threaded(work)
+    return await (writing if write else reading)(state, work)
 
 
 def _channels(data: dict[str, Any], name: str) -> dict[Channel, Any]:

@@ -94,10 +94,13 @@ async def delete(request: Request) -> JSONResponse:
 
 
 def _listed(
-    state: ServerState, factory_id: int, channel: Channel, view: str = DEFAULT_VIEW
+    state: ServerState,
+    conn: Connection,
+    factory_id: int,
+    channel: Channel,
+    view: str = DEFAULT_VIEW,
 ) -> dict[str, TargetFile]:
-    with state.db.read() as conn:
-        stored = state.repo.read_file(conn, factory_id, channel, TARGETS, None, view)
+    stored = state.repo.read_file(conn, factory_id, channel, TARGETS, None, view)
     assert stored is not None
     targets: dict[str, TargetFile] = Metadata[Targets].from_bytes(stored.body).signed.targets
     return targets
@@ -113,7 +116,7 @@ async def list_all(request: Request) -> JSONResponse:
     hardware_id = request.query_params.get("hardware_id")
     # Production targets are kept per tag: a tag's view is what its devices are served.
     view = tag_view(tag) if channel == Channel.PROD and tag else DEFAULT_VIEW
-    listed = await threaded(lambda: _listed(state, factory_id, channel, view))
+    listed = await reading(state, lambda conn: _listed(state, conn, factory_id, channel, view))
     found = [
         target_json(t)
         for t in listed.values()
@@ -136,7 +139,7 @@ async def show(request: Request) -> JSONResponse:
         ).first()
         if row is None:
             raise not_found(f"no target named {name!r} was ever published")
-        listed_in = [c for c in Channel if name in _listed(state, factory_id, c)]
+        listed_in = [c for c in Channel if name in _listed(state, conn, factory_id, c)]
         return {
             "name": row.name,
             "version": row.version,

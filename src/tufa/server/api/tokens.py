@@ -51,18 +51,15 @@ async def create(request: Request) -> JSONResponse:
             "field 'expires_in_seconds' must be at most ten years (0 or absent: never expires)"
         )
 
-    def make() -> dict[str, Any]:
+    def make(conn: Connection) -> dict[str, Any]:
         now = state.settings.clock.now()
         expires = now + timedelta(seconds=lifetime) if lifetime else None
         assert admin.factory_id is not None
-        with state.db.write() as conn:
-            token = create_token(
-                conn, admin.factory_id, sorted(set(scopes)), description, now, expires
-            )
-            row = conn.execute(select(tokens).where(tokens.c.id == token.id)).one()
+        token = create_token(conn, admin.factory_id, sorted(set(scopes)), description, now, expires)
+        row = conn.execute(select(tokens).where(tokens.c.id == token.id)).one()
         return {**_token_json(row), "token": token.secret}
 
-    return ok(await threaded(make), status=201)
+    return ok(await writing(state, make), status=201)
 
 
 async def list_all(request: Request) -> JSONResponse:
