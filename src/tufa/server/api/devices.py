@@ -16,6 +16,7 @@ from starlette.routing import Route
 
 from tufa.core import api_paths
 from tufa.core.clock import iso
+from tufa.core.device_events import EVENT_KINDS
 from tufa.core.metadata import Channel
 from tufa.server import credentials, devices
 from tufa.server.api.common import (
@@ -42,15 +43,6 @@ from tufa.server.errors import bad_request
 
 MAX_LABEL = 128
 # Device reports: the limits match the columns of `devices` and `device_events`.
-EVENT_KINDS = (
-    "download-started",
-    "download-finished",
-    "download-failed",
-    "installed",
-    "install-failed",
-    "rolled-back",
-    "check-failed",
-)
 MAX_EVENTS = 100
 MAX_VERSION = 64
 MAX_TARGET = 255
