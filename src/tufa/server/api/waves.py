@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypedDict, TypeVar
 
 from sqlalchemy import Connection
 from starlette.requests import Request
@@ -37,6 +37,18 @@ PREFIX = "/api/v1/factories/{factory}/waves"
 # spacing of JSON as clients send it.
 CREATE_PATH = re.compile(r"^/api/v1/factories/[^/]+/waves$")
 MAX_CREATE_BYTES = 2 * NGCLIENT_TARGETS_MAX_LENGTH
+T = TypeVar("T")
+
+
+class GroupJson(TypedDict):
+    name: str
+    devices: list[str]
+
+
+class ListedGroupJson(TypedDict):
+    name: str
+    created_at: str
+    devices: list[str]
 
 
 async def _allowed(request: Request, scopes: set[Scope]) -> tuple[ServerState, int]:
@@ -49,11 +61,11 @@ async def _allowed(request: Request, scopes: set[Scope]) -> tuple[ServerState, i
 
 async def _in_transaction(
     state: ServerState,
-    step: Callable[[Connection], Any],
+    step: Callable[[Connection], T],
     *,
     write: bool = True,
-) -> Any:
-    def work() -> Any:
+) -> T:
+    def work() -> T:
         with state.db.write() if write else state.db.read() as conn:
             return step(conn)
 
@@ -168,7 +180,7 @@ async def create_group(request: Request) -> JSONResponse:
     if not WAVE_NAME.fullmatch(name):
         raise bad_request("group names are 1-64 letters, digits, '.', '_' or '-'")
 
-    def insert_group(conn: Connection) -> dict[str, Any]:
+    def insert_group(conn: Connection) -> GroupJson:
         devices.create_group(conn, factory_id, name, state.settings.clock.now())
         return {"name": name, "devices": []}
 
@@ -182,7 +194,7 @@ async def add_to_group(request: Request) -> JSONResponse:
     if not wanted:
         raise bad_request("field 'devices' must name at least one device (id or name)")
 
-    def add(conn: Connection) -> dict[str, Any]:
+    def add(conn: Connection) -> GroupJson:
         return {"name": group, "devices": devices.add_to_group(conn, factory_id, group, wanted)}
 
     return ok(await _in_transaction(state, add))
@@ -191,7 +203,7 @@ async def add_to_group(request: Request) -> JSONResponse:
 async def list_groups(request: Request) -> JSONResponse:
     state, factory_id = await _allowed(request, READERS)
 
-    def groups(conn: Connection) -> list[dict[str, Any]]:
+    def groups(conn: Connection) -> list[ListedGroupJson]:
         return [
             {
                 "name": r.name,
