@@ -6,7 +6,7 @@ import dataclasses
 import json
 import logging
 import re
-from typing import Any
+from typing import Any, TypedDict
 
 from sqlalchemy import select
 from starlette.requests import ClientDisconnect, Request
@@ -34,11 +34,39 @@ READERS = {Scope.ADMIN, Scope.CI, Scope.READ}
 BLOB_PATH = re.compile(r"^/api/v1/factories/[^/]+/blobs/[^/]+$")
 
 
+class TargetJson(TypedDict):
+    """A target as a channel's targets metadata lists it."""
+
+    name: str
+    # From the target's custom fields as signed, which only publishing checks.
+    version: object
+    hardware_ids: list[str]
+    tags: list[str]
+    length: int
+    sha256: str | None
+    url: object
+    custom: dict[str, Any]
+
+
+class TargetDetailJson(TypedDict):
+    """A target as the server recorded it when it was published."""
+
+    name: str
+    version: str
+    length: int
+    sha256: str
+    url: str | None
+    custom: dict[str, Any]
+    created_at: str
+    pruned_at: str | None
+    channels: list[Channel]
+
+
 def _result(result: PublishResult) -> dict[str, Any]:
     return dataclasses.asdict(result)
 
 
-def target_json(target: TargetFile) -> dict[str, Any]:
+def target_json(target: TargetFile) -> TargetJson:
     custom = custom_of(target)
     return {
         "name": target.path,
@@ -131,7 +159,7 @@ async def show(request: Request) -> JSONResponse:
     state, factory_id = await factory_caller(request, READERS)
     name = request.path_params["name"]
 
-    def describe() -> dict[str, Any]:
+    def describe() -> TargetDetailJson:
         with state.db.read() as conn:
             row = conn.execute(
                 select(targets_table).where(
