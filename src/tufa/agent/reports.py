@@ -17,6 +17,7 @@ import httpx
 
 from tufa.agent.state import EVENTS_FILE, Release, write_json
 from tufa.core.clock import now_iso
+from tufa.core.device_events import EventKind
 from tufa.core.responses import refusal_of
 
 log = logging.getLogger("tufa.agent")
@@ -30,7 +31,7 @@ class Event(TypedDict):
 
     id: str
     at: str
-    kind: str  # the server's EVENT_KINDS (server/api/devices.py)
+    kind: EventKind
     version: str | None
     target: str | None
     detail: str
@@ -47,7 +48,7 @@ class EventQueue:
             return []
         return found if isinstance(found, list) else []
 
-    def add(self, kind: str, release: Release | None, detail: str = "") -> None:
+    def add(self, kind: EventKind, release: Release | None, detail: str = "") -> None:
         event: Event = {
             "id": uuid.uuid4().hex,
             "at": now_iso(),

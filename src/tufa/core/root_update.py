@@ -13,10 +13,10 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypedDict
 
 from securesystemslib.signer import Key, Signature
-from tuf.api.metadata import Metadata, Root, Targets
+from tuf.api.metadata import Metadata, Root, Targets, VerificationResult
 
 from tufa.core.keys import computed_keyid, is_canonical, public_key_der
 from tufa.core.metadata import (
@@ -41,6 +41,29 @@ class RootUpdateError(ValueError):
 
 # The CI half's key id -> the production half's key id, for every root key of the owner.
 RootKeyPairs = dict[str, str]
+
+
+class RootKeyPairJson(TypedDict):
+    ci: str
+    prod: str
+
+
+class SigningCount(TypedDict):
+    """Signatures of one piece of metadata against the threshold its root sets; the
+    server and the CLI both compute it, so key holders see the server's count."""
+
+    threshold: int
+    signed: list[str]
+    missing: int
+    can_sign: list[str]
+
+
+class RootSigningCount(TypedDict):
+    """A staged root needs the threshold of both the current and the new root."""
+
+    old_root: SigningCount
+    new_root: SigningCount
+
 
 # What a factory created before the channels were separated must do once (ADR 0009).
 SEPARATE_CHANNELS_FIX = (
@@ -294,7 +317,7 @@ class StagedRoots:
         check_staged_roots(current, self.roots, online_keyids, self.pairs, now)
 
 
-def pairs_to_json(pairs: Mapping[str, str]) -> list[dict[str, str]]:
+def pairs_to_json(pairs: Mapping[str, str]) -> list[RootKeyPairJson]:
     return [{"ci": ci, "prod": prod} for ci, prod in sorted(pairs.items())]
 
 
@@ -313,7 +336,7 @@ def pairs_from_json(data: Any) -> RootKeyPairs:
     return pairs
 
 
-def root_signing_status(current: Root, staged: Metadata[Root]) -> tuple[bool, dict[str, Any]]:
+def root_signing_status(current: Root, staged: Metadata[Root]) -> tuple[bool, RootSigningCount]:
     """Who has signed the staged root, and how many more signatures each root needs."""
     result = staged.signed.get_root_verification_result(
         current, staged.signed_bytes, staged.signatures
@@ -326,7 +349,7 @@ def root_signing_status(current: Root, staged: Metadata[Root]) -> tuple[bool, di
 
 def prod_targets_signing_status(
     prod_root: Root, targets: Metadata[Targets], online_keyid: str
-) -> tuple[bool, dict[str, Any]]:
+) -> tuple[bool, SigningCount]:
     """Signing status of re-signed production targets, counting the online signature that
     the server adds when it applies the update."""
     result = prod_root.get_verification_result(TARGETS, targets.signed_bytes, targets.signatures)
@@ -341,7 +364,7 @@ def prod_targets_signing_status(
     }
 
 
-def _describe(result: Any) -> dict[str, Any]:
+def _describe(result: VerificationResult) -> SigningCount:
     return {
         "threshold": result.threshold,
         "signed": sorted(result.signed),

@@ -12,7 +12,7 @@ is told why (replaced, or its device deleted) rather than "unknown token".
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal, TypedDict
 
 from sqlalchemy import Connection, delete, func, insert, select, update
 
@@ -28,10 +28,17 @@ from tufa.server.principals import Principal, authenticate
 from tufa.server.secrets import new_secret, secret_digest
 
 DEVICE_SECRET_PREFIX = "tufad"  # noqa: S105 (a label, not a secret)
-# Why a credential was retired (revoked devices keep their row: `devices.revoked_at`).
-REPLACED = "replaced"  # the device adopted the credential a rotation issued
-SUPERSEDED = "superseded"  # issued by a rotation, never used, replaced by a later rotation
-DELETED = "deleted"  # its device was deleted
+# Why a credential was retired (revoked devices keep their row: `devices.revoked_at`);
+# auth.py words its refusal by these.
+RetireReason = Literal["replaced", "superseded", "deleted"]
+REPLACED: RetireReason = "replaced"  # the device adopted the credential a rotation issued
+SUPERSEDED: RetireReason = "superseded"  # issued by a rotation, never used, then replaced
+DELETED: RetireReason = "deleted"  # its device was deleted
+
+
+class EarlierDevice(TypedDict):
+    id: str
+    deleted_at: datetime
 
 
 def register(
@@ -43,7 +50,9 @@ def register(
     return add_device(conn, factory_id, device, secret_digest(secret), now), secret
 
 
-def _retire(conn: Connection, digest: str, device: Any, reason: str, now: datetime) -> None:
+def _retire(
+    conn: Connection, digest: str, device: Any, reason: RetireReason, now: datetime
+) -> None:
     conn.execute(
         insert(retired_credentials).values(
             secret_sha256=digest,
@@ -135,7 +144,7 @@ def delete_device(
     return device, int(events), groups
 
 
-def earlier_devices(conn: Connection, factory_id: int, name: str) -> list[dict[str, Any]]:
+def earlier_devices(conn: Connection, factory_id: int, name: str) -> list[EarlierDevice]:
     """Deleted devices that had this name: a re-registration is a new device, and says so."""
     rows = conn.execute(
         select(retired_credentials.c.device_id, func.min(retired_credentials.c.retired_at))

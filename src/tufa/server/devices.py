@@ -16,13 +16,14 @@ from typing import Any, TypedDict
 from sqlalchemy import Connection, exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from tufa.core.device_events import EventKind
 from tufa.core.metadata import Channel
 from tufa.server.db import device_events, device_group_members, device_groups, devices
 from tufa.server.exceptions import Conflict, NotFound
 from tufa.server.views import tag_view
 
 # Device report events that say a version did not stay installed.
-FAILED_KINDS = ("install-failed", "rolled-back")
+FAILED_KINDS: tuple[EventKind, ...] = ("install-failed", "rolled-back")
 
 
 class NewDevice(TypedDict):
@@ -45,7 +46,7 @@ class Installed(TypedDict):
 class DeviceEvent(TypedDict):
     id: str
     at: datetime
-    kind: str
+    kind: EventKind
     version: str | None
     target: str | None
     detail: str

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TypedDict
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -51,7 +51,19 @@ def status_of(error: Refused) -> int:
     return next((status for kind, status in _STATUS_OF if isinstance(error, kind)), 400)
 
 
-def error_body(status: int, code: str, message: str) -> dict[str, Any]:
+class ErrorDetail(TypedDict):
+    status: int
+    code: str
+    message: str
+
+
+class ErrorBody(TypedDict):
+    """Every refusal's body, whatever refused: clients read it (tufa.core.responses)."""
+
+    error: ErrorDetail
+
+
+def error_body(status: int, code: str, message: str) -> ErrorBody:
     return {"error": {"status": status, "code": code, "message": message}}
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 from datetime import timedelta
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 from securesystemslib.signer import Signature
 from sqlalchemy import Connection, insert, select, update
@@ -34,8 +34,8 @@ from tufa.server.publishing import refuse_oversized_targets
 from tufa.server.signatures import verify_signature
 from tufa.server.state import ServerState
 from tufa.server.views import tag_view, wave_view
+from tufa.server.wave_shapes import RolloutResult, WaveJson, WaveStatus, WaveSummary
 
-WaveStatus = Literal["active", "complete", "cancelled"]
 ACTIVE: Final = "active"
 COMPLETE: Final = "complete"
 CANCELLED: Final = "cancelled"
@@ -128,7 +128,7 @@ class Waves:
         version: str,
         prune: list[str],
         md: Metadata[Targets],
-    ) -> dict[str, Any]:
+    ) -> WaveJson:
         """Store a wave signed offline, after checking it is exactly what `prepare` builds."""
         self.state.db.lock_channel(conn, factory_id, PROD)
         if not WAVE_NAME.fullmatch(name):
@@ -219,7 +219,7 @@ class Waves:
 
     def add_signatures(
         self, conn: Connection, factory_id: int, name: str, signatures: list[Signature]
-    ) -> dict[str, Any]:
+    ) -> WaveJson:
         self.state.db.lock_channel(conn, factory_id, PROD)
         row = self._row(conn, factory_id, name)
         if row.status != ACTIVE:
@@ -249,7 +249,7 @@ class Waves:
         device_ids: list[str] | None,
         limit: str | None,
         dry_run: bool,
-    ) -> dict[str, Any]:
+    ) -> RolloutResult:
         """Serve the wave to more devices of its tag: a group, a list, a count or a share."""
         self.state.db.lock_channel(conn, factory_id, PROD)
         row = self._row(conn, factory_id, name)
@@ -272,7 +272,7 @@ class Waves:
             if unknown:
                 raise NotFound(f"not production devices of tag {row.tag!r}: {', '.join(unknown)}")
         chosen = candidates[: _limit(limit, len(candidates))]
-        result = {
+        result: RolloutResult = {
             "wave": name,
             "devices": [{"id": d.id, "name": d.name} for d in chosen],
             "dry_run": dry_run,
@@ -292,7 +292,7 @@ class Waves:
         )
         return result
 
-    def complete(self, conn: Connection, factory_id: int, name: str) -> dict[str, Any]:
+    def complete(self, conn: Connection, factory_id: int, name: str) -> WaveJson:
         """Make the wave the production targets of its tag, for every device of the tag."""
         self.state.db.lock_channel(conn, factory_id, PROD)
         row = self._row(conn, factory_id, name)
@@ -311,7 +311,7 @@ class Waves:
         self._finish(conn, factory_id, name, COMPLETE)
         return self.describe(conn, factory_id, name)
 
-    def cancel(self, conn: Connection, factory_id: int, name: str) -> dict[str, Any]:
+    def cancel(self, conn: Connection, factory_id: int, name: str) -> WaveJson:
         self.state.db.lock_channel(conn, factory_id, PROD)
         row = self._row(conn, factory_id, name)
         if row.status != ACTIVE:
@@ -353,12 +353,17 @@ class Waves:
             ).scalars()
         )
 
-    def describe(self, conn: Connection, factory_id: int, name: str) -> dict[str, Any]:
+    def describe(self, conn: Connection, factory_id: int, name: str) -> WaveJson:
         row = self._row(conn, factory_id, name)
         md = Metadata[Targets].from_bytes(row.targets)
+        return {**self._summary(conn, factory_id, row, md), "metadata": md.to_dict()}
+
+    def _summary(
+        self, conn: Connection, factory_id: int, row: Any, md: Metadata[Targets]
+    ) -> WaveSummary:
         # Once complete, the wave's release is what every device of its tag is served, so
         # its install counts cover them all.
-        reached = None if row.status == COMPLETE else wave_view(name)
+        reached = None if row.status == COMPLETE else wave_view(row.name)
         return {
             "name": row.name,
             "tag": row.tag,
@@ -372,18 +377,18 @@ class Waves:
             **devices.release_progress(conn, factory_id, row.tag, row.version, reached),
             "created_at": iso(row.created_at),
             "finished_at": iso(row.finished_at),
-            "metadata": md.to_dict(),
         }
 
-    def list(self, conn: Connection, factory_id: int) -> list[dict[str, Any]]:
+    def list(self, conn: Connection, factory_id: int) -> list[WaveSummary]:
         names = conn.execute(
             select(waves.c.name)
             .where(waves.c.factory_id == factory_id)
             .order_by(waves.c.created_at)
         ).scalars()
+        rows = [self._row(conn, factory_id, n) for n in names]
         return [
-            {k: v for k, v in self.describe(conn, factory_id, n).items() if k != "metadata"}
-            for n in names
+            self._summary(conn, factory_id, r, Metadata[Targets].from_bytes(r.targets))
+            for r in rows
         ]
 
 

@@ -27,7 +27,9 @@ from tufa.core.archive import ArchiveKey, OfflineArchive
 from tufa.core.files import write_private_file
 from tufa.core.metadata import ROOT, TARGETS, Channel
 from tufa.core.root_update import (
+    RootSigningCount,
     RootUpdateError,
+    SigningCount,
     StagedRoots,
     pairs_from_json,
     pairs_to_json,
@@ -46,21 +48,8 @@ class SignaturePayload(TypedDict):
     prod_targets: dict[str, list[dict[str, Any]]]
 
 
-class SigningCount(TypedDict):
-    """Signatures of one piece of metadata against the threshold its root sets."""
-
-    threshold: int
-    signed: list[str]
-    missing: int
-    can_sign: list[str]
-
-
-class RootStatus(TypedDict):
-    """A staged root needs the threshold of both the current and the new root."""
-
+class RootStatus(RootSigningCount):
     complete: bool
-    old_root: SigningCount
-    new_root: SigningCount
 
 
 class TargetsStatus(SigningCount):

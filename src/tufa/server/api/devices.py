@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypedDict
 
 from sqlalchemy import Connection
 from starlette.requests import Request
@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse
 
 from tufa.core import api_paths
 from tufa.core.clock import iso
+from tufa.core.device_events import EVENT_KINDS, EventKind
 from tufa.core.metadata import Channel
 from tufa.server import credentials, devices
 from tufa.server.api.common import caller, factory_caller, ok, reading, resource, threaded, writing
@@ -27,15 +28,6 @@ from tufa.server.state import ServerState
 
 MAX_LABEL = 128
 # Device reports: the limits match the columns of `devices` and `device_events`.
-EVENT_KINDS = (
-    "download-started",
-    "download-finished",
-    "download-failed",
-    "installed",
-    "install-failed",
-    "rolled-back",
-    "check-failed",
-)
 MAX_EVENTS = 100
 MAX_VERSION = 64
 MAX_TARGET = 255
@@ -45,7 +37,60 @@ EVENT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
-def _device_json(row: Any) -> dict[str, Any]:
+class DeviceJson(TypedDict):
+    """A device as every device endpoint shows it."""
+
+    id: str
+    name: str
+    hardware_id: str
+    tag: str
+    channel: Channel
+    created_at: str
+    credential_since: str | None  # always set, but the column is nullable (db.py)
+    credential_rotation_pending: bool
+    revoked_at: str | None
+
+
+class IssuedDeviceJson(DeviceJson):
+    """Registration and rotation: the only answers that carry the secret itself."""
+
+    credential: str
+
+
+class ListedDeviceJson(DeviceJson):
+    installed_version: str | None
+    last_report_at: str | None
+
+
+class EventJson(TypedDict):
+    id: str
+    at: str
+    received_at: str
+    kind: EventKind
+    version: str | None
+    target: str | None
+    detail: str
+
+
+class EarlierDeviceJson(TypedDict):
+    id: str
+    deleted_at: str
+
+
+class DeviceDetailJson(ListedDeviceJson):
+    installed_target: str | None
+    installed_sha256: str | None
+    events: list[EventJson]
+    earlier_devices: list[EarlierDeviceJson]
+
+
+class DeletedDeviceJson(TypedDict):
+    deleted: DeviceJson
+    events_deleted: int
+    groups_left: list[str]
+
+
+def _device_json(row: Any) -> DeviceJson:
     return {
         "id": row.id,
         "name": row.name,
@@ -59,7 +104,7 @@ def _device_json(row: Any) -> dict[str, Any]:
     }
 
 
-def _event_json(row: Any) -> dict[str, Any]:
+def _event_json(row: Any) -> EventJson:
     return {
         "id": row.id,
         "at": iso(row.at),
@@ -89,7 +134,7 @@ async def register(request: Request) -> JSONResponse:
     factory_id = caller_token.factory_id
     assert factory_id is not None
 
-    def insert_device(conn: Connection) -> dict[str, Any]:
+    def insert_device(conn: Connection) -> IssuedDeviceJson:
         row, secret = credentials.register(conn, factory_id, new, state.settings.clock.now())
         return {**_device_json(row), "credential": secret}
 
@@ -99,7 +144,7 @@ async def register(request: Request) -> JSONResponse:
 async def list_all(request: Request) -> JSONResponse:
     state, factory_id = await factory_caller(request, {Scope.ADMIN, Scope.READ})
 
-    def rows(conn: Connection) -> list[dict[str, Any]]:
+    def rows(conn: Connection) -> list[ListedDeviceJson]:
         found = devices.list_devices(conn, factory_id)
         return [
             {
@@ -117,7 +162,7 @@ async def show(request: Request) -> JSONResponse:
     state, factory_id = await factory_caller(request, {Scope.ADMIN, Scope.READ})
     ident = request.path_params["device"]
 
-    def row(conn: Connection) -> dict[str, Any]:
+    def row(conn: Connection) -> DeviceDetailJson:
         found = devices.find_device(conn, factory_id, ident)
         earlier = credentials.earlier_devices(conn, factory_id, found.name)
         events = devices.recent_events(conn, found.id, SHOWN_EVENTS)
@@ -155,7 +200,12 @@ async def remove(request: Request) -> JSONResponse:
     row, events, groups = await writing(
         state, lambda conn: credentials.delete_device(conn, factory_id, ident, now)
     )
-    return ok({"deleted": _device_json(row), "events_deleted": events, "groups_left": groups})
+    deleted: DeletedDeviceJson = {
+        "deleted": _device_json(row),
+        "events_deleted": events,
+        "groups_left": groups,
+    }
+    return ok(deleted)
 
 
 async def credential_show(request: Request) -> JSONResponse:
@@ -163,7 +213,7 @@ async def credential_show(request: Request) -> JSONResponse:
     request with the new credential (this one, say) makes it the only valid one."""
     state, device, secret = await _device_caller(request, "read its credential")
 
-    def row(conn: Connection) -> dict[str, Any]:
+    def row(conn: Connection) -> DeviceJson:
         found = devices.device_row(conn, device.device_id)
         if found is None:
             _refuse_dead(conn, secret, state.settings.clock.now())
@@ -177,7 +227,7 @@ async def credential_rotate(request: Request) -> JSONResponse:
     until the new one is used once; from then on only the new one does (ADR 0011)."""
     state, device, secret = await _device_caller(request, "rotate a credential")
 
-    def apply() -> dict[str, Any]:
+    def apply() -> IssuedDeviceJson:
         now = state.settings.clock.now()
         row, new = credentials.rotate(state.db, device, secret, now)
         return {**_device_json(row), "credential": new}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, TypedDict
+from typing import TypedDict
 
 from sqlalchemy import Connection, select, update
 from starlette.requests import Request
@@ -14,6 +14,7 @@ from tufa.core import api_paths
 from tufa.core.clock import iso
 from tufa.core.metadata import ROOT, SNAPSHOT, TARGETS, TIMESTAMP, Channel
 from tufa.core.root_update import (
+    RootKeyPairJson,
     pairs_to_json,
     root_keys_shared,
     shared_keyids,
@@ -29,6 +30,11 @@ from tufa.server.principals import Scope
 from tufa.server.state import ServerState
 
 READERS = {Scope.ADMIN, Scope.CI, Scope.READ}
+
+
+class ListedFactoryJson(TypedDict):
+    name: str
+    created_at: str
 
 
 async def create(request: Request) -> JSONResponse:
@@ -50,7 +56,7 @@ async def list_all(request: Request) -> JSONResponse:
     state, principal = await caller(request)
     require_operator(principal)
 
-    def names(conn: Connection) -> list[dict[str, Any]]:
+    def names(conn: Connection) -> list[ListedFactoryJson]:
         rows = conn.execute(select(factories).order_by(factories.c.name)).all()
         return [{"name": r.name, "created_at": iso(r.created_at)} for r in rows]
 
@@ -102,7 +108,7 @@ class FactoryStatus(TypedDict):
     # Per channel: its metadata and targets URLs, and the newest file of each role.
     channels: dict[Channel, dict[str, str | FileStatus]]
     online_keys: list[OnlineKey]
-    root_key_pairs: list[dict[str, str]]
+    root_key_pairs: list[RootKeyPairJson]
     channels_share_keys: list[str]
     first_separated_root_version: int | None
     warnings: list[str]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from typing import Any
+from typing import Any, TypedDict
 
 from sqlalchemy import Connection, select
 from starlette.requests import ClientDisconnect, Request
@@ -32,11 +32,39 @@ PUBLISHERS = {Scope.ADMIN, Scope.CI}
 READERS = {Scope.ADMIN, Scope.CI, Scope.READ}
 
 
+class TargetJson(TypedDict):
+    """A target as a channel's targets metadata lists it."""
+
+    name: str
+    # From the target's custom fields as signed, which only publishing checks.
+    version: object
+    hardware_ids: list[str]
+    tags: list[str]
+    length: int
+    sha256: str | None
+    url: object
+    custom: dict[str, Any]
+
+
+class TargetDetailJson(TypedDict):
+    """A target as the server recorded it when it was published."""
+
+    name: str
+    version: str
+    length: int
+    sha256: str
+    url: str | None
+    custom: dict[str, Any]
+    created_at: str
+    pruned_at: str | None
+    channels: list[Channel]
+
+
 def _result(result: PublishResult) -> dict[str, Any]:
     return dataclasses.asdict(result)
 
 
-def target_json(target: TargetFile) -> dict[str, Any]:
+def target_json(target: TargetFile) -> TargetJson:
     custom = custom_of(target)
     return {
         "name": target.path,
@@ -131,7 +159,7 @@ async def show(request: Request) -> JSONResponse:
     state, factory_id = await factory_caller(request, READERS)
     name = request.path_params["name"]
 
-    def describe(conn: Connection) -> dict[str, Any]:
+    def describe(conn: Connection) -> TargetDetailJson:
         row = conn.execute(
             select(targets_table).where(
                 targets_table.c.factory_id == factory_id, targets_table.c.name == name

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypedDict
 
 from sqlalchemy import Connection, select, update
 from starlette.requests import Request
@@ -24,7 +24,28 @@ MAX_TOKEN_LIFETIME = timedelta(days=3650)
 MAX_DESCRIPTION = 200
 
 
-def _token_json(row: Any) -> dict[str, Any]:
+class TokenJson(TypedDict):
+    """A token as listed: never its secret, which only its creation shows."""
+
+    id: str
+    scopes: list[str]
+    description: str
+    created_at: str
+    expires_at: str | None
+    revoked_at: str | None
+
+
+class CreatedTokenJson(TokenJson):
+    token: str
+
+
+class OperatorTokenJson(TypedDict):
+    id: str
+    created_at: str
+    token: str
+
+
+def _token_json(row: Any) -> TokenJson:
     return {
         "id": row.id,
         "scopes": row.scopes.split(","),
@@ -51,7 +72,7 @@ async def create(request: Request) -> JSONResponse:
             "field 'expires_in_seconds' must be at most ten years (0 or absent: never expires)"
         )
 
-    def make(conn: Connection) -> dict[str, Any]:
+    def make(conn: Connection) -> CreatedTokenJson:
         now = state.settings.clock.now()
         expires = now + timedelta(seconds=lifetime) if lifetime else None
         assert admin.factory_id is not None
@@ -65,7 +86,7 @@ async def create(request: Request) -> JSONResponse:
 async def list_all(request: Request) -> JSONResponse:
     state, factory_id = await factory_caller(request, {Scope.ADMIN})
 
-    def rows(conn: Connection) -> list[dict[str, Any]]:
+    def rows(conn: Connection) -> list[TokenJson]:
         found = conn.execute(
             select(tokens)
             .where(tokens.c.factory_id == factory_id)
@@ -80,7 +101,7 @@ async def revoke(request: Request) -> JSONResponse:
     state, factory_id = await factory_caller(request, {Scope.ADMIN})
     token_id = request.path_params["token_id"]
 
-    def apply(conn: Connection) -> dict[str, Any]:
+    def apply(conn: Connection) -> TokenJson:
         where = (tokens.c.id == token_id, tokens.c.factory_id == factory_id)
         row = conn.execute(select(tokens).where(*where)).first()
         if row is None:
@@ -97,7 +118,7 @@ async def rotate_operator(request: Request) -> JSONResponse:
     state, principal = await caller(request)
     require_operator(principal)
 
-    def rotate() -> dict[str, Any]:
+    def rotate() -> OperatorTokenJson:
         with state.db.startup() as conn:
             token = rotate_operator_token(conn, state.settings.clock.now())
             row = conn.execute(select(tokens).where(tokens.c.id == token.id)).one()

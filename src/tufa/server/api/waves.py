@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypedDict
 
 from sqlalchemy import Connection
 from starlette.requests import Request
@@ -26,6 +26,17 @@ READERS = {Scope.ADMIN, Scope.CI, Scope.READ}
 # largest targets file devices accept (larger ones are refused as such), and for the
 # spacing of JSON as clients send it.
 MAX_CREATE_BYTES = 2 * NGCLIENT_TARGETS_MAX_LENGTH
+
+
+class GroupJson(TypedDict):
+    name: str
+    devices: list[str]
+
+
+class ListedGroupJson(TypedDict):
+    name: str
+    created_at: str
+    devices: list[str]
 
 
 def _tag_and_version(data: dict[str, Any]) -> tuple[str, str]:
@@ -127,7 +138,7 @@ async def create_group(request: Request) -> JSONResponse:
     if not WAVE_NAME.fullmatch(name):
         raise bad_request("group names are 1-64 letters, digits, '.', '_' or '-'")
 
-    def insert_group(conn: Connection) -> dict[str, Any]:
+    def insert_group(conn: Connection) -> GroupJson:
         devices.create_group(conn, factory_id, name, state.settings.clock.now())
         return {"name": name, "devices": []}
 
@@ -141,7 +152,7 @@ async def add_to_group(request: Request) -> JSONResponse:
     if not wanted:
         raise bad_request("field 'devices' must name at least one device (id or name)")
 
-    def add(conn: Connection) -> dict[str, Any]:
+    def add(conn: Connection) -> GroupJson:
         return {"name": group, "devices": devices.add_to_group(conn, factory_id, group, wanted)}
 
     return ok(await writing(state, add))
@@ -150,7 +161,7 @@ async def add_to_group(request: Request) -> JSONResponse:
 async def list_groups(request: Request) -> JSONResponse:
     state, factory_id = await factory_caller(request, READERS)
 
-    def groups(conn: Connection) -> list[dict[str, Any]]:
+    def groups(conn: Connection) -> list[ListedGroupJson]:
         return [
             {
                 "name": r.name,

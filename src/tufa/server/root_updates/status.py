@@ -11,7 +11,14 @@ from sqlalchemy import Connection
 
 from tufa.core.clock import iso
 from tufa.core.metadata import TARGETS, Channel
-from tufa.core.root_update import pairs_to_json, prod_targets_signing_status, root_signing_status
+from tufa.core.root_update import (
+    RootKeyPairJson,
+    RootSigningCount,
+    SigningCount,
+    pairs_to_json,
+    prod_targets_signing_status,
+    root_signing_status,
+)
 from tufa.server.online_keys import OnlineKeyids
 from tufa.server.repository import Repository
 from tufa.server.root_updates.checks import next_prod_targets_versions
@@ -22,16 +29,16 @@ MetadataJson = dict[str, Any]
 
 
 class RootKeyPairsStatus(TypedDict):
-    current: list[dict[str, str]]
-    staged: list[dict[str, str]]
+    current: list[RootKeyPairJson]
+    staged: list[RootKeyPairJson]
 
 
 class SigningStatus(TypedDict):
     # Per channel: the old and the new root's threshold, signers and who may still sign.
-    ci: dict[str, Any]
-    prod: dict[str, Any]
+    ci: RootSigningCount
+    prod: RootSigningCount
     # Per view: offline signatures of the re-signed production targets.
-    prod_targets: dict[str, dict[str, Any]]
+    prod_targets: dict[str, SigningCount]
 
 
 class RootUpdateStatus(TypedDict):

@@ -1,0 +1,17 @@
+"""The kinds of event a device reports: the agent sends them and the server accepts
+only these, so both sides name them from this one list."""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+EventKind = Literal[
+    "download-started",
+    "download-finished",
+    "download-failed",
+    "installed",
+    "install-failed",
+    "rolled-back",
+    "check-failed",
+]
+EVENT_KINDS: tuple[EventKind, ...] = get_args(EventKind)
