@@ -6,10 +6,12 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Connection, insert, update
+from sqlalchemy import Connection, Row, insert, select, update
 
 from tufa.server.db import tokens
+from tufa.server.exceptions import NotFound
 from tufa.server.principals import OPERATOR_SCOPE
 from tufa.server.secrets import new_secret, secret_digest
 
@@ -60,3 +62,29 @@ def rotate_operator_token(conn: Connection, now: datetime) -> NewToken:
         .values(revoked_at=now)
     )
     return create_operator_token(conn, now, None)
+
+
+def token_row(conn: Connection, token_id: str) -> Row[Any]:
+    return conn.execute(select(tokens).where(tokens.c.id == token_id)).one()
+
+
+def factory_tokens(conn: Connection, factory_id: int) -> list[Row[Any]]:
+    """The factory's tokens, oldest first (revoked and expired ones too)."""
+    return list(
+        conn.execute(
+            select(tokens)
+            .where(tokens.c.factory_id == factory_id)
+            .order_by(tokens.c.created_at, tokens.c.id)
+        ).all()
+    )
+
+
+def revoke_token(conn: Connection, factory_id: int, token_id: str, now: datetime) -> Row[Any]:
+    """Refuse the token from now on, on every replica; revoking it again changes nothing."""
+    where = (tokens.c.id == token_id, tokens.c.factory_id == factory_id)
+    row = conn.execute(select(tokens).where(*where)).first()
+    if row is None:
+        raise NotFound(f"no token {token_id!r} in this factory")
+    if row.revoked_at is None:
+        conn.execute(update(tokens).where(*where).values(revoked_at=now))
+    return conn.execute(select(tokens).where(*where)).one()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any, TypedDict
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -15,10 +15,15 @@ from tufa.core.clock import iso
 from tufa.server.api.common import caller, factory_caller, ok, reading, resource, threaded, writing
 from tufa.server.api.fields import field, json_object, text_field
 from tufa.server.auth import require_factory, require_operator
-from tufa.server.db import tokens
-from tufa.server.errors import bad_request, not_found
+from tufa.server.errors import bad_request
 from tufa.server.principals import Scope
-from tufa.server.tokens import create_token, rotate_operator_token
+from tufa.server.tokens import (
+    create_token,
+    factory_tokens,
+    revoke_token,
+    rotate_operator_token,
+    token_row,
+)
 
 MAX_TOKEN_LIFETIME = timedelta(days=3650)
 MAX_DESCRIPTION = 200
@@ -77,8 +82,7 @@ async def create(request: Request) -> JSONResponse:
         expires = now + timedelta(seconds=lifetime) if lifetime else None
         assert admin.factory_id is not None
         token = create_token(conn, admin.factory_id, sorted(set(scopes)), description, now, expires)
-        row = conn.execute(select(tokens).where(tokens.c.id == token.id)).one()
-        return {**_token_json(row), "token": token.secret}
+        return {**_token_json(token_row(conn, token.id)), "token": token.secret}
 
     return ok(await writing(state, make), status=201)
 
@@ -87,12 +91,7 @@ async def list_all(request: Request) -> JSONResponse:
     state, factory_id = await factory_caller(request, {Scope.ADMIN})
 
     def rows(conn: Connection) -> list[TokenJson]:
-        found = conn.execute(
-            select(tokens)
-            .where(tokens.c.factory_id == factory_id)
-            .order_by(tokens.c.created_at, tokens.c.id)
-        ).all()
-        return [_token_json(r) for r in found]
+        return [_token_json(r) for r in factory_tokens(conn, factory_id)]
 
     return ok(await reading(state, rows))
 
@@ -102,13 +101,8 @@ async def revoke(request: Request) -> JSONResponse:
     token_id = request.path_params["token_id"]
 
     def apply(conn: Connection) -> TokenJson:
-        where = (tokens.c.id == token_id, tokens.c.factory_id == factory_id)
-        row = conn.execute(select(tokens).where(*where)).first()
-        if row is None:
-            raise not_found(f"no token {token_id!r} in this factory")
-        if row.revoked_at is None:
-            conn.execute(update(tokens).where(*where).values(revoked_at=state.settings.clock.now()))
-        return _token_json(conn.execute(select(tokens).where(*where)).one())
+        now = state.settings.clock.now()
+        return _token_json(revoke_token(conn, factory_id, token_id, now))
 
     return ok(await writing(state, apply))
 
@@ -121,7 +115,7 @@ async def rotate_operator(request: Request) -> JSONResponse:
     def rotate() -> OperatorTokenJson:
         with state.db.startup() as conn:
             token = rotate_operator_token(conn, state.settings.clock.now())
-            row = conn.execute(select(tokens).where(tokens.c.id == token.id)).one()
+            row = token_row(conn, token.id)
         return {"id": row.id, "created_at": iso(row.created_at), "token": token.secret}
 
     return ok(await threaded(rotate), status=201)
