@@ -8,6 +8,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from tufa.server.exceptions import (
+    ArchiveGone,
     Conflict,
     InvalidInput,
     NotAuthenticated,
@@ -43,6 +44,7 @@ _STATUS_OF: tuple[tuple[type[Refused], int], ...] = (
     (NotAuthenticated, 401),
     (NotFound, 404),
     (Conflict, 409),
+    (ArchiveGone, 410),
     (TooLarge, 413),
 )
 

@@ -55,6 +55,12 @@ class TargetsTooLarge(Conflict):
     code = "targets_too_large"
 
 
+class ArchiveGone(Refused):
+    """The one-time offline keys archive was downloaded and deleted: no copy is left."""
+
+    code = "archive_gone"
+
+
 class TooLarge(Refused):
     """An upload larger than the server stores."""
 
