@@ -170,6 +170,12 @@ def send(
     return http().request(method, f"{server.url}{path}", headers=headers, **kwargs)
 
 
+def damaged(data: bytes) -> bytes:
+    """`data` with its last byte changed: never equal to `data` (replacing the last byte
+    with a fixed one would leave random data intact once in 256 runs)."""
+    return data[:-1] + bytes([data[-1] ^ 1])
+
+
 def assert_error(response: httpx.Response, status: int, code: str, message: str = "") -> None:
     """`response` is the API's JSON error {"error": {status, code, message}} naming `message`."""
     assert response.status_code == status, (

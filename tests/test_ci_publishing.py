@@ -38,6 +38,7 @@ from tests.helpers import (
     blob_files,
     cli_env,
     create_factory,
+    damaged,
     dump_all_tables,
     run_cli,
     send,
@@ -537,7 +538,7 @@ def test_bad_uploads_store_nothing(bad_input_factory: Factory) -> None:
     blob_path = factory.path(f"/blobs/{digest}")
 
     # Bytes that do not hash to the declared SHA-256.
-    wrong = send(server, "PUT", blob_path, token, content=data[:-1] + b"!")
+    wrong = send(server, "PUT", blob_path, token, content=damaged(data))
     assert_error(wrong, 400, "bad_request", digest)
     _nothing_stored_for(server, digest)
 
