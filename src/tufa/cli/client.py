@@ -21,6 +21,7 @@ import tufa
 from tufa.core import api_paths
 from tufa.core.files import write_private_file
 from tufa.core.http import api_client
+from tufa.core.metadata import Channel
 from tufa.core.responses import Refusal, refusal_of
 
 
@@ -79,6 +80,10 @@ class Api:
     def path(self, template: str, **fields: str) -> str:
         """An `api_paths` template filled in for this factory."""
         return api_paths.path(template, self.factory, **fields)
+
+    def root_path(self, channel: Channel) -> str:
+        """Where the channel's newest root is served."""
+        return self.path(api_paths.METADATA_FILE, channel=channel, filename="root.json")
 
     def url(self, path: str) -> str:
         return path if path.startswith(("http://", "https://")) else f"{self.server}{path}"

@@ -33,9 +33,7 @@ def _on_named_wave(command: Callable[..., None]) -> click.Command:
 
 def _sign_with(api: Api, archive: OfflineArchive, md: Metadata[Targets]) -> list[str]:
     """Sign `md` with the archive's offline targets keys that production trusts."""
-    prod_root = api.get_json(
-        api.path(api_paths.METADATA_FILE, channel=Channel.PROD, filename="root.json")
-    )["signed"]
+    prod_root = api.get_json(api.root_path(Channel.PROD))["signed"]
     online = {k["keyid"] for k in api.get_json(api.path(api_paths.FACTORY))["online_keys"]}
     trusted = set(prod_root["roles"][TARGETS]["keyids"]) - online
     used = []

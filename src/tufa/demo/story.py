@@ -306,7 +306,7 @@ def _recorded_ci_channel(story: _Story) -> FileServer:
         name = f"{targets['version']}.targets.json"
         files[name] = ci_file(name).content
     prod_base = api_paths.metadata_base("demo", Channel.PROD)
-    return FileServer({prod_base + name: body for name, body in files.items()})
+    return FileServer({prod_base + filename: body for filename, body in files.items()})
 
 
 @click.command()

@@ -29,7 +29,7 @@ from tufa.server.secrets import new_secret, secret_digest
 
 DEVICE_SECRET_PREFIX = "tufad"  # noqa: S105 (a label, not a secret)
 # Why a credential was retired (revoked devices keep their row: `devices.revoked_at`);
-# auth.py words its refusal by these.
+# principals.py words its refusal by these.
 RetireReason = Literal["replaced", "superseded", "deleted"]
 REPLACED: RetireReason = "replaced"  # the device adopted the credential a rotation issued
 SUPERSEDED: RetireReason = "superseded"  # issued by a rotation, never used, then replaced

@@ -380,12 +380,9 @@ class Waves:
         }
 
     def list(self, conn: Connection, factory_id: int) -> list[WaveSummary]:
-        names = conn.execute(
-            select(waves.c.name)
-            .where(waves.c.factory_id == factory_id)
-            .order_by(waves.c.created_at)
-        ).scalars()
-        rows = [self._row(conn, factory_id, n) for n in names]
+        rows = conn.execute(
+            select(waves).where(waves.c.factory_id == factory_id).order_by(waves.c.created_at)
+        ).all()
         return [
             self._summary(conn, factory_id, r, Metadata[Targets].from_bytes(r.targets))
             for r in rows

@@ -16,7 +16,6 @@ from typing import Any
 import click
 
 from tufa.cli.client import Api
-from tufa.core import api_paths
 from tufa.core.archive import ArchiveError, ArchiveKey, OfflineArchive
 from tufa.core.files import write_private_file
 from tufa.core.keys import KeyType
@@ -62,9 +61,7 @@ def store_served_roots(api: Api, archive: OfflineArchive) -> None:
     """Put the roots the server serves now into `archive` (the caller saves it), so the
     archive documents what its keys govern."""
     for channel in Channel:
-        archive.roots[channel] = api.request(
-            "GET", api.path(api_paths.METADATA_FILE, channel=channel, filename="root.json")
-        ).content
+        archive.roots[channel] = api.request("GET", api.root_path(channel)).content
 
 
 def halves_json(key: ArchiveKey) -> dict[Channel, str]:

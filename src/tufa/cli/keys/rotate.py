@@ -72,9 +72,7 @@ def _finish(
 
 def _current_root(api: Api, archive: Path, held: OfflineArchive) -> dict[str, Any]:
     """The served CI root, if `held` holds one of its root keys (both commands need one)."""
-    current: dict[str, Any] = api.get_json(
-        api.path(api_paths.METADATA_FILE, channel=Channel.CI, filename="root.json")
-    )
+    current: dict[str, Any] = api.get_json(api.root_path(Channel.CI))
     trusted = current["signed"]["roles"][ROOT]["keyids"]
     if not any(k.ci.keyid in trusted for k in held.keys_for(ROOT)):
         raise click.ClickException(

@@ -36,9 +36,7 @@ def show_root(api: Api, prod: bool, archive: Path | None, as_json: bool) -> None
       tufa keys show-root --json | jq '.signed.roles.root.keyids[0]'
     """
     channel = Channel.PROD if prod else Channel.CI
-    served = api.request(
-        "GET", api.path(api_paths.METADATA_FILE, channel=channel, filename="root.json")
-    )
+    served = api.request("GET", api.root_path(channel))
     root = served.json()
     factory = api.get_json(api.path(api_paths.FACTORY))
     expires = datetime.fromisoformat(root["signed"]["expires"].replace("Z", "+00:00"))
