@@ -266,9 +266,14 @@ def dump_all_tables(server: Server) -> dict[str, list[tuple[Any, ...]]]:
     return dump
 
 
+# The CI view that the devices `Factory.register_device` registers are served.
+CI_VIEW_QUERY = "?hardware_id=rpi4&tag=main"
+
+
 def served_metadata(factory: Factory, channel: str) -> dict[str, bytes]:
     """The bytes a client gets now: root.json, timestamp.json and, through them, the
-    snapshot and targets versions the timestamp names (consistent snapshots)."""
+    snapshot and targets versions the timestamp names (consistent snapshots). On CI, what
+    a device of hardware id rpi4 and tag main is served."""
 
     def get(filename: str) -> bytes:
         path = factory.path(f"/repo/{channel}/metadata/{filename}")
@@ -276,7 +281,7 @@ def served_metadata(factory: Factory, channel: str) -> dict[str, bytes]:
         assert response.status_code == 200, f"{filename}: {response.text}"
         return response.content
 
-    timestamp = get("timestamp.json")
+    timestamp = get("timestamp.json" + (CI_VIEW_QUERY if channel == "ci" else ""))
     snapshot_version = json.loads(timestamp)["signed"]["meta"]["snapshot.json"]["version"]
     snapshot = get(f"{snapshot_version}.snapshot.json")
     targets_version = json.loads(snapshot)["signed"]["meta"]["targets.json"]["version"]

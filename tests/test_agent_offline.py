@@ -403,17 +403,23 @@ def test_tuf_commands_against_the_tufa_server(factory: Factory, tmp_path: Path) 
     out = tuf_ok("refresh", "--metadata-url", url, "--metadata-dir", str(trust), "--token", token)
     assert out.startswith("Trusted: root v1, timestamp v")
     files = tmp_path / "files"
+    # A token reads the default view, which lists nothing; --view names a device's view.
+    tuf_fails(
+        "download", "--metadata-url", url, "--metadata-dir", str(trust),
+        "--target-base-url", targets_url, "--target-dir", str(files), "--token", token,
+        image_name("42"), says=f"{image_name('42')} is not a target",
+    )  # fmt: skip
     out = tuf_ok(
         "download", "--metadata-url", url, "--metadata-dir", str(trust),
         "--target-base-url", targets_url, "--target-dir", str(files), "--token", token,
-        image_name("42"),
+        "--view", "rpi4/main", image_name("42"),
     )  # fmt: skip
     assert out == f"{image_name('42')}: {files / image_name('42')}\n"
     assert (files / image_name("42")).read_bytes() == data
     tuf_fails(
         "download", "--metadata-url", url, "--metadata-dir", str(trust),
         "--target-base-url", targets_url, "--target-dir", str(files), "--token", token,
-        "no-such-image", says="no-such-image is not a target",
+        "--view", "rpi4/main", "no-such-image", says="no-such-image is not a target",
     )  # fmt: skip
 
     # The production root does not lead to the CI channel: its targets need two keys.

@@ -32,6 +32,7 @@ from tuf.api import exceptions
 from tuf.api.metadata import Metadata, Snapshot, Targets, Timestamp
 
 from tests.helpers import (
+    CI_VIEW_QUERY,
     Factory,
     Server,
     assert_error,
@@ -245,7 +246,7 @@ def test_external_target_is_described_not_served(factory: Factory, tmp_path: Pat
         updater.download_target(info)
 
 
-def test_batch_publishes_many_targets_in_one_version(factory: Factory, tmp_path: Path) -> None:
+def test_batch_publishes_one_version_per_view_it_changes(factory: Factory, tmp_path: Path) -> None:
     env = ci_env(factory, tmp_path)
     before = Metadata[Snapshot].from_bytes(served_metadata(factory, "ci")["snapshot"]).signed
     files: dict[str, bytes] = {}
@@ -281,7 +282,8 @@ def test_batch_publishes_many_targets_in_one_version(factory: Factory, tmp_path:
     result = cli_json("targets", "add", "--batch", str(batch), env=env)
     names = [*files, "docs-1"]
     assert sorted(result["added"]) == sorted(names)
-    assert result["targets_version"] == 2
+    # Two views changed (hardware ids rpi4 and rpi5 of tag main): one version each.
+    assert result["targets_version"] == 3
 
     served = served_metadata(factory, "ci")
     targets = Metadata[Targets].from_bytes(served["targets"]).signed
@@ -291,16 +293,17 @@ def test_batch_publishes_many_targets_in_one_version(factory: Factory, tmp_path:
     for name, data in files.items():
         assert targets.targets[name].hashes == {"sha256": sha256(data)}
         assert targets.targets[name].custom["hardwareIds"] == ["rpi4", "rpi5"]
-    # One publish: one new targets version, one new snapshot naming it.
+    # One publish: one new targets version per view, one new snapshot naming it.
     assert snapshot.version == before.version + 1
     assert snapshot.meta["targets.json"].version == 2
-    missing = send(
-        factory.server,
-        "GET",
-        factory.path("/repo/ci/metadata/3.targets.json"),
-        factory.admin_token,
-    )
-    assert missing.status_code == 404
+
+    def served_version(version: int) -> httpx.Response:
+        path = factory.path(f"/repo/ci/metadata/{version}.targets.json")
+        return send(factory.server, "GET", path, factory.admin_token)
+
+    rpi5 = Metadata[Targets].from_bytes(served_version(3).content).signed
+    assert sorted(rpi5.targets) == sorted(files)  # docs-1 is for rpi4 only
+    assert served_version(4).status_code == 404
 
 
 # --- Re-publishing: identical is a no-op, different is refused ---------------------
@@ -441,6 +444,11 @@ BAD_TARGETS = [
         "hardware-ids-too-many",
         [VALID | {"hardware_ids": [f"hw{i}" for i in range(65)]}],
         "1 to 64 labels",
+    ),
+    BadTarget(
+        "too-many-views",
+        [VALID | {"hardware_ids": ["rpi4", "rpi5"], "tags": [f"t{i}" for i in range(33)]}],
+        "at most 64 pairs (it has 2 x 33)",
     ),
     BadTarget("tags-too-many", [VALID | {"tags": [f"t{i}" for i in range(65)]}], "'tags'"),
     BadTarget("tags-label-too-long", [VALID | {"tags": ["t" * 129]}], "'tags'"),
@@ -669,22 +677,23 @@ def test_prune_keeps_newest_per_hardware_id_and_tag(factory: Factory, tmp_path: 
             files[name] = secrets.token_bytes(2000 + v)
             upload(factory, files[name])
             items.append(target(name, files[name], version=str(v), tags=(tag,)))
-    assert publish(factory, *items)["targets_version"] == 2
+    # Views rpi4/beta (version 2) and rpi4/main (version 3).
+    assert publish(factory, *items)["targets_version"] == 3
 
     device = factory.register_device("ci")["credential"]
     metadata_dir, target_dir = tmp_path / "md", tmp_path / "t"
     updater = target_updater(factory, "ci", device, metadata_dir, target_dir)
     updater.refresh()
-    assert len(updater._trusted_set.targets.targets) == 7
+    assert len(updater._trusted_set.targets.targets) == 5  # its own view: rpi4/main
 
     result = cli_json("targets", "prune", "--keep", "2", env=env)
     assert result["removed"] == ["fw-main-1", "fw-main-2", "fw-main-3"]
-    assert result["targets_version"] == 3
+    assert result["targets_version"] == 4  # only the view that changed: rpi4/main
     listed = cli_json("targets", "list", env=env)
     assert sorted(t["name"] for t in listed) == ["fw-beta-1", "fw-beta-2", "fw-main-4", "fw-main-5"]
     main = cli_json("targets", "list", "--tag", "main", "--hardware-id", "rpi4", env=env)
     assert [t["name"] for t in main] == ["fw-main-4", "fw-main-5"]
-    assert sorted(served_targets(factory).targets) == sorted(t["name"] for t in listed)
+    assert sorted(served_targets(factory).targets) == ["fw-main-4", "fw-main-5"]
 
     # The inventory remembers pruned targets...
     shown = cli_json("targets", "show", "fw-main-1", env=env)
@@ -704,7 +713,7 @@ def test_prune_keeps_newest_per_hardware_id_and_tag(factory: Factory, tmp_path: 
     # Devices move on: the same trusted metadata dir refreshes onto the pruned targets.
     updater = target_updater(factory, "ci", device, metadata_dir, target_dir)
     updater.refresh()
-    assert updater._trusted_set.targets.version == 3
+    assert updater._trusted_set.targets.version == 4
     assert updater.get_targetinfo("fw-main-1") is None
     newest = updater.get_targetinfo("fw-main-5")
     assert newest is not None
@@ -712,8 +721,8 @@ def test_prune_keeps_newest_per_hardware_id_and_tag(factory: Factory, tmp_path: 
 
     # Pruning again finds nothing: no new version.
     again = cli_json("targets", "prune", "--keep", "2", env=env)
-    assert again == {"added": [], "unchanged": [], "removed": [], "targets_version": 3}
-    assert served_targets(factory).version == 3
+    assert again == {"added": [], "unchanged": [], "removed": [], "targets_version": 4}
+    assert served_targets(factory).version == 4
 
     # keep < 1 is refused, by the CLI and by the API, changing nothing.
     state = dump_all_tables(factory.server)
@@ -726,7 +735,7 @@ def test_prune_keeps_newest_per_hardware_id_and_tag(factory: Factory, tmp_path: 
     # Re-adding a pruned target, identical, lists it again in a new version.
     restored = publish(factory, items[0])
     assert restored["added"] == ["fw-main-1"]
-    assert restored["targets_version"] == 4
+    assert restored["targets_version"] == 5
     assert "fw-main-1" in served_targets(factory).targets
 
 
@@ -843,7 +852,7 @@ def _read_chain(client: httpx.Client, factory: Factory) -> tuple[int, int, int] 
     """Follow timestamp -> snapshot -> targets once; a string says what went wrong."""
     headers = {"Authorization": f"Bearer {factory.admin_token}"}
     base = f"{factory.server.url}{factory.path('/repo/ci/metadata/')}"
-    response = client.get(f"{base}timestamp.json", headers=headers)
+    response = client.get(f"{base}timestamp.json{CI_VIEW_QUERY}", headers=headers)
     if response.status_code != 200:
         return f"timestamp.json: {response.status_code} {response.text}"
     timestamp = Metadata[Timestamp].from_bytes(response.content).signed

@@ -54,6 +54,8 @@ from tufa.core.bundle import (
 from tufa.core.metadata import TARGETS, TIMESTAMP
 
 HARDWARE_IDS = ("rpi4", "imx8")
+# CI devices of each hardware id are served their own view: a CI bundle is for one.
+RPI4 = ("--hardware-id", "rpi4")
 TIMESTAMP_PATH = "/repo/prod/metadata/timestamp.json"
 
 
@@ -153,6 +155,11 @@ def refused(env: dict[str, str], directory: Path, *args: str, says: str) -> str:
     return done.stderr
 
 
+def rpi4_only(files: dict[str, bytes]) -> dict[str, bytes]:
+    """What a CI bundle for hardware id rpi4 holds of a build's files."""
+    return {name: data for name, data in files.items() if not name.startswith("imx8")}
+
+
 def partial_of(directory: Path) -> Path:
     return directory.with_name(f"{directory.name}.partial")
 
@@ -227,12 +234,18 @@ def test_ci_bundle_is_what_ci_devices_are_served_and_verifies_from_the_ci_root(
         publish_build(factory, "7", tag="beta")  # the same build number of another tag
         bundle = tmp_path / "usb" / "update-7"
         bundle.mkdir(parents=True)  # an empty directory will do
-        manifest = write_bundle(read_env(factory, tmp_path), "main", "7", str(bundle))
+        manifest = write_bundle(read_env(factory, tmp_path), "main", "7", str(bundle), *RPI4)
+        # Without --hardware-id, a build for two hardware ids is refused, naming them.
+        both = offline_update(read_env(factory, tmp_path), "main", "7", str(tmp_path / "x"))
+        assert both.returncode == 2
+        assert "hardware ids imx8, rpi4" in both.stderr
+        assert "--hardware-id" in both.stderr
     # The external target came from its URL, and the token stayed with the tufa server.
     assert cdn.authorizations == [None]
 
     assert manifest == read_manifest(bundle)
     assert (manifest.format, manifest.factory, manifest.channel) == (1, factory.name, "ci")
+    files = rpi4_only(files)
     assert (manifest.tag, manifest.version, manifest.targets) == ("main", "7", tuple(sorted(files)))
     raw = json.loads((bundle / "bundle.json").read_text())
     assert set(raw) == {"format", "factory", "channel", "tag", "version", "created_at", "targets"}
@@ -316,7 +329,7 @@ def test_prod_bundle_of_a_version_not_released_to_the_tag_is_refused(
     assert not bundle.exists()
     # Not a production build at all, and not a build of the CI channel either.
     refused(owner.env, bundle, "main", "4", str(bundle), "--prod", says="(released: 5)")
-    message = refused(owner.env, bundle, "main", "9", str(bundle), says="version 9")
+    message = refused(owner.env, bundle, "main", "9", str(bundle), *RPI4, says="version 9")
     assert "the CI channel has no target of tag main" in message
     assert "(it has versions 5, 6)" in message
     assert not bundle.exists()
@@ -335,20 +348,20 @@ def test_a_bundle_is_only_written_to_a_new_or_empty_directory(
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine\n")
-    refused(env, busy, "main", "3", str(busy), says="exists and is not empty")
+    refused(env, busy, "main", "3", str(busy), *RPI4, says="exists and is not empty")
     assert [p.name for p in busy.iterdir()] == ["notes.txt"]
     assert (busy / "notes.txt").read_text() == "mine\n"
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
-    refused(env, a_file, "main", "3", str(a_file), says="is not a directory")
+    refused(env, a_file, "main", "3", str(a_file), *RPI4, says="is not a directory")
 
     # What a cut run left is never part of the next bundle.
     bundle = tmp_path / "bundle"
     partial_of(bundle).mkdir()
     (partial_of(bundle) / "stale").write_text("from a cut run\n")
-    write_bundle(env, "main", "3", str(bundle), "--quiet")
+    write_bundle(env, "main", "3", str(bundle), "--quiet", *RPI4)
     assert not partial_of(bundle).exists()
-    assert {p.name: p.read_bytes() for p in (bundle / "targets").iterdir()} == files
+    assert {p.name: p.read_bytes() for p in (bundle / "targets").iterdir()} == rpi4_only(files)
     assert not (bundle / "stale").exists()
 
 
@@ -363,9 +376,11 @@ def test_a_file_that_is_not_the_published_one_is_never_written(
         app.write_bytes(bytes(data))
         bundle = tmp_path / "bundle"
         env = cli_env(factory, tmp_path / "config.json")
-        refused(env, bundle, "main", "3", str(bundle), says="does not match its signed length")
+        refused(
+            env, bundle, "main", "3", str(bundle), *RPI4, says="does not match its signed length"
+        )
         app.write_bytes(bytes(data) + b"more")
-        refused(env, bundle, "main", "3", str(bundle), says="sends more than the")
+        refused(env, bundle, "main", "3", str(bundle), *RPI4, says="sends more than the")
     assert not bundle.exists()
 
 
@@ -375,7 +390,9 @@ def test_a_file_that_is_not_the_published_one_is_never_written(
 def test_a_tampered_bundle_is_refused_by_ngclient(factory: Factory, tmp_path: Path) -> None:
     publish_build(factory, "3")
     bundle = tmp_path / "bundle"
-    manifest = write_bundle(cli_env(factory, tmp_path / "config.json"), "main", "3", str(bundle))
+    manifest = write_bundle(
+        cli_env(factory, tmp_path / "config.json"), "main", "3", str(bundle), *RPI4
+    )
     root_v1 = factory.root_v1("ci")
     name = manifest.targets[0]
 
@@ -419,7 +436,9 @@ def test_a_tampered_bundle_is_refused_by_ngclient(factory: Factory, tmp_path: Pa
 def test_read_manifest_names_the_problem_and_the_fix(factory: Factory, tmp_path: Path) -> None:
     publish_build(factory, "3")
     bundle = tmp_path / "bundle"
-    manifest = write_bundle(cli_env(factory, tmp_path / "config.json"), "main", "3", str(bundle))
+    manifest = write_bundle(
+        cli_env(factory, tmp_path / "config.json"), "main", "3", str(bundle), *RPI4
+    )
     assert BundleManifest.from_json(manifest.to_json()) == manifest
 
     with pytest.raises(BundleError, match="not a directory"):
@@ -483,14 +502,14 @@ def test_a_bundle_carries_the_root_chain_and_verifies_from_root_1(
     owner.tufa("keys", "rotate-root", str(owner.archive))
     files = publish_build(factory, "3")
     bundle = tmp_path / "bundle"
-    write_bundle(owner.env, "main", "3", str(bundle))
+    write_bundle(owner.env, "main", "3", str(bundle), *RPI4)
 
     root_v2 = get_metadata(factory, "/repo/ci/metadata/2.root.json", factory.admin_token)
     assert_bundle_of(bundle, served_metadata(factory, "ci"), [root_v1, root_v2])
     updater = bundle_updater(bundle, tmp_path / "device", root_v1)
     updater.refresh()
     assert updater._trusted_set.root == Metadata[Root].from_bytes(root_v2).signed
-    assert install(bundle, tmp_path / "device-2", root_v1) == files
+    assert install(bundle, tmp_path / "device-2", root_v1) == rpi4_only(files)
 
 
 # -- the read path's ?tag= -----------------------------------------------------------------
@@ -519,16 +538,17 @@ def test_timestamp_of_a_tag_for_token_holders_only(factory: Factory, tmp_path: P
     main.poll()
     beta.poll()
 
-    # CI devices of every tag are served one view; versioned files name one file.
-    ci = "/repo/ci/metadata/timestamp.json"
-    assert get_metadata(factory, f"{ci}?tag=main", admin) == get_metadata(factory, ci, admin)
+    # CI views are per hardware id and tag: a tag alone names none. Versioned files name
+    # one file in every view.
+    ci = factory.path("/repo/ci/metadata/timestamp.json?tag=main")
+    assert_error(send(factory.server, "GET", ci, admin), 400, "bad_request", "?hardware_id=")
     root = "/repo/prod/metadata/1.root.json"
     assert get_metadata(factory, f"{root}?tag=main", admin) == factory.root_v1("prod")
 
     response = send(factory.server, "GET", factory.path(f"{TIMESTAMP_PATH}?tag=main"), admin)
     assert response.headers["cache-control"].startswith("private")
     bad = send(factory.server, "GET", factory.path(f"{TIMESTAMP_PATH}?tag=no%20such"), admin)
-    assert_error(bad, 400, "bad_request", "is not a tag")
+    assert_error(bad, 400, "bad_request", "is not a label")
 
     # Anonymous readers get the default view and no tag's.
     assert factory.request("PATCH", json={"anonymous_read": True}).status_code == 200

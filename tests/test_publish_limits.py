@@ -76,15 +76,16 @@ def label(n: int, prefix: str) -> str:
     return f"{prefix}{n:03d}".ljust(128, "x")
 
 
-def fattest(prefix: str, i: int, version: str = "1") -> dict[str, Any]:
-    """An external target as large as a publish allows: every field at its limit."""
+def fattest(prefix: str, i: int, version: str = "1", *, tags: int = 1) -> dict[str, Any]:
+    """An external target as large as a publish allows: every field at its limit, with
+    one hardware id and `tags` tags (each pair is a view the target is signed into)."""
     name = f"{prefix}-{i:05d}-".ljust(255, "n")
     notes = "n" * (MAX_CUSTOM_BYTES - len('{"notes":""}'))
     return {
         "name": name,
         "version": version,
-        "hardware_ids": [HARDWARE_ID, *(label(k, "hw") for k in range(MAX_LABELS - 1))],
-        "tags": [TAG, *(label(k, "tag") for k in range(MAX_LABELS - 1))],
+        "hardware_ids": [HARDWARE_ID],
+        "tags": [TAG, *(label(k, "tag") for k in range(tags - 1))],
         "url": "https://cdn.example.com/".ljust(MAX_URL_LENGTH, "u"),
         "sha256": sha256(name.encode()),
         "length": 1,
@@ -106,9 +107,12 @@ def nested(levels: int) -> dict[str, Any]:
 def test_a_target_at_every_limit_is_published_and_reaches_devices(
     factory: Factory, tmp_path: Path
 ) -> None:
-    at_limits = fattest("edge", 1) | {"custom": nested(MAX_CUSTOM_DEPTH)}
+    at_limits = fattest("edge", 1, tags=MAX_LABELS) | {"custom": nested(MAX_CUSTOM_DEPTH)}
     assert len(json.dumps(fattest("edge", 1)["custom"], separators=(",", ":"))) == 4096
-    for item in (fattest("edge", 0), at_limits):
+    many_hardware = fattest("edge", 2) | {
+        "hardware_ids": [HARDWARE_ID, *(label(k, "hw") for k in range(MAX_LABELS - 1))]
+    }
+    for item in (fattest("edge", 0, tags=MAX_LABELS), at_limits, many_hardware):
         added = post(factory, "/targets", {"targets": [item]}, factory.admin_token)
         assert added.status_code == 201, added.text
     device = factory.register_device("ci")["credential"]
@@ -139,15 +143,20 @@ def test_a_ci_token_cannot_make_the_ci_targets_too_large_for_devices(
     numbers = iter(range(100_000))
     # Fill the CI targets with the fattest targets allowed, as many per publish as one
     # request body holds, then fewer and fewer, until not even one more fits.
-    batch, refusal = 40, None
-    for _publish in range(30):  # the limit holds about 200 of them: some 17 publishes
+    batch, refusal = 100, None
+    for _publish in range(30):  # the limit holds about 750 of them: some 14 publishes
         if not batch:
             break
         before = dump_all_tables(factory.server)
         answer = publish_fattest(factory, token, numbers, batch)
         if answer.status_code == 201:
             continue
-        assert_error(answer, 409, "targets_too_large", "the CI targets metadata would be")
+        assert_error(
+            answer,
+            409,
+            "targets_too_large",
+            f"the CI targets of hardware id {HARDWARE_ID!r} and tag {TAG!r} would be",
+        )
         assert dump_all_tables(factory.server) == before
         refusal = answer.json()["error"]["message"]
         batch //= 2
@@ -194,11 +203,10 @@ def test_a_wave_too_large_for_devices_is_refused_until_pruned(
     numbers = iter(range(100_000))
     builds: dict[str, list[str]] = {}
     for version in ("1", "2"):
-        # 180 targets: over half the limit in production, where each lists its wave's
-        # tag alone (CI's list of 64 tags is not released), and under it in CI.
-        items = [fattest("fat", next(numbers), version) for _ in range(180)]
-        for start in range(0, len(items), 40):
-            batch = {"targets": items[start : start + 40]}
+        # Over half the limit in production, and under it in CI.
+        items = [fattest("fat", next(numbers), version) for _ in range(400)]
+        for start in range(0, len(items), 100):
+            batch = {"targets": items[start : start + 100]}
             assert post(factory, "/targets", batch, factory.admin_token).status_code == 201
         builds[version] = [item["name"] for item in items]
         if version == "1":

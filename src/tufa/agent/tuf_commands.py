@@ -39,6 +39,21 @@ token_option = click.option(
 )
 
 
+def _view(value: str | None) -> dict[str, str] | None:
+    if value is None:
+        return None
+    hardware_id, _, tag = value.rpartition("/")
+    return {"hardware_id": hardware_id, "tag": tag} if hardware_id else {"tag": tag}
+
+
+view_option = click.option(
+    "--view",
+    metavar="[HARDWARE_ID/]TAG",
+    help="With a token on a tufa server: what devices of this view are served (CI: "
+    "HARDWARE_ID/TAG, production: TAG). Without it, the channel's default view.",
+)
+
+
 # Any TUF repository, delegations included: python-tuf's own limits, not the agent's.
 DEBUG_CONFIG = UpdaterConfig()
 
@@ -82,15 +97,16 @@ def init(metadata_dir: Path, root: Path) -> None:
 @metadata_url_option
 @metadata_dir_option
 @token_option
-def refresh(metadata_url: str, metadata_dir: Path, token: str | None) -> None:
+@view_option
+def refresh(metadata_url: str, metadata_dir: Path, token: str | None, view: str | None) -> None:
     """Update the trust store from METADATA_URL, verifying every step.
 
     \b
     Example:
-      tufa-agent tuf refresh --metadata-dir ./trust \\
+      tufa-agent tuf refresh --metadata-dir ./trust --token "$TOKEN" --view rpi4/main \\
           --metadata-url http://127.0.0.1:8443/api/v1/factories/acme/repo/ci/metadata/
     """
-    fetcher = BearerFetcher(token)
+    fetcher = BearerFetcher(token, view=_view(view))
     try:
         open_updater(metadata_dir, metadata_url, fetcher, config=DEBUG_CONFIG).refresh()
     except Exception as e:
@@ -112,6 +128,7 @@ def refresh(metadata_url: str, metadata_dir: Path, token: str | None) -> None:
     help="Where verified files are written.",
 )
 @token_option
+@view_option
 @click.argument("names", nargs=-1, required=True)
 def download(
     metadata_url: str,
@@ -119,19 +136,20 @@ def download(
     target_base_url: str,
     target_dir: Path,
     token: str | None,
+    view: str | None,
     names: tuple[str, ...],
 ) -> None:
     """Refresh, then download and verify the targets NAMES into TARGET_DIR.
 
     \b
     Example:
-      tufa-agent tuf download --metadata-dir ./trust \\
+      tufa-agent tuf download --metadata-dir ./trust --token "$TOKEN" --view rpi4/main \\
           --metadata-url http://127.0.0.1:8443/api/v1/factories/acme/repo/ci/metadata/ \\
           --target-base-url http://127.0.0.1:8443/api/v1/factories/acme/repo/ci/targets/ \\
           --target-dir ./files rpi4-image-42
     """
     target_dir.mkdir(parents=True, exist_ok=True)
-    fetcher = BearerFetcher(token)
+    fetcher = BearerFetcher(token, view=_view(view))
     try:
         updater = open_updater(
             metadata_dir, metadata_url, fetcher, target_dir, target_base_url, config=DEBUG_CONFIG

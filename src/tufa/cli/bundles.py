@@ -58,9 +58,12 @@ def _metadata_field(data: bytes, filename: str, *keys: str) -> int:
     return value
 
 
-def _served_metadata(api: Api, channel: Channel, tag: str) -> dict[str, bytes]:
-    """What a device of `channel` and `tag` is served, by bundle file name: the root chain
-    1..N, the timestamp of its view, and the snapshot and targets versions it names."""
+def _served_metadata(
+    api: Api, channel: Channel, tag: str, hardware_id: str | None
+) -> dict[str, bytes]:
+    """What a device of `channel` and `tag` (and in CI, `hardware_id`) is served, by bundle
+    file name: the root chain 1..N, the timestamp of its view, and the snapshot and
+    targets versions it names."""
 
     def get(filename: str) -> bytes:
         path = api.path(api_paths.METADATA_FILE, channel=channel, filename=filename)
@@ -70,8 +73,9 @@ def _served_metadata(api: Api, channel: Channel, tag: str) -> dict[str, bytes]:
     newest = _metadata_field(get("root.json"), "root.json", "signed", "version")
     for version in range(1, newest + 1):
         files[f"{version}.root.json"] = get(f"{version}.root.json")
-    # CI devices of every tag are served the default view; production devices their tag's.
-    query = f"?{httpx.QueryParams({'tag': tag})}" if channel == Channel.PROD else ""
+    # Production devices are served their tag's view; CI devices their hardware id's and tag's.
+    view = {"tag": tag} if hardware_id is None else {"hardware_id": hardware_id, "tag": tag}
+    query = f"?{httpx.QueryParams(view)}"
     timestamp = get(f"timestamp.json{query}")
     files["timestamp.json"] = timestamp
     snapshot_version = _metadata_field(
@@ -141,11 +145,34 @@ def _pick(targets_md: Targets, tag: str, version: str, channel: Channel) -> list
             "ARCHIVE`, then `tufa waves complete NAME`), or check `tufa targets list --prod "
             f"--tag {tag}`"
         )
-    have = f"it has versions {', '.join(offered)}" if offered else f"none has tag {tag}"
-    raise click.ClickException(
+    raise _not_in_ci(tag, version, set(offered))
+
+
+def _not_in_ci(tag: str, version: str, offered: set[str]) -> click.ClickException:
+    have = f"it has versions {', '.join(sorted(offered))}" if offered else f"none has tag {tag}"
+    return click.ClickException(
         f"the CI channel has no target of tag {tag} and version {version} ({have}): check "
         f"`tufa targets list --tag {tag}`, or publish it with `tufa targets add`"
     )
+
+
+def _ci_hardware_id(api: Api, tag: str, version: str, given: str | None) -> str:
+    """The hardware id a CI bundle is for: each hardware id's CI devices are served a view
+    of their own, so a bundle holds one. Given, or the only one build `version` has."""
+    if given is not None:
+        return given
+    listed = api.get_json(f"{api.path(api_paths.TARGETS)}?{httpx.QueryParams({'tag': tag})}")
+    found = sorted({hw for t in listed if t["version"] == version for hw in t["hardware_ids"]})
+    if not found:
+        raise _not_in_ci(tag, version, {str(t["version"]) for t in listed})
+    if len(found) > 1:
+        raise click.UsageError(
+            f"build {version} of tag {tag} is for hardware ids {', '.join(found)}, and the CI "
+            "devices of each are served metadata of their own: give --hardware-id, one "
+            "bundle per hardware id"
+        )
+    (only,) = found
+    return str(only)
 
 
 def _download_target(
@@ -234,10 +261,17 @@ def _expires(metadata: dict[str, bytes]) -> datetime:
 
 
 def _build_bundle(
-    api: Api, partial: Path, tag: str, version: str, channel: Channel, quiet: bool
+    api: Api,
+    partial: Path,
+    tag: str,
+    version: str,
+    channel: Channel,
+    hardware_id: str | None,
+    quiet: bool,
 ) -> tuple[BundleManifest, list[TargetFile], datetime]:
     """Fetch, verify and write the whole bundle into `partial`."""
-    metadata = _served_metadata(api, channel, tag)
+    hardware_id = _ci_hardware_id(api, tag, version, hardware_id) if channel is Channel.CI else None
+    metadata = _served_metadata(api, channel, tag, hardware_id)
     (partial / METADATA_DIR).mkdir(parents=True)
     (partial / TARGETS_DIR).mkdir()
     for filename, data in metadata.items():
@@ -293,17 +327,30 @@ def _build_bundle(
 @click.argument("version")
 @click.argument("directory", metavar="DIR", type=click.Path(path_type=Path))
 @click.option("--prod", is_flag=True, help="What production devices of TAG are served.")
+@click.option(
+    "--hardware-id",
+    help="CI: the hardware id whose devices the bundle is for (needed if VERSION has several).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @json_option
 @with_api
 def offline_update(
-    api: Api, tag: str, version: str, directory: Path, prod: bool, quiet: bool, as_json: bool
+    api: Api,
+    tag: str,
+    version: str,
+    directory: Path,
+    prod: bool,
+    hardware_id: str | None,
+    quiet: bool,
+    as_json: bool,
 ) -> None:
     """Write an offline (USB) update bundle of build VERSION of tag TAG into DIR.
 
     The bundle holds the TUF metadata a device of the channel and tag is served (the
     whole root chain, timestamp, snapshot, targets) and every target of VERSION with
-    TAG, for all hardware ids. It is verified with python-tuf first, and written into
+    TAG: for all hardware ids in production, for one hardware id in CI (each hardware
+    id's CI devices are served metadata of their own; --hardware-id chooses it, needed
+    when VERSION has several). It is verified with python-tuf first, and written into
     DIR.partial then renamed, so DIR is either a complete bundle or absent. DIR must
     be new or empty. A device installs it with `tufa-agent install-bundle DIR`, with
     the same checks as an online update: it must do so before the bundle expires.
@@ -314,6 +361,7 @@ def offline_update(
     \b
     Examples:
       tufa targets offline-update main 42 /media/usb/update-42
+      tufa targets offline-update main 42 /media/usb/update-42 --hardware-id rpi4
       tufa targets offline-update main 42 /media/usb/update-42 --prod
     """
     channel = Channel.PROD if prod else Channel.CI
@@ -324,7 +372,7 @@ def offline_update(
     shutil.rmtree(partial, ignore_errors=True)
     try:
         manifest, infos, expires = _build_bundle(
-            api, partial, tag, version, channel, quiet or as_json
+            api, partial, tag, version, channel, hardware_id, quiet or as_json
         )
         _check_destination(directory)  # again: something may have written there meanwhile
         if directory.is_dir():

@@ -6,7 +6,7 @@ with a token or device credential (unless a factory allows anonymous reads).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import httpx
 import tuf
@@ -32,7 +32,11 @@ class CredentialRefused(exceptions.DownloadHTTPError):
 
 class BearerFetcher(FetcherInterface):
     """Fetches with its own client sending `token`, or, given `client` and its `auth`,
-    with that client (the agent's, so metadata, targets and reports share connections)."""
+    with that client (the agent's, so metadata, targets and reports share connections).
+
+    A token holder may read a view of a tufa server's channel: `view` is sent as the
+    query of every `timestamp.json` (`{"hardware_id": ..., "tag": ...}` in CI,
+    `{"tag": ...}` in production). Devices are served their own view regardless."""
 
     def __init__(
         self,
@@ -41,8 +45,10 @@ class BearerFetcher(FetcherInterface):
         user_agent: str | None = None,
         *,
         client: tuple[httpx.Client, BearerAuth] | None = None,
+        view: Mapping[str, str] | None = None,
     ) -> None:
         self._owns_client = client is None
+        self._view_query = f"?{httpx.QueryParams(view)}" if view else ""
         if client is None:
             default = f"tufa/{tufa.__version__} python-tuf/{tuf.__version__}"
             client = api_client(token, user_agent or default, timeout)
@@ -53,6 +59,8 @@ class BearerFetcher(FetcherInterface):
         self._auth.token = token
 
     def _fetch(self, url: str) -> Iterator[bytes]:
+        if url.endswith("/timestamp.json"):
+            url += self._view_query
         try:
             response = self._client.send(self._client.build_request("GET", url), stream=True)
         except httpx.TimeoutException as e:

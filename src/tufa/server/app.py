@@ -30,18 +30,21 @@ from tufa.server.api import (
 from tufa.server.api.common import Endpoint, refuse_unstorable_params
 from tufa.server.errors import ApiError, api_error_handler, error_body, refused_handler
 from tufa.server.exceptions import Refused
+from tufa.server.publishing import MAX_PUBLISH_BYTES
 from tufa.server.state import ServerState
 
 log = logging.getLogger("tufa.server")
 _BLOB_PATH = compile_path(api_paths.BLOB)[0]
 _WAVE_CREATE_PATH = compile_path(api_paths.WAVES)[0]
+_PUBLISH_PATH = compile_path(api_paths.TARGETS)[0]
 
 
 class BodySizeLimit:
     """Refuse request bodies over a limit before they are read into memory.
 
     Blob uploads stream to disk and have their own, much larger, limit; a signed wave
-    carries a whole production targets file and may be as large as devices accept.
+    carries a whole production targets file and may be as large as devices accept; a
+    publish may describe MAX_TARGETS_PER_PUBLISH targets.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int, max_blob_bytes: int) -> None:
@@ -57,6 +60,8 @@ class BodySizeLimit:
             limit = self.max_blob_bytes
         elif _WAVE_CREATE_PATH.match(scope["path"]):
             limit = max(self.max_bytes, waves.MAX_CREATE_BYTES)
+        elif _PUBLISH_PATH.match(scope["path"]):
+            limit = max(self.max_bytes, MAX_PUBLISH_BYTES)
         else:
             limit = self.max_bytes
         message = f"request body is larger than the limit of {limit} bytes"

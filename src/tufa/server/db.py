@@ -121,12 +121,16 @@ channels = _per_factory(
     Column("timestamp_version", Integer, nullable=False),
 )
 
+# A view's name: "", "tag:T", "wave:NAME", or "ci:HARDWARE_ID/TAG" (views.py), whose
+# two labels may have 128 characters each.
+VIEW_LENGTH = 300
+
 # Signed metadata, rendered to bytes once when published. `view` is "" for the
 # channel's default view; root files belong to the whole channel and use "".
 metadata_files = _per_factory(
     "metadata_files",
     Column("channel", ChannelName, primary_key=True),
-    Column("view", String(128), primary_key=True),
+    Column("view", String(VIEW_LENGTH), primary_key=True),
     Column("role", String(16), primary_key=True),
     Column("version", Integer, primary_key=True),
     Column("body", LargeBinary, nullable=False),
@@ -171,6 +175,24 @@ targets = _per_factory(
     Column("pruned_at", UTCDateTime),
     # Set when a wave first includes the target: production devices may download it.
     Column("released_at", UTCDateTime),
+    # The target's entry in a targets file, encoded when it was published
+    # (core/assembled_targets.py); `entry_canonical` only where the two encodings differ.
+    # Null for targets published before entries were stored, until the server's start
+    # fills them in (ci_views.upgrade).
+    Column("entry", Text),
+    Column("entry_canonical", Text),
+    # Waves look a build up by version.
+    Index("ix_targets_factory_id_version", "factory_id", "version"),
+)
+
+# Which CI view lists which target: one row per (hardware id, tag) of each target in
+# the CI targets (not pruned or deleted). A CI device is served the view of its own
+# hardware id and tag (ADR 0016), so a publish re-signs only the views it changes.
+ci_view_targets = _per_factory(
+    "ci_view_targets",
+    Column("view", String(VIEW_LENGTH), primary_key=True),
+    Column("name", String(255), primary_key=True),
+    Index("ix_ci_view_targets_factory_id_name", "factory_id", "name"),
 )
 
 # Which factory may use which stored file. The blob store keeps one file per SHA-256
@@ -272,8 +294,9 @@ devices = Table(
     Column("pending_secret_sha256", String(64)),
     # Set by `tufa devices revoke`: every credential of the device is refused from then on.
     Column("revoked_at", UTCDateTime),
-    # Which production view the device is served: "tag:T" or "wave:NAME" ("" in CI).
-    Column("view", String(200), nullable=False, default="", server_default=""),
+    # Which view the device is served: "ci:HARDWARE_ID/TAG" in CI; "tag:T" or "wave:NAME"
+    # in production.
+    Column("view", String(VIEW_LENGTH), nullable=False, default="", server_default=""),
     # What the device last said it runs (all None until it reports something installed),
     # and when its last report arrived, by the server's clock.
     Column("installed_version", String(64)),

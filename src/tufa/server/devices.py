@@ -20,7 +20,7 @@ from tufa.core.device_events import EventKind
 from tufa.core.metadata import Channel
 from tufa.server.db import device_events, device_group_members, device_groups, devices
 from tufa.server.exceptions import Conflict, NotFound
-from tufa.server.views import tag_view
+from tufa.server.views import ci_view, tag_view
 
 # Device report events that say a version did not stay installed.
 FAILED_KINDS: tuple[EventKind, ...] = ("install-failed", "rolled-back")
@@ -91,8 +91,12 @@ def add_device(
 ) -> Any:
     """Store a new device under a new id; its name is unique in the factory."""
     device_id = str(uuid.uuid4())
-    # A production device is served its tag's releases until a wave takes it.
-    view = tag_view(device["tag"]) if device["channel"] == Channel.PROD else ""
+    # A production device is served its tag's releases until a wave takes it; a CI device
+    # the CI targets of its hardware id and tag.
+    if device["channel"] == Channel.PROD:
+        view = tag_view(device["tag"])
+    else:
+        view = ci_view(device["hardware_id"], device["tag"])
     row = {"id": device_id, "factory_id": factory_id, "view": view, **device}
     try:
         conn.execute(

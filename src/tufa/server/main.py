@@ -19,6 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from tufa.core.durations import parse_duration
 from tufa.core.files import default_database_url
 from tufa.core.keys import KeyType
+from tufa.server import ci_views
 from tufa.server.app import create_app
 from tufa.server.blobs import BlobStore
 from tufa.server.db import Database, server_facts, tokens
@@ -259,6 +260,8 @@ def open_state(settings: Settings) -> ServerState:
     with db.startup() as conn:
         db.migrate(conn)
         master_key = _open_master_key(conn, settings)
+        repo = Repository(db, master_key, settings)
+        ci_views.upgrade(repo, conn)
         created = _ensure_operator_token(conn, settings, chosen_token)
     if created is not None:
         print(
@@ -269,7 +272,7 @@ def open_state(settings: Settings) -> ServerState:
         settings=settings,
         db=db,
         master_key=master_key,
-        repo=Repository(db, master_key, settings),
+        repo=repo,
         blobs=BlobStore(settings.blob_path),
     )
 

@@ -16,12 +16,14 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, insert, select, update
-from tuf.api.metadata import Metadata, TargetFile, Targets
+from tuf.api.metadata import TargetFile
 from tuf.ngclient import UpdaterConfig
 
-from tufa.core.metadata import TARGETS, Channel, build_targets, expiry, sign, to_bytes
-from tufa.core.selection import hardware_ids_of, tags_of, target_version, version_key
+from tufa.core.metadata import TARGETS, Channel
+from tufa.core.selection import target_version, version_key
+from tufa.server import ci_views
 from tufa.server.blobs import SHA256_PATTERN, owned_lengths
+from tufa.server.db import ci_view_targets
 from tufa.server.db import targets as targets_table
 from tufa.server.exceptions import Conflict, InvalidInput, NotFound, TargetsTooLarge
 from tufa.server.inputs import refuse_unsignable_json
@@ -31,11 +33,16 @@ TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,254}")
 LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}")
 # Versions are stored (targets, waves, device reports) in 64 characters.
 VERSION_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,63}")
-MAX_TARGETS_PER_PUBLISH = 1000
+# A publish re-signs only the views it changes, so its cost follows its size (ADR 0016).
+MAX_TARGETS_PER_PUBLISH = 10_000
+# The body of such a publish: room for 10,000 targets of about 3 KB each.
+MAX_PUBLISH_BYTES = 32 * 1024 * 1024
 # Per target, so that one CI token cannot fill the targets metadata every device
 # downloads with a few huge entries (the total is bounded below too).
 MAX_URL_LENGTH = 2048
 MAX_LABELS = 64  # hardware ids, and tags
+# (hardware id, tag) pairs of one target: each is a CI view the target is signed into.
+MAX_VIEWS_PER_TARGET = 64
 MAX_CUSTOM_BYTES = 4096  # as compact JSON
 # Levels of objects and lists, the custom object itself being one: also leaves room for
 # the metadata around it in the bodies that carry it later (a wave's signed targets, a
@@ -117,6 +124,13 @@ def parse_target(data: Any, where: str) -> TargetSpec:
         )
     hardware_ids = _labels(data.get("hardware_ids"), name, "hardware_ids")
     tags = _labels(data.get("tags"), name, "tags")
+    if len(hardware_ids) * len(tags) > MAX_VIEWS_PER_TARGET:
+        raise InvalidInput(
+            f"target {name!r}: 'hardware_ids' times 'tags' may be at most "
+            f"{MAX_VIEWS_PER_TARGET} pairs (it has {len(hardware_ids)} x {len(tags)}): each "
+            "pair's devices are served a view of their own, which every publish of the "
+            "target signs again; publish it as several targets"
+        )
     fixed = {"version": version, "hardwareIds": hardware_ids, "tags": tags}
     if url is not None:
         fixed["url"] = url
@@ -184,18 +198,17 @@ class PublishResult:
     added: list[str]
     unchanged: list[str]
     removed: list[str]
+    # The newest CI targets version this publish signed (with several views, the
+    # highest), or the channel's current one when nothing changed.
     targets_version: int
 
 
 class CiPublisher:
+    """Adds, prunes and deletes CI targets; each re-signs only the views it changes."""
+
     def __init__(self, state: ServerState) -> None:
         self.state = state
         self.repo = state.repo
-
-    def _current(self, conn: Connection, factory_id: int) -> Targets:
-        stored = self.repo.read_file(conn, factory_id, Channel.CI, TARGETS, None)
-        assert stored is not None
-        return Metadata[Targets].from_bytes(stored.body).signed
 
     def add(self, factory_id: int, specs: list[TargetSpec]) -> PublishResult:
         if not specs or len(specs) > MAX_TARGETS_PER_PUBLISH:
@@ -216,49 +229,57 @@ class CiPublisher:
                     )
                 )
             }
-            added, unchanged = [], []
-            current = dict(self._current(conn, factory_id).targets)
+            new, relisted, unchanged = [], [], []
             for spec in specs:
                 row = known.get(spec.name)
-                if row is not None:
-                    if (row.length, row.sha256, row.url, json.loads(row.custom)) != (
-                        spec.length,
-                        spec.sha256,
-                        spec.url,
-                        spec.custom,
-                    ):
-                        raise Conflict(
-                            f"a different target named {spec.name!r} was already published; "
-                            "targets never change: publish under a new name"
-                        )
-                    if row.pruned_at is None:
-                        unchanged.append(spec.name)
-                        continue
-                    conn.execute(
-                        update(targets_table)
-                        .where(
-                            targets_table.c.factory_id == factory_id,
-                            targets_table.c.name == spec.name,
-                        )
-                        .values(pruned_at=None)
+                if row is None:
+                    new.append(spec)
+                elif (row.length, row.sha256, row.url, json.loads(row.custom)) != (
+                    spec.length,
+                    spec.sha256,
+                    spec.url,
+                    spec.custom,
+                ):
+                    raise Conflict(
+                        f"a different target named {spec.name!r} was already published; "
+                        "targets never change: publish under a new name"
                     )
+                elif row.pruned_at is None:
+                    unchanged.append(spec.name)
                 else:
-                    conn.execute(
-                        insert(targets_table).values(
-                            factory_id=factory_id,
-                            name=spec.name,
-                            length=spec.length,
-                            sha256=spec.sha256,
-                            url=spec.url,
-                            custom=json.dumps(spec.custom, sort_keys=True),
-                            version=spec.version,
-                            created_at=now,
-                        )
+                    relisted.append(spec)
+            if new:
+                conn.execute(
+                    insert(targets_table),
+                    [
+                        {
+                            "factory_id": factory_id,
+                            "name": spec.name,
+                            "length": spec.length,
+                            "sha256": spec.sha256,
+                            "url": spec.url,
+                            "custom": json.dumps(spec.custom, sort_keys=True),
+                            "version": spec.version,
+                            "created_at": now,
+                            **ci_views.entry_columns(spec.target_file()),
+                        }
+                        for spec in new
+                    ],
+                )
+            if relisted:
+                conn.execute(
+                    update(targets_table)
+                    .where(
+                        targets_table.c.factory_id == factory_id,
+                        targets_table.c.name.in_([spec.name for spec in relisted]),
                     )
-                current[spec.name] = spec.target_file()
-                added.append(spec.name)
-            version = self._publish(conn, factory_id, current, now) if added else 0
-        return PublishResult(added, unchanged, [], version or self._version(factory_id))
+                    .values(pruned_at=None)
+                )
+            added = new + relisted
+            listed = {spec.name: ci_views.views_of(spec.custom) for spec in added}
+            ci_views.list_in_views(conn, factory_id, listed)
+            version = self._publish(conn, factory_id, set().union(*listed.values()), now)
+        return PublishResult([spec.name for spec in added], unchanged, [], version)
 
     @staticmethod
     def _check_uploaded(conn: Connection, factory_id: int, specs: list[TargetSpec]) -> None:
@@ -285,28 +306,26 @@ class CiPublisher:
             raise InvalidInput("'keep' must be at least 1")
         with self.state.db.write() as conn:
             self.state.db.lock_channel(conn, factory_id, Channel.CI)
-            current = dict(self._current(conn, factory_id).targets)
-            versions: dict[tuple[str, str], set[str]] = defaultdict(set)
-            for target in current.values():
-                for hw in hardware_ids_of(target):
-                    for tag in tags_of(target):
-                        versions[hw, tag].add(_version(target))
-            kept = {
-                key: set(sorted(found, key=version_key)[-keep:]) for key, found in versions.items()
-            }
-            removed = sorted(
-                name
-                for name, target in current.items()
-                if not any(
-                    _version(target) in kept[hw, tag]
-                    for hw in hardware_ids_of(target)
-                    for tag in tags_of(target)
+            listed = conn.execute(
+                select(ci_view_targets.c.view, targets_table.c.name, targets_table.c.version)
+                .join(
+                    targets_table,
+                    (targets_table.c.factory_id == ci_view_targets.c.factory_id)
+                    & (targets_table.c.name == ci_view_targets.c.name),
                 )
-            )
-            if removed:
-                version = self._remove(conn, factory_id, current, removed)
-            else:
-                version = self._current(conn, factory_id).version
+                .where(ci_view_targets.c.factory_id == factory_id)
+            ).all()
+            versions: dict[str, set[str]] = defaultdict(set)
+            for view, _, version in listed:
+                versions[view].add(version)
+            kept = {
+                view: set(sorted(found, key=version_key)[-keep:])
+                for view, found in versions.items()
+            }
+            names = {name for _, name, _ in listed}
+            kept_names = {name for view, name, version in listed if version in kept[view]}
+            removed = sorted(names - kept_names)
+            version = self._remove(conn, factory_id, removed)
         return PublishResult([], [], removed, version)
 
     def delete(self, factory_id: int, names: list[str]) -> PublishResult:
@@ -320,43 +339,43 @@ class CiPublisher:
             raise InvalidInput("'names' lists the same target twice")
         with self.state.db.write() as conn:
             self.state.db.lock_channel(conn, factory_id, Channel.CI)
-            current = dict(self._current(conn, factory_id).targets)
-            missing = sorted(set(names) - set(current))
+            listed = set(
+                conn.execute(
+                    select(targets_table.c.name).where(
+                        targets_table.c.factory_id == factory_id,
+                        targets_table.c.name.in_(names),
+                        targets_table.c.pruned_at.is_(None),
+                    )
+                ).scalars()
+            )
+            missing = sorted(set(names) - listed)
             if missing:
                 raise NotFound(
                     f"not in the CI targets: {', '.join(missing)}; nothing was deleted "
                     "(`tufa targets list` shows what is)"
                 )
-            version = self._remove(conn, factory_id, current, sorted(names))
+            version = self._remove(conn, factory_id, sorted(names))
         return PublishResult([], [], sorted(names), version)
 
-    def _remove(
-        self, conn: Connection, factory_id: int, current: dict[str, TargetFile], names: list[str]
-    ) -> int:
-        """Publish `current` less `names`, and record when they left the CI targets."""
+    def _remove(self, conn: Connection, factory_id: int, names: list[str]) -> int:
+        """Take `names` out of the CI targets (recording when), and publish the views
+        that listed them."""
         now = self.state.settings.clock.now()
-        for name in names:
-            del current[name]
+        if not names:
+            return self._publish(conn, factory_id, set(), now)
         conn.execute(
             update(targets_table)
             .where(targets_table.c.factory_id == factory_id, targets_table.c.name.in_(names))
             .values(pruned_at=now)
         )
-        return self._publish(conn, factory_id, current, now)
+        return self._publish(conn, factory_id, ci_views.unlist(conn, factory_id, names), now)
 
-    def _publish(
-        self, conn: Connection, factory_id: int, listed: dict[str, TargetFile], now: datetime
-    ) -> int:
-        version = self.repo.bump(conn, factory_id, Channel.CI, TARGETS)[TARGETS]
-        signed = sign(
-            build_targets(version, expiry(now, self.state.settings.ci_targets_expiry), listed),
-            [self.repo.online_signer(conn, factory_id, Channel.CI, TARGETS)],
-        )
-        refuse_oversized_targets(len(to_bytes(signed)), "the CI targets metadata", PRUNE_ADVICE)
-        self.repo.store(conn, factory_id, Channel.CI, signed)
-        self.repo.publish_snapshot_and_timestamp(conn, factory_id, Channel.CI, version, now)
-        return version
-
-    def _version(self, factory_id: int) -> int:
-        with self.state.db.read() as conn:
-            return self._current(conn, factory_id).version
+    def _publish(self, conn: Connection, factory_id: int, views: set[str], now: datetime) -> int:
+        """Publish `views`, refusing any that some device could not download; return the
+        newest CI targets version (the channel's current one if `views` is empty)."""
+        published = ci_views.publish(self.repo, conn, factory_id, views, now)
+        for view, (_, size) in published.items():
+            refuse_oversized_targets(
+                size, f"the CI targets of {ci_views.describe(view)}", PRUNE_ADVICE
+            )
+        return self.repo.counter(conn, factory_id, Channel.CI, TARGETS)

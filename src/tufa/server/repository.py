@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
-from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import Connection, bindparam, delete, insert, select, update
@@ -27,53 +24,23 @@ from tufa.core.metadata import (
     AnySigned,
     Channel,
     build_snapshot,
-    build_targets,
     build_timestamp,
     expiry,
     sign,
     to_bytes,
 )
 from tufa.core.root_update import RootKeyPairs
+from tufa.server import ci_views
 from tufa.server.db import Database, channels, metadata_files, root_key_pairs
 from tufa.server.exceptions import Conflict
 from tufa.server.online_keys import OnlineKeys
 from tufa.server.secrets import MasterKey
 from tufa.server.settings import Settings
+from tufa.server.stored_files import ImmutableFileCache, NewFile, StoredFile
 
 log = logging.getLogger("tufa.server")
 
 DEFAULT_VIEW = ""
-
-
-@dataclass(frozen=True)
-class StoredFile:
-    role: str
-    version: int
-    body: bytes
-    etag: str
-    expires: datetime
-
-
-class _ImmutableFileCache:
-    """An LRU of versioned metadata files, which never change once published."""
-
-    def __init__(self, size: int = 4096) -> None:
-        self._items: OrderedDict[tuple[int, str, str, int], StoredFile] = OrderedDict()
-        self._size = size
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[int, str, str, int]) -> StoredFile | None:
-        with self._lock:
-            item = self._items.get(key)
-            if item is not None:
-                self._items.move_to_end(key)
-            return item
-
-    def put(self, key: tuple[int, str, str, int], item: StoredFile) -> None:
-        with self._lock:
-            self._items[key] = item
-            if len(self._items) > self._size:
-                self._items.popitem(last=False)
 
 
 # Built once: the read path runs these for every device poll, and building a statement
@@ -104,7 +71,7 @@ class Repository(OnlineKeys):
     def __init__(self, db: Database, master_key: MasterKey, settings: Settings) -> None:
         super().__init__(master_key, settings)
         self.db = db
-        self._cache = _ImmutableFileCache()
+        self._cache = ImmutableFileCache()
 
     # -- storing and reading metadata ---------------------------------------------------
 
@@ -117,20 +84,33 @@ class Repository(OnlineKeys):
         view: str = DEFAULT_VIEW,
     ) -> bytes:
         body = to_bytes(md)
-        conn.execute(
-            insert(metadata_files).values(
-                factory_id=factory_id,
-                channel=channel,
-                view=DEFAULT_VIEW if md.signed.type == ROOT else view,
-                role=md.signed.type,
-                version=md.signed.version,
-                body=body,
-                etag=f'"{hashlib.sha256(body).hexdigest()}"',
-                expires=md.signed.expires,
-                created_at=self.settings.clock.now(),
-            )
-        )
+        role = md.signed.type
+        view = DEFAULT_VIEW if role == ROOT else view
+        self.store_files(conn, factory_id, channel, [NewFile.of(view, md, body)])
         return body
+
+    def store_files(
+        self, conn: Connection, factory_id: int, channel: Channel, files: list[NewFile]
+    ) -> None:
+        """Store signed files already rendered to the bytes they are served as."""
+        now = self.settings.clock.now()
+        conn.execute(
+            insert(metadata_files),
+            [
+                {
+                    "factory_id": factory_id,
+                    "channel": channel,
+                    "view": file.view,
+                    "role": file.role,
+                    "version": file.version,
+                    "body": file.body,
+                    "etag": f'"{hashlib.sha256(file.body).hexdigest()}"',
+                    "expires": file.expires,
+                    "created_at": now,
+                }
+                for file in files
+            ],
+        )
 
     def read_file(
         self,
@@ -219,23 +199,54 @@ class Repository(OnlineKeys):
         now: datetime,
         view: str = DEFAULT_VIEW,
     ) -> None:
-        """Sign a new snapshot naming `targets_version`, and a timestamp naming it.
+        """Sign a new snapshot naming `targets_version`, and a timestamp naming it."""
+        body = self._stored_body(conn, factory_id, channel, TARGETS, targets_version)
+        self.publish_snapshots_and_timestamps(
+            conn, factory_id, channel, {view: (targets_version, body)}, now
+        )
+
+    def publish_snapshots_and_timestamps(
+        self,
+        conn: Connection,
+        factory_id: int,
+        channel: Channel,
+        targets: Mapping[str, tuple[int, bytes]],
+        now: datetime,
+    ) -> None:
+        """For each view, sign a new snapshot naming its targets (version and bytes), and a
+        timestamp naming that snapshot.
 
         Each takes the next number of the channel's shared counter, so every view of a
         channel moves on one version sequence and no device ever sees a version go down.
         """
-        version = self.bump(conn, factory_id, channel, SNAPSHOT)[SNAPSHOT]
-        snapshot = sign(
-            build_snapshot(
-                version,
-                expiry(now, self.settings.snapshot_expiry),
-                self._stored_body(conn, factory_id, channel, TARGETS, targets_version),
-                targets_version,
-            ),
-            [self.online_signer(conn, factory_id, channel, SNAPSHOT)],
-        )
-        snapshot_bytes = self.store(conn, factory_id, channel, snapshot, view)
-        self._publish_timestamp(conn, factory_id, channel, snapshot_bytes, version, now, view)
+        if not targets:
+            return
+        last = self.bump(conn, factory_id, channel, SNAPSHOT, TIMESTAMP, count=len(targets))
+        signers = {
+            role: self.online_signer(conn, factory_id, channel, role)
+            for role in (SNAPSHOT, TIMESTAMP)
+        }
+        files = []
+        for offset, (view, (targets_version, body)) in enumerate(sorted(targets.items())):
+            version = last[SNAPSHOT] - len(targets) + 1 + offset
+            snapshot = sign(
+                build_snapshot(
+                    version, expiry(now, self.settings.snapshot_expiry), body, targets_version
+                ),
+                [signers[SNAPSHOT]],
+            )
+            snapshot_bytes = to_bytes(snapshot)
+            timestamp = sign(
+                build_timestamp(
+                    last[TIMESTAMP] - len(targets) + 1 + offset,
+                    expiry(now, self.settings.timestamp_expiry),
+                    snapshot_bytes,
+                    version,
+                ),
+                [signers[TIMESTAMP]],
+            )
+            files += [NewFile.of(view, snapshot, snapshot_bytes), NewFile.of(view, timestamp)]
+        self.store_files(conn, factory_id, channel, files)
 
     def _publish_timestamp(
         self,
@@ -303,8 +314,7 @@ class Repository(OnlineKeys):
                 )
             self.store(conn, factory_id, Channel.PROD, targets, view)
             prod_versions[view] = counter
-        ci_targets = self.resign_ci_targets(conn, factory_id, now)
-        self.publish_snapshot_and_timestamp(conn, factory_id, Channel.CI, ci_targets, now)
+        ci_views.publish(self, conn, factory_id, self.live_views(conn, factory_id, Channel.CI), now)
         for view, version in sorted(prod_versions.items()):
             self.publish_snapshot_and_timestamp(conn, factory_id, Channel.PROD, version, now, view)
 
@@ -319,13 +329,14 @@ class Repository(OnlineKeys):
         return body
 
     def bump(
-        self, conn: Connection, factory_id: int, channel: Channel, *roles: str
+        self, conn: Connection, factory_id: int, channel: Channel, *roles: str, count: int = 1
     ) -> dict[str, int]:
+        """Take the next `count` numbers of each role's counter; return the last taken."""
         where = (channels.c.factory_id == factory_id, channels.c.channel == channel)
         conn.execute(
             update(channels)
             .where(*where)
-            .values({f"{role}_version": channels.c[f"{role}_version"] + 1 for role in roles})
+            .values({f"{role}_version": channels.c[f"{role}_version"] + count for role in roles})
         )
         row = conn.execute(select(channels).where(*where)).one()
         return {role: row._mapping[f"{role}_version"] for role in roles}
@@ -391,12 +402,10 @@ class Repository(OnlineKeys):
             return found.expires - now < self.settings.expiry_for(role) / 2
 
         targets = newest(TARGETS)
-        targets_version = targets.version
         if channel is Channel.CI and due(targets, TARGETS):
-            targets_version = self.resign_ci_targets(conn, factory_id, now)
-        elif (
-            channel is Channel.PROD and targets.expires - now < self.settings.offline_expiry_warning
-        ):
+            ci_views.publish(self, conn, factory_id, [view], now)
+            return True
+        if channel is Channel.PROD and targets.expires - now < self.settings.offline_expiry_warning:
             log.warning(
                 "production targets (view %r) of factory %s expire at %s: release a new wave",
                 view,
@@ -404,9 +413,9 @@ class Repository(OnlineKeys):
                 targets.expires.isoformat(),
             )
         snapshot = newest(SNAPSHOT)
-        if targets_version != targets.version or due(snapshot, SNAPSHOT):
+        if due(snapshot, SNAPSHOT):
             self.publish_snapshot_and_timestamp(
-                conn, factory_id, channel, targets_version, now, view
+                conn, factory_id, channel, targets.version, now, view
             )
             return True
         if due(newest(TIMESTAMP), TIMESTAMP):
@@ -415,16 +424,3 @@ class Repository(OnlineKeys):
             )
             return True
         return False
-
-    def resign_ci_targets(self, conn: Connection, factory_id: int, now: datetime) -> int:
-        """Sign the CI targets again, same content, as the next version; return it."""
-        stored = self.read_file(conn, factory_id, Channel.CI, TARGETS, None)
-        assert stored is not None
-        current = Metadata[Targets].from_bytes(stored.body).signed
-        version = self.bump(conn, factory_id, Channel.CI, TARGETS)[TARGETS]
-        resigned = sign(
-            build_targets(version, expiry(now, self.settings.ci_targets_expiry), current.targets),
-            [self.online_signer(conn, factory_id, Channel.CI, TARGETS)],
-        )
-        self.store(conn, factory_id, Channel.CI, resigned)
-        return version

@@ -1,7 +1,9 @@
-"""Names of the views a channel serves: one per production tag, one per wave.
+"""Names of the views a channel serves: in CI one per hardware id and tag (ADR 0016), in
+production one per tag and one per wave (ADR 0007).
 
-A view is a set of targets, snapshot and timestamp files of one channel; devices of
-the production channel are each served one view. "" is the channel's default view.
+A view is a set of targets, snapshot and timestamp files of one channel; every device is
+served one view. "" is the channel's default view: what a view that has published
+nothing yet serves, and what readers that name no view get.
 """
 
 from __future__ import annotations
@@ -13,3 +15,8 @@ def tag_view(tag: str) -> str:
 
 def wave_view(name: str) -> str:
     return f"wave:{name}"
+
+
+def ci_view(hardware_id: str, tag: str) -> str:
+    # Labels hold no "/" (publishing.LABEL), so the name is unambiguous.
+    return f"ci:{hardware_id}/{tag}"

@@ -27,7 +27,7 @@ from tuf.api.metadata import Metadata, Root, TargetFile, Targets
 from tufa.core.clock import iso
 from tufa.core.metadata import TARGETS, Channel, build_targets, expiry, to_bytes
 from tufa.core.selection import custom_of, tags_of, target_version, version_key
-from tufa.server import devices
+from tufa.server import ci_views, devices
 from tufa.server.db import channels, targets, waves
 from tufa.server.exceptions import Conflict, InvalidInput, NotFound, RuleViolated
 from tufa.server.publishing import refuse_oversized_targets
@@ -99,12 +99,10 @@ class Waves:
                 f"version {version} of tag {tag!r} must be higher than every version released "
                 f"or attempted for it (highest so far: {highest})"
             )
-        ci = self.repo.read_file(conn, factory_id, Channel.CI, TARGETS, None)
-        assert ci is not None
         build = {
             name: _released_for(target, tag)
-            for name, target in Metadata[Targets].from_bytes(ci.body).signed.targets.items()
-            if target_version(target) == version and tag in tags_of(target)
+            for name, target in ci_views.listed(conn, factory_id, version=version).items()
+            if tag in tags_of(target)
         }
         if not build:
             raise InvalidInput(

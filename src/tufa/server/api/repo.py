@@ -5,8 +5,9 @@ client can use with consistent snapshots: `N.root.json`, `timestamp.json`,
 `N.snapshot.json`, `N.targets.json` (plus `root.json` for the newest root). Bytes come
 straight from storage with their ETag; versioned files are immutable and cacheable.
 
-`timestamp.json?tag=T` on the production channel gives a token holder the timestamp a
-production device of tag T is served (what `tufa targets offline-update --prod` bundles).
+`timestamp.json?tag=T` on the production channel, and `?hardware_id=H&tag=T` on CI, give
+a token holder the timestamp a device of that view is served (what `tufa targets
+offline-update` bundles).
 
 Target files are served only from blobs the factory uploaded itself; a production device
 gets only the targets its own view lists (its tag's release, or its wave), token holders
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,9 +36,10 @@ from tufa.server.db import blob_owners, factories, targets
 from tufa.server.errors import bad_request, not_found
 from tufa.server.principals import Scope, authenticate
 from tufa.server.publishing import LABEL
-from tufa.server.repository import DEFAULT_VIEW, StoredFile
+from tufa.server.repository import DEFAULT_VIEW
 from tufa.server.state import ServerState
-from tufa.server.views import tag_view
+from tufa.server.stored_files import StoredFile
+from tufa.server.views import ci_view, tag_view
 
 _VERSIONED = re.compile(r"^([1-9][0-9]{0,9})\.(root|snapshot|targets)\.json$")
 _LATEST = {"timestamp.json": TIMESTAMP, "root.json": ROOT}
@@ -100,11 +103,11 @@ def _authorize(
     secret: str | None,
     name: str,
     channel: Channel,
-    tag: str | None = None,
+    asked: str | None = None,
 ) -> _Reader:
     """The factory, if the caller may read `channel` of it, and the caller's view: a
-    production device's tag or wave; for a token, the production view of `tag` if one is
-    asked for; the channel's default view for everyone else."""
+    device's own view; for a token, the view `asked` for (`_asked_view`); the channel's
+    default view for everyone else."""
     principal = None
     if secret is not None:
         now = state.settings.clock.now()
@@ -116,22 +119,46 @@ def _authorize(
     if principal is None:
         if factory is None or not factory.anonymous_read:
             raise unauthorized(f"reading factory {name!r} needs a token or device credential")
-        if tag is not None:
+        if asked is not None:
             # Refused rather than ignored: the caller would silently take the default
-            # view for what the tag's devices are served.
-            raise unauthorized("reading a tag's timestamp (?tag=) needs a token")
+            # view for what the view's devices are served.
+            raise unauthorized("reading a view's timestamp (?tag=, ?hardware_id=) needs a token")
         return _Reader(factory, DEFAULT_VIEW, device=False)
     require_factory(principal, name, READERS, device_reads=True)
     if principal.kind == "device":
         if principal.channel != channel:
             raise forbidden(f"this device follows the {principal.channel} channel, not {channel}")
         return _Reader(factory, principal.view, device=True)
-    if tag is not None and channel is Channel.PROD:
-        if not LABEL.fullmatch(tag):
-            raise bad_request(f"?tag={tag!r} is not a tag: tags are labels such as 'main'")
-        # CI devices of any tag are served the default view, so only prod has tags.
-        return _Reader(factory, tag_view(tag), device=False)
-    return _Reader(factory, principal.view, device=False)
+    return _Reader(factory, principal.view if asked is None else asked, device=False)
+
+
+def _asked_view(channel: Channel, params: Mapping[str, str]) -> str | None:
+    """The view a token holder asks `timestamp.json` of: `?tag=` in production,
+    `?hardware_id=` and `?tag=` in CI, whose devices each follow one of each."""
+    asked = {field: params.get(field) for field in ("hardware_id", "tag")}
+    for field, label in asked.items():
+        if label is not None and not LABEL.fullmatch(label):
+            raise bad_request(
+                f"?{field}={label!r} is not a label: hardware ids and tags are labels such "
+                "as 'rpi4' or 'main'"
+            )
+    hardware_id, tag = asked["hardware_id"], asked["tag"]
+    if channel is Channel.PROD:
+        if hardware_id is not None:
+            raise bad_request(
+                "?hardware_id= names a CI view: production devices of a tag are all served "
+                "one view, so give only ?tag="
+            )
+        return None if tag is None else tag_view(tag)
+    if hardware_id is None and tag is None:
+        return None
+    if hardware_id is None or tag is None:
+        missing = "hardware_id" if hardware_id is None else "tag"
+        raise bad_request(
+            f"?{missing}= is missing: a CI device is served the view of its hardware id "
+            "and tag, so give both"
+        )
+    return ci_view(hardware_id, tag)
 
 
 def _lookup(
@@ -140,12 +167,12 @@ def _lookup(
     name: str,
     channel: Channel,
     filename: str,
-    tag: str | None = None,
+    asked: str | None = None,
 ) -> tuple[StoredFile, bool]:
     """Authenticate, authorise and find the file in one read transaction."""
     role, version = _parse_filename(filename)
     with state.db.read() as conn:
-        reader = _authorize(state, conn, secret, name, channel, tag)
+        reader = _authorize(state, conn, secret, name, channel, asked)
         stored = state.repo.read_file(conn, reader.factory.id, channel, role, version, reader.view)
     if stored is None:
         raise not_found(f"{filename} does not exist in the {channel} channel")
@@ -224,10 +251,10 @@ async def metadata(request: Request) -> Response:
     channel = _channel(request.path_params["channel"])
     filename = request.path_params["filename"]
     # Only timestamp.json depends on the view; versioned files name one file in all views.
-    tag = request.query_params.get("tag") if filename == "timestamp.json" else None
-    stored, public = await threaded(lambda: _lookup(state, secret, name, channel, filename, tag))
-    # A tag's timestamp is for token holders only: no shared cache may hand it on.
-    visibility = "public" if public and tag is None else "private"
+    asked = _asked_view(channel, request.query_params) if filename == "timestamp.json" else None
+    stored, public = await threaded(lambda: _lookup(state, secret, name, channel, filename, asked))
+    # A view's timestamp is for token holders only: no shared cache may hand it on.
+    visibility = "public" if public and asked is None else "private"
     versioned = version_of(filename) is not None
     headers = {
         "ETag": stored.etag,

@@ -16,6 +16,7 @@ from tufa.core import api_paths
 from tufa.core.clock import iso
 from tufa.core.metadata import TARGETS, Channel
 from tufa.core.selection import custom_of, hardware_ids_of, tags_of, target_version, version_key
+from tufa.server import ci_views
 from tufa.server.api.common import factory_caller, ok, reading, resource, threaded, writing
 from tufa.server.api.fields import field, json_object
 from tufa.server.blobs import grant
@@ -25,7 +26,7 @@ from tufa.server.principals import Scope
 from tufa.server.publishing import CiPublisher, PublishResult, parse_target
 from tufa.server.repository import DEFAULT_VIEW
 from tufa.server.state import ServerState
-from tufa.server.views import tag_view
+from tufa.server.views import ci_view, tag_view
 
 log = logging.getLogger("tufa.server")
 PUBLISHERS = {Scope.ADMIN, Scope.CI}
@@ -128,6 +129,8 @@ def _listed(
     channel: Channel,
     view: str = DEFAULT_VIEW,
 ) -> dict[str, TargetFile]:
+    if channel is Channel.CI:
+        return ci_views.listed(conn, factory_id, view=None if view == DEFAULT_VIEW else view)
     stored = state.repo.read_file(conn, factory_id, channel, TARGETS, None, view)
     assert stored is not None
     targets: dict[str, TargetFile] = Metadata[Targets].from_bytes(stored.body).signed.targets
@@ -142,8 +145,13 @@ async def list_all(request: Request) -> JSONResponse:
     channel = Channel(channel_name)
     tag = request.query_params.get("tag")
     hardware_id = request.query_params.get("hardware_id")
-    # Production targets are kept per tag: a tag's view is what its devices are served.
-    view = tag_view(tag) if channel == Channel.PROD and tag else DEFAULT_VIEW
+    # A view is what its devices are served: per tag in production, per hardware id and
+    # tag in CI.
+    view = DEFAULT_VIEW
+    if channel == Channel.PROD and tag:
+        view = tag_view(tag)
+    elif channel == Channel.CI and tag and hardware_id:
+        view = ci_view(hardware_id, tag)
     listed = await reading(state, lambda conn: _listed(state, conn, factory_id, channel, view))
     found = [
         target_json(t)
@@ -167,7 +175,9 @@ async def show(request: Request) -> JSONResponse:
         ).first()
         if row is None:
             raise not_found(f"no target named {name!r} was ever published")
-        listed_in = [c for c in Channel if name in _listed(state, conn, factory_id, c)]
+        listed_in = [Channel.CI] if row.pruned_at is None else []
+        if name in _listed(state, conn, factory_id, Channel.PROD):
+            listed_in.append(Channel.PROD)
         return {
             "name": row.name,
             "version": row.version,

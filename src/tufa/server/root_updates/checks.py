@@ -24,8 +24,8 @@ from tufa.core.root_update import (
 )
 from tufa.server.exceptions import InvalidInput, NotSigned, RuleViolated
 from tufa.server.online_keys import OnlineKeyids
-from tufa.server.repository import StoredFile
 from tufa.server.signatures import verify_signature
+from tufa.server.stored_files import StoredFile
 
 _SIGN_FIX = "sign with `tufa keys updates sign -k ARCHIVE`"
 

@@ -14,10 +14,10 @@ from tufa.core.metadata import ONLINE_ROLES, SNAPSHOT, TARGETS, TIMESTAMP, Chann
 from tufa.core.root_update import RootKeyPairs, StagedRoots
 from tufa.server.exceptions import Conflict, InvalidInput
 from tufa.server.online_keys import shares_online_keys
-from tufa.server.repository import StoredFile
 from tufa.server.root_updates import checks, staged, status
 from tufa.server.root_updates.status import Applied, Cancelled, RootUpdateStatus
 from tufa.server.state import ServerState
+from tufa.server.stored_files import StoredFile
 from tufa.server.waves import Waves
 
 MAX_MESSAGE = 200
