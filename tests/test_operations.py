@@ -283,3 +283,29 @@ def test_workers_serve_one_port_and_one_of_them_resigns(
         assert not re.search(r"Traceback|ERROR", local.log()), local.log()
     finally:
         local.stop()
+
+
+@pytest.mark.postgres
+def test_a_replica_standing_by_takes_over_the_resigner(
+    make_server: Callable[..., Server], make_db_url: Callable[[str], str | None]
+) -> None:
+    db_url = make_db_url("postgres")
+    args = ("--resign-interval", "1s")
+    first = make_server("postgres", extra_args=args, db_url=db_url)
+    shared_key = ("--master-key-file", str(first.local.data_dir / "master.key"))
+    second = make_server("postgres", extra_args=(*args, *shared_key), db_url=db_url)
+    second.local.operator_token = first.operator_token  # the first start chose it
+    deadline = time.monotonic() + 10
+    while "runs the background re-signer" not in first.local.log():
+        assert time.monotonic() < deadline, first.local.log()
+        time.sleep(0.2)
+    assert value(scrape(first), "tufa_resigner_active") == 1
+    assert value(scrape(second), "tufa_resigner_active") == 0
+    assert "this one stands by" in second.local.log()
+
+    first.local.stop()
+    deadline = time.monotonic() + 15
+    while "runs the background re-signer" not in second.local.log():
+        assert time.monotonic() < deadline, second.local.log()
+        time.sleep(0.2)
+    assert value(scrape(second), "tufa_resigner_active") == 1
