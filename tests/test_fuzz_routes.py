@@ -106,6 +106,8 @@ class FuzzWorld:
 
 SPECS: dict[tuple[str, str], Spec] = {
     ("GET", "/healthz"): Spec(callers=(ANONYMOUS,)),
+    ("GET", "/readyz"): Spec(callers=(ANONYMOUS,)),
+    ("GET", "/metrics"): Spec(callers=(OPERATOR,)),
     ("POST", "/api/v1/factories"): Spec(lambda _: {"name": "fuzzed"}, (OPERATOR,)),
     ("GET", "/api/v1/factories"): Spec(callers=(OPERATOR,)),
     ("GET", F): Spec(),

@@ -17,6 +17,10 @@ FACTORY_NAME = re.compile(r"[a-z0-9][a-z0-9-]{1,62}")
 
 # Answers 200 once the server serves (after its first re-signing pass).
 HEALTH = "/healthz"
+# Answers 200 while the database answers, 503 naming the problem otherwise.
+READY = "/readyz"
+# Prometheus metrics, for the operator token or the metrics token.
+METRICS = "/metrics"
 FACTORIES = "/api/v1/factories"
 FACTORY = f"{FACTORIES}/{{factory}}"
 # The operator replacing their own token over HTTP.

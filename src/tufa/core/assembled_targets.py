@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -22,6 +23,8 @@ from typing import Any
 from securesystemslib.formats import encode_canonical
 from securesystemslib.signer import Signer
 from tuf.api.metadata import TargetFile, Targets
+
+from tufa.core.metadata import report_signing
 
 JsonValue = bool | int | str | list[Any] | dict[str, Any] | None
 
@@ -91,7 +94,9 @@ def sign_assembled(
         canonical_json(header),
         (f"{canonical_json(e.name)}:{e.canonical}" for e in ordered),
     ).encode()
+    started = time.perf_counter()
     signatures = [signer.sign(signed_canonical).to_dict() for signer in signers]
+    report_signing(Targets.type, time.perf_counter() - started)
     signed_json = _join(
         _plain_json(header),
         (f"{json.dumps(e.name)}:{e.json}" for e in ordered),

@@ -1,4 +1,5 @@
-"""The ASGI application: routes, JSON errors, request size limits, and the re-signer."""
+"""The ASGI application: routes, JSON errors, request size limits, request metrics, and
+the re-signer."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from tufa.server.api import (
     devices,
     factories,
     keys,
+    ops,
     repo,
     root_updates,
     targets,
@@ -30,7 +32,9 @@ from tufa.server.api import (
 from tufa.server.api.common import Endpoint, refuse_unstorable_params
 from tufa.server.errors import ApiError, api_error_handler, error_body, refused_handler
 from tufa.server.exceptions import Refused
+from tufa.server.metrics import RESIGNER
 from tufa.server.publishing import MAX_PUBLISH_BYTES
+from tufa.server.resigner import ResignerLock
 from tufa.server.state import ServerState
 
 log = logging.getLogger("tufa.server")
@@ -104,6 +108,7 @@ ROUTES = [
     Route(route.path, _checked(route.endpoint), methods=route.methods)
     for route in (
         Route(api_paths.HEALTH, health),
+        *ops.routes,
         *factories.routes,
         *keys.routes,
         *root_updates.routes,
@@ -129,7 +134,7 @@ async def internal_error(_request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-async def _resign_pass(state: ServerState) -> None:
+async def resign_pass(state: ServerState) -> None:
     try:
         refreshed = await run_in_threadpool(state.repo.resign_due)
         if refreshed:
@@ -141,21 +146,38 @@ async def _resign_pass(state: ServerState) -> None:
         )
 
 
-async def _resign_forever(state: ServerState) -> None:
+async def _take_turn(lock: ResignerLock) -> bool:
+    held = await run_in_threadpool(lock.take)
+    RESIGNER.set(1 if held else 0)
+    return held
+
+
+async def _resign_forever(state: ServerState, lock: ResignerLock) -> None:
+    """Every interval, re-sign what is due, in the one process that holds the lock."""
+    if not await _take_turn(lock):
+        log.info("the background re-signer runs in another process; this one stands by")
     while True:
         await asyncio.sleep(state.settings.resign_interval.total_seconds())
-        await _resign_pass(state)
+        if await _take_turn(lock):
+            await resign_pass(state)
 
 
-def create_app(state: ServerState) -> Starlette:
+def create_app(state: ServerState, *, first_resign_pass: bool = True) -> Starlette:
+    """The application. `first_resign_pass=False` for workers whose parent process
+    already ran the start-up pass before starting them."""
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         task = None
+        lock = ResignerLock(state.db)
+        RESIGNER.set(0)
         if state.settings.resign_enabled:
             # The first pass runs before the server answers anything: after downtime no
             # device is served a timestamp that had expired while the server was down.
-            await _resign_pass(state)
-            task = asyncio.create_task(_resign_forever(state))
+            # Every replica runs it (it is safe at once); only the loop takes turns.
+            if first_resign_pass:
+                await resign_pass(state)
+            task = asyncio.create_task(_resign_forever(state, lock))
         try:
             yield
         finally:
@@ -163,6 +185,7 @@ def create_app(state: ServerState) -> Starlette:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            await run_in_threadpool(lock.release)
             state.db.dispose()
 
     app = Starlette(
@@ -181,4 +204,6 @@ def create_app(state: ServerState) -> Starlette:
         max_bytes=state.settings.max_body_bytes,
         max_blob_bytes=state.settings.max_blob_bytes,
     )
+    # Outermost, so that it counts what the others refuse too.
+    app.add_middleware(ops.RequestMetrics)
     return app

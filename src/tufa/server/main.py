@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -15,12 +17,14 @@ import uvicorn
 from cryptography.exceptions import InvalidTag
 from sqlalchemy import Connection, insert, select
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.applications import Starlette
 
 from tufa.core.durations import parse_duration
 from tufa.core.files import default_database_url
 from tufa.core.keys import KeyType
 from tufa.server import ci_views
-from tufa.server.app import create_app
+from tufa.server import workers as worker_handover
+from tufa.server.app import create_app, resign_pass
 from tufa.server.blobs import BlobStore
 from tufa.server.db import Database, server_facts, tokens
 from tufa.server.principals import OPERATOR_SCOPE
@@ -144,6 +148,20 @@ def duration_option(flag: str, default: str, help: str | None = None) -> Callabl
     show_default=True,
     type=click.Choice(["debug", "info", "warning", "error"]),
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    envvar="TUFA_WORKERS",
+    help="Server processes sharing the port; one of them runs the re-signer.",
+)
+@click.option(
+    "--metrics-token",
+    envvar="TUFA_METRICS_TOKEN",
+    help="A secret (32 to 256 characters) that may read /metrics and nothing else; "
+    "the operator token may always read it.",
+)
 def run(
     data_dir: Path,
     db_url: str | None,
@@ -162,6 +180,8 @@ def run(
     no_resign: bool,
     clock_offset_file: Path | None,
     log_level: str,
+    workers: int,
+    metrics_token: str | None,
 ) -> None:
     """Run the HTTP service.
 
@@ -175,12 +195,16 @@ def run(
     Examples:
       tufa-server run --data-dir /var/lib/tufa
       tufa-server run --db postgresql+psycopg://tufa@db.example/tufa --port 9000
+      tufa-server run --db postgresql+psycopg://tufa@db.example/tufa --workers 4
     """
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # python-tuf logs every missing signature at INFO; that is routine while signing.
-    logging.getLogger("tuf").setLevel(logging.WARNING)
+    _configure_logging(log_level)
+    if metrics_token is not None and not _secret_shaped(metrics_token):
+        raise click.BadParameter(
+            f"must be {MIN_OPERATOR_TOKEN} to {MAX_OPERATOR_TOKEN} printable ASCII characters "
+            f"without spaces; it has {len(metrics_token)}. Choose a random one, e.g. "
+            "$(openssl rand -hex 32)",
+            param_hint="--metrics-token",
+        )
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     settings = Settings(
         data_dir=data_dir,
@@ -199,12 +223,56 @@ def run(
         resign_interval=resign_interval,
         resign_enabled=not no_resign,
         clock=OffsetClock(clock_offset_file) if clock_offset_file else Clock(),
+        metrics_token_sha256=hashlib.sha256(metrics_token.encode()).hexdigest()
+        if metrics_token
+        else None,
     )
     try:
         state = open_state(settings)
     except Exception as e:
         raise click.ClickException(f"cannot start: {e}") from e
-    uvicorn.run(create_app(state), host=host, port=port, log_level=log_level, access_log=False)
+    if workers == 1:
+        uvicorn.run(create_app(state), host=host, port=port, log_level=log_level, access_log=False)
+        return
+    # Start-up work happens once, here, before any worker serves: migrations, the
+    # operator token (printed once), and the first re-signing pass.
+    if settings.resign_enabled:
+        asyncio.run(resign_pass(state))
+    state.db.dispose()
+    worker_handover.hand_over(settings, log_level)
+    uvicorn.run(
+        f"{__name__}:worker_app",
+        factory=True,
+        workers=workers,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+    )
+
+
+def worker_app() -> Starlette:
+    """One worker of `run --workers N`: the state its parent prepared, opened again."""
+    settings, log_level = worker_handover.handed_over()
+    _configure_logging(log_level)
+    master_key = MasterKey.load(settings.master_key_path)
+    db = Database(settings.db_url)
+    state = ServerState(
+        settings=settings,
+        db=db,
+        master_key=master_key,
+        repo=Repository(db, master_key, settings),
+        blobs=BlobStore(settings.blob_path),
+    )
+    return create_app(state, first_resign_pass=False)
+
+
+def _configure_logging(log_level: str) -> None:
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # python-tuf logs every missing signature at INFO; that is routine while signing.
+    logging.getLogger("tuf").setLevel(logging.WARNING)
 
 
 @cli.command("rotate-operator-token")
@@ -314,12 +382,7 @@ def chosen_operator_token() -> str | None:
     chosen = os.environ.get("TUFA_OPERATOR_TOKEN") or None
     if chosen is None:
         return None
-    if not (
-        MIN_OPERATOR_TOKEN <= len(chosen) <= MAX_OPERATOR_TOKEN
-        and chosen.isascii()
-        and chosen.isprintable()
-        and " " not in chosen
-    ):
+    if not _secret_shaped(chosen):
         raise RuntimeError(
             f"TUFA_OPERATOR_TOKEN must be {MIN_OPERATOR_TOKEN} to {MAX_OPERATOR_TOKEN} "
             f"printable ASCII characters without spaces; it has {len(chosen)} characters. "
@@ -329,6 +392,16 @@ def chosen_operator_token() -> str | None:
             "rotate-operator-token`)"
         )
     return chosen
+
+
+def _secret_shaped(chosen: str) -> bool:
+    """Long enough to be a secret (stored as a fast SHA-256, ADR 0005), fits a header."""
+    return (
+        MIN_OPERATOR_TOKEN <= len(chosen) <= MAX_OPERATOR_TOKEN
+        and chosen.isascii()
+        and chosen.isprintable()
+        and " " not in chosen
+    )
 
 
 def _has_operator_token(conn: Connection) -> bool:

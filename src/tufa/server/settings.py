@@ -59,6 +59,8 @@ class Settings:
     clock: Clock = field(default_factory=Clock)
     master_key_file: Path | None = None
     online_key_type: KeyType = KeyType.ED25519
+    # SHA-256 (hex) of the token that may read /metrics besides the operator token.
+    metrics_token_sha256: str | None = None
 
     @property
     def blob_path(self) -> Path:

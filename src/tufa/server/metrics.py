@@ -1,0 +1,283 @@
+"""What the server tells Prometheus (`GET /metrics`), in the text exposition format.
+
+Counted as they happen, in each process: requests and their latency by route class
+(never the raw path, which names factories, devices and tokens' ids), CI publishes and
+their duration, and the time each metadata file takes to sign. Read from the database
+at every scrape, so that every replica tells the same truth: how long each channel's
+metadata has until it expires, and how many devices each active wave serves.
+
+With several worker processes (`tufa-server run --workers N`) the counters live in
+prometheus-client's multiprocess mode: files in PROMETHEUS_MULTIPROC_DIR, summed over
+the workers at each scrape, so any worker answers for all of them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Final
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import Connection, func, literal, select, text, union
+
+from tufa.core import api_paths, metadata
+from tufa.core.metadata import ROOT, TOP_LEVEL_ROLES, Channel
+from tufa.server.db import (
+    ChannelName,
+    Database,
+    channels,
+    devices,
+    factories,
+    metadata_files,
+    waves,
+)
+from tufa.server.settings import Clock
+from tufa.server.views import tag_view, wave_view
+from tufa.server.waves import ACTIVE
+
+CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
+# Decided when the module is first imported, as prometheus-client decides it.
+MULTIPROCESS: Final = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+
+# The metrics this process counts; with several workers each also writes its values
+# to the shared directory, and a scrape reads them all from there.
+_REGISTRY = CollectorRegistry()
+
+REQUESTS = Counter(
+    "tufa_http_requests",
+    "HTTP requests answered, by route class, method and status code.",
+    ["route_class", "method", "status"],
+    registry=_REGISTRY,
+)
+REQUEST_SECONDS = Histogram(
+    "tufa_http_request_duration_seconds",
+    "Time from a request's arrival to the end of its answer, by route class.",
+    ["route_class"],
+    registry=_REGISTRY,
+)
+PUBLISH_SECONDS = Histogram(
+    "tufa_publish_duration_seconds",
+    "CI publishes (targets add, prune, delete) and their duration, by action and status.",
+    ["action", "status"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+    registry=_REGISTRY,
+)
+SIGNING_SECONDS = Histogram(
+    "tufa_signing_duration_seconds",
+    "Time to sign one metadata file with the keys given, by role.",
+    ["role"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+    registry=_REGISTRY,
+)
+RESIGNER = Gauge(
+    "tufa_resigner_active",
+    "1 in the process that runs the background re-signer, 0 in those standing by.",
+    multiprocess_mode="liveall",
+    registry=_REGISTRY,
+)
+WORKER_REQUESTS = Gauge(
+    "tufa_worker_requests",
+    "Requests this server process answered (labelled by pid when several workers run).",
+    multiprocess_mode="liveall",
+    registry=_REGISTRY,
+)
+
+# The *_created series would only double a scrape's size.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+metadata.sign_observers.append(lambda role, seconds: SIGNING_SECONDS.labels(role).observe(seconds))
+
+
+def _template(path: str) -> re.Pattern[str]:
+    """A route template of api_paths as a pattern: each `{field}` is one path segment."""
+    parts = re.split(r"(\{[a-z_0-9]+\})", path)
+    return re.compile("".join("[^/]+" if p.startswith("{") else re.escape(p) for p in parts))
+
+
+# Route classes: a fixed, small set of label values whatever the paths requested.
+_CLASSES = (
+    ("health", _template(api_paths.HEALTH)),
+    ("health", _template(api_paths.READY)),
+    ("metrics", _template(api_paths.METRICS)),
+    ("metadata", _template(api_paths.METADATA_FILE)),
+    ("target", _template(api_paths.TARGET_FILE)),
+    ("blob", _template(api_paths.BLOB)),
+)
+_PUBLISHES = (
+    ("add", _template(api_paths.TARGETS)),
+    ("prune", _template(api_paths.PRUNE_TARGETS)),
+    ("delete", _template(api_paths.DELETE_TARGETS)),
+)
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def route_class(path: str) -> str:
+    """`health`, `metrics`, `metadata`, `target`, `blob`, `api` or `other`."""
+    for name, pattern in _CLASSES:
+        if pattern.fullmatch(path):
+            return name
+    return "api" if path.startswith("/api/") else "other"
+
+
+def publish_action(method: str, path: str) -> str | None:
+    """Which CI publish a request is (`add`, `prune`, `delete`), or None."""
+    if method != "POST":
+        return None
+    for action, pattern in _PUBLISHES:
+        if pattern.fullmatch(path):
+            return action
+    return None
+
+
+def observe_request(method: str, path: str, status: int, seconds: float) -> None:
+    """Count one answered request."""
+    kind = route_class(path)
+    shown_method = method if method in _METHODS else "other"
+    REQUESTS.labels(kind, shown_method, str(status)).inc()
+    REQUEST_SECONDS.labels(kind).observe(seconds)
+    WORKER_REQUESTS.inc()
+    action = publish_action(method, path)
+    if action is not None:
+        PUBLISH_SECONDS.labels(action, str(status)).observe(seconds)
+
+
+def check_database(db: Database) -> None:
+    """Raise unless the database answers a query."""
+    with db.read() as conn:
+        conn.execute(text("SELECT 1"))
+
+
+class DatabaseCollector(Collector):
+    """Gauges read from the database at each scrape.
+
+    The cost is bounded by the number of channels and waves, not by history: the
+    newest file of each role is one index probe (metadata_files' primary key leads
+    with factory, channel, view, role, version) per channel and per view a wave made.
+    """
+
+    def __init__(self, db: Database, clock: Clock) -> None:
+        self.db = db
+        self.clock = clock
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        up = GaugeMetricFamily(
+            "tufa_database_up", "1 if the scrape could read the database, 0 if it could not."
+        )
+        try:
+            with self.db.read() as conn:
+                expiry = _expiry_family(conn, self.clock.now())
+                wave_devices = _wave_family(conn)
+        except Exception:
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield expiry
+        yield wave_devices
+
+
+def _expiry_family(conn: Connection, now: datetime) -> GaugeMetricFamily:
+    """Seconds until the soonest expiry among the newest files of each channel's views."""
+    channel = literal(Channel.PROD, ChannelName)
+    views = union(
+        select(channels.c.factory_id, channels.c.channel, literal("").label("view")),
+        select(waves.c.factory_id, channel, literal(wave_view("")) + waves.c.name),
+        select(waves.c.factory_id, channel, literal(tag_view("")) + waves.c.tag),
+    ).subquery("views")
+
+    def newest_expiry(role: str) -> object:
+        newest = metadata_files.alias(f"newest_{role}")
+        view = literal("") if role == ROOT else views.c.view
+        return (
+            select(newest.c.expires)
+            .where(
+                newest.c.factory_id == views.c.factory_id,
+                newest.c.channel == views.c.channel,
+                newest.c.view == view,
+                newest.c.role == role,
+            )
+            .order_by(newest.c.version.desc())
+            .limit(1)
+            .scalar_subquery()
+            .label(role)
+        )
+
+    query = select(
+        factories.c.name, views.c.channel, *(newest_expiry(r) for r in TOP_LEVEL_ROLES)
+    ).join_from(views, factories, factories.c.id == views.c.factory_id)
+    soonest: dict[tuple[str, str, str], datetime] = {}
+    for row in conn.execute(query):
+        for role in TOP_LEVEL_ROLES:
+            expires = row._mapping[role]
+            key = (row.name, str(row.channel), role)
+            if expires is not None and (key not in soonest or expires < soonest[key]):
+                soonest[key] = expires
+    family = GaugeMetricFamily(
+        "tufa_metadata_expires_in_seconds",
+        "Seconds until a role's metadata of a factory's channel expires (the soonest of "
+        "the channel's views); negative once expired.",
+        labels=["factory", "channel", "role"],
+    )
+    for (factory, channel_name, role), expires in sorted(soonest.items()):
+        family.add_metric([factory, channel_name, role], (expires - now).total_seconds())
+    return family
+
+
+def _wave_family(conn: Connection) -> GaugeMetricFamily:
+    """How many devices each active wave serves, and how many reported it installed."""
+    served = (
+        select(func.count())
+        .select_from(devices)
+        .where(
+            devices.c.factory_id == waves.c.factory_id,
+            devices.c.view == literal(wave_view("")) + waves.c.name,
+            devices.c.revoked_at.is_(None),
+        )
+    )
+    installed = served.where(devices.c.installed_version == waves.c.version)
+    query = (
+        select(
+            factories.c.name.label("factory"),
+            waves.c.name.label("wave"),
+            served.scalar_subquery().label("served"),
+            installed.scalar_subquery().label("installed"),
+        )
+        .join_from(waves, factories, factories.c.id == waves.c.factory_id)
+        .where(waves.c.status == ACTIVE)
+    )
+    family = GaugeMetricFamily(
+        "tufa_wave_devices",
+        "Devices an active wave serves (state=served), and those of them that reported "
+        "its version installed (state=installed).",
+        labels=["factory", "wave", "state"],
+    )
+    for row in conn.execute(query):
+        family.add_metric([row.factory, row.wave, "served"], row.served)
+        family.add_metric([row.factory, row.wave, "installed"], row.installed)
+    return family
+
+
+def exposition(db: Database, clock: Clock) -> bytes:
+    """The text a scrape answers: this process's (or every worker's) counters, then the
+    gauges read from the database."""
+    if MULTIPROCESS:
+        counted = CollectorRegistry()
+        multiprocess.MultiProcessCollector(counted)  # type: ignore[no-untyped-call]
+    else:
+        counted = _REGISTRY
+    from_db = CollectorRegistry()
+    from_db.register(DatabaseCollector(db, clock))
+    return generate_latest(counted) + generate_latest(from_db)
