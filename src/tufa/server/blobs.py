@@ -26,7 +26,7 @@ from pathlib import Path
 from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from tufa.server.db import blob_owners
+from tufa.server.db import blob_owners, one_of
 from tufa.server.exceptions import InvalidInput, TooLarge
 
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
@@ -101,7 +101,7 @@ def owned_lengths(conn: Connection, factory_id: int, digests: Iterable[str]) -> 
     """SHA-256 -> length of the blobs among `digests` that the factory uploaded."""
     rows = conn.execute(
         select(blob_owners.c.sha256, blob_owners.c.length).where(
-            blob_owners.c.factory_id == factory_id, blob_owners.c.sha256.in_(set(digests))
+            blob_owners.c.factory_id == factory_id, one_of(conn, blob_owners.c.sha256, set(digests))
         )
     ).all()
     return {row.sha256: row.length for row in rows}

@@ -15,12 +15,12 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, bindparam, delete, distinct, insert, literal, select, update
+from sqlalchemy import Connection, delete, distinct, insert, literal, select, update
 from tuf.api.metadata import TargetFile
 
 from tufa.core.assembled_targets import EncodedEntry, encode_entry, sign_assembled
 from tufa.core.metadata import TARGETS, Channel, expiry
-from tufa.server.db import ci_view_targets, devices, targets
+from tufa.server.db import ci_view_targets, devices, one_of, targets
 from tufa.server.stored_files import NewFile
 from tufa.server.views import ci_view
 
@@ -30,18 +30,22 @@ if TYPE_CHECKING:
 # Views signed per query and insert: bounds the memory a key rotation over many views
 # takes, while a publish of one build is one group.
 _VIEWS_PER_GROUP = 500
-_ENTRIES_OF_VIEWS = (
-    select(ci_view_targets.c.view, targets.c.name, targets.c.entry, targets.c.entry_canonical)
-    .join(
-        targets,
-        (ci_view_targets.c.factory_id == targets.c.factory_id)
-        & (ci_view_targets.c.name == targets.c.name),
+
+
+def _entries_of(conn: Connection, factory_id: int, views: list[str]) -> Any:
+    """The stored entries of the targets `views` list, with the view of each."""
+    return conn.execute(
+        select(ci_view_targets.c.view, targets.c.name, targets.c.entry, targets.c.entry_canonical)
+        .join(
+            targets,
+            (ci_view_targets.c.factory_id == targets.c.factory_id)
+            & (ci_view_targets.c.name == targets.c.name),
+        )
+        .where(
+            ci_view_targets.c.factory_id == factory_id,
+            one_of(conn, ci_view_targets.c.view, views),
+        )
     )
-    .where(
-        ci_view_targets.c.factory_id == bindparam("factory_id"),
-        ci_view_targets.c.view.in_(bindparam("views", expanding=True)),
-    )
-)
 
 
 def views_of(custom: dict[str, Any]) -> set[str]:
@@ -77,7 +81,10 @@ def list_in_views(conn: Connection, factory_id: int, listed: dict[str, set[str]]
 
 def unlist(conn: Connection, factory_id: int, names: list[str]) -> set[str]:
     """Take the targets `names` out of every view; return the views that listed them."""
-    where = (ci_view_targets.c.factory_id == factory_id, ci_view_targets.c.name.in_(names))
+    where = (
+        ci_view_targets.c.factory_id == factory_id,
+        one_of(conn, ci_view_targets.c.name, names),
+    )
     views = set(conn.execute(select(distinct(ci_view_targets.c.view)).where(*where)).scalars())
     conn.execute(delete(ci_view_targets).where(*where))
     return views
@@ -98,7 +105,7 @@ def publish(
     for start in range(0, len(ordered), _VIEWS_PER_GROUP):
         group = ordered[start : start + _VIEWS_PER_GROUP]
         entries: dict[str, list[EncodedEntry]] = {view: [] for view in group}
-        for row in conn.execute(_ENTRIES_OF_VIEWS, {"factory_id": factory_id, "views": group}):
+        for row in _entries_of(conn, factory_id, group):
             entries[row.view].append(
                 EncodedEntry(row.name, row.entry, row.entry_canonical or row.entry)
             )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,16 +35,33 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    any_,
+    bindparam,
     create_engine,
     event,
     false,
     select,
     text,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.sql.elements import ColumnElement
 
 from tufa.core.metadata import Channel
 
 log = logging.getLogger("tufa.server")
+
+
+def one_of(
+    conn: Connection, column: ColumnElement[str], values: Collection[str]
+) -> ColumnElement[bool]:
+    """`column IN values`, fast for long lists on both backends.
+
+    On PostgreSQL the list is one array parameter: after five runs psycopg prepares a
+    statement, and the generic plan of an IN list of 1,000 parameters filters the whole
+    table (measured: 2 s per publish at 40,000 targets, instead of a few milliseconds)."""
+    if conn.dialect.name == "postgresql":
+        return column == any_(bindparam(None, list(values), type_=ARRAY(String)))
+    return column.in_(values)
 
 
 class UTCDateTime(TypeDecorator[datetime]):

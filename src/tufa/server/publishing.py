@@ -23,7 +23,7 @@ from tufa.core.metadata import TARGETS, Channel
 from tufa.core.selection import target_version, version_key
 from tufa.server import ci_views
 from tufa.server.blobs import SHA256_PATTERN, owned_lengths
-from tufa.server.db import ci_view_targets
+from tufa.server.db import ci_view_targets, one_of
 from tufa.server.db import targets as targets_table
 from tufa.server.exceptions import Conflict, InvalidInput, NotFound, TargetsTooLarge
 from tufa.server.inputs import refuse_unsignable_json
@@ -225,7 +225,7 @@ class CiPublisher:
                 for row in conn.execute(
                     select(targets_table).where(
                         targets_table.c.factory_id == factory_id,
-                        targets_table.c.name.in_(names),
+                        one_of(conn, targets_table.c.name, names),
                     )
                 )
             }
@@ -271,7 +271,7 @@ class CiPublisher:
                     update(targets_table)
                     .where(
                         targets_table.c.factory_id == factory_id,
-                        targets_table.c.name.in_([spec.name for spec in relisted]),
+                        one_of(conn, targets_table.c.name, [spec.name for spec in relisted]),
                     )
                     .values(pruned_at=None)
                 )
@@ -343,7 +343,7 @@ class CiPublisher:
                 conn.execute(
                     select(targets_table.c.name).where(
                         targets_table.c.factory_id == factory_id,
-                        targets_table.c.name.in_(names),
+                        one_of(conn, targets_table.c.name, names),
                         targets_table.c.pruned_at.is_(None),
                     )
                 ).scalars()
@@ -365,7 +365,10 @@ class CiPublisher:
             return self._publish(conn, factory_id, set(), now)
         conn.execute(
             update(targets_table)
-            .where(targets_table.c.factory_id == factory_id, targets_table.c.name.in_(names))
+            .where(
+                targets_table.c.factory_id == factory_id,
+                one_of(conn, targets_table.c.name, names),
+            )
             .values(pruned_at=now)
         )
         return self._publish(conn, factory_id, ci_views.unlist(conn, factory_id, names), now)
