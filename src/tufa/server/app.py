@@ -28,8 +28,10 @@ from tufa.server.api import (
     waves,
 )
 from tufa.server.api.common import Endpoint, refuse_unstorable_params
+from tufa.server.api.poll import PollPath
 from tufa.server.errors import ApiError, api_error_handler, error_body, refused_handler
 from tufa.server.exceptions import Refused
+from tufa.server.poll_cache import stamps_for
 from tufa.server.state import ServerState
 
 log = logging.getLogger("tufa.server")
@@ -143,6 +145,8 @@ async def _resign_forever(state: ServerState) -> None:
 
 
 def create_app(state: ServerState) -> Starlette:
+    stamps = stamps_for(state.db.url)
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         task = None
@@ -158,6 +162,7 @@ def create_app(state: ServerState) -> Starlette:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            await stamps.close()
             state.db.dispose()
 
     app = Starlette(
@@ -175,5 +180,13 @@ def create_app(state: ServerState) -> Starlette:
         BodySizeLimit,
         max_bytes=state.settings.max_body_bytes,
         max_blob_bytes=state.settings.max_blob_bytes,
+    )
+    # Outermost: a cached poll skips routing and the other layers (ADR 0014).
+    app.add_middleware(
+        PollPath,
+        cache=state.poll,
+        repo=state.repo,
+        stamps=stamps,
+        now=state.settings.clock.now,
     )
     return app

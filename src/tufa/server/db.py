@@ -108,6 +108,11 @@ factories = Table(
     Column("anonymous_read", Boolean, nullable=False, default=False),
     Column("created_at", UTCDateTime, nullable=False),
     Column("archive_downloaded_at", UTCDateTime),
+    # Bumped by triggers (migration 0009) in the transaction of every change to who may
+    # read the factory, and to its metadata files: a server's poll cache is valid while
+    # they stand still (ADR 0014).
+    Column("auth_generation", BigInteger, nullable=False, server_default="0"),
+    Column("metadata_generation", BigInteger, nullable=False, server_default="0"),
 )
 
 # One row per factory and channel: the version counters that every view of the channel
