@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, select, update
+from sqlalchemy import create_engine, select, text, update
 from sqlalchemy.pool import NullPool
 
 from tests.conftest import BACKENDS
@@ -227,3 +227,28 @@ def _row(server: Server, name: str) -> tuple[int, int]:
         ).one()
     engine.dispose()
     return int(row.id), int(row.auth_generation)
+
+
+def test_a_lost_database_connection_falls_back_then_reconnects(
+    pair: tuple[Server, Server],
+) -> None:
+    """PostgreSQL drops every connection of the servers (a restart, a failover): polls
+    are still answered, by the full handler until the generation query reconnects."""
+    if pair[0].backend != "postgres":
+        pytest.skip("SQLite has no connection to lose")
+    here, there = _factories(pair)
+    device = here.register_device("ci")["credential"]
+    expected = _warm(there, device).content
+    _sql(
+        pair[0],
+        text(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ),
+    )
+    for _ in range(3):
+        answer = _poll(there, device)
+        assert answer.status_code == 200, answer.text
+        assert answer.content == expected
+    # The generation query's connection was lost, and said so once.
+    assert there.server.local.log().count("poll cache: cannot read factory generations") == 1

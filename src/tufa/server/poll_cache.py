@@ -9,18 +9,17 @@ those counters in the transaction of every change (migration 0009), so an entry 
 used only while one query, made after the request arrived, still reads the same
 number. That query is the only database work of a cached poll:
 
-* SQLite: a read of the factory's row on a connection of this process's event loop
-  (microseconds; no thread hop);
-* PostgreSQL: one query on a connection of the event loop, shared by every request that
-  arrived before it was sent (requests that arrive while it runs wait for the next one).
-
-Either way a change committed before a request arrived is seen by that request, on
-every process sharing the database.
+one read of the factory's row, on a connection of the event loop (no thread hop; for
+SQLite a blocking read of microseconds), shared by every request that arrived before it
+was sent; requests that arrive while it runs wait for the next one. So a change
+committed before a request arrived is seen by that request, on every process sharing
+the database.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -114,58 +113,25 @@ class PollCache:
         self._newest[(factory_id, channel, view, role)] = _Newest(file, generation)
 
 
-_STAMP_SQL = (
-    "SELECT id, anonymous_read, auth_generation, metadata_generation FROM factories WHERE name = {}"
-)
+class Stamps:
+    """Factory stamps as committed when asked. A request waits for a query that starts
+    after it arrived; all the requests waiting then share that one query, so under load
+    one query answers many polls, and none is answered from a query older than itself."""
 
-
-class SqliteStamps:
-    """Factory stamps read on the caller's thread, each statement its own snapshot."""
-
-    def __init__(self, url: str) -> None:
-        self._path = make_url(url).database
-        self._conn: sqlite3.Connection | None = None
-
-    async def stamp(self, name: str) -> FactoryStamp | None:
-        """The factory's stamp as committed now; None if there is no such factory.
-        Raises `sqlite3.Error` if the database cannot be read (the caller falls back)."""
-        if self._conn is None:
-            # A connection of its own that only reads: short waits, never a write lock.
-            conn = sqlite3.connect(str(self._path), timeout=0.2, check_same_thread=False)
-            conn.isolation_level = None
-            conn.execute("PRAGMA query_only=1")
-            self._conn = conn
-        try:
-            row = self._conn.execute(_STAMP_SQL.format("?"), (name,)).fetchone()
-        except sqlite3.Error:
-            await self.close()
-            raise
-        return None if row is None else FactoryStamp(row[0], bool(row[1]), row[2], row[3])
-
-    async def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-
-class PostgresStamps:
-    """Factory stamps from one connection on the event loop. Each request waits for a
-    query sent after it arrived; all requests waiting then share that one query."""
-
-    def __init__(self, url: str) -> None:
-        parsed = make_url(url).set(drivername="postgresql")
-        self._conninfo = parsed.render_as_string(hide_password=False)
-        self._conn: Any = None
+    def __init__(self) -> None:
         self._waiting: list[tuple[str, asyncio.Future[FactoryStamp | None]]] = []
         self._running = False
+        self._task: asyncio.Task[None] | None = None
 
     async def stamp(self, name: str) -> FactoryStamp | None:
-        """As `SqliteStamps.stamp`; raises `psycopg.Error` if the database cannot be read."""
-        future: asyncio.Future[FactoryStamp | None] = asyncio.get_running_loop().create_future()
+        """The factory's stamp; None if there is no such factory. Raises the driver's
+        error if the database cannot be read (the caller falls back to the full path)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[FactoryStamp | None] = loop.create_future()
         self._waiting.append((name, future))
         if not self._running:
             self._running = True
-            asyncio.get_running_loop().create_task(self._drain())
+            self._task = loop.create_task(self._drain())  # held: a task may be collected
         return await future
 
     async def _drain(self) -> None:
@@ -175,7 +141,8 @@ class PostgresStamps:
                 try:
                     found = await self._query({name for name, _ in batch})
                 except Exception as e:
-                    await self.close()
+                    with contextlib.suppress(Exception):
+                        await self.close()  # the next batch connects again
                     for _, future in batch:
                         if not future.done():
                             future.set_exception(e)
@@ -187,6 +154,56 @@ class PostgresStamps:
             self._running = False
 
     async def _query(self, names: set[str]) -> dict[str, FactoryStamp]:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+
+_STAMP_COLUMNS = "name, id, anonymous_read, auth_generation, metadata_generation"
+
+
+def _stamps(rows: Any) -> dict[str, FactoryStamp]:
+    return {row[0]: FactoryStamp(row[1], bool(row[2]), row[3], row[4]) for row in rows}
+
+
+class SqliteStamps(Stamps):
+    """Stamps read on the event loop's own thread, each statement its own snapshot: a
+    blocking call of microseconds, since WAL readers wait for no writer."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self._path = make_url(url).database
+        self._conn: sqlite3.Connection | None = None
+
+    async def _query(self, names: set[str]) -> dict[str, FactoryStamp]:
+        conn = self._conn
+        if conn is None:
+            # A connection of its own that only reads: short waits, never a write lock.
+            conn = sqlite3.connect(str(self._path), timeout=0.2, check_same_thread=False)
+            conn.isolation_level = None
+            conn.execute("PRAGMA query_only=1")
+            self._conn = conn
+        marks = ", ".join("?" * len(names))
+        query = f"SELECT {_STAMP_COLUMNS} FROM factories WHERE name IN ({marks})"  # noqa: S608
+        return _stamps(conn.execute(query, tuple(names)).fetchall())
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            conn.close()
+
+
+class PostgresStamps(Stamps):
+    """Stamps from one connection on the event loop."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        parsed = make_url(url).set(drivername="postgresql")
+        self._conninfo = parsed.render_as_string(hide_password=False)
+        self._conn: Any = None
+
+    async def _query(self, names: set[str]) -> dict[str, FactoryStamp]:
         import psycopg  # the server's PostgreSQL driver; SQLite servers never load it
 
         if self._conn is None:
@@ -194,21 +211,16 @@ class PostgresStamps:
                 self._conninfo, autocommit=True, connect_timeout=5
             )
         cursor = await self._conn.execute(
-            "SELECT name, id, anonymous_read, auth_generation, metadata_generation "
-            "FROM factories WHERE name = ANY(%s)",
+            f"SELECT {_STAMP_COLUMNS} FROM factories WHERE name = ANY(%s)",  # noqa: S608
             (list(names),),
             prepare=True,
         )
-        rows = await cursor.fetchall()
-        return {row[0]: FactoryStamp(row[1], bool(row[2]), row[3], row[4]) for row in rows}
+        return _stamps(await cursor.fetchall())
 
     async def close(self) -> None:
         if self._conn is not None:
             conn, self._conn = self._conn, None
             await conn.close()
-
-
-Stamps = SqliteStamps | PostgresStamps
 
 
 def stamps_for(url: str) -> Stamps:
