@@ -144,7 +144,7 @@ async def _resign_forever(state: ServerState) -> None:
         await _resign_pass(state)
 
 
-def create_app(state: ServerState) -> Starlette:
+def create_app(state: ServerState) -> ASGIApp:
     stamps = stamps_for(state.db.url)
 
     @contextlib.asynccontextmanager
@@ -155,6 +155,7 @@ def create_app(state: ServerState) -> Starlette:
             # device is served a timestamp that had expired while the server was down.
             await _resign_pass(state)
             task = asyncio.create_task(_resign_forever(state))
+        log.info("startup complete: serving requests")
         try:
             yield
         finally:
@@ -181,12 +182,5 @@ def create_app(state: ServerState) -> Starlette:
         max_bytes=state.settings.max_body_bytes,
         max_blob_bytes=state.settings.max_blob_bytes,
     )
-    # Outermost: a cached poll skips routing and the other layers (ADR 0014).
-    app.add_middleware(
-        PollPath,
-        cache=state.poll,
-        repo=state.repo,
-        stamps=stamps,
-        now=state.settings.clock.now,
-    )
-    return app
+    # In front of everything: a cached poll skips routing and every other layer (ADR 0014).
+    return PollPath(app, state.poll, state.repo, stamps, state.settings.clock.now)

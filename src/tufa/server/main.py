@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import signal
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-import uvicorn
+import uvloop
 from cryptography.exceptions import InvalidTag
 from sqlalchemy import Connection, insert, select
 from sqlalchemy.exc import SQLAlchemyError
@@ -203,7 +205,35 @@ def run(
         state = open_state(settings)
     except Exception as e:
         raise click.ClickException(f"cannot start: {e}") from e
-    uvicorn.run(create_app(state), host=host, port=port, log_level=log_level, access_log=False)
+    serve(create_app(state), host, port, log_level)
+
+
+def serve(app: Any, host: str, port: int, log_level: str) -> None:
+    """Serve `app` until SIGTERM or SIGINT: granian's HTTP server (in Rust), the app on a
+    uvloop event loop in this process. Measured faster than uvicorn with httptools and
+    uvloop on the poll path (bench/README.md, ADR 0014)."""
+    from granian.constants import Interfaces
+    from granian.log import LogLevels
+    from granian.server.embed import Server
+
+    async def main() -> None:
+        server = Server(
+            app,
+            address=host,
+            port=port,
+            interface=Interfaces.ASGI,
+            websockets=False,
+            runtime_threads=1,
+            backlog=1024,
+            log_level=LogLevels(log_level),
+            log_access=False,
+        )
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, server.stop)
+        await server.serve()
+
+    uvloop.run(main())
 
 
 @cli.command("rotate-operator-token")
