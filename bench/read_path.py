@@ -4,7 +4,8 @@ Every device polls `timestamp.json` every few minutes, so this is where a fleet'
 lands. The benchmark measures, with wrk on loopback:
 
 * tufa-server serving `timestamp.json` to a device credential, plain and revalidated
-  (`If-None-Match` -> 304), and `1.snapshot.json` (immutable);
+  (`If-None-Match` -> 304), and `1.snapshot.json` (immutable); the same application
+  under uvicorn (httptools, uvloop) on the same database, for the choice of server;
 * baseline 1: nginx (one worker) serving the same bytes as a static file, plain and 304;
 * baseline 2: the same bytes from a bare ASGI callable under uvicorn (httptools, uvloop)
   and, if installed, granian: the floor of a Python stack.
@@ -68,6 +69,18 @@ async def app(scope, receive, send):
         return
     await send({{"type": "http.response.start", "status": 200, "headers": HEADERS}})
     await send({{"type": "http.response.body", "body": BODY}})
+"""
+
+
+# The same tufa application as `tufa-server run` serves, under uvicorn instead of granian,
+# on the same database: what the choice of HTTP server is worth on the poll path.
+TUFA_ON_UVICORN = """
+from pathlib import Path
+from tufa.server.app import create_app
+from tufa.server.main import open_state
+from tufa.server.settings import Settings
+app = create_app(open_state(Settings(data_dir=Path({data!r}), db_url={db!r},
+                                     resign_enabled=False)))
 """
 
 
@@ -198,7 +211,21 @@ def main() -> None:
                 argv = [part.replace("{port}", str(port)) for part in command]
                 processes.append(subprocess.Popen(argv, cwd=tmp))
                 floors.append(Case(label, f"http://127.0.0.1:{port}/timestamp.json", body=body))
-            for url in [nginx_url, *(floor.url for floor in floors)]:
+            uvicorn_port = free_port()
+            (tmp / "tufa_on_uvicorn.py").write_text(
+                TUFA_ON_UVICORN.format(data=str(server.data_dir), db=server.db_url)
+            )
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "uvicorn", "tufa_on_uvicorn:app", "--port",
+                     str(uvicorn_port), "--http", "httptools", "--loop", "uvloop",
+                     "--log-level", "warning", "--no-access-log"],
+                    cwd=tmp,
+                    env={**os.environ, "TUFA_OPERATOR_TOKEN": server.operator_token},
+                )
+            )  # fmt: skip
+            on_uvicorn = f"http://127.0.0.1:{uvicorn_port}{factory_path}/repo/ci/metadata"
+            for url in [nginx_url, *(floor.url for floor in floors), on_uvicorn]:
                 wait_for(url)
             nginx_etag = httpx.get(nginx_url).headers.get("etag", "")
             etag = timestamp.headers["etag"]
@@ -213,6 +240,10 @@ def main() -> None:
                      {**auth, "If-None-Match": etag}, 304),
                 Case("tufa 1.snapshot.json (immutable)", f"{metadata}/1.snapshot.json", auth,
                      body=snapshot.content),
+                Case("tufa on uvicorn: timestamp.json", f"{on_uvicorn}/timestamp.json", auth,
+                     body=body),
+                Case("tufa on uvicorn: timestamp.json, 304", f"{on_uvicorn}/timestamp.json",
+                     {**auth, "If-None-Match": etag}, 304),
             ]  # fmt: skip
             for case in cases:
                 check(case)
