@@ -142,7 +142,7 @@ def test_a_server_back_from_downtime_serves_fresh_metadata_from_its_first_answer
     restart_log = server.local.log()[logged_before:]
     assert "re-signed online metadata of 2 channel(s)" in restart_log, restart_log
     assert restart_log.index("re-signed online metadata") < restart_log.index(
-        "Application startup complete"
+        "startup complete: serving requests"
     ), restart_log
     for channel in CHANNELS:
         assert _timestamp_version(factory, channel) == 2, channel

@@ -30,9 +30,11 @@ from tufa.server.api import (
     waves,
 )
 from tufa.server.api.common import Endpoint, refuse_unstorable_params
+from tufa.server.api.poll import PollPath
 from tufa.server.errors import ApiError, api_error_handler, error_body, refused_handler
 from tufa.server.exceptions import Refused
 from tufa.server.metrics import RESIGNER
+from tufa.server.poll_cache import stamps_for
 from tufa.server.publishing import MAX_PUBLISH_BYTES
 from tufa.server.resigner import ResignerLock
 from tufa.server.state import ServerState
@@ -162,9 +164,10 @@ async def _resign_forever(state: ServerState, lock: ResignerLock) -> None:
             await resign_pass(state)
 
 
-def create_app(state: ServerState, *, first_resign_pass: bool = True) -> Starlette:
+def create_app(state: ServerState, *, first_resign_pass: bool = True) -> ASGIApp:
     """The application. `first_resign_pass=False` for workers whose parent process
     already ran the start-up pass before starting them."""
+    stamps = stamps_for(state.db.url)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
@@ -178,6 +181,7 @@ def create_app(state: ServerState, *, first_resign_pass: bool = True) -> Starlet
             if first_resign_pass:
                 await resign_pass(state)
             task = asyncio.create_task(_resign_forever(state, lock))
+        log.info("startup complete: serving requests")
         try:
             yield
         finally:
@@ -186,6 +190,7 @@ def create_app(state: ServerState, *, first_resign_pass: bool = True) -> Starlet
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await run_in_threadpool(lock.release)
+            await stamps.close()
             state.db.dispose()
 
     app = Starlette(
@@ -204,6 +209,8 @@ def create_app(state: ServerState, *, first_resign_pass: bool = True) -> Starlet
         max_bytes=state.settings.max_body_bytes,
         max_blob_bytes=state.settings.max_blob_bytes,
     )
-    # Outermost, so that it counts what the others refuse too.
-    app.add_middleware(ops.RequestMetrics)
-    return app
+    # In front of the app: a cached poll skips routing and every other layer (ADR 0014);
+    # outermost, the request metrics, which count what the others refuse too.
+    return ops.RequestMetrics(
+        PollPath(app, state.poll, state.repo, stamps, state.settings.clock.now)
+    )

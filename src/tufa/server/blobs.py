@@ -26,8 +26,9 @@ from pathlib import Path
 from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from tufa.server.db import blob_owners, one_of
+from tufa.server.db import blob_owners
 from tufa.server.exceptions import InvalidInput, TooLarge
+from tufa.server.sql_types import one_of
 
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 

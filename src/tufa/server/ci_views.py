@@ -20,7 +20,8 @@ from tuf.api.metadata import TargetFile
 
 from tufa.core.assembled_targets import EncodedEntry, encode_entry, sign_assembled
 from tufa.core.metadata import TARGETS, Channel, expiry
-from tufa.server.db import ci_view_targets, devices, one_of, targets
+from tufa.server.db import ci_view_targets, devices, targets
+from tufa.server.sql_types import one_of
 from tufa.server.stored_files import NewFile
 from tufa.server.views import ci_view
 

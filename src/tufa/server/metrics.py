@@ -36,7 +36,6 @@ from sqlalchemy import Connection, func, literal, select, text, union
 from tufa.core import api_paths, metadata
 from tufa.core.metadata import ROOT, TOP_LEVEL_ROLES, Channel
 from tufa.server.db import (
-    ChannelName,
     Database,
     channels,
     devices,
@@ -45,6 +44,7 @@ from tufa.server.db import (
     waves,
 )
 from tufa.server.settings import Clock
+from tufa.server.sql_types import ChannelName
 from tufa.server.views import tag_view, wave_view
 from tufa.server.waves import ACTIVE
 

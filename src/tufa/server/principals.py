@@ -1,9 +1,10 @@
 """Who is calling: the operator, a factory token with its scopes, or a device.
 
 A caller is known by the secret it sends (`tufa.server.auth` reads it from the
-request). Nothing here is cached: every request reads the database, so a revocation
-(of a token, a device, an operator token) holds at once on every server replica
-sharing it.
+request). Nothing here is cached: every call reads the database. The poll path keeps
+what it read here in `poll_cache.py`, valid only while the factory's generation stands
+still, so a revocation (of a token, a device, an operator token) still holds at once on
+every server replica sharing the database.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class Principal:
     # A device that presented the credential a rotation issued, for the first time: the
     # caller must adopt it (`credentials.settle`), which retires the old one.
     credential_pending: bool = False
+    expires_at: datetime | None = None  # a token's
 
 
 def _when(value: datetime) -> str:
@@ -119,7 +121,11 @@ def authenticate(conn: Connection, secret: str, now: datetime) -> Principal:
         if OPERATOR_SCOPE in scopes:
             return Principal(kind="operator", scopes=scopes)
         return Principal(
-            kind="token", factory_id=row.factory_id, factory_name=row.factory_name, scopes=scopes
+            kind="token",
+            factory_id=row.factory_id,
+            factory_name=row.factory_name,
+            scopes=scopes,
+            expires_at=row.expires_at,
         )
     device = conn.execute(_DEVICE_BY_DIGEST, digest).first()
     if device is not None:

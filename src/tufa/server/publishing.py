@@ -23,10 +23,11 @@ from tufa.core.metadata import TARGETS, Channel
 from tufa.core.selection import target_version, version_key
 from tufa.server import ci_views
 from tufa.server.blobs import SHA256_PATTERN, owned_lengths
-from tufa.server.db import ci_view_targets, one_of
+from tufa.server.db import ci_view_targets
 from tufa.server.db import targets as targets_table
 from tufa.server.exceptions import Conflict, InvalidInput, NotFound, TargetsTooLarge
 from tufa.server.inputs import refuse_unsignable_json
+from tufa.server.sql_types import one_of
 from tufa.server.state import ServerState
 
 TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,254}")

@@ -147,6 +147,12 @@ class Repository(OnlineKeys):
             self._cache.put(key, found)
         return found
 
+    def cached_version(
+        self, factory_id: int, channel: Channel, role: str, version: int
+    ) -> StoredFile | None:
+        """A versioned file if this process's cache holds it (no database work)."""
+        return self._cache.get((factory_id, channel, role, version))
+
     def root(
         self, conn: Connection, factory_id: int, channel: Channel, version: int | None = None
     ) -> Metadata[Root]:

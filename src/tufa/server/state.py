@@ -6,10 +6,11 @@ modules are given it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tufa.server.blobs import BlobStore
 from tufa.server.db import Database
+from tufa.server.poll_cache import PollCache
 from tufa.server.repository import Repository
 from tufa.server.secrets import MasterKey
 from tufa.server.settings import Settings
@@ -22,3 +23,5 @@ class ServerState:
     master_key: MasterKey
     repo: Repository
     blobs: BlobStore
+    # What device polls were last served, valid while the factory's generations hold.
+    poll: PollCache = field(default_factory=PollCache)

@@ -34,16 +34,17 @@ from tufa.server.auth import bearer_secret, forbidden, require_factory, unauthor
 from tufa.server.credentials import settle
 from tufa.server.db import blob_owners, factories, targets
 from tufa.server.errors import bad_request, not_found
-from tufa.server.principals import Scope, authenticate
+from tufa.server.principals import Principal, Scope, authenticate
 from tufa.server.publishing import LABEL
 from tufa.server.repository import DEFAULT_VIEW
+from tufa.server.secrets import secret_digest
 from tufa.server.state import ServerState
 from tufa.server.stored_files import StoredFile
 from tufa.server.views import ci_view, tag_view
 
-_VERSIONED = re.compile(r"^([1-9][0-9]{0,9})\.(root|snapshot|targets)\.json$")
-_LATEST = {"timestamp.json": TIMESTAMP, "root.json": ROOT}
-_IMMUTABLE = "max-age=31536000, immutable"
+VERSIONED = re.compile(r"^([1-9][0-9]{0,9})\.(root|snapshot|targets)\.json$")
+LATEST = {"timestamp.json": TIMESTAMP, "root.json": ROOT}
+IMMUTABLE = "max-age=31536000, immutable"
 READERS = {Scope.ADMIN, Scope.CI, Scope.READ}
 # A target of the factory, and whether the factory owns the file it names (external
 # targets own none: they are downloaded from their URL).
@@ -62,13 +63,17 @@ _TARGET_BY_NAME = (
         targets.c.sha256 == bindparam("sha256"),
     )
 )
-_FACTORY_BY_NAME = select(factories.c.id, factories.c.anonymous_read).where(
-    factories.c.name == bindparam("name")
-)
+# With the generations the poll cache's entries are read at (poll_cache.py).
+_FACTORY_BY_NAME = select(
+    factories.c.id,
+    factories.c.anonymous_read,
+    factories.c.auth_generation,
+    factories.c.metadata_generation,
+).where(factories.c.name == bindparam("name"))
 
 
 def version_of(filename: str) -> int | None:
-    match = _VERSIONED.match(filename)
+    match = VERSIONED.match(filename)
     return int(match.group(1)) if match else None
 
 
@@ -79,13 +84,21 @@ def _channel(name: str) -> Channel:
         raise not_found(f"unknown channel {name!r}: use 'ci' or 'prod'") from None
 
 
-def _parse_filename(filename: str) -> tuple[str, int | None]:
-    match = _VERSIONED.match(filename)
+def parse_filename(filename: str) -> tuple[str, int | None] | None:
+    """The role and version (None: the newest) a metadata filename names, if any."""
+    match = VERSIONED.match(filename)
     if match:
         return match.group(2), int(match.group(1))
-    if filename in _LATEST:
-        return _LATEST[filename], None
-    raise not_found(f"{filename!r} is not a TUF metadata file of this repository")
+    if filename in LATEST:
+        return LATEST[filename], None
+    return None
+
+
+def _parse_filename(filename: str) -> tuple[str, int | None]:
+    parsed = parse_filename(filename)
+    if parsed is None:
+        raise not_found(f"{filename!r} is not a TUF metadata file of this repository")
+    return parsed
 
 
 @dataclass(frozen=True)
@@ -95,6 +108,7 @@ class _Reader:
     factory: Any
     view: str
     device: bool  # a device credential: served its own view, whatever it asks for
+    principal: Principal | None = None
 
 
 def _authorize(
@@ -108,6 +122,8 @@ def _authorize(
     """The factory, if the caller may read `channel` of it, and the caller's view: a
     device's own view; for a token, the view `asked` for (`_asked_view`); the channel's
     default view for everyone else."""
+    # The factory first: its generations must be no newer than what is read after them.
+    factory = conn.execute(_FACTORY_BY_NAME, {"name": name}).first()
     principal = None
     if secret is not None:
         now = state.settings.clock.now()
@@ -115,7 +131,6 @@ def _authorize(
         # A device's first use of a rotated credential: adopted (a write, in a transaction
         # of its own) before anything is served.
         principal = settle(state.db, principal, secret, now)
-    factory = conn.execute(_FACTORY_BY_NAME, {"name": name}).first()
     if principal is None:
         if factory is None or not factory.anonymous_read:
             raise unauthorized(f"reading factory {name!r} needs a token or device credential")
@@ -128,8 +143,10 @@ def _authorize(
     if principal.kind == "device":
         if principal.channel != channel:
             raise forbidden(f"this device follows the {principal.channel} channel, not {channel}")
-        return _Reader(factory, principal.view, device=True)
-    return _Reader(factory, principal.view if asked is None else asked, device=False)
+        return _Reader(factory, principal.view, device=True, principal=principal)
+    if asked is not None:
+        return _Reader(factory, asked, device=False)
+    return _Reader(factory, principal.view, device=False, principal=principal)
 
 
 def _asked_view(channel: Channel, params: Mapping[str, str]) -> str | None:
@@ -176,7 +193,34 @@ def _lookup(
         stored = state.repo.read_file(conn, reader.factory.id, channel, role, version, reader.view)
     if stored is None:
         raise not_found(f"{filename} does not exist in the {channel} channel")
+    if asked is None:
+        _remember(state, reader, secret, channel, role, version, stored)
     return stored, bool(reader.factory.anonymous_read)
+
+
+def _remember(
+    state: ServerState,
+    reader: _Reader,
+    secret: str | None,
+    channel: Channel,
+    role: str,
+    version: int | None,
+    stored: StoredFile,
+) -> None:
+    """Keep what this poll read for the next ones (api/poll.py), with the generations
+    of the factory read before it."""
+    factory = reader.factory
+    if reader.principal is not None and secret is not None:
+        state.poll.remember_principal(
+            secret_digest(secret),
+            reader.principal,
+            reader.principal.expires_at,
+            factory.auth_generation,
+        )
+    if version is None:
+        state.poll.remember_newest(
+            factory.id, channel, reader.view, role, stored, factory.metadata_generation
+        )
 
 
 def _listed_in_view(
@@ -232,11 +276,11 @@ async def target_file(request: Request) -> Response:
     return FileResponse(
         path,
         media_type="application/octet-stream",
-        headers={"Cache-Control": f"private, {_IMMUTABLE}"},
+        headers={"Cache-Control": f"private, {IMMUTABLE}"},
     )
 
 
-def _matches(if_none_match: str | None, etag: str) -> bool:
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
     """RFC 9110 weak comparison of If-None-Match against the file's ETag."""
     if not if_none_match:
         return False
@@ -258,9 +302,9 @@ async def metadata(request: Request) -> Response:
     versioned = version_of(filename) is not None
     headers = {
         "ETag": stored.etag,
-        "Cache-Control": f"{visibility}, {_IMMUTABLE}" if versioned else f"{visibility}, no-cache",
+        "Cache-Control": f"{visibility}, {IMMUTABLE}" if versioned else f"{visibility}, no-cache",
     }
-    if _matches(request.headers.get("if-none-match"), stored.etag):
+    if etag_matches(request.headers.get("if-none-match"), stored.etag):
         return Response(status_code=304, headers=headers)
     return Response(stored.body, media_type="application/json", headers=headers)
 

@@ -1,0 +1,160 @@
+"""The poll path: a device's `timestamp.json` (and `root.json`, and cached versioned
+files) answered from this process's memory, ahead of the router (ADR 0014).
+
+A request is answered here only when everything it needs is cached and still valid:
+the credential's principal and the view's newest file, both read at the factory's
+current generations (`poll_cache.py`), which one query made after the request arrived
+tells. Anything else (no cache entry, a stale one, a refusal to give, a query string,
+a method other than GET, a database error) goes on to the full application, whose
+handler in `repo.py` answers as it always did and fills the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from datetime import datetime
+
+from starlette.routing import compile_path
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from tufa.core import api_paths
+from tufa.core.metadata import Channel
+from tufa.server.api.repo import IMMUTABLE, LATEST, READERS, VERSIONED, etag_matches
+from tufa.server.poll_cache import FactoryStamp, PollCache, Stamps
+from tufa.server.repository import DEFAULT_VIEW, Repository
+from tufa.server.stored_files import StoredFile
+
+log = logging.getLogger("tufa.server")
+_PATH = compile_path(api_paths.METADATA_FILE)[0]
+_CHANNELS = {channel.value: channel for channel in Channel}
+_READER_SCOPES = frozenset(scope.value for scope in READERS)
+_JSON = b"application/json"
+# Response headers per (ETag, public, versioned): built once per file, not per request.
+_MAX_HEADERS = 10_000
+Headers = list[tuple[bytes, bytes]]
+
+
+class PollPath:
+    """ASGI middleware answering cached metadata reads; everything else goes to `app`."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        cache: PollCache,
+        repo: Repository,
+        stamps: Stamps,
+        now: Callable[[], datetime],
+    ) -> None:
+        self.app = app
+        self.cache = cache
+        self.repo = repo
+        self.stamps = stamps
+        # SQLite is read right here, on the event loop; PostgreSQL through its batches.
+        self.now = now
+        self._headers: dict[tuple[str, bool, bool], tuple[Headers, Headers]] = {}
+        self._failing = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET" and not scope["query_string"]:
+            match = _PATH.match(scope["path"])
+            if match is not None and await self._answered(match.groups(), scope, send):
+                return
+        await self.app(scope, receive, send)
+
+    async def _answered(self, params: tuple[str, ...], scope: Scope, send: Send) -> bool:
+        name, channel_name, filename = params
+        channel = _CHANNELS.get(channel_name)
+        role = LATEST.get(filename)
+        version = None
+        if role is None:
+            versioned = VERSIONED.match(filename)
+            if versioned is None:
+                return False
+            role, version = versioned.group(2), int(versioned.group(1))
+        if channel is None or not api_paths.FACTORY_NAME.fullmatch(name):
+            return False
+        authorization = if_none_match = None
+        for key, value in scope["headers"]:
+            if key == b"authorization":
+                authorization = value
+            elif key == b"if-none-match":
+                if_none_match = value
+        digest = None
+        if authorization is not None:
+            bearer, _, secret = authorization.partition(b" ")
+            secret = secret.strip()
+            if bearer.lower() != b"bearer" or not secret:
+                return False
+            # As `secrets.secret_digest`, of the same text (latin-1 is how it arrived).
+            digest = hashlib.sha256(secret.decode("latin-1").encode()).hexdigest()
+        try:
+            stamp = await self.stamps.stamp(name)
+        except Exception:
+            # The full handler, with its own connections, answers or reports the error.
+            if not self._failing:
+                log.warning("poll cache: cannot read factory generations", exc_info=True)
+            self._failing = True
+            return False
+        self._failing = False
+        if stamp is None:
+            return False
+        stored = self._cached(stamp, digest, channel, role, version)
+        if stored is None:
+            return False
+        headers = self._headers.get((stored.etag, stamp.anonymous_read, version is not None))
+        if headers is None:
+            headers = self._build_headers(stored, stamp.anonymous_read, version is not None)
+        if if_none_match is not None and etag_matches(if_none_match.decode("latin-1"), stored.etag):
+            await send({"type": "http.response.start", "status": 304, "headers": headers[0]})
+            await send({"type": "http.response.body", "body": b""})
+            return True
+        await send({"type": "http.response.start", "status": 200, "headers": headers[1]})
+        await send({"type": "http.response.body", "body": stored.body})
+        return True
+
+    def _cached(
+        self,
+        stamp: FactoryStamp,
+        digest: str | None,
+        channel: Channel,
+        role: str,
+        version: int | None,
+    ) -> StoredFile | None:
+        """The file this caller may read, if the cache knows both; None otherwise. Who
+        may read is decided as in `repo._authorize`, for a principal of the path's factory
+        (the cache checks the factory); any refusal is left to the full handler."""
+        if digest is None:
+            if not stamp.anonymous_read:
+                return None
+            view = DEFAULT_VIEW
+        else:
+            principal = self.cache.principal(digest, stamp, self.now)
+            if principal is None:
+                return None
+            if principal.kind == "device":
+                if principal.channel != channel:
+                    return None
+            elif not principal.scopes & _READER_SCOPES:
+                return None
+            view = principal.view
+        if version is not None:
+            return self.repo.cached_version(stamp.id, channel, role, version)
+        return self.cache.newest(stamp, channel, view, role)
+
+    def _build_headers(
+        self, stored: StoredFile, public: bool, versioned: bool
+    ) -> tuple[Headers, Headers]:
+        """The 304 and the 200 headers of `stored`, as `repo.metadata` sends them."""
+        visibility = b"public" if public else b"private"
+        freshness = IMMUTABLE.encode() if versioned else b"no-cache"
+        common = [
+            (b"etag", stored.etag.encode()),
+            (b"cache-control", visibility + b", " + freshness),
+        ]
+        full = [*common, (b"content-length", b"%d" % len(stored.body)), (b"content-type", _JSON)]
+        if len(self._headers) >= _MAX_HEADERS:
+            self._headers.clear()
+        self._headers[(stored.etag, public, versioned)] = (common, full)
+        return common, full
