@@ -324,7 +324,10 @@ class Database:
             self._writer = _sqlite_engine(url, immediate=True)
             self._reader = _sqlite_engine(url, immediate=False)
         else:
-            self._writer = create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+            # At most 15 connections a process: replicas and workers share PostgreSQL's
+            # max_connections (100 by default); a request waits for a free connection
+            # rather than failing for want of one.
+            self._writer = create_engine(url, pool_size=5, max_overflow=10, pool_pre_ping=True)
             self._reader = self._writer
 
     @contextmanager
