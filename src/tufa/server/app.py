@@ -43,6 +43,8 @@ log = logging.getLogger("tufa.server")
 _BLOB_PATH = compile_path(api_paths.BLOB)[0]
 _WAVE_CREATE_PATH = compile_path(api_paths.WAVES)[0]
 _PUBLISH_PATH = compile_path(api_paths.TARGETS)[0]
+# An oversized request body up to this size is read (and dropped) before the refusal.
+_DRAINED_BYTES = 8 * 1024 * 1024
 
 
 class BodySizeLimit:
@@ -73,7 +75,16 @@ class BodySizeLimit:
         message = f"request body is larger than the limit of {limit} bytes"
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            response = JSONResponse(error_body(413, "too_large", message), status_code=413)
+            headers = {"Connection": "close"}
+            if declared.isdigit() and int(declared) <= _DRAINED_BYTES:
+                # Read and dropped, so that the client's connection stays usable for its
+                # next request; a larger body is not read, and the connection is closed.
+                while (await receive()).get("more_body", False):
+                    pass
+                headers = {}
+            response = JSONResponse(
+                error_body(413, "too_large", message), status_code=413, headers=headers
+            )
             await response(scope, receive, send)
             return
         received = 0
