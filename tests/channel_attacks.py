@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -345,3 +346,22 @@ def assert_all_refused(
             assert found.refused, f"{where}: accepted"
             staged += 1
     return staged
+
+
+def run_once_served_view(
+    device: AgentDevice, proxy: TamperingProxy, factory: Factory, channel: str, query: str
+) -> subprocess.CompletedProcess[str]:
+    """One `tufa-agent run --once` while the proxy answers the device's `timestamp.json`
+    with the genuine one of another view of its channel (`query`, as a token reads it)."""
+    path = factory.path(f"/repo/{channel}/metadata/timestamp.json")
+    other = send(factory.server, "GET", f"{path}?{query}", factory.admin_token).content
+
+    def serve_other(exchange: Exchange) -> None:
+        if exchange.path.endswith(f"/repo/{channel}/metadata/timestamp.json"):
+            exchange.status, exchange.body = 200, other
+
+    proxy.tamper = serve_other
+    try:
+        return device.run_once()
+    finally:
+        proxy.tamper = None

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from tuf.api.metadata import Metadata, TargetFile, Targets
 
-from tests.agent_helpers import AgentDevice, Exchange, TamperingProxy, build_bytes, publish_build
+from tests.agent_helpers import AgentDevice, TamperingProxy, build_bytes, publish_build
 from tests.channel_attacks import (
     CHANNELS,
     ChannelFiles,
@@ -35,6 +35,7 @@ from tests.channel_attacks import (
     follow,
     record,
     register_devices,
+    run_once_served_view,
     substitutions,
 )
 from tests.helpers import Factory, Server, create_factory, send, served_metadata
@@ -226,16 +227,7 @@ def test_another_tags_view_gives_a_production_device_nothing_to_install(
     follow({"agent": device}, {"prod": "1"})
     publish_build(factory, "2", tags=("main", "beta"))
     release(owner, "w-beta-2", "2", tag="beta")
-    path = factory.path("/repo/prod/metadata/timestamp.json?tag=beta")
-    beta = send(factory.server, "GET", path, factory.admin_token).content
-
-    def serve_beta(exchange: Exchange) -> None:
-        if exchange.path.endswith("/repo/prod/metadata/timestamp.json"):
-            exchange.status, exchange.body = 200, beta
-
-    proxy.tamper = serve_beta
-    done = device.run_once()
-    proxy.tamper = None
+    done = run_once_served_view(device, proxy, factory, "prod", "tag=beta")
 
     assert done.returncode == 0, done.stderr  # verified and valid, just nothing for main
     assert "rpi4-image-2" not in {e.path.rsplit(".", 1)[-1] for e in proxy.seen}

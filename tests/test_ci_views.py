@@ -25,7 +25,8 @@ from typing import Any
 import pytest
 from tuf.api.metadata import Metadata, Snapshot, Targets, Timestamp
 
-from tests.agent_helpers import AgentDevice, Exchange, TamperingProxy, build_bytes, publish_build
+from tests.agent_helpers import AgentDevice, TamperingProxy, build_bytes, publish_build
+from tests.channel_attacks import run_once_served_view
 from tests.helpers import (
     Factory,
     assert_error,
@@ -168,16 +169,7 @@ def test_another_views_genuine_files_give_a_device_nothing_to_install(
     assert done.returncode == 0, done.stderr
     assert device.installed_version() == "1"
     publish_build(factory, "2", name="rpi5-image-2", hardware_ids=("rpi5",))
-    path = factory.path("/repo/ci/metadata/timestamp.json?hardware_id=rpi5&tag=main")
-    rpi5 = send(factory.server, "GET", path, factory.admin_token).content
-
-    def serve_rpi5(exchange: Exchange) -> None:
-        if exchange.path.endswith("/repo/ci/metadata/timestamp.json"):
-            exchange.status, exchange.body = 200, rpi5
-
-    proxy.tamper = serve_rpi5
-    done = device.run_once()
-    proxy.tamper = None
+    done = run_once_served_view(device, proxy, factory, "ci", "hardware_id=rpi5&tag=main")
     assert done.returncode == 0, done.stderr  # verified and valid, just nothing for rpi4
     assert not any(e.path.endswith(".rpi5-image-2") for e in proxy.seen)
     assert device.installed_version() == "1"
