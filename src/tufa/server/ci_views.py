@@ -148,7 +148,7 @@ def upgrade(repo: Repository, conn: Connection) -> None:
     entry, list it in its views, move CI devices to their views, and publish the views
     of each factory that had targets (the default view then lists nothing).
 
-    Runs at every start, in the start-up transaction; costs one query when done."""
+    Runs at every start, in the start-up transaction; costs two statements when done."""
     now = repo.settings.clock.now()
     conn.execute(
         update(devices)

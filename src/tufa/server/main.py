@@ -259,13 +259,7 @@ def worker_app() -> ASGIApp:
     _configure_logging(log_level)
     master_key = MasterKey.load(settings.master_key_path)
     db = Database(settings.db_url)
-    state = ServerState(
-        settings=settings,
-        db=db,
-        master_key=master_key,
-        repo=Repository(db, master_key, settings),
-        blobs=BlobStore(settings.blob_path),
-    )
+    state = _state(settings, db, Repository(db, master_key, settings))
     return create_app(state, first_resign_pass=False)
 
 
@@ -366,10 +360,14 @@ def open_state(settings: Settings) -> ServerState:
             f"Operator token (shown once; keep it safe, it creates factories):\n  {created}",
             flush=True,
         )
+    return _state(settings, db, repo)
+
+
+def _state(settings: Settings, db: Database, repo: Repository) -> ServerState:
     return ServerState(
         settings=settings,
         db=db,
-        master_key=master_key,
+        master_key=repo.master_key,
         repo=repo,
         blobs=BlobStore(settings.blob_path),
     )
