@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 from tuf.api.metadata import Metadata, Timestamp
 
@@ -21,6 +23,7 @@ from tests.helpers import Factory, Server, assert_error, create_factory, set_clo
 from tests.test_waves import post_wave, prepared, publish, sign_offline, start_owner
 from tufa.core.keys import KeyType
 from tufa.demo.local_server import LocalServer
+from tufa.server import metrics
 from tufa.server.metrics import publish_action, route_class
 from tufa.server.settings import OffsetClock, Settings
 from tufa.server.workers import settings_from_json, settings_to_json
@@ -49,6 +52,44 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 def labelled(samples: Samples, name: str, label: str) -> dict[str, float]:
     """The samples of `name`, by the value of their `label`."""
     return {dict(key)[label]: v for (n, key), v in samples.items() if n == name}
+
+
+def test_poll_answers_counted_in_one_go_equal_observing_each(tmp_path: Path) -> None:
+    """The poll path's counts, added at flush time, are what prometheus-client's own
+    observe() would have made of the same answers: count, sum and every bucket."""
+    durations = [0.0001, 0.004, 0.005, 0.02, 0.3, 7.0, 12.0]
+
+    def histogram_samples(registry: CollectorRegistry, name: str) -> dict[str, float]:
+        return {
+            f"{sample.name}{sorted(sample.labels.items())}": sample.value
+            for family in registry.collect()
+            for sample in family.samples
+            if sample.name.startswith(name) and sample.labels.get("route_class") == "metadata"
+        }
+
+    reference_registry = CollectorRegistry()
+    reference = Histogram("ref", "", ["route_class"], registry=reference_registry)
+    for seconds in durations:
+        reference.labels("metadata").observe(seconds)
+    before = histogram_samples(metrics._REGISTRY, "tufa_http_request_duration_seconds")
+
+    async def answer_polls() -> None:
+        for seconds in durations:
+            metrics.observe_poll(200, seconds)
+        metrics.flush_poll_answers()
+
+    asyncio.run(answer_polls())
+    after = histogram_samples(metrics._REGISTRY, "tufa_http_request_duration_seconds")
+    added = {
+        key.removeprefix("tufa_http_request_duration_seconds"): after[key] - before.get(key, 0)
+        for key in after
+    }
+    expected = {
+        key.removeprefix("ref"): v
+        for key, v in histogram_samples(reference_registry, "ref").items()
+    }
+    assert added == pytest.approx(expected)
+    assert expected["_count[('route_class', 'metadata')]"] == len(durations)
 
 
 def test_route_classes_are_a_few_names_never_a_path() -> None:

@@ -220,8 +220,9 @@ def create_app(state: ServerState, *, first_resign_pass: bool = True) -> ASGIApp
         max_bytes=state.settings.max_body_bytes,
         max_blob_bytes=state.settings.max_blob_bytes,
     )
-    # In front of the app: a cached poll skips routing and every other layer (ADR 0014);
-    # outermost, the request metrics, which count what the others refuse too.
-    return ops.RequestMetrics(
-        PollPath(app, state.poll, state.repo, stamps, state.settings.clock.now)
+    # Outermost, the poll path: a cached poll skips routing and every other layer, and
+    # counts itself (ADR 0014); behind it the request metrics count everything else,
+    # refusals of the other layers included.
+    return PollPath(
+        ops.RequestMetrics(app), state.poll, state.repo, stamps, state.settings.clock.now
     )

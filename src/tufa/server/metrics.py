@@ -13,11 +13,14 @@ the workers at each scrape, so any worker answers for all of them.
 
 from __future__ import annotations
 
+import asyncio
+import bisect
+import functools
 import os
 import re
 from collections.abc import Iterator
 from datetime import datetime
-from typing import Final
+from typing import Final, NamedTuple
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -100,57 +103,135 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 metadata.sign_observers.append(lambda role, seconds: SIGNING_SECONDS.labels(role).observe(seconds))
 
 
-def _template(path: str) -> re.Pattern[str]:
+def _template(path: str) -> str:
     """A route template of api_paths as a pattern: each `{field}` is one path segment."""
     parts = re.split(r"(\{[a-z_0-9]+\})", path)
-    return re.compile("".join("[^/]+" if p.startswith("{") else re.escape(p) for p in parts))
+    return "".join("[^/]+" if p.startswith("{") else re.escape(p) for p in parts)
+
+
+def _classifier(classes: tuple[tuple[str, str], ...]) -> re.Pattern[str]:
+    """One pattern for all `(name, route template)`: a match's `lastgroup` names the
+    first alternative that matched the whole path."""
+    return re.compile(
+        "|".join(f"(?P<{name}_{i}>{_template(path)})" for i, (name, path) in enumerate(classes))
+    )
 
 
 # Route classes: a fixed, small set of label values whatever the paths requested.
-_CLASSES = (
-    ("health", _template(api_paths.HEALTH)),
-    ("health", _template(api_paths.READY)),
-    ("metrics", _template(api_paths.METRICS)),
-    ("metadata", _template(api_paths.METADATA_FILE)),
-    ("target", _template(api_paths.TARGET_FILE)),
-    ("blob", _template(api_paths.BLOB)),
+_CLASSES = _classifier(
+    (
+        ("health", api_paths.HEALTH),
+        ("health", api_paths.READY),
+        ("metrics", api_paths.METRICS),
+        ("metadata", api_paths.METADATA_FILE),
+        ("target", api_paths.TARGET_FILE),
+        ("blob", api_paths.BLOB),
+    )
 )
-_PUBLISHES = (
-    ("add", _template(api_paths.TARGETS)),
-    ("prune", _template(api_paths.PRUNE_TARGETS)),
-    ("delete", _template(api_paths.DELETE_TARGETS)),
+_PUBLISHES = _classifier(
+    (
+        ("add", api_paths.TARGETS),
+        ("prune", api_paths.PRUNE_TARGETS),
+        ("delete", api_paths.DELETE_TARGETS),
+    )
 )
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
+def _matched(pattern: re.Pattern[str], path: str) -> str | None:
+    match = pattern.fullmatch(path)
+    return None if match is None or match.lastgroup is None else match.lastgroup.rpartition("_")[0]
+
+
 def route_class(path: str) -> str:
     """`health`, `metrics`, `metadata`, `target`, `blob`, `api` or `other`."""
-    for name, pattern in _CLASSES:
-        if pattern.fullmatch(path):
-            return name
-    return "api" if path.startswith("/api/") else "other"
+    return _matched(_CLASSES, path) or ("api" if path.startswith("/api/") else "other")
 
 
 def publish_action(method: str, path: str) -> str | None:
     """Which CI publish a request is (`add`, `prune`, `delete`), or None."""
-    if method != "POST":
-        return None
-    for action, pattern in _PUBLISHES:
-        if pattern.fullmatch(path):
-            return action
-    return None
+    return _matched(_PUBLISHES, path) if method == "POST" else None
+
+
+class _Series(NamedTuple):
+    requests: Counter
+    seconds: Histogram
+    publish_seconds: Histogram | None
+
+
+@functools.cache
+def _series(kind: str, method: str, status: int, action: str | None) -> _Series:
+    """The labelled series one request counts into. Looking a labelled child up in
+    prometheus-client takes a lock and builds its key: more than the counting itself,
+    on the poll path a fifth of a request's time. The labels are few (route classes,
+    methods and status codes), so each child is looked up once."""
+    shown_method = method if method in _METHODS else "other"
+    return _Series(
+        REQUESTS.labels(kind, shown_method, str(status)),
+        REQUEST_SECONDS.labels(kind),
+        None if action is None else PUBLISH_SECONDS.labels(action, str(status)),
+    )
 
 
 def observe_request(method: str, path: str, status: int, seconds: float) -> None:
     """Count one answered request."""
-    kind = route_class(path)
-    shown_method = method if method in _METHODS else "other"
-    REQUESTS.labels(kind, shown_method, str(status)).inc()
-    REQUEST_SECONDS.labels(kind).observe(seconds)
+    series = _series(route_class(path), method, status, publish_action(method, path))
+    series.requests.inc()
+    series.seconds.observe(seconds)
     WORKER_REQUESTS.inc()
-    action = publish_action(method, path)
-    if action is not None:
-        PUBLISH_SECONDS.labels(action, str(status)).observe(seconds)
+    if series.publish_seconds is not None:
+        series.publish_seconds.observe(seconds)
+
+
+class _PollAnswers:
+    """The poll path's answers since they were last added to the series above.
+
+    Adding to a prometheus-client series takes a lock per value, four a request: on the
+    poll path a tenth of its throughput, measured. So its answers are counted here in
+    plain numbers, and added in one go at most a second later, and before each scrape
+    of this process. Only the event loop's thread touches them."""
+
+    def __init__(self) -> None:
+        self.by_status: dict[int, int] = {}
+        self.by_bucket = [0] * len(Histogram.DEFAULT_BUCKETS)
+        self.seconds = 0.0
+        self.flush_due = False
+
+
+_poll_answers = _PollAnswers()
+
+
+def observe_poll(status: int, seconds: float) -> None:
+    """Count one metadata GET the poll path answered (ADR 0014)."""
+    answers = _poll_answers
+    answers.by_status[status] = answers.by_status.get(status, 0) + 1
+    # The first bucket whose upper bound is at least `seconds`, as Histogram.observe.
+    answers.by_bucket[bisect.bisect_left(Histogram.DEFAULT_BUCKETS, seconds)] += 1
+    answers.seconds += seconds
+    if not answers.flush_due:
+        answers.flush_due = True
+        asyncio.get_running_loop().call_later(1.0, flush_poll_answers)
+
+
+def flush_poll_answers() -> None:
+    """Add the poll path's answers counted so far to the series; on the event loop."""
+    answers = _poll_answers
+    answers.flush_due = False
+    if not answers.by_status:
+        return
+    for status, count in answers.by_status.items():
+        _series("metadata", "GET", status, None).requests.inc(count)
+        WORKER_REQUESTS.inc(count)
+    # prometheus-client observes one value at a time; its buckets and sum are added to
+    # as observe() does (pinned version; test_operations checks the exposition).
+    histogram = REQUEST_SECONDS.labels("metadata")
+    histogram._sum.inc(answers.seconds)
+    for bucket, count in zip(histogram._buckets, answers.by_bucket, strict=True):
+        if count:
+            bucket.inc(count)
+    answers.by_status.clear()
+    answers.by_bucket = [0] * len(answers.by_bucket)
+    answers.seconds = 0.0
 
 
 def check_database(db: Database) -> None:

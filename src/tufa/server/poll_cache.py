@@ -9,18 +9,21 @@ those counters in the transaction of every change (migration 0009), so an entry 
 used only while one query, made after the request arrived, still reads the same
 number. That query is the only database work of a cached poll:
 
-one read of the factory's row, on a connection of the event loop (no thread hop; for
-SQLite a blocking read of microseconds), shared by every request that arrived before it
-was sent; requests that arrive while it runs wait for the next one. So a change
-committed before a request arrived is seen by that request, on every process sharing
-the database.
+on PostgreSQL one read of the factory's row, on a connection of the event loop (no
+thread hop), shared by every request that arrived before it was sent, while requests
+that arrive during it wait for the next one; on SQLite a `PRAGMA data_version` on the
+loop's thread, which says whether anything was committed since the row was last read.
+So a change committed before a request arrived is seen by that request, on every
+process sharing the database.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import mmap
 import sqlite3
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -115,17 +118,137 @@ class PollCache:
 
 
 class Stamps:
-    """Factory stamps as committed when asked. A request waits for a query that starts
-    after it arrived; all the requests waiting then share that one query, so under load
-    one query answers many polls, and none is answered from a query older than itself.
-    While queries are in flight, the next batch goes out on a free connection."""
+    """Factory stamps as committed when asked: read after the request arrived, so that a
+    change committed before it (a revoked credential, a publish) is what it sees."""
 
-    def __init__(self, connections: int) -> None:
+    async def stamp(self, name: str) -> FactoryStamp | None:
+        """The factory's stamp; None if there is no such factory. Raises the driver's
+        error if the database cannot be read (the caller falls back to the full path)."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+
+_STAMP_COLUMNS = "name, id, anonymous_read, auth_generation, metadata_generation"
+_STATEMENT = b"tufa_factory_stamps"
+_NAME = api_paths.FACTORY_NAME
+
+
+def _stamps(rows: Any) -> dict[str, FactoryStamp]:
+    return {row[0]: FactoryStamp(row[1], bool(row[2]), row[3], row[4]) for row in rows}
+
+
+# The unix VFS's wal-index (the `-shm` file) starts with two copies of a 48-byte
+# header in native byte order, the first field its format's version; every commit
+# rewrites both (sqlite.org/walformat.html).
+_WAL_INDEX_HEADERS = 96
+_WAL_INDEX_VERSION = 3007000
+
+
+class SqliteStamps(Stamps):
+    """Stamps read on the event loop's own thread: nothing else runs meanwhile, so the
+    read is made after the request arrived. The factories read before still hold while
+    nothing was committed since, which the database's wal-index header tells: a read
+    of shared memory, where any statement would release and retake the GIL (measured:
+    a quarter of the poll path's throughput). Where that header is not there to read (a
+    database not in WAL mode, a format this code does not know), `PRAGMA data_version`
+    tells the same from a statement."""
+
+    def __init__(self, url: str) -> None:
+        self._path = str(make_url(url).database)
+        self._conn: sqlite3.Connection | None = None
+        self._wal_index: mmap.mmap | None = None
+        self._seen: bytes | int | None = None  # the header or data_version read last
+        self._known: dict[str, FactoryStamp | None] = {}
+
+    @property
+    def reads_wal_index(self) -> bool:
+        """Whether changes are told by the wal-index header (else by data_version)."""
+        return self._wal_index is not None
+
+    async def stamp(self, name: str) -> FactoryStamp | None:
+        try:
+            return self._read(name)
+        except Exception:
+            await self.close()  # the next poll connects again
+            raise
+
+    def _read(self, name: str) -> FactoryStamp | None:
+        conn = self._conn or self._connect()
+        seen = (
+            self._wal_index[:_WAL_INDEX_HEADERS]
+            if self._wal_index is not None
+            else conn.execute("PRAGMA data_version").fetchone()[0]
+        )
+        if seen != self._seen:
+            self._known.clear()
+            self._seen = seen
+        if name in self._known:
+            return self._known[name]
+        query = f"SELECT {_STAMP_COLUMNS} FROM factories WHERE name = ?"  # noqa: S608
+        found = _stamps(conn.execute(query, (name,)).fetchall()).get(name)
+        if len(self._known) >= MAX_ENTRIES:
+            self._known.clear()
+        self._known[name] = found
+        return found
+
+    def _connect(self) -> sqlite3.Connection:
+        # A connection of its own that only reads: short waits, never a write lock. Kept
+        # open, it keeps the wal-index file as it is mapped.
+        conn = sqlite3.connect(self._path, timeout=0.2, check_same_thread=False)
+        conn.isolation_level = None
+        conn.execute("PRAGMA query_only=1")
+        (mode,) = conn.execute("PRAGMA journal_mode").fetchone()
+        conn.execute("SELECT 1 FROM factories LIMIT 1").fetchall()  # the wal-index exists
+        self._wal_index = _map_wal_index(self._path) if mode == "wal" else None
+        self._conn = conn
+        return conn
+
+    async def close(self) -> None:
+        if self._wal_index is not None:
+            self._wal_index.close()
+            self._wal_index = None
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            conn.close()
+        self._seen = None
+
+
+def _map_wal_index(database: str) -> mmap.mmap | None:
+    """The wal-index of `database` mapped for reading, or None if it is not in the
+    format this code knows."""
+    try:
+        with open(f"{database}-shm", "rb") as shm:
+            mapped = mmap.mmap(shm.fileno(), _WAL_INDEX_HEADERS, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):
+        return None
+    (version,) = struct.unpack_from("=I", mapped, 0)
+    if version != _WAL_INDEX_VERSION:
+        mapped.close()
+        return None
+    return mapped
+
+
+class PostgresStamps(Stamps):
+    """Stamps from libpq connections driven by the event loop: a prepared statement sent
+    without blocking, its answer read when the socket is readable. (psycopg's async
+    connection spent ten times the CPU per query, measured, on this path.)
+
+    A request waits for a query that starts after it arrived; all the requests waiting
+    then share that one query, so under load one query answers many polls, and none is
+    answered from a query older than itself. While queries are in flight, the next batch
+    goes out on a free connection."""
+
+    def __init__(self, url: str, connections: int = 1) -> None:
         self._waiting: list[tuple[str, asyncio.Future[FactoryStamp | None]]] = []
         # Up to `connections` queries in flight: a batch is sent at once if one is free.
         self._free = list(range(connections))
         self._starting = False  # a sender is starting: new arrivals join its batch
         self._tasks: set[asyncio.Task[None]] = set()  # held: a task may be collected
+        parsed = make_url(url).set(drivername="postgresql")
+        self._conninfo = parsed.render_as_string(hide_password=False).encode()
+        self._conns: dict[int, Any] = {}
 
     async def stamp(self, name: str) -> FactoryStamp | None:
         """The factory's stamp; None if there is no such factory. Raises the driver's
@@ -160,66 +283,6 @@ class Stamps:
         finally:
             self._starting = False
             self._free.append(slot)
-
-    async def _query(self, slot: int, names: set[str]) -> dict[str, FactoryStamp]:
-        raise NotImplementedError
-
-    async def _disconnect(self, slot: int) -> None:
-        raise NotImplementedError
-
-    async def close(self) -> None:
-        raise NotImplementedError
-
-
-_STAMP_COLUMNS = "name, id, anonymous_read, auth_generation, metadata_generation"
-_STATEMENT = b"tufa_factory_stamps"
-_NAME = api_paths.FACTORY_NAME
-
-
-def _stamps(rows: Any) -> dict[str, FactoryStamp]:
-    return {row[0]: FactoryStamp(row[1], bool(row[2]), row[3], row[4]) for row in rows}
-
-
-class SqliteStamps(Stamps):
-    """Stamps read on the event loop's own thread, each statement its own snapshot: a
-    blocking call of microseconds, since WAL readers wait for no writer."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__(connections=1)  # each query is over before another can start
-        self._path = make_url(url).database
-        self._conn: sqlite3.Connection | None = None
-
-    async def _query(self, slot: int, names: set[str]) -> dict[str, FactoryStamp]:
-        conn = self._conn
-        if conn is None:
-            # A connection of its own that only reads: short waits, never a write lock.
-            conn = sqlite3.connect(str(self._path), timeout=0.2, check_same_thread=False)
-            conn.isolation_level = None
-            conn.execute("PRAGMA query_only=1")
-            self._conn = conn
-        marks = ", ".join("?" * len(names))
-        query = f"SELECT {_STAMP_COLUMNS} FROM factories WHERE name IN ({marks})"  # noqa: S608
-        return _stamps(conn.execute(query, tuple(names)).fetchall())
-
-    async def _disconnect(self, slot: int) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            conn.close()
-
-
-class PostgresStamps(Stamps):
-    """Stamps from one libpq connection driven by the event loop: a prepared statement
-    sent without blocking, its answer read when the socket is readable. (psycopg's
-    async connection spent ten times the CPU per query, measured, on this path.)"""
-
-    def __init__(self, url: str, connections: int = 1) -> None:
-        super().__init__(connections)
-        parsed = make_url(url).set(drivername="postgresql")
-        self._conninfo = parsed.render_as_string(hide_password=False).encode()
-        self._conns: dict[int, Any] = {}
 
     async def _connect(self) -> Any:
         from psycopg import pq  # the server's PostgreSQL driver; SQLite never loads it

@@ -93,6 +93,7 @@ async def show_metrics(request: Request) -> Response:
         _state, principal = await caller(request)
         require_operator(principal)
     state = state_of(request)
+    metrics.flush_poll_answers()
     body = await run_in_threadpool(metrics.exposition, state.db, state.settings.clock)
     return Response(body, media_type=metrics.CONTENT_TYPE)
 

@@ -11,16 +11,20 @@ handler in `repo.py` answers as it always did and fills the cache.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+import time
 from collections.abc import Callable
 from datetime import datetime
+from typing import NamedTuple
 
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tufa.core import api_paths
 from tufa.core.metadata import Channel
+from tufa.server import metrics
 from tufa.server.api.repo import IMMUTABLE, LATEST, READERS, VERSIONED, etag_matches
 from tufa.server.poll_cache import FactoryStamp, PollCache, Stamps
 from tufa.server.repository import DEFAULT_VIEW, Repository
@@ -34,6 +38,44 @@ _JSON = b"application/json"
 # Response headers per (ETag, public, versioned): built once per file, not per request.
 _MAX_HEADERS = 10_000
 Headers = list[tuple[bytes, bytes]]
+
+
+class _Answer(NamedTuple):
+    """How one file is answered: its ETag as sent, and the 304's and the 200's headers."""
+
+    etag: bytes
+    not_modified: Headers
+    full: Headers
+
+
+class _Wanted(NamedTuple):
+    """A metadata file's path, parsed: its factory, channel, role and version (None for
+    the newest)."""
+
+    factory: str
+    channel: Channel
+    role: str
+    version: int | None
+
+
+@functools.lru_cache(maxsize=65_536)
+def _wanted(path: str) -> _Wanted | None:
+    """What `path` asks for, if it is a metadata file's path. Devices poll the same
+    paths over and over: each is parsed once."""
+    match = _PATH.match(path)
+    if match is None:
+        return None
+    name, channel_name, filename = match.groups()
+    channel = _CHANNELS.get(channel_name)
+    if channel is None or not api_paths.FACTORY_NAME.fullmatch(name):
+        return None
+    role = LATEST.get(filename)
+    if role is not None:
+        return _Wanted(name, channel, role, None)
+    versioned = VERSIONED.match(filename)
+    if versioned is None:
+        return None
+    return _Wanted(name, channel, versioned.group(2), int(versioned.group(1)))
 
 
 class PollPath:
@@ -53,28 +95,23 @@ class PollPath:
         self.stamps = stamps
         # SQLite is read right here, on the event loop; PostgreSQL through its batches.
         self.now = now
-        self._headers: dict[tuple[str, bool, bool], tuple[Headers, Headers]] = {}
+        self._answers: dict[tuple[str, bool, bool], _Answer] = {}
         self._failing = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "GET" and not scope["query_string"]:
-            match = _PATH.match(scope["path"])
-            if match is not None and await self._answered(match.groups(), scope, send):
-                return
+            wanted = _wanted(scope["path"])
+            if wanted is not None:
+                started = time.perf_counter()
+                status = await self._answered(wanted, scope, send)
+                if status is not None:
+                    metrics.observe_poll(status, time.perf_counter() - started)
+                    return
         await self.app(scope, receive, send)
 
-    async def _answered(self, params: tuple[str, ...], scope: Scope, send: Send) -> bool:
-        name, channel_name, filename = params
-        channel = _CHANNELS.get(channel_name)
-        role = LATEST.get(filename)
-        version = None
-        if role is None:
-            versioned = VERSIONED.match(filename)
-            if versioned is None:
-                return False
-            role, version = versioned.group(2), int(versioned.group(1))
-        if channel is None or not api_paths.FACTORY_NAME.fullmatch(name):
-            return False
+    async def _answered(self, wanted: _Wanted, scope: Scope, send: Send) -> int | None:
+        """The status answered, or None if the full application must answer."""
+        name, channel, role, version = wanted
         authorization = if_none_match = None
         for key, value in scope["headers"]:
             if key == b"authorization":
@@ -86,9 +123,12 @@ class PollPath:
             bearer, _, secret = authorization.partition(b" ")
             secret = secret.strip()
             if bearer.lower() != b"bearer" or not secret:
-                return False
-            # As `secrets.secret_digest`, of the same text (latin-1 is how it arrived).
-            digest = hashlib.sha256(secret.decode("latin-1").encode()).hexdigest()
+                return None
+            # As `secrets.secret_digest`, of the same text (latin-1 is how it arrived,
+            # and ASCII, as every secret tufa issues, encodes to the same bytes).
+            if not secret.isascii():
+                secret = secret.decode("latin-1").encode()
+            digest = hashlib.sha256(secret).hexdigest()
         try:
             stamp = await self.stamps.stamp(name)
         except Exception:
@@ -96,23 +136,29 @@ class PollPath:
             if not self._failing:
                 log.warning("poll cache: cannot read factory generations", exc_info=True)
             self._failing = True
-            return False
+            return None
         self._failing = False
         if stamp is None:
-            return False
+            return None
         stored = self._cached(stamp, digest, channel, role, version)
         if stored is None:
-            return False
-        headers = self._headers.get((stored.etag, stamp.anonymous_read, version is not None))
-        if headers is None:
-            headers = self._build_headers(stored, stamp.anonymous_read, version is not None)
-        if if_none_match is not None and etag_matches(if_none_match.decode("latin-1"), stored.etag):
-            await send({"type": "http.response.start", "status": 304, "headers": headers[0]})
+            return None
+        answer = self._answers.get((stored.etag, stamp.anonymous_read, version is not None))
+        if answer is None:
+            answer = self._answer(stored, stamp.anonymous_read, version is not None)
+        if if_none_match is not None and (
+            # What a client sends back is the ETag it was given: compared as bytes first.
+            if_none_match == answer.etag
+            or etag_matches(if_none_match.decode("latin-1"), stored.etag)
+        ):
+            await send(
+                {"type": "http.response.start", "status": 304, "headers": answer.not_modified}
+            )
             await send({"type": "http.response.body", "body": b""})
-            return True
-        await send({"type": "http.response.start", "status": 200, "headers": headers[1]})
+            return 304
+        await send({"type": "http.response.start", "status": 200, "headers": answer.full})
         await send({"type": "http.response.body", "body": stored.body})
-        return True
+        return 200
 
     def _cached(
         self,
@@ -143,18 +189,14 @@ class PollPath:
             return self.repo.cached_version(stamp.id, channel, role, version)
         return self.cache.newest(stamp, channel, view, role)
 
-    def _build_headers(
-        self, stored: StoredFile, public: bool, versioned: bool
-    ) -> tuple[Headers, Headers]:
+    def _answer(self, stored: StoredFile, public: bool, versioned: bool) -> _Answer:
         """The 304 and the 200 headers of `stored`, as `repo.metadata` sends them."""
         visibility = b"public" if public else b"private"
         freshness = IMMUTABLE.encode() if versioned else b"no-cache"
-        common = [
-            (b"etag", stored.etag.encode()),
-            (b"cache-control", visibility + b", " + freshness),
-        ]
+        etag = stored.etag.encode()
+        common = [(b"etag", etag), (b"cache-control", visibility + b", " + freshness)]
         full = [*common, (b"content-length", b"%d" % len(stored.body)), (b"content-type", _JSON)]
-        if len(self._headers) >= _MAX_HEADERS:
-            self._headers.clear()
-        self._headers[(stored.etag, public, versioned)] = (common, full)
-        return common, full
+        if len(self._answers) >= _MAX_HEADERS:
+            self._answers.clear()
+        answer = self._answers[(stored.etag, public, versioned)] = _Answer(etag, common, full)
+        return answer
