@@ -232,3 +232,17 @@ def test_a_publish_of_ten_thousand_targets_goes_through(factory: Factory, tmp_pa
     listed = view_files(factory, "board7")["targets"].targets
     assert len(listed) == 100
     assert "board7-image-9907" in listed
+    # One build of the 10,000, read by its version (an index probe, not the whole list),
+    # by the CLI and by the API, in CI and in production (where it is not released).
+    found = run_cli("targets", "list", "--tag", "main", "--version", "9907", "--json", env=env)
+    assert found.returncode == 0, found.stderr
+    assert [t["name"] for t in json.loads(found.stdout)] == ["board7-image-9907"]
+    for query, names in (
+        ("?version=42&hardware_id=board42", ["board42-image-42"]),
+        ("?version=42&hardware_id=board43", []),
+        ("?version=10000", []),
+        ("?version=42&channel=prod", []),
+    ):
+        answer = factory.request("GET", f"/targets{query}")
+        assert answer.status_code == 200, answer.text
+        assert [t["name"] for t in answer.json()] == names, query

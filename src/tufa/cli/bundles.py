@@ -161,10 +161,16 @@ def _ci_hardware_id(api: Api, tag: str, version: str, given: str | None) -> str:
     of their own, so a bundle holds one. Given, or the only one build `version` has."""
     if given is not None:
         return given
-    listed = api.get_json(f"{api.path(api_paths.TARGETS)}?{httpx.QueryParams({'tag': tag})}")
-    found = sorted({hw for t in listed if t["version"] == version for hw in t["hardware_ids"]})
+
+    def listed(**query: str) -> list[Any]:
+        found: list[Any] = api.get_json(f"{api.path(api_paths.TARGETS)}?{httpx.QueryParams(query)}")
+        return found
+
+    builds = listed(tag=tag, version=version)
+    found = sorted({hw for t in builds if str(t["version"]) == version for hw in t["hardware_ids"]})
     if not found:
-        raise _not_in_ci(tag, version, {str(t["version"]) for t in listed})
+        # Only to say which builds there are: the tag's whole list, on this error alone.
+        raise _not_in_ci(tag, version, {str(t["version"]) for t in listed(tag=tag)})
     if len(found) > 1:
         raise click.UsageError(
             f"build {version} of tag {tag} is for hardware ids {', '.join(found)}, and the CI "

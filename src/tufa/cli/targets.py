@@ -224,17 +224,32 @@ def add(
 @click.option("--prod", is_flag=True, help="The production channel instead of CI.")
 @click.option("--tag", help="Only targets with this tag.")
 @click.option("--hardware-id", help="Only targets for this hardware id.")
+@click.option("--version", "build", help="Only targets of this build version.")
 @json_option
 @with_api
 def list_targets(
-    api: Api, prod: bool, tag: str | None, hardware_id: str | None, as_json: bool
+    api: Api,
+    prod: bool,
+    tag: str | None,
+    hardware_id: str | None,
+    build: str | None,
+    as_json: bool,
 ) -> None:
-    """List the targets a channel offers, oldest version first."""
+    """List the targets a channel offers, oldest version first.
+
+    \b
+    Examples:
+      tufa targets list --tag main --hardware-id rpi4
+      tufa targets list --tag main --version 42 --json
+      tufa targets list --prod
+    """
     params: dict[str, str] = {"channel": Channel.PROD if prod else Channel.CI}
     if tag:
         params["tag"] = tag
     if hardware_id:
         params["hardware_id"] = hardware_id
+    if build:
+        params["version"] = build
     found = api.get_json(f"{api.path(api_paths.TARGETS)}?{httpx.QueryParams(params)}")
     if as_json:
         print_json(found)

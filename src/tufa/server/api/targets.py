@@ -128,9 +128,13 @@ def _listed(
     factory_id: int,
     channel: Channel,
     view: str = DEFAULT_VIEW,
+    version: str | None = None,
 ) -> dict[str, TargetFile]:
+    """The targets `channel` lists (in `view`), by name; in CI only those of build
+    `version` if given, read by the index on it rather than the whole channel."""
     if channel is Channel.CI:
-        return ci_views.listed(conn, factory_id, view=None if view == DEFAULT_VIEW else view)
+        shown = None if view == DEFAULT_VIEW else view
+        return ci_views.listed(conn, factory_id, view=shown, version=version)
     stored = state.repo.read_file(conn, factory_id, channel, TARGETS, None, view)
     assert stored is not None
     targets: dict[str, TargetFile] = Metadata[Targets].from_bytes(stored.body).signed.targets
@@ -152,13 +156,18 @@ async def list_all(request: Request) -> JSONResponse:
         view = tag_view(tag)
     elif channel == Channel.CI and tag and hardware_id:
         view = ci_view(hardware_id, tag)
-    listed = await reading(state, lambda conn: _listed(state, conn, factory_id, channel, view))
+    version = request.query_params.get("version")
+    listed = await reading(
+        state, lambda conn: _listed(state, conn, factory_id, channel, view, version)
+    )
     found = [
         target_json(t)
         for t in listed.values()
         if (tag is None or tag in tags_of(t))
         and (hardware_id is None or hardware_id in hardware_ids_of(t))
     ]
+    if version is not None:
+        found = [t for t in found if str(t["version"]) == version]
     found.sort(key=lambda t: (version_key(str(t["version"])), t["name"]))
     return ok(found)
 
