@@ -9,12 +9,14 @@ directory; on PostgreSQL, one database.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from sqlalchemy import create_engine, select, text, update
 from sqlalchemy.pool import NullPool
@@ -22,6 +24,7 @@ from sqlalchemy.pool import NullPool
 from tests.conftest import BACKENDS
 from tests.helpers import Factory, Server, assert_error, create_factory
 from tests.test_device_reports import publish_build
+from tests.test_operations import scrape, value
 from tufa.server.db import devices, factories
 
 TIMESTAMP = "/repo/ci/metadata/timestamp.json"
@@ -252,3 +255,49 @@ def test_a_lost_database_connection_falls_back_then_reconnects(
         assert answer.content == expected
     # The generation query's connection was lost, and said so once.
     assert there.server.local.log().count("poll cache: cannot read factory generations") == 1
+
+
+def test_after_a_publish_one_poll_reads_the_new_file_and_the_others_wait_for_it(
+    pair: tuple[Server, Server],
+) -> None:
+    """A publish makes every cached poll of the view miss at once. A burst of polls
+    arriving then: one goes to the database and fills the cache, the others wait for it,
+    and every one is answered the new timestamp. The database is made slow to answer
+    (metadata_files locked for half a second), so that the whole burst arrives while
+    the first read is under way."""
+    first, server = pair
+    if server.backend != "postgres":
+        pytest.skip("SQLite cannot make a reader wait (WAL)")
+    here, there = _factories(pair)
+    device = there.register_device("ci")["credential"]
+    publish_build(here, "1")
+    old = _version(_warm(there, device))
+    burst = 40
+
+    async def polls() -> list[httpx.Response]:
+        url = f"{server.url}{there.path(TIMESTAMP)}"
+        limits = httpx.Limits(max_connections=burst, max_keepalive_connections=burst)
+        headers = {"Authorization": f"Bearer {device}"}
+        async with httpx.AsyncClient(limits=limits, headers=headers, timeout=30) as client:
+            # Open the connections first, so that the burst below arrives at once.
+            await asyncio.gather(*(client.get(url) for _ in range(burst)))
+            publish_build(here, "2")
+            with psycopg.connect(first.local.db_url.replace("+psycopg", "")) as lock:
+                lock.execute("LOCK TABLE metadata_files IN ACCESS EXCLUSIVE MODE")
+                answers = asyncio.gather(*(client.get(url) for _ in range(burst)))
+                await asyncio.sleep(0.5)
+            return await answers
+
+    before = scrape(server)
+    answers = asyncio.run(polls())
+    after = scrape(server)
+    assert {a.status_code for a in answers} == {200}
+    assert len({a.content for a in answers}) == 1
+    assert _version(answers[0]) > old
+
+    def refills(outcome: str) -> float:
+        return value(after, "tufa_poll_refills_total", outcome=outcome) - value(
+            before, "tufa_poll_refills_total", outcome=outcome
+        )
+
+    assert (refills("led"), refills("waited")) == (1, burst - 1)

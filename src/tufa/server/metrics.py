@@ -85,6 +85,13 @@ SIGNING_SECONDS = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
     registry=_REGISTRY,
 )
+POLL_REFILLS = Counter(
+    "tufa_poll_refills",
+    "Polls of a file the poll cache did not hold: 'led' went to the database and filled "
+    "it, 'waited' waited for one that did.",
+    ["outcome"],
+    registry=_REGISTRY,
+)
 RESIGNER = Gauge(
     "tufa_resigner_active",
     "1 in the process that runs the background re-signer, 0 in those standing by.",
