@@ -106,3 +106,46 @@ def test_a_read_without_a_commit_elsewhere_keeps_what_it_read(tmp_path: Path) ->
         assert statements == 1
     finally:
         asyncio.run(stamps.close())
+
+
+def _dead_man_switch_free(path: Path) -> bool:
+    """Whether another process could lock the wal-index's "dead man switch" byte for
+    itself, which SQLite does to find a database no connection has open (and then
+    resets the wal-index)."""
+    script = (
+        "import fcntl, os, sys\n"
+        "if not os.path.exists(sys.argv[1]):\n"
+        "    sys.exit(0)\n"  # removed by the last connection's close
+        "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+        "try:\n"
+        "    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 128)\n"
+        "except OSError:\n"
+        "    sys.exit(1)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, f"{path}-shm"], check=False)
+    return done.returncode == 0
+
+
+def test_mapping_the_wal_index_leaves_sqlites_own_locks_in_place(tmp_path: Path) -> None:
+    """Closing a descriptor of a file drops all of a process's POSIX locks on it: had the
+    stamps closed the one they mapped the wal-index with, the server's other connections
+    would lose their locks, and another process would reset the file under them (the
+    server died of SIGBUS in test_publish_limits)."""
+    path = tmp_path / "tufa.db"
+    _database(path, "wal")
+    held = sqlite3.connect(path, isolation_level=None)
+    held.execute("SELECT 1 FROM factories").fetchall()
+    assert not _dead_man_switch_free(path)
+    stamps = SqliteStamps(f"sqlite:///{path}")
+    try:
+        assert _stamp(stamps) == FactoryStamp(1, False, 1, 1)
+        assert stamps.reads_wal_index
+        assert not _dead_man_switch_free(path)
+        asyncio.run(stamps.close())
+        assert not _dead_man_switch_free(path)
+        assert _stamp(stamps) == FactoryStamp(1, False, 1, 1)  # connects and maps again
+        assert not _dead_man_switch_free(path)
+    finally:
+        asyncio.run(stamps.close())
+        held.close()
+    assert _dead_man_switch_free(path)  # no connection left: the check itself works

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import mmap
+import os
 import sqlite3
 import struct
 from collections.abc import Callable
@@ -194,8 +195,9 @@ class SqliteStamps(Stamps):
         return found
 
     def _connect(self) -> sqlite3.Connection:
-        # A connection of its own that only reads: short waits, never a write lock. Kept
-        # open, it keeps the wal-index file as it is mapped.
+        # A connection of its own that only reads: short waits, never a write lock. While
+        # it is open, no other process may reset or remove the wal-index (SQLite does that
+        # only to a database no connection has open), so the mapping stays the file's.
         conn = sqlite3.connect(self._path, timeout=0.2, check_same_thread=False)
         conn.isolation_level = None
         conn.execute("PRAGMA query_only=1")
@@ -206,27 +208,54 @@ class SqliteStamps(Stamps):
         return conn
 
     async def close(self) -> None:
-        if self._wal_index is not None:
-            self._wal_index.close()
-            self._wal_index = None
+        self._wal_index = None  # the mapping is the process's (`_map_wal_index`)
         if self._conn is not None:
             conn, self._conn = self._conn, None
             conn.close()
         self._seen = None
 
 
+class _MappedFile(NamedTuple):
+    inode: int
+    descriptor: int
+    mapped: mmap.mmap | None
+
+
+# The wal-index files this process opened, by path, never closed while the file is in
+# use: closing any descriptor of a file drops every POSIX lock this process holds on it,
+# and SQLite's connections in this process lock the wal-index. Without their locks,
+# another process would take the database for unused and reset the file under them.
+_wal_index_files: dict[str, _MappedFile] = {}
+
+
 def _map_wal_index(database: str) -> mmap.mmap | None:
-    """The wal-index of `database` mapped for reading, or None if it is not in the
-    format this code knows."""
+    """The wal-index of `database` mapped for reading (one mapping per file and process),
+    or None if it is not in the format this code knows."""
+    path = f"{database}-shm"
     try:
-        with open(f"{database}-shm", "rb") as shm:
-            mapped = mmap.mmap(shm.fileno(), _WAL_INDEX_HEADERS, access=mmap.ACCESS_READ)
+        inode = os.stat(path).st_ino
+    except OSError:
+        return None
+    known = _wal_index_files.get(path)
+    if known is not None and known.inode == inode:
+        return known.mapped
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        mapped: mmap.mmap | None = mmap.mmap(
+            descriptor, _WAL_INDEX_HEADERS, access=mmap.ACCESS_READ
+        )
     except (OSError, ValueError):
-        return None
-    (version,) = struct.unpack_from("=I", mapped, 0)
-    if version != _WAL_INDEX_VERSION:
+        mapped = None
+    if mapped is not None and struct.unpack_from("=I", mapped, 0)[0] != _WAL_INDEX_VERSION:
         mapped.close()
-        return None
+        mapped = None
+    if known is not None:
+        # Its file was removed (no connection had the database open): no lock of
+        # SQLite's is on that inode any more.
+        if known.mapped is not None:
+            known.mapped.close()
+        os.close(known.descriptor)
+    _wal_index_files[path] = _MappedFile(inode, descriptor, mapped)
     return mapped
 
 
