@@ -15,13 +15,13 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, delete, distinct, insert, literal, select, update
+from sqlalchemy import Connection, delete, distinct, literal, select, update
 from tuf.api.metadata import TargetFile
 
 from tufa.core.assembled_targets import EncodedEntry, encode_entry, sign_assembled
 from tufa.core.metadata import TARGETS, Channel, expiry
 from tufa.server.db import ci_view_targets, devices, targets
-from tufa.server.sql_types import one_of
+from tufa.server.sql_types import insert_rows, one_of
 from tufa.server.stored_files import NewFile
 from tufa.server.views import ci_view
 
@@ -76,8 +76,7 @@ def list_in_views(conn: Connection, factory_id: int, listed: dict[str, set[str]]
         for name, views in listed.items()
         for view in sorted(views)
     ]
-    if rows:
-        conn.execute(insert(ci_view_targets), rows)
+    insert_rows(conn, ci_view_targets, rows)
 
 
 def unlist(conn: Connection, factory_id: int, names: list[str]) -> set[str]:
