@@ -15,7 +15,18 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, delete, distinct, literal, select, update
+from sqlalchemy import (
+    Connection,
+    String,
+    bindparam,
+    delete,
+    distinct,
+    literal,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 from tuf.api.metadata import TargetFile
 
 from tufa.core.assembled_targets import EncodedEntry, encode_entry, sign_assembled
@@ -33,8 +44,27 @@ if TYPE_CHECKING:
 _VIEWS_PER_GROUP = 500
 
 
+# On PostgreSQL, each view's rows looked up by the whole of (factory_id, view), the
+# primary key's prefix. A list given as `view = ANY(...)` leaves the planner a choice,
+# and without statistics (a bulk load outruns autovacuum's analysis; CI databases run
+# without autovacuum) the plan psycopg prepared on a small table read every row of the
+# factory and filtered the views: at 100,000 targets 26 ms a publish instead of 2, and
+# growing with every batch. OFFSET 0 keeps the subquery a lookup per view.
+_PG_ENTRIES = text("""
+    SELECT v.view, t.name, t.entry, t.entry_canonical
+    FROM unnest(:views) AS v(view)
+    CROSS JOIN LATERAL (
+        SELECT c.name FROM ci_view_targets AS c
+        WHERE c.factory_id = :factory_id AND c.view = v.view OFFSET 0
+    ) AS listed
+    JOIN targets AS t ON t.factory_id = :factory_id AND t.name = listed.name
+""").bindparams(bindparam("views", type_=ARRAY(String)))
+
+
 def _entries_of(conn: Connection, factory_id: int, views: list[str]) -> Any:
     """The stored entries of the targets `views` list, with the view of each."""
+    if conn.dialect.name == "postgresql":
+        return conn.execute(_PG_ENTRIES, {"factory_id": factory_id, "views": views})
     return conn.execute(
         select(ci_view_targets.c.view, targets.c.name, targets.c.entry, targets.c.entry_canonical)
         .join(
