@@ -27,7 +27,7 @@ from tufa.server.db import ci_view_targets
 from tufa.server.db import targets as targets_table
 from tufa.server.exceptions import Conflict, InvalidInput, NotFound, TargetsTooLarge
 from tufa.server.inputs import refuse_unsignable_json
-from tufa.server.sql_types import insert_rows, one_of
+from tufa.server.sql_types import insert_rows, one_of, rows_of
 from tufa.server.state import ServerState
 
 TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,254}")
@@ -224,10 +224,7 @@ class CiPublisher:
             known = {
                 row.name: row
                 for row in conn.execute(
-                    select(targets_table).where(
-                        targets_table.c.factory_id == factory_id,
-                        one_of(conn, targets_table.c.name, names),
-                    )
+                    rows_of(conn, targets_table, factory_id, targets_table.c.name, names)
                 )
             }
             new, relisted, unchanged = [], [], []

@@ -8,7 +8,20 @@ from datetime import UTC, datetime
 from typing import Any
 
 from psycopg import sql
-from sqlalchemy import Connection, DateTime, String, Table, TypeDecorator, any_, bindparam, insert
+from sqlalchemy import (
+    Connection,
+    DateTime,
+    Select,
+    String,
+    Table,
+    TypeDecorator,
+    any_,
+    bindparam,
+    func,
+    insert,
+    select,
+    true,
+)
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -26,6 +39,37 @@ def one_of(
     if conn.dialect.name == "postgresql":
         return column == any_(bindparam(None, list(values), type_=ARRAY(String)))
     return column.in_(values)
+
+
+def rows_of(
+    conn: Connection,
+    table: Table,
+    factory_id: int,
+    column: ColumnElement[str],
+    values: Collection[str],
+) -> Select[Any]:
+    """The rows of a per-factory `table` whose `column` is one of `values`.
+
+    On PostgreSQL each value is looked up by itself, by (factory_id, column), through a
+    LATERAL subquery (OFFSET 0 keeps it one). With `column = ANY(array)` the planner has
+    a choice, and without statistics (a bulk load outruns autovacuum's analysis; CI
+    databases run without autovacuum) the plan psycopg prepared after a few one-target
+    publishes read every target of the factory through its (factory_id, version)
+    index: 83 ms a publish of 1,000 targets at 5,000 targets, 250 ms at 30,000."""
+    if conn.dialect.name != "postgresql":
+        return select(table).where(table.c.factory_id == factory_id, column.in_(values))
+    keys = (
+        func.unnest(bindparam(None, list(values), type_=ARRAY(String)))
+        .table_valued("key")
+        .render_derived(name="keys")
+    )
+    found = (
+        select(table)
+        .where(table.c.factory_id == factory_id, column == keys.c.key)
+        .offset(0)
+        .lateral("found")
+    )
+    return select(found).select_from(keys.join(found, true()))
 
 
 def insert_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
