@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     Connection,
+    Integer,
     String,
     bindparam,
     delete,
@@ -58,7 +59,7 @@ _PG_ENTRIES = text("""
         WHERE c.factory_id = :factory_id AND c.view = v.view OFFSET 0
     ) AS listed
     JOIN targets AS t ON t.factory_id = :factory_id AND t.name = listed.name
-""").bindparams(bindparam("views", type_=ARRAY(String)))
+""").bindparams(bindparam("views", type_=ARRAY(String)), bindparam("factory_id", type_=Integer))
 
 
 def _entries_of(conn: Connection, factory_id: int, views: list[str]) -> Any:
