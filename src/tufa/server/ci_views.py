@@ -15,13 +15,25 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, delete, distinct, insert, literal, select, update
+from sqlalchemy import (
+    Connection,
+    Integer,
+    String,
+    bindparam,
+    delete,
+    distinct,
+    literal,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 from tuf.api.metadata import TargetFile
 
 from tufa.core.assembled_targets import EncodedEntry, encode_entry, sign_assembled
 from tufa.core.metadata import TARGETS, Channel, expiry
 from tufa.server.db import ci_view_targets, devices, targets
-from tufa.server.sql_types import one_of
+from tufa.server.sql_types import insert_rows, one_of
 from tufa.server.stored_files import NewFile
 from tufa.server.views import ci_view
 
@@ -33,8 +45,27 @@ if TYPE_CHECKING:
 _VIEWS_PER_GROUP = 500
 
 
+# On PostgreSQL, each view's rows looked up by the whole of (factory_id, view), the
+# primary key's prefix. A list given as `view = ANY(...)` leaves the planner a choice,
+# and without statistics (a bulk load outruns autovacuum's analysis; CI databases run
+# without autovacuum) the plan psycopg prepared on a small table read every row of the
+# factory and filtered the views: at 100,000 targets 26 ms a publish instead of 2, and
+# growing with every batch. OFFSET 0 keeps the subquery a lookup per view.
+_PG_ENTRIES = text("""
+    SELECT v.view, t.name, t.entry, t.entry_canonical
+    FROM unnest(:views) AS v(view)
+    CROSS JOIN LATERAL (
+        SELECT c.name FROM ci_view_targets AS c
+        WHERE c.factory_id = :factory_id AND c.view = v.view OFFSET 0
+    ) AS listed
+    JOIN targets AS t ON t.factory_id = :factory_id AND t.name = listed.name
+""").bindparams(bindparam("views", type_=ARRAY(String)), bindparam("factory_id", type_=Integer))
+
+
 def _entries_of(conn: Connection, factory_id: int, views: list[str]) -> Any:
     """The stored entries of the targets `views` list, with the view of each."""
+    if conn.dialect.name == "postgresql":
+        return conn.execute(_PG_ENTRIES, {"factory_id": factory_id, "views": views})
     return conn.execute(
         select(ci_view_targets.c.view, targets.c.name, targets.c.entry, targets.c.entry_canonical)
         .join(
@@ -76,8 +107,7 @@ def list_in_views(conn: Connection, factory_id: int, listed: dict[str, set[str]]
         for name, views in listed.items()
         for view in sorted(views)
     ]
-    if rows:
-        conn.execute(insert(ci_view_targets), rows)
+    insert_rows(conn, ci_view_targets, rows)
 
 
 def unlist(conn: Connection, factory_id: int, names: list[str]) -> set[str]:

@@ -153,8 +153,9 @@ targets = _per_factory(
     # fills them in (ci_views.upgrade).
     Column("entry", Text),
     Column("entry_canonical", Text),
-    # Waves look a build up by version.
-    Index("ix_targets_factory_id_version", "factory_id", "version"),
+    # Waves look a build up by version. Led by it, not by the factory: a plan made
+    # without statistics could take it for a lookup by (factory_id, name) (migration 0012).
+    Index("ix_targets_version_factory_id", "version", "factory_id"),
 )
 
 # Which CI view lists which target: one row per (hardware id, tag) of each target in
@@ -164,7 +165,8 @@ ci_view_targets = _per_factory(
     "ci_view_targets",
     Column("view", String(VIEW_LENGTH), primary_key=True),
     Column("name", String(255), primary_key=True),
-    Index("ix_ci_view_targets_factory_id_name", "factory_id", "name"),
+    # Led by the name, for the reason the version index of `targets` is (migration 0012).
+    Index("ix_ci_view_targets_name_factory_id", "name", "factory_id"),
 )
 
 # Which factory may use which stored file. The blob store keeps one file per SHA-256

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, select, update
 from tuf.api.metadata import TargetFile
 from tuf.ngclient import UpdaterConfig
 
@@ -27,7 +27,7 @@ from tufa.server.db import ci_view_targets
 from tufa.server.db import targets as targets_table
 from tufa.server.exceptions import Conflict, InvalidInput, NotFound, TargetsTooLarge
 from tufa.server.inputs import refuse_unsignable_json
-from tufa.server.sql_types import one_of
+from tufa.server.sql_types import insert_rows, one_of, rows_of
 from tufa.server.state import ServerState
 
 TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,254}")
@@ -224,10 +224,7 @@ class CiPublisher:
             known = {
                 row.name: row
                 for row in conn.execute(
-                    select(targets_table).where(
-                        targets_table.c.factory_id == factory_id,
-                        one_of(conn, targets_table.c.name, names),
-                    )
+                    rows_of(conn, targets_table, factory_id, targets_table.c.name, names)
                 )
             }
             new, relisted, unchanged = [], [], []
@@ -249,24 +246,24 @@ class CiPublisher:
                     unchanged.append(spec.name)
                 else:
                     relisted.append(spec)
-            if new:
-                conn.execute(
-                    insert(targets_table),
-                    [
-                        {
-                            "factory_id": factory_id,
-                            "name": spec.name,
-                            "length": spec.length,
-                            "sha256": spec.sha256,
-                            "url": spec.url,
-                            "custom": json.dumps(spec.custom, sort_keys=True),
-                            "version": spec.version,
-                            "created_at": now,
-                            **ci_views.entry_columns(spec.target_file()),
-                        }
-                        for spec in new
-                    ],
-                )
+            insert_rows(
+                conn,
+                targets_table,
+                [
+                    {
+                        "factory_id": factory_id,
+                        "name": spec.name,
+                        "length": spec.length,
+                        "sha256": spec.sha256,
+                        "url": spec.url,
+                        "custom": json.dumps(spec.custom, sort_keys=True),
+                        "version": spec.version,
+                        "created_at": now,
+                        **ci_views.entry_columns(spec.target_file()),
+                    }
+                    for spec in new
+                ],
+            )
             if relisted:
                 conn.execute(
                     update(targets_table)

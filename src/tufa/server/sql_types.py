@@ -1,13 +1,27 @@
 """How values cross into SQL the same way on SQLite and PostgreSQL: column types for
-moments and channels, and long lists as query parameters."""
+moments and channels, long lists as query parameters, and many rows inserted at once."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, DateTime, String, TypeDecorator, any_, bindparam
+from psycopg import sql
+from sqlalchemy import (
+    Connection,
+    DateTime,
+    Select,
+    String,
+    Table,
+    TypeDecorator,
+    any_,
+    bindparam,
+    func,
+    insert,
+    select,
+    true,
+)
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -25,6 +39,72 @@ def one_of(
     if conn.dialect.name == "postgresql":
         return column == any_(bindparam(None, list(values), type_=ARRAY(String)))
     return column.in_(values)
+
+
+def rows_of(
+    conn: Connection,
+    table: Table,
+    factory_id: int,
+    column: ColumnElement[str],
+    values: Collection[str],
+) -> Select[Any]:
+    """The rows of a per-factory `table` whose `column` is one of `values`.
+
+    On PostgreSQL each value is looked up by itself, by (factory_id, column), through a
+    LATERAL subquery (OFFSET 0 keeps it one). With `column = ANY(array)` the planner has
+    a choice, and without statistics (a bulk load outruns autovacuum's analysis; CI
+    databases run without autovacuum) the plan psycopg prepared after a few one-target
+    publishes read every target of the factory through its (factory_id, version)
+    index: 83 ms a publish of 1,000 targets at 5,000 targets, 250 ms at 30,000."""
+    if conn.dialect.name != "postgresql":
+        return select(table).where(table.c.factory_id == factory_id, column.in_(values))
+    keys = (
+        func.unnest(bindparam(None, list(values), type_=ARRAY(String)))
+        .table_valued("key")
+        .render_derived(name="keys")
+    )
+    found = (
+        select(table)
+        .where(table.c.factory_id == factory_id, column == keys.c.key)
+        .offset(0)
+        .lateral("found")
+    )
+    return select(found).select_from(keys.join(found, true()))
+
+
+def insert_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Insert `rows` (each with the same columns) into `table`, in this transaction.
+
+    On PostgreSQL the rows go in one `COPY ... FROM STDIN`: an `executemany` is one
+    statement per row (psycopg's pipeline sends them together, but the server still
+    binds and runs each one, and SQLAlchemy processes each row's parameters in Python):
+    measured on 1,000 targets and their 1,000 view rows, 20 ms of client CPU and 50 ms
+    in all, against 5 ms and 25 ms by COPY. Values pass through each column type's
+    bind processing (UTC datetimes, channels) as they would in an INSERT."""
+    if not rows:
+        return
+    if conn.dialect.name != "postgresql":
+        conn.execute(insert(table), list(rows))
+        return
+    names = list(rows[0])
+    processors = [table.c[name].type.bind_processor(conn.dialect) for name in names]
+    statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
+        sql.Identifier(table.name), sql.SQL(", ").join(map(sql.Identifier, names))
+    )
+    driver = conn.connection.driver_connection
+    assert driver is not None, "a connection in a transaction has its psycopg connection"
+    with driver.cursor() as cursor, cursor.copy(statement) as copy:
+        if all(processor is None for processor in processors):
+            for row in rows:
+                copy.write_row([row[name] for name in names])
+            return
+        for row in rows:
+            copy.write_row(
+                [
+                    row[name] if processor is None else processor(row[name])
+                    for name, processor in zip(names, processors, strict=True)
+                ]
+            )
 
 
 class UTCDateTime(TypeDecorator[datetime]):
