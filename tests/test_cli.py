@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import stat
 import subprocess
@@ -328,6 +329,7 @@ WITH_EXAMPLES = (
     ("keys", "updates", "set-threshold"),
     ("keys", "updates", "sign"),
     ("targets", "add"),
+    ("targets", "list"),
     ("targets", "delete"),
     ("targets", "offline-update"),
     ("targets", "prune"),
@@ -431,3 +433,31 @@ def test_server_help_exits_zero_and_shows_examples() -> None:
         assert done.stdout.startswith("Usage: tufa-server"), args
         if args:
             assert f"\n    tufa-server {args[0]}" in done.stdout, (args, done.stdout)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("tufa", "get", "/api/v1/factories", "--server", "127.0.0.1:18437"),
+        ("tufa", "login", "--server", "127.0.0.1:18437"),
+        ("tufa-agent", "register", "--server", "127.0.0.1:18437", "--factory", "acme",
+         "--token", "t", "--hardware-id", "rpi4", "--tag", "main", "--root", "root.json"),
+    ],
+)  # fmt: skip
+def test_a_server_url_without_a_scheme_is_refused_naming_the_fix(
+    command: tuple[str, ...], tmp_path: Path
+) -> None:
+    (tmp_path / "root.json").write_text("{}")
+    env = {"TUFA_CONFIG": str(tmp_path / "config.json")}
+    done = subprocess.run(
+        [console_script(command[0]), *command[1:]],
+        env={**os.environ, **env},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "'127.0.0.1:18437' has no scheme" in done.stderr
+    assert "http://127.0.0.1:18437" in done.stderr
+    assert not (tmp_path / "config.json").exists()

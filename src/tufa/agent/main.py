@@ -31,7 +31,7 @@ from tufa.agent.trust import channel_of, load_root, provision_root, trusted_vers
 from tufa.agent.tuf_commands import tuf_group
 from tufa.core import api_paths
 from tufa.core.bundle import BundleError
-from tufa.core.http import api_client
+from tufa.core.http import api_client, server_url_problem
 from tufa.core.metadata import Channel
 from tufa.core.responses import refusal_of
 
@@ -166,6 +166,9 @@ def register(
           --token "$REG" --hardware-id rpi4 --tag main --root ci-root.json \\
           --dir ./agent-state --health-check './selftest.sh'
     """
+    problem = server_url_problem(server)
+    if problem is not None:
+        raise click.UsageError(f"--server: {problem}")
     state = StateDir(state_dir)
     if state.is_registered():
         raise AgentError(

@@ -20,7 +20,7 @@ import httpx
 import tufa
 from tufa.core import api_paths
 from tufa.core.files import write_private_file
-from tufa.core.http import api_client
+from tufa.core.http import api_client, server_url_problem
 from tufa.core.metadata import Channel
 from tufa.core.responses import Refusal, refusal_of
 
@@ -147,6 +147,10 @@ def make_api(server: str | None, factory: str | None, token: str | None) -> Api:
         raise click.UsageError(
             "no server given: use --server, TUFA_SERVER or `tufa login --server URL`"
         )
+    problem = server_url_problem(chosen)
+    if problem is not None:
+        where = "--server or TUFA_SERVER" if server else "the server `tufa login` saved"
+        raise click.UsageError(f"{where}: {problem}")
     return Api(
         server=chosen.rstrip("/"),
         token=token or config.get("token"),

@@ -7,6 +7,7 @@ import sys
 import click
 
 from tufa.cli.client import Api, load_config, save_config, with_api
+from tufa.core.http import server_url_problem
 
 
 @click.command()
@@ -29,6 +30,9 @@ def login(server: str | None, factory: str | None, token: str | None) -> None:
             values[key] = value
     if not values.get("server"):
         raise click.UsageError("give at least --server")
+    problem = server_url_problem(values["server"])
+    if problem is not None:
+        raise click.UsageError(f"--server: {problem}")
     path = save_config(values)
     click.echo(f"Saved to {path}: server {values['server']}, factory {values.get('factory', '-')}")
 

@@ -8,6 +8,7 @@ target's external host (those are fetched with a client that has no auth).
 from __future__ import annotations
 
 from collections.abc import Generator
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -35,3 +36,14 @@ def api_client(
     auth = BearerAuth(token)
     client = httpx.Client(auth=auth, headers={"User-Agent": user_agent}, timeout=timeout)
     return client, auth
+
+
+def server_url_problem(url: str) -> str | None:
+    """What keeps `url` from being a tufa server's base URL, said so that the fix is
+    plain; None if it is one."""
+    parts = urlsplit(url)
+    if parts.scheme in ("http", "https") and parts.netloc:
+        return None
+    if "://" not in url:
+        return f"{url!r} has no scheme: give the whole URL, e.g. http://{url}"
+    return f"{url!r} is not an http:// or https:// URL of a server"
