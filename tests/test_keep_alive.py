@@ -13,6 +13,7 @@ import pytest
 from tests.helpers import Factory, Server
 
 POLL = "/repo/ci/metadata/timestamp.json"
+LARGE = b'{"targets": "' + b"x" * (2 << 20) + b'"}'
 
 
 class Connection:
@@ -59,6 +60,9 @@ class Connection:
     ("case", "method", "suffix", "token", "body", "status"),
     [
         ("bad token, body unread", "POST", "/targets", "tufa_wrong", b'{"targets": []}', 401),
+        # Larger than the server reads ahead: a wave's signed targets may run to megabytes.
+        ("bad token, large body unread", "POST", "/waves", "tufa_wrong", LARGE, 401),
+        ("unknown route, body at the limit", "POST", "/nope", "", b" " * (1 << 20), 404),
         ("no token, body unread", "POST", "/targets", "", b'{"targets": []}', 401),
         ("unknown route with a body", "POST", "/nope", "", b'{"a": 1}', 404),
         ("bad JSON", "POST", "/targets", "admin", b"{not json", 400),

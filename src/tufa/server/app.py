@@ -88,16 +88,35 @@ class BodySizeLimit:
             await response(scope, receive, send)
             return
         received = 0
+        # A request without a body has nothing left to read; one with a body has until
+        # its last part (or the client's disconnect) has been received.
+        finished = declared in (None, b"0") and b"transfer-encoding" not in dict(scope["headers"])
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, finished
             received_message = await receive()
             received += len(received_message.get("body", b""))
             if received > limit:
                 raise ApiError(413, "too_large", message)
+            finished = not received_message.get("more_body", False)
             return received_message
 
-        await self.app(scope, limited_receive, send)
+        async def send_after_the_body(response_message: Message) -> None:
+            # An answer given before the body was read (a refused token, an unknown
+            # route) would leave the rest unread: granian then drops the connection,
+            # and a client still sending its body sees it reset instead of the answer.
+            # Read it first, up to _DRAINED_BYTES (a blob upload may be far larger);
+            # past that, the answer says the connection closes.
+            if response_message["type"] == "http.response.start" and not finished:
+                with contextlib.suppress(ApiError):
+                    while not finished and received <= _DRAINED_BYTES:
+                        await limited_receive()
+                if not finished:
+                    headers = [*response_message.get("headers", []), (b"connection", b"close")]
+                    response_message = {**response_message, "headers": headers}
+            await send(response_message)
+
+        await self.app(scope, limited_receive, send_after_the_body)
 
 
 async def health(_request: Request) -> JSONResponse:
