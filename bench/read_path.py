@@ -6,6 +6,8 @@ lands. The benchmark measures, with wrk on loopback:
 * tufa-server serving `timestamp.json` to a device credential, plain and revalidated
   (`If-None-Match` -> 304), and `1.snapshot.json` (immutable); the same application
   under uvicorn (httptools, uvloop) on the same database, for the choice of server;
+  on PostgreSQL also a second server process on the same database started with
+  `--poll-invalidation notify`;
 * baseline 1: nginx (one worker) serving the same bytes as a static file, plain and 304;
 * baseline 2: the same bytes from a bare ASGI callable under uvicorn (httptools, uvloop)
   and, if installed, granian: the floor of a Python stack.
@@ -169,6 +171,18 @@ def main() -> None:
             tmp / "data", operator_token=f"tufa_{secrets.token_urlsafe(32)}", db_url=opts.db
         )
         server.start()
+        # On PostgreSQL a second server process on the same database learns of changes
+        # from notifications (`--poll-invalidation notify`, ADR 0014), for comparison.
+        notified = None
+        if opts.db:
+            notified = LocalServer(
+                tmp / "data-notify",
+                operator_token=server.operator_token,
+                db_url=opts.db,
+                extra_args=("--master-key-file", str(server.data_dir / "master.key"),
+                            "--poll-invalidation", "notify"),
+            )  # fmt: skip
+            notified.start()
         processes: list[subprocess.Popen[bytes]] = []
         try:
             created = httpx.post(
@@ -245,6 +259,13 @@ def main() -> None:
                 Case("tufa on uvicorn: timestamp.json, 304", f"{on_uvicorn}/timestamp.json",
                      {**auth, "If-None-Match": etag}, 304),
             ]  # fmt: skip
+            if notified is not None:
+                there = f"{notified.url}{factory_path}/repo/ci/metadata/timestamp.json"
+                cases += [
+                    Case("tufa notify: timestamp.json", there, auth, body=body),
+                    Case("tufa notify: timestamp.json, 304", there,
+                         {**auth, "If-None-Match": etag}, 304),
+                ]  # fmt: skip
             for case in cases:
                 check(case)
             rounds = max(1, min(opts.rounds, opts.seconds))
@@ -277,6 +298,8 @@ def main() -> None:
                 process.terminate()
                 process.wait()
             server.stop()
+            if notified is not None:
+                notified.stop()
 
 
 if __name__ == "__main__":

@@ -108,22 +108,22 @@ def test_a_read_without_a_commit_elsewhere_keeps_what_it_read(tmp_path: Path) ->
         asyncio.run(stamps.close())
 
 
-def _dead_man_switch_free(path: Path) -> bool:
+def _dead_man_switch(path: Path) -> str:
     """Whether another process could lock the wal-index's "dead man switch" byte for
     itself, which SQLite does to find a database no connection has open (and then
-    resets the wal-index)."""
+    resets the wal-index): "locked", "free", or "absent" (no wal-index file)."""
     script = (
         "import fcntl, os, sys\n"
         "if not os.path.exists(sys.argv[1]):\n"
-        "    sys.exit(0)\n"  # removed by the last connection's close
+        "    sys.exit(3)\n"  # removed by the last connection's close
         "fd = os.open(sys.argv[1], os.O_RDWR)\n"
         "try:\n"
         "    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 128)\n"
         "except OSError:\n"
-        "    sys.exit(1)\n"
+        "    sys.exit(4)\n"
     )
     done = subprocess.run([sys.executable, "-c", script, f"{path}-shm"], check=False)
-    return done.returncode == 0
+    return {0: "free", 3: "absent", 4: "locked"}[done.returncode]
 
 
 def test_mapping_the_wal_index_leaves_sqlites_own_locks_in_place(tmp_path: Path) -> None:
@@ -135,17 +135,20 @@ def test_mapping_the_wal_index_leaves_sqlites_own_locks_in_place(tmp_path: Path)
     _database(path, "wal")
     held = sqlite3.connect(path, isolation_level=None)
     held.execute("SELECT 1 FROM factories").fetchall()
-    assert not _dead_man_switch_free(path)
+    assert _dead_man_switch(path) == "locked"
     stamps = SqliteStamps(f"sqlite:///{path}")
     try:
         assert _stamp(stamps) == FactoryStamp(1, False, 1, 1)
         assert stamps.reads_wal_index
-        assert not _dead_man_switch_free(path)
+        assert _dead_man_switch(path) == "locked"
         asyncio.run(stamps.close())
-        assert not _dead_man_switch_free(path)
+        assert _dead_man_switch(path) == "locked"
         assert _stamp(stamps) == FactoryStamp(1, False, 1, 1)  # connects and maps again
-        assert not _dead_man_switch_free(path)
+        assert _dead_man_switch(path) == "locked"
     finally:
         asyncio.run(stamps.close())
         held.close()
-    assert _dead_man_switch_free(path)  # no connection left: the check itself works
+    assert _dead_man_switch(path) == "absent"  # the last connection removed it
+    unused = tmp_path / "unused.db"
+    Path(f"{unused}-shm").write_bytes(bytes(256))
+    assert _dead_man_switch(unused) == "free"  # the check can tell a lock is missing

@@ -33,7 +33,7 @@ from tufa.server.api.common import Endpoint, refuse_unstorable_params
 from tufa.server.api.poll import PollPath
 from tufa.server.errors import ApiError, api_error_handler, error_body, refused_handler
 from tufa.server.exceptions import Refused
-from tufa.server.metrics import RESIGNER
+from tufa.server.metrics import RESIGNER, flush_poll_answers
 from tufa.server.poll_cache import stamps_for
 from tufa.server.publishing import MAX_PUBLISH_BYTES
 from tufa.server.resigner import ResignerLock
@@ -197,7 +197,7 @@ async def _resign_forever(state: ServerState, lock: ResignerLock) -> None:
 def create_app(state: ServerState, *, first_resign_pass: bool = True) -> ASGIApp:
     """The application. `first_resign_pass=False` for workers whose parent process
     already ran the start-up pass before starting them."""
-    stamps = stamps_for(state.db.url)
+    stamps = stamps_for(state.db.url, state.settings.poll_invalidation)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
@@ -220,6 +220,7 @@ def create_app(state: ServerState, *, first_resign_pass: bool = True) -> ASGIApp
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await run_in_threadpool(lock.release)
+            flush_poll_answers()  # with several workers, the others still scrape its files
             await stamps.close()
             state.db.dispose()
 

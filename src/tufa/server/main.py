@@ -159,6 +159,18 @@ def duration_option(flag: str, default: str, help: str | None = None) -> Callabl
     help="Server processes sharing the port; one of them runs the re-signer.",
 )
 @click.option(
+    "--poll-invalidation",
+    type=click.Choice(["query", "notify"]),
+    default="query",
+    show_default=True,
+    envvar="TUFA_POLL_INVALIDATION",
+    help="PostgreSQL only: how a process learns that a factory's credentials or metadata "
+    "changed. 'query' reads it for every batch of polls, so a revocation holds from the "
+    "next request; 'notify' listens for changes (LISTEN/NOTIFY), about twice the polls "
+    "a second, but a poll within milliseconds of a change on another process may still "
+    "be answered as before it.",
+)
+@click.option(
     "--metrics-token",
     envvar="TUFA_METRICS_TOKEN",
     help="A secret (32 to 256 characters) that may read /metrics and nothing else; "
@@ -183,6 +195,7 @@ def run(
     clock_offset_file: Path | None,
     log_level: str,
     workers: int,
+    poll_invalidation: str,
     metrics_token: str | None,
 ) -> None:
     """Run the HTTP service.
@@ -228,7 +241,14 @@ def run(
         metrics_token_sha256=hashlib.sha256(metrics_token.encode()).hexdigest()
         if metrics_token
         else None,
+        poll_invalidation=poll_invalidation,
     )
+    if poll_invalidation == "notify" and settings.db_url.startswith("sqlite"):
+        raise click.BadParameter(
+            "'notify' needs PostgreSQL (--db postgresql+psycopg://...); on SQLite every "
+            "poll already learns of changes from the database file's shared memory",
+            param_hint="--poll-invalidation",
+        )
     try:
         state = open_state(settings)
     except Exception as e:

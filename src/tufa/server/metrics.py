@@ -52,6 +52,8 @@ from tufa.server.views import tag_view, wave_view
 from tufa.server.waves import ACTIVE
 
 CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
+# The ASGI scope's key for when a request arrived, set by the first layer that times it.
+STARTED: Final = "tufa.started"
 # Decided when the module is first imported, as prometheus-client decides it.
 MULTIPROCESS: Final = "PROMETHEUS_MULTIPROC_DIR" in os.environ
 
@@ -358,14 +360,18 @@ def _wave_family(conn: Connection) -> GaugeMetricFamily:
     return family
 
 
-def exposition(db: Database, clock: Clock) -> bytes:
-    """The text a scrape answers: this process's (or every worker's) counters, then the
-    gauges read from the database."""
+def counted_exposition() -> bytes:
+    """The first part of a scrape's text: this process's (or every worker's) counters."""
     if MULTIPROCESS:
         counted = CollectorRegistry()
         multiprocess.MultiProcessCollector(counted)  # type: ignore[no-untyped-call]
     else:
         counted = _REGISTRY
+    return generate_latest(counted)
+
+
+def database_exposition(db: Database, clock: Clock) -> bytes:
+    """The rest of a scrape's text: the gauges read from the database."""
     from_db = CollectorRegistry()
     from_db.register(DatabaseCollector(db, clock))
-    return generate_latest(counted) + generate_latest(from_db)
+    return generate_latest(from_db)

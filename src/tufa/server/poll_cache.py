@@ -6,15 +6,16 @@ metadata file of the device's view. This process keeps the first and the last in
 memory. Each entry carries the generation of its factory it was read at: the factory's
 `auth_generation` for a credential, its `metadata_generation` for a file. Triggers bump
 those counters in the transaction of every change (migration 0009), so an entry is
-used only while one query, made after the request arrived, still reads the same
-number. That query is the only database work of a cached poll:
+used only while the factory's counters, learnt after the request arrived, still read
+the same number. Learning them is the only database work of a cached poll:
 
 on PostgreSQL one read of the factory's row, on a connection of the event loop (no
 thread hop), shared by every request that arrived before it was sent, while requests
-that arrive during it wait for the next one; on SQLite a `PRAGMA data_version` on the
-loop's thread, which says whether anything was committed since the row was last read.
-So a change committed before a request arrived is seen by that request, on every
-process sharing the database.
+that arrive during it wait for the next one; on SQLite a look at the database's
+wal-index header in shared memory, on the loop's thread, which says whether anything
+was committed since the row was last read (and a read of the row only if so). So a
+change committed before a request arrived is seen by that request, on every process
+sharing the database.
 """
 
 from __future__ import annotations
@@ -394,5 +395,14 @@ def _wake(ready: asyncio.Future[None]) -> None:
         ready.set_result(None)
 
 
-def stamps_for(url: str) -> Stamps:
-    return SqliteStamps(url) if url.startswith("sqlite") else PostgresStamps(url)
+def stamps_for(url: str, invalidation: str = "query") -> Stamps:
+    """How the poll path learns factory stamps on the database of `url`: read after
+    each request arrived, or (`invalidation="notify"`, PostgreSQL only) remembered
+    until a notification says they changed."""
+    if url.startswith("sqlite"):
+        return SqliteStamps(url)
+    if invalidation == "notify":
+        from tufa.server.poll_notify import NotifiedStamps
+
+        return NotifiedStamps(url)
+    return PostgresStamps(url)

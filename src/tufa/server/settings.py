@@ -59,6 +59,9 @@ class Settings:
     clock: Clock = field(default_factory=Clock)
     master_key_file: Path | None = None
     online_key_type: KeyType = KeyType.ED25519
+    # How the poll path learns that a factory changed on PostgreSQL (ADR 0014): "query",
+    # a read after each request arrived, or "notify", LISTEN/NOTIFY.
+    poll_invalidation: str = "query"
     # SHA-256 (hex) of the token that may read /metrics besides the operator token.
     metrics_token_sha256: str | None = None
 

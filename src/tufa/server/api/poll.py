@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import NamedTuple
 
 from starlette.routing import compile_path
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tufa.core import api_paths
 from tufa.core.metadata import Channel
@@ -66,10 +66,20 @@ class _Wanted(NamedTuple):
     version: int | None
 
 
-@functools.lru_cache(maxsize=65_536)
+# Paths parsed once each, up to this length: a device's are far shorter, and anyone may
+# send paths, so what the parse cache holds is bounded in size as well as in number.
+_MAX_REMEMBERED_PATH = 200
+
+
 def _wanted(path: str) -> _Wanted | None:
     """What `path` asks for, if it is a metadata file's path. Devices poll the same
     paths over and over: each is parsed once."""
+    if len(path) > _MAX_REMEMBERED_PATH:
+        return _parsed(path)
+    return _remembered(path)
+
+
+def _parsed(path: str) -> _Wanted | None:
     match = _PATH.match(path)
     if match is None:
         return None
@@ -84,6 +94,9 @@ def _wanted(path: str) -> _Wanted | None:
     if versioned is None:
         return None
     return _Wanted(name, channel, versioned.group(2), int(versioned.group(1)))
+
+
+_remembered = functools.lru_cache(maxsize=65_536)(_parsed)
 
 
 class PollPath:
@@ -117,15 +130,22 @@ class PollPath:
 
     async def _poll(self, wanted: _Wanted, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
-        outcome = await self._answered(wanted, scope, send)
-        if isinstance(outcome, tuple):
-            # The caller is known, the file is not cached at the current generation.
-            refill = self._refills.get(outcome)
-            if refill is None:
-                await self._refill(outcome, scope, receive, send)
-                return
-            await self._wait_for(refill)
+        # The request metrics behind count a request this path passes on from here,
+        # the time it waited for a refill included.
+        scope[metrics.STARTED] = started
+        try:
             outcome = await self._answered(wanted, scope, send)
+            if isinstance(outcome, tuple):
+                # The caller is known, the file is not cached at the current generation.
+                refill = self._refills.get(outcome)
+                if refill is None:
+                    await self._refill(outcome, scope, receive, send)
+                    return
+                await self._wait_for(refill)
+                outcome = await self._answered(wanted, scope, send)
+        except Exception:
+            metrics.observe_poll(500, time.perf_counter() - started)
+            raise
         if isinstance(outcome, int):
             metrics.observe_poll(outcome, time.perf_counter() - started)
         else:
@@ -133,16 +153,28 @@ class PollPath:
 
     async def _refill(self, key: _FileKey, scope: Scope, receive: Receive, send: Send) -> None:
         """The first request for a file the cache lacks goes to the full handler, which
-        fills the cache; requests for it meanwhile wait for that, then look again. After
-        a publish every poll of a view misses at once: each went to the database, and a
-        fleet's p99 rose from 5 ms to 70 ms (bench/fleet.py)."""
+        fills the cache before it answers; requests for it meanwhile wait for that
+        answer to start, then look again (and go on to the full handler themselves if
+        it filled nothing: a file that does not exist, a refusal). After a publish every
+        poll of a view misses at once: each went to the database, and a fleet's p99 rose
+        from 5 ms to 70 ms (bench/fleet.py)."""
         refill = self._refills[key] = asyncio.Event()
         metrics.POLL_REFILLS.labels("led").inc()
+
+        async def release_on_answer(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self._release(key, refill)
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, release_on_answer)
         finally:
+            self._release(key, refill)
+
+    def _release(self, key: _FileKey, refill: asyncio.Event) -> None:
+        if self._refills.get(key) is refill:
             del self._refills[key]
-            refill.set()
+        refill.set()
 
     async def _wait_for(self, refill: asyncio.Event) -> None:
         metrics.POLL_REFILLS.labels("waited").inc()
