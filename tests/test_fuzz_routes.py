@@ -108,6 +108,7 @@ SPECS: dict[tuple[str, str], Spec] = {
     ("GET", "/healthz"): Spec(callers=(ANONYMOUS,)),
     ("GET", "/readyz"): Spec(callers=(ANONYMOUS,)),
     ("GET", "/metrics"): Spec(callers=(OPERATOR,)),
+    ("GET", "/openapi.json"): Spec(callers=(ANONYMOUS,)),
     ("POST", "/api/v1/factories"): Spec(lambda _: {"name": "fuzzed"}, (OPERATOR,)),
     ("GET", "/api/v1/factories"): Spec(callers=(OPERATOR,)),
     ("GET", F): Spec(),

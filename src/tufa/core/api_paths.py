@@ -21,6 +21,8 @@ HEALTH = "/healthz"
 READY = "/readyz"
 # Prometheus metrics, for the operator token or the metrics token.
 METRICS = "/metrics"
+# The API described as OpenAPI 3.1, for anyone.
+OPENAPI = "/openapi.json"
 FACTORIES = "/api/v1/factories"
 FACTORY = f"{FACTORIES}/{{factory}}"
 # The operator replacing their own token over HTTP.

@@ -22,6 +22,7 @@ from tufa.server.api import (
     devices,
     factories,
     keys,
+    openapi,
     ops,
     repo,
     root_updates,
@@ -140,6 +141,7 @@ ROUTES = [
     Route(route.path, _checked(route.endpoint), methods=route.methods)
     for route in (
         Route(api_paths.HEALTH, health),
+        Route(api_paths.OPENAPI, openapi.serve),
         *ops.routes,
         *factories.routes,
         *keys.routes,

@@ -90,6 +90,11 @@ class DeletedDeviceJson(TypedDict):
     groups_left: list[str]
 
 
+class AcceptedReportJson(TypedDict):
+    # How many of the report's events were new (an event sent again counts once).
+    accepted: int
+
+
 def _device_json(row: Any) -> DeviceJson:
     return {
         "id": row.id,
@@ -372,7 +377,8 @@ async def report(request: Request) -> JSONResponse:
             _refuse_dead(conn, secret, now)
         return accepted
 
-    return ok({"accepted": await writing(state, store)})
+    answer: AcceptedReportJson = {"accepted": await writing(state, store)}
+    return ok(answer)
 
 
 routes = [

@@ -32,6 +32,15 @@ from tufa.server.state import ServerState
 READERS = {Scope.ADMIN, Scope.CI, Scope.READ}
 
 
+class CreatedFactoryJson(TypedDict):
+    """The new factory: its admin token is shown this once, and its first root key is
+    named per channel."""
+
+    name: str
+    admin_token: str
+    root_key: dict[Channel, str]
+
+
 class ListedFactoryJson(TypedDict):
     name: str
     created_at: str
@@ -42,14 +51,12 @@ async def create(request: Request) -> JSONResponse:
     require_operator(principal)
     name = name_field(await json_object(request), "name")
     created = await threaded(lambda: create_factory(state, name))
-    return ok(
-        {
-            "name": created.name,
-            "admin_token": created.admin_token,
-            "root_key": created.root_keyids,
-        },
-        status=201,
-    )
+    answer: CreatedFactoryJson = {
+        "name": created.name,
+        "admin_token": created.admin_token,
+        "root_key": created.root_keyids,
+    }
+    return ok(answer, status=201)
 
 
 async def list_all(request: Request) -> JSONResponse:

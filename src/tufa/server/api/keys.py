@@ -7,6 +7,8 @@ the first root key: GET returns the archive, and POST `.../confirm` with its SHA
 
 from __future__ import annotations
 
+from typing import Literal, TypedDict
+
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -16,6 +18,11 @@ from tufa.server.api.common import factory_caller, ok, resource, threaded
 from tufa.server.api.fields import field, json_object
 from tufa.server.key_archives import confirm_download, pending_archive
 from tufa.server.principals import Scope
+
+
+class ConfirmedDownloadJson(TypedDict):
+    deleted: Literal[True]
+    downloaded_at: str
 
 
 async def download(request: Request) -> Response:
@@ -38,7 +45,8 @@ async def confirm(request: Request) -> JSONResponse:
     name = request.path_params["factory"]
     digest = field(await json_object(request), "sha256", str)
     downloaded_at = await threaded(lambda: confirm_download(state, name, digest))
-    return ok({"deleted": True, "downloaded_at": iso(downloaded_at)})
+    answer: ConfirmedDownloadJson = {"deleted": True, "downloaded_at": iso(downloaded_at)}
+    return ok(answer)
 
 
 routes = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from typing import Any, TypedDict
+from typing import Any, Literal, TypedDict
 
 from sqlalchemy import Connection, select
 from starlette.requests import ClientDisconnect, Request
@@ -61,6 +61,12 @@ class TargetDetailJson(TypedDict):
     channels: list[Channel]
 
 
+class StoredBlobJson(TypedDict):
+    sha256: str
+    length: int
+    stored: Literal[True]
+
+
 def _result(result: PublishResult) -> dict[str, Any]:
     return dataclasses.asdict(result)
 
@@ -97,7 +103,8 @@ async def upload_blob(request: Request) -> JSONResponse:
 
     await writing(state, record)
     # The same answer whether or not any factory had these bytes before (ADR 0010).
-    return ok({"sha256": sha256, "length": length, "stored": True}, status=201)
+    answer: StoredBlobJson = {"sha256": sha256, "length": length, "stored": True}
+    return ok(answer, status=201)
 
 
 async def add(request: Request) -> JSONResponse:

@@ -39,6 +39,11 @@ class ListedGroupJson(TypedDict):
     devices: list[str]
 
 
+class PreparedWaveJson(TypedDict):
+    # The production targets' "signed" part as python-tuf writes it, for offline signing.
+    signed: dict[str, Any]
+
+
 def _tag_and_version(data: dict[str, Any]) -> tuple[str, str]:
     """The build a wave releases: a CI target's tag and version, checked as CI's are."""
     tag, version = field(data, "tag", str), field(data, "version", str)
@@ -61,7 +66,8 @@ async def prepare(request: Request) -> JSONResponse:
     days = field(data, "expires_days", int, 365)
     waves = Waves(state)
     built = await reading(state, lambda c: waves.prepare(c, factory_id, tag, version, prune, days))
-    return ok({"signed": built.to_dict()})
+    answer: PreparedWaveJson = {"signed": built.to_dict()}
+    return ok(answer)
 
 
 async def create(request: Request) -> JSONResponse:
