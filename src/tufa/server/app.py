@@ -35,7 +35,7 @@ from tufa.server.api.poll import PollPath
 from tufa.server.errors import ApiError, api_error_handler, error_body, refused_handler
 from tufa.server.exceptions import Refused
 from tufa.server.metrics import RESIGNER, flush_poll_answers
-from tufa.server.poll_cache import stamps_for
+from tufa.server.poll_notify import stamps_for
 from tufa.server.publishing import MAX_PUBLISH_BYTES
 from tufa.server.resigner import ResignerLock
 from tufa.server.state import ServerState

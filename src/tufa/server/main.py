@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import os
 import signal
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -28,17 +27,21 @@ from tufa.server import ci_views
 from tufa.server import workers as worker_handover
 from tufa.server.app import create_app, resign_pass
 from tufa.server.blobs import BlobStore
-from tufa.server.db import Database, server_facts, tokens
-from tufa.server.principals import OPERATOR_SCOPE
+from tufa.server.db import Database, server_facts
 from tufa.server.repository import Repository
 from tufa.server.secrets import MasterKey
 from tufa.server.settings import Clock, OffsetClock, Settings
 from tufa.server.state import ServerState
-from tufa.server.tokens import create_operator_token, rotate_operator_token
+from tufa.server.tokens import (
+    MAX_OPERATOR_TOKEN,
+    MIN_OPERATOR_TOKEN,
+    chosen_operator_token,
+    ensure_operator_token,
+    has_operator_token,
+    rotate_operator_token,
+    secret_shaped,
+)
 
-# A chosen operator token must carry enough to be a secret; at most what a header holds.
-MIN_OPERATOR_TOKEN = 32
-MAX_OPERATOR_TOKEN = 256
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -213,7 +216,7 @@ def run(
       tufa-server run --db postgresql+psycopg://tufa@db.example/tufa --workers 4
     """
     _configure_logging(log_level)
-    if metrics_token is not None and not _secret_shaped(metrics_token):
+    if metrics_token is not None and not secret_shaped(metrics_token):
         raise click.BadParameter(
             f"must be {MIN_OPERATOR_TOKEN} to {MAX_OPERATOR_TOKEN} printable ASCII characters "
             f"without spaces; it has {len(metrics_token)}. Choose a random one, e.g. "
@@ -346,7 +349,7 @@ def rotate_operator_token_command(data_dir: Path, db_url: str | None, as_json: b
     try:
         with db.startup() as conn:
             db.migrate(conn)
-            if not _has_operator_token(conn):
+            if not has_operator_token(conn):
                 raise click.ClickException(
                     "this database has no operator token yet: start the server once "
                     "(`tufa-server run`), which creates it"
@@ -374,7 +377,7 @@ def open_state(settings: Settings) -> ServerState:
         master_key = _open_master_key(conn, settings)
         repo = Repository(db, master_key, settings)
         ci_views.upgrade(repo, conn)
-        created = _ensure_operator_token(conn, settings, chosen_token)
+        created = ensure_operator_token(conn, settings.clock.now(), chosen_token)
     if created is not None:
         print(
             f"Operator token (shown once; keep it safe, it creates factories):\n  {created}",
@@ -422,46 +425,3 @@ def _open_master_key(conn: Connection, settings: Settings) -> MasterKey:
             "--master-key-file)"
         ) from None
     return master_key
-
-
-def chosen_operator_token() -> str | None:
-    """TUFA_OPERATOR_TOKEN, if set: refused unless it is long enough to be a secret
-    (the server stores a fast SHA-256 of it, ADR 0005) and fits an HTTP header."""
-    chosen = os.environ.get("TUFA_OPERATOR_TOKEN") or None
-    if chosen is None:
-        return None
-    if not _secret_shaped(chosen):
-        raise RuntimeError(
-            f"TUFA_OPERATOR_TOKEN must be {MIN_OPERATOR_TOKEN} to {MAX_OPERATOR_TOKEN} "
-            f"printable ASCII characters without spaces; it has {len(chosen)} characters. "
-            "Choose a random one, e.g. tufa_$(openssl rand -base64 32 | tr '+/' '-_' | "
-            "tr -d '='), or unset it to have the server generate one (if the server's "
-            "operator token is this short one, replace it: `tufa-server "
-            "rotate-operator-token`)"
-        )
-    return chosen
-
-
-def _secret_shaped(chosen: str) -> bool:
-    """Long enough to be a secret (stored as a fast SHA-256, ADR 0005), fits a header."""
-    return (
-        MIN_OPERATOR_TOKEN <= len(chosen) <= MAX_OPERATOR_TOKEN
-        and chosen.isascii()
-        and chosen.isprintable()
-        and " " not in chosen
-    )
-
-
-def _has_operator_token(conn: Connection) -> bool:
-    live = select(tokens.c.id).where(
-        tokens.c.scopes == OPERATOR_SCOPE, tokens.c.revoked_at.is_(None)
-    )
-    return conn.execute(live.limit(1)).first() is not None
-
-
-def _ensure_operator_token(conn: Connection, settings: Settings, chosen: str | None) -> str | None:
-    """Create the operator token on first start; return its secret if it must be shown."""
-    if _has_operator_token(conn):
-        return None
-    token = create_operator_token(conn, settings.clock.now(), chosen)
-    return None if chosen else token.secret

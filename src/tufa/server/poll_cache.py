@@ -393,16 +393,3 @@ def _wake(ready: asyncio.Future[None]) -> None:
     # A level-triggered watch may fire again before its waiter runs and removes it.
     if not ready.done():
         ready.set_result(None)
-
-
-def stamps_for(url: str, invalidation: str = "query") -> Stamps:
-    """How the poll path learns factory stamps on the database of `url`: read after
-    each request arrived, or (`invalidation="notify"`, PostgreSQL only) remembered
-    until a notification says they changed."""
-    if url.startswith("sqlite"):
-        return SqliteStamps(url)
-    if invalidation == "notify":
-        from tufa.server.poll_notify import NotifiedStamps
-
-        return NotifiedStamps(url)
-    return PostgresStamps(url)

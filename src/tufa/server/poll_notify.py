@@ -9,6 +9,8 @@ when the change commits and arrives a moment later, so a poll reaching another p
 in that moment (milliseconds; longer if the listening connection's host is overloaded)
 is still answered from the old stamp. While no listening connection is established
 (at start, after a lost connection), every stamp is read as `PostgresStamps` reads it.
+
+`stamps_for` picks among the three ways for a server's database and settings.
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
-from tufa.server.poll_cache import MAX_ENTRIES, FactoryStamp, PostgresStamps, Stamps
+from tufa.server.poll_cache import (
+    MAX_ENTRIES,
+    FactoryStamp,
+    PostgresStamps,
+    SqliteStamps,
+    Stamps,
+)
 
 log = logging.getLogger("tufa.server")
 CHANNEL = "tufa_factory_stamps"
@@ -156,3 +164,14 @@ class NotifiedStamps(Stamps):
             asyncio.get_running_loop().remove_reader(self._socket)
             listener.finish()
         await self._read.close()
+
+
+def stamps_for(url: str, invalidation: str = "query") -> Stamps:
+    """How the poll path learns factory stamps on the database of `url`: read after
+    each request arrived, or (`invalidation="notify"`, PostgreSQL only) remembered
+    until a notification says they changed."""
+    if url.startswith("sqlite"):
+        return SqliteStamps(url)
+    if invalidation == "notify":
+        return NotifiedStamps(url)
+    return PostgresStamps(url)

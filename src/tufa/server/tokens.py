@@ -3,6 +3,7 @@ revoked) and the operator token (created on first start, rotated)."""
 
 from __future__ import annotations
 
+import os
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -88,3 +89,51 @@ def revoke_token(conn: Connection, factory_id: int, token_id: str, now: datetime
     if row.revoked_at is None:
         conn.execute(update(tokens).where(*where).values(revoked_at=now))
     return conn.execute(select(tokens).where(*where)).one()
+
+
+# A chosen operator token must carry enough to be a secret; at most what a header holds.
+MIN_OPERATOR_TOKEN = 32
+MAX_OPERATOR_TOKEN = 256
+
+
+def chosen_operator_token() -> str | None:
+    """TUFA_OPERATOR_TOKEN, if set: refused unless it is long enough to be a secret
+    (the server stores a fast SHA-256 of it, ADR 0005) and fits an HTTP header."""
+    chosen = os.environ.get("TUFA_OPERATOR_TOKEN") or None
+    if chosen is None:
+        return None
+    if not secret_shaped(chosen):
+        raise RuntimeError(
+            f"TUFA_OPERATOR_TOKEN must be {MIN_OPERATOR_TOKEN} to {MAX_OPERATOR_TOKEN} "
+            f"printable ASCII characters without spaces; it has {len(chosen)} characters. "
+            "Choose a random one, e.g. tufa_$(openssl rand -base64 32 | tr '+/' '-_' | "
+            "tr -d '='), or unset it to have the server generate one (if the server's "
+            "operator token is this short one, replace it: `tufa-server "
+            "rotate-operator-token`)"
+        )
+    return chosen
+
+
+def secret_shaped(chosen: str) -> bool:
+    """Long enough to be a secret (stored as a fast SHA-256, ADR 0005), fits a header."""
+    return (
+        MIN_OPERATOR_TOKEN <= len(chosen) <= MAX_OPERATOR_TOKEN
+        and chosen.isascii()
+        and chosen.isprintable()
+        and " " not in chosen
+    )
+
+
+def has_operator_token(conn: Connection) -> bool:
+    live = select(tokens.c.id).where(
+        tokens.c.scopes == OPERATOR_SCOPE, tokens.c.revoked_at.is_(None)
+    )
+    return conn.execute(live.limit(1)).first() is not None
+
+
+def ensure_operator_token(conn: Connection, now: datetime, chosen: str | None) -> str | None:
+    """Create the operator token on first start; return its secret if it must be shown."""
+    if has_operator_token(conn):
+        return None
+    token = create_operator_token(conn, now, chosen)
+    return None if chosen else token.secret
