@@ -83,6 +83,7 @@ updates-sign      401  401   403   401     401     403    403      401     401  
 updates-apply     401  401   403   401     401     403    403      401     401     403      ok    403 403  403
 blob-upload       401  401   403   401     401     403    403      401     401     403      ok    ok  403  403
 targets-add       401  401   403   401     401     403    403      401     401     403      ok    ok  403  403
+targets-check     401  401   403   401     401     403    403      401     401     403      ok    ok  403  403
 targets-prune     401  401   403   401     401     403    403      401     401     403      ok    ok  403  403
 targets-delete    401  401   403   401     401     403    403      401     401     403      ok    ok  403  403
 targets-list      401  401   403   401     401     403    403      401     401     403      ok    ok  ok   403
@@ -145,6 +146,7 @@ ROUTES = {
     "updates-apply": ("POST", "/api/v1/factories/{factory}/keys/updates/apply"),
     "blob-upload": ("PUT", "/api/v1/factories/{factory}/blobs/{sha256}"),
     "targets-add": ("POST", "/api/v1/factories/{factory}/targets"),
+    "targets-check": ("POST", "/api/v1/factories/{factory}/targets/check"),
     "targets-prune": ("POST", "/api/v1/factories/{factory}/targets/prune"),
     "targets-delete": ("POST", "/api/v1/factories/{factory}/targets/delete"),
     "targets-list": ("GET", "/api/v1/factories/{factory}/targets"),
@@ -380,6 +382,8 @@ class Tenant:
             case "targets-add":
                 self._publish()
                 return "POST", path("/targets"), {"targets": [TARGET]}
+            case "targets-check":
+                return "POST", path("/targets/check"), {"targets": [TARGET]}
             case "targets-prune":
                 return "POST", path("/targets/prune"), {"keep": 5}
             case "targets-delete":

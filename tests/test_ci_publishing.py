@@ -326,7 +326,7 @@ def test_identical_readd_is_a_noop_and_a_different_target_conflicts(
     state = dump_all_tables(server)
     metadata = served_metadata(factory, "ci")
 
-    # The same target again, by the CLI (file uploaded again) and by the API.
+    # The same target again, by the CLI (nothing is uploaded) and by the API.
     again = run_cli(*args, "--tag", "main", "--file", str(image), env=env)
     assert again.returncode == 0, again.stderr
     assert "already published, identical" in again.stdout

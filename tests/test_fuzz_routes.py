@@ -165,6 +165,7 @@ SPECS: dict[tuple[str, str], Spec] = {
         lambda _: {"targets": [target(name="fuzzed", custom={"build": 7})]}
     ),
     ("GET", f"{F}/targets"): Spec(query=("channel", "tag", "hardware_id")),
+    ("POST", f"{F}/targets/check"): Spec(lambda _: {"targets": [target(name="checked")]}),
     ("POST", f"{F}/targets/prune"): Spec(lambda _: {"keep": 5}),
     ("POST", f"{F}/targets/delete"): Spec(lambda _: {"names": ["never-published"]}),
     ("GET", f"{F}/targets/{{name}}"): Spec(),

@@ -9,8 +9,9 @@ from typing import Any, TypeVar
 
 import click
 from rich.console import Console, RenderableType
-from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, Task
 from rich.table import Table
+from rich.text import Text
 
 Record = TypeVar("Record")
 
@@ -79,13 +80,30 @@ def print_records(
     print_table(columns, map(row, records))
 
 
+class _AverageSpeed(ProgressColumn):
+    """Bytes a second over the transfer so far. rich's own speed column needs two
+    samples within its window and shows "?" for a transfer done in one (every small
+    file, every fast link)."""
+
+    def render(self, task: Task) -> Text:
+        elapsed = task.finished_time if task.finished else task.elapsed
+        if not elapsed or not task.completed:
+            return Text("")
+        speed = task.completed / elapsed
+        for unit in ("B", "kB", "MB", "GB"):
+            if speed < 1000 or unit == "GB":
+                return Text(f"{speed:.1f} {unit}/s", style="progress.data.speed")
+            speed /= 1000
+        raise AssertionError("unreachable")
+
+
 def transfer_progress(*, quiet: bool) -> Progress:
     """Progress bars for uploads and downloads, on stderr so --json output stays clean."""
     return Progress(
         "[progress.description]{task.description}",
         BarColumn(),
         DownloadColumn(),
-        TransferSpeedColumn(),
+        _AverageSpeed(),
         console=console(stderr=True),
         disable=quiet,
     )

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NotRequired, TypedDict
 
 import click
 import httpx
+from rich.progress import TaskID
 from rich.table import Table
 
 from tufa.cli.bundles import offline_update
@@ -52,29 +53,45 @@ def _sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _upload(api: Api, path: Path, sha256: str, quiet: bool) -> None:
-    """Stream `path` to the blob store with a progress bar. The whole file is sent every
-    time: the server gives a factory a file only once it received the bytes from it."""
-    size = path.stat().st_size
+def _upload_all(api: Api, files: dict[str, Path], quiet: bool) -> None:
+    """Stream each file (by SHA-256) to the blob store, with a bar each and, for several,
+    one for the total."""
+    sizes = {sha256: path.stat().st_size for sha256, path in files.items()}
     with transfer_progress(quiet=quiet) as progress:
-        task = progress.add_task(f"uploading {path.name}", total=size)
+        total = None
+        if len(files) > 1:
+            total = progress.add_task(f"total, {len(files)} files", total=sum(sizes.values()))
+        for sha256, path in files.items():
+            task = progress.add_task(f"uploading {path.name}", total=sizes[sha256])
 
-        def chunks() -> Iterator[bytes]:
-            with path.open("rb") as f:
-                while chunk := f.read(CHUNK):
-                    progress.advance(task, len(chunk))
-                    yield chunk
+            def advance(sent: int, task: TaskID = task) -> None:
+                progress.advance(task, sent)
+                if total is not None:
+                    progress.advance(total, sent)
 
-        headers = {"Content-Length": str(size), "Content-Type": "application/octet-stream"}
-        try:
-            response = api.client.put(
-                api.url(api.path(api_paths.BLOB, sha256=sha256)),
-                content=chunks(),
-                headers=headers,
-                timeout=120,  # per read or write, not for the whole upload
-            )
-        except httpx.HTTPError as e:
-            raise click.ClickException(f"upload of {path} failed: {e}; run again") from e
+            _upload(api, path, sha256, sizes[sha256], advance)
+
+
+def _upload(api: Api, path: Path, sha256: str, size: int, advance: Callable[[int], None]) -> None:
+    """Stream `path` to the blob store. The whole file is sent: the server gives a
+    factory a file only once it received the bytes from it."""
+
+    def chunks() -> Iterator[bytes]:
+        with path.open("rb") as f:
+            while chunk := f.read(CHUNK):
+                advance(len(chunk))
+                yield chunk
+
+    headers = {"Content-Length": str(size), "Content-Type": "application/octet-stream"}
+    try:
+        response = api.client.put(
+            api.url(api.path(api_paths.BLOB, sha256=sha256)),
+            content=chunks(),
+            headers=headers,
+            timeout=120,  # per read or write, not for the whole upload
+        )
+    except httpx.HTTPError as e:
+        raise click.ClickException(f"upload of {path} failed: {e}; run again") from e
     if response.status_code not in (200, 201):
         raise click.ClickException(
             f"the server refused the upload of {path}: {refusal_of(response).message}"
@@ -176,9 +193,11 @@ def add(
 ) -> None:
     """Publish target NAME to the CI channel (a CI-scoped token is enough).
 
-    Each --file is uploaded in full, then the CI targets, snapshot and timestamp are
-    re-signed in one step. Re-adding an identical target changes nothing; a different
-    target under an existing name is refused.
+    The server is asked first what the publish would do: a refusal (the token, the
+    factory, a different target under a published name) comes before any upload, and
+    a --file is uploaded (in full) only if the factory does not have it yet. Then the
+    CI targets, snapshot and timestamp are re-signed in one step. Re-adding an
+    identical target changes nothing.
 
     \b
     Examples:
@@ -204,12 +223,14 @@ def add(
         specs = [
             _spec(name, version, list(hardware_ids), list(tags), file, url, sha256, length, extra)
         ]
-    for spec, upload in specs:
-        if upload is not None:
-            _upload(api, upload, spec["sha256"], quiet or as_json)
-    result = api.request(
-        "POST", api.path(api_paths.TARGETS), json_body={"targets": [s for s, _ in specs]}
-    ).json()
+    body = {"targets": [spec for spec, _ in specs]}
+    # Asked first: a refusal (the token, the factory, a conflict) comes before any
+    # upload, and only files the factory has not uploaded are sent.
+    check = api.request("POST", api.path(api_paths.CHECK_TARGETS), json_body=body).json()
+    missing = set(check["missing_uploads"])
+    files = {spec["sha256"]: file for spec, file in specs if file and spec["sha256"] in missing}
+    _upload_all(api, files, quiet or as_json)
+    result = api.request("POST", api.path(api_paths.TARGETS), json_body=body).json()
     if as_json:
         print_json(result)
         return

@@ -48,6 +48,7 @@ BLOB = f"{FACTORY}/blobs/{{sha256}}"
 TARGETS = f"{FACTORY}/targets"
 TARGET = f"{TARGETS}/{{name}}"
 PRUNE_TARGETS = f"{TARGETS}/prune"
+CHECK_TARGETS = f"{TARGETS}/check"
 DELETE_TARGETS = f"{TARGETS}/delete"
 
 # Devices: the inventory (admin tokens), and what a device itself calls.

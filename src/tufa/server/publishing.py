@@ -204,6 +204,16 @@ class PublishResult:
     targets_version: int
 
 
+@dataclass(frozen=True)
+class PublishCheck:
+    """What a publish of the same targets would do now (`CiPublisher.check`)."""
+
+    added: list[str]
+    unchanged: list[str]
+    # SHA-256 of each file the publish needs that this factory has not uploaded.
+    missing_uploads: list[str]
+
+
 class CiPublisher:
     """Adds, prunes and deletes CI targets; each re-signs only the views it changes."""
 
@@ -212,40 +222,18 @@ class CiPublisher:
         self.repo = state.repo
 
     def add(self, factory_id: int, specs: list[TargetSpec]) -> PublishResult:
-        if not specs or len(specs) > MAX_TARGETS_PER_PUBLISH:
-            raise InvalidInput(f"give 1 to {MAX_TARGETS_PER_PUBLISH} targets per publish")
-        names = [s.name for s in specs]
-        if len(set(names)) != len(names):
-            raise InvalidInput("the same target name appears twice in one publish")
+        _refuse_unpublishable(specs)
         with self.state.db.write() as conn:
             self.state.db.lock_channel(conn, factory_id, Channel.CI)
-            self._check_uploaded(conn, factory_id, specs)
-            now = self.state.settings.clock.now()
-            known = {
-                row.name: row
-                for row in conn.execute(
-                    rows_of(conn, targets_table, factory_id, targets_table.c.name, names)
+            missing = _missing_uploads(conn, factory_id, specs)
+            if missing:
+                raise InvalidInput(
+                    f"target {missing[0].name!r}: 'sha256': this factory has no uploaded file "
+                    f"with SHA-256 {missing[0].sha256}; upload it first (`tufa targets add "
+                    "--file` does both), or give the 'url' devices download it from"
                 )
-            }
-            new, relisted, unchanged = [], [], []
-            for spec in specs:
-                row = known.get(spec.name)
-                if row is None:
-                    new.append(spec)
-                elif (row.length, row.sha256, row.url, json.loads(row.custom)) != (
-                    spec.length,
-                    spec.sha256,
-                    spec.url,
-                    spec.custom,
-                ):
-                    raise Conflict(
-                        f"a different target named {spec.name!r} was already published; "
-                        "targets never change: publish under a new name"
-                    )
-                elif row.pruned_at is None:
-                    unchanged.append(spec.name)
-                else:
-                    relisted.append(spec)
+            now = self.state.settings.clock.now()
+            new, relisted, unchanged = _sorted(conn, factory_id, specs)
             insert_rows(
                 conn,
                 targets_table,
@@ -279,24 +267,19 @@ class CiPublisher:
             version = self._publish(conn, factory_id, set().union(*listed.values()), now)
         return PublishResult([spec.name for spec in added], unchanged, [], version)
 
-    @staticmethod
-    def _check_uploaded(conn: Connection, factory_id: int, specs: list[TargetSpec]) -> None:
-        """A target served from this server names a file this factory uploaded, with its
-        length. The answer is the same whether or not another factory holds the file."""
-        hosted = [spec for spec in specs if spec.url is None]
-        owned = owned_lengths(conn, factory_id, (spec.sha256 for spec in hosted))
-        for spec in hosted:
-            if spec.sha256 not in owned:
-                raise InvalidInput(
-                    f"target {spec.name!r}: 'sha256': this factory has no uploaded file with "
-                    f"SHA-256 {spec.sha256}; upload it first (`tufa targets add --file` does "
-                    "both), or give the 'url' devices download it from"
-                )
-            if owned[spec.sha256] != spec.length:
-                raise InvalidInput(
-                    f"target {spec.name!r}: 'length' is {spec.length}, but the uploaded file "
-                    f"with SHA-256 {spec.sha256} has {owned[spec.sha256]} bytes"
-                )
+    def check(self, factory_id: int, specs: list[TargetSpec]) -> PublishCheck:
+        """What `add` would do with `specs`, refusing what it would refuse, except that
+        files not uploaded yet are listed instead: an uploader asks this first, so that
+        it sends only the files a publish needs, and none for a target that is refused."""
+        _refuse_unpublishable(specs)
+        with self.state.db.read() as conn:
+            missing = _missing_uploads(conn, factory_id, specs)
+            new, relisted, unchanged = _sorted(conn, factory_id, specs)
+        return PublishCheck(
+            [spec.name for spec in new + relisted],
+            unchanged,
+            sorted({spec.sha256 for spec in missing}),
+        )
 
     def prune(self, factory_id: int, keep: int) -> PublishResult:
         """Keep the `keep` highest versions per (hardware id, tag) in the CI targets."""
@@ -380,3 +363,62 @@ class CiPublisher:
                 size, f"the CI targets of {ci_views.describe(view)}", PRUNE_ADVICE
             )
         return self.repo.counter(conn, factory_id, Channel.CI, TARGETS)
+
+
+def _refuse_unpublishable(specs: list[TargetSpec]) -> None:
+    if not specs or len(specs) > MAX_TARGETS_PER_PUBLISH:
+        raise InvalidInput(f"give 1 to {MAX_TARGETS_PER_PUBLISH} targets per publish")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise InvalidInput("the same target name appears twice in one publish")
+
+
+def _missing_uploads(
+    conn: Connection, factory_id: int, specs: list[TargetSpec]
+) -> list[TargetSpec]:
+    """The targets served from this server whose file this factory has not uploaded. A
+    file it uploaded must have the target's length. The answer is the same whether or
+    not another factory holds the file (ADR 0010)."""
+    hosted = [spec for spec in specs if spec.url is None]
+    owned = owned_lengths(conn, factory_id, (spec.sha256 for spec in hosted))
+    for spec in hosted:
+        if spec.sha256 in owned and owned[spec.sha256] != spec.length:
+            raise InvalidInput(
+                f"target {spec.name!r}: 'length' is {spec.length}, but the uploaded file "
+                f"with SHA-256 {spec.sha256} has {owned[spec.sha256]} bytes"
+            )
+    return [spec for spec in hosted if spec.sha256 not in owned]
+
+
+def _sorted(
+    conn: Connection, factory_id: int, specs: list[TargetSpec]
+) -> tuple[list[TargetSpec], list[TargetSpec], list[str]]:
+    """`specs` as new targets, unlisted ones to list again, and the names of those
+    listed as they are; a different target under a published name is refused."""
+    names = [spec.name for spec in specs]
+    known = {
+        row.name: row
+        for row in conn.execute(
+            rows_of(conn, targets_table, factory_id, targets_table.c.name, names)
+        )
+    }
+    new, relisted, unchanged = [], [], []
+    for spec in specs:
+        row = known.get(spec.name)
+        if row is None:
+            new.append(spec)
+        elif (row.length, row.sha256, row.url, json.loads(row.custom)) != (
+            spec.length,
+            spec.sha256,
+            spec.url,
+            spec.custom,
+        ):
+            raise Conflict(
+                f"a different target named {spec.name!r} was already published; "
+                "targets never change: publish under a new name"
+            )
+        elif row.pruned_at is None:
+            unchanged.append(spec.name)
+        else:
+            relisted.append(spec)
+    return new, relisted, unchanged

@@ -19,7 +19,7 @@ from tufa.server.api import devices, factories, keys, targets, tokens, waves
 from tufa.server.api.json_schema import Schema
 from tufa.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from tufa.server.principals import Scope
-from tufa.server.publishing import LABEL, VERSION_LABEL, PublishResult
+from tufa.server.publishing import LABEL, VERSION_LABEL, PublishCheck, PublishResult
 from tufa.server.root_updates.status import Applied, Cancelled, RootUpdateStatus
 from tufa.server.wave_shapes import RolloutResult, WaveJson, WaveSummary
 
@@ -327,6 +327,12 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
             Query("version", "only the targets of this build"),
         ),
         summary="The targets a channel (or one of its views) lists.",
+    ),
+    ("POST", p.CHECK_TARGETS): Operation(
+        PublishCheck,
+        PUBLISHERS,
+        body=_object(("targets",), targets={"type": "array", "items": TARGET_SPEC}),
+        errors=CONFLICT,
     ),
     ("POST", p.PRUNE_TARGETS): Operation(
         PublishResult,

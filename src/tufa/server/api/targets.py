@@ -115,6 +115,16 @@ async def add(request: Request) -> JSONResponse:
     return ok(_result(result), status=201 if result.added else 200)
 
 
+async def check(request: Request) -> JSONResponse:
+    """What publishing these targets would do, changing nothing: which would be added,
+    which are already published as they are, and which files must be uploaded first."""
+    state, factory_id = await factory_caller(request, PUBLISHERS)
+    listed = field(await json_object(request), "targets", list)
+    specs = [parse_target(item, f"targets[{i}]") for i, item in enumerate(listed)]
+    result = await threaded(lambda: CiPublisher(state).check(factory_id, specs))
+    return ok(dataclasses.asdict(result))
+
+
 async def prune(request: Request) -> JSONResponse:
     state, factory_id = await factory_caller(request, PUBLISHERS)
     keep = field(await json_object(request), "keep", int)
@@ -212,6 +222,7 @@ async def show(request: Request) -> JSONResponse:
 routes = [
     *resource(api_paths.BLOB, PUT=upload_blob),
     *resource(api_paths.TARGETS, POST=add, GET=list_all),
+    *resource(api_paths.CHECK_TARGETS, POST=check),
     *resource(api_paths.PRUNE_TARGETS, POST=prune),
     *resource(api_paths.DELETE_TARGETS, POST=delete),
     *resource(api_paths.TARGET, GET=show),
