@@ -1,0 +1,124 @@
+"""What a newcomer meets first: the set-up steps, the README's commands, `--help`, and
+shell completion, checked against the real programs."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import click
+import pytest
+
+from tufa.agent.main import cli as agent_cli
+from tufa.cli.main import cli
+from tufa.demo.local_server import console_script
+from tufa.server.main import cli as server_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+PROGRAMS: dict[str, click.Group] = {"tufa": cli, "tufa-agent": agent_cli, "tufa-server": server_cli}
+sqlite_only = pytest.mark.parametrize("server", ["sqlite"], indirect=True)
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [console_script(args[0]), *args[1:]],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+
+
+# -- the README against the programs -------------------------------------------------------
+
+
+def test_the_readme_server_table_lists_every_run_option_with_its_variable() -> None:
+    rows = dict(re.findall(r"^\| `(--[a-z-]+)` \| (?:`([A-Z_]+)` )?\|", README, re.M))
+    options = {
+        param.opts[-1]: param.envvar or ""
+        for param in server_cli.commands["run"].params
+        if isinstance(param, click.Option) and not param.hidden
+    }
+    assert {flag: rows.get(flag) for flag in options} == options
+
+
+def test_examples_use_the_port_the_server_listens_on() -> None:
+    default_port = next(p.default for p in server_cli.commands["run"].params if p.name == "port")
+    texts = [README]
+    for group in PROGRAMS.values():
+        texts += [command.help or "" for _, command in _walk(group)]
+    ports = {port for text in texts for port in re.findall(r"//127\.0\.0\.1:(\d+)", text)}
+    assert ports == {str(default_port)}
+
+
+# -- --help ----------------------------------------------------------------------------------
+
+
+def _walk(
+    group: click.Group, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], click.Command]]:
+    for name, command in group.commands.items():
+        yield (*path, name), command
+        if isinstance(command, click.Group):
+            yield from _walk(command, (*path, name))
+
+
+def _command_list(help_page: str) -> dict[str, str]:
+    """The Commands section of a --help page: each command and its description, joined."""
+    listed: dict[str, str] = {}
+    section = help_page.partition("\nCommands:\n")[2]
+    for line in section.splitlines():
+        entry = re.match(r"  (\S+)\s+(.*)", line)
+        if entry:
+            listed[entry[1]] = entry[2]
+        elif line.startswith("    ") and listed:
+            last = next(reversed(listed))
+            listed[last] += " " + line.strip()
+    return listed
+
+
+def test_command_lists_show_each_description_as_a_whole_sentence() -> None:
+    groups = [
+        (program, path)
+        for program, group in PROGRAMS.items()
+        for path in [(), *(p for p, c in _walk(group) if isinstance(c, click.Group))]
+    ]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        pages = list(pool.map(lambda g: _run(g[0], *g[1], "--help"), groups))
+    cut = []
+    for (program, path), page in zip(groups, pages, strict=True):
+        assert page.returncode == 0, page.stderr
+        listed = _command_list(page.stdout)
+        assert listed, (program, path)
+        cut += [
+            f"{program} {' '.join((*path, name))}: {text}"
+            for name, text in listed.items()
+            if not text.endswith(".") or text.endswith("...")
+        ]
+    assert cut == []
+
+
+def test_server_run_help_names_each_environment_variable() -> None:
+    page = " ".join(_run("tufa-server", "run", "--help").stdout.split())
+    variables = [
+        param.envvar
+        for param in server_cli.commands["run"].params
+        if isinstance(param, click.Option) and param.envvar and not param.hidden
+    ]
+    assert "TUFA_PORT" in variables
+    assert [v for v in variables if f"env var: {v}" not in page] == []
+    assert "TUFA_OPERATOR_TOKEN" in page
+
+
+def test_every_program_prints_its_version() -> None:
+    versions = {program: _run(program, "--version") for program in PROGRAMS}
+    for program, done in versions.items():
+        assert done.returncode == 0, (program, done.stderr)
+    numbers = {done.stdout.split(", version ")[1] for done in versions.values()}
+    assert len(numbers) == 1, versions
