@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 import pytest
 
+from tests.helpers import Factory, run_cli
 from tufa.agent.main import cli as agent_cli
 from tufa.cli.main import cli
 from tufa.demo.local_server import console_script
@@ -122,3 +123,38 @@ def test_every_program_prints_its_version() -> None:
         assert done.returncode == 0, (program, done.stderr)
     numbers = {done.stdout.split(", version ")[1] for done in versions.values()}
     assert len(numbers) == 1, versions
+
+
+# -- registration errors ---------------------------------------------------------------------
+
+
+@sqlite_only
+def test_a_refused_registration_names_the_agents_own_token_settings(
+    factory: Factory, tmp_path: Path
+) -> None:
+    root = tmp_path / "root.json"
+    root.write_bytes(factory.root_v1("ci"))
+    done = _run(
+        "tufa-agent", "register", "--server", factory.server.url, "-f", factory.name,
+        "--hardware-id", "rpi4", "--tag", "main", "--root", str(root),
+        "--dir", str(tmp_path / "device"),
+        env={"TUFA_REGISTRATION_TOKEN": "tufa_not_a_token", "TUFA_TOKEN": factory.admin_token},
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    error = done.stderr.strip()
+    assert error.startswith("Error: the server refused the registration: HTTP 401"), error
+    assert "--token or TUFA_REGISTRATION_TOKEN" in error
+    assert "tufa tokens create --scope register" in error
+    assert f"factory {factory.name!r}" in error
+    assert "TUFA_TOKEN" not in error.replace("TUFA_REGISTRATION_TOKEN", "")
+    assert "tufa login" not in error
+    assert not (tmp_path / "device").exists()
+
+    # The admin CLI keeps naming its own settings.
+    admin = run_cli(
+        "devices", "list", "--server", factory.server.url, "-f", factory.name,
+        env={"TUFA_TOKEN": "tufa_not_a_token", "TUFA_CONFIG": str(tmp_path / "none.json")},
+    )  # fmt: skip
+    assert admin.returncode == 1
+    assert "unknown token" in admin.stderr
+    assert "check --token, TUFA_TOKEN or `tufa login`" in admin.stderr

@@ -236,7 +236,15 @@ def _register_with_server(
     except httpx.HTTPError as e:
         raise AgentError(f"cannot reach {server}: {e}") from e
     if response.status_code != 201:
-        raise AgentError(f"the server refused the registration: {refusal_of(response)}")
+        refusal = refusal_of(response)
+        hint = ""
+        if refusal.status in (401, 403):
+            hint = (
+                f"; pass a token of scope register (or admin) of factory {factory!r} with "
+                "--token or TUFA_REGISTRATION_TOKEN (a factory admin creates one with "
+                "`tufa tokens create --scope register`)"
+            )
+        raise AgentError(f"the server refused the registration: {refusal}{hint}")
     try:
         device = response.json()
         return {"id": str(device["id"]), "credential": str(device["credential"])}
