@@ -36,6 +36,55 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     )
 
 
+# -- make install --------------------------------------------------------------------------
+
+
+def test_make_install_links_working_commands_into_prefix(tmp_path: Path) -> None:
+    # A stand-in for the checkout's .venv: the entry points of this environment, and the
+    # marker that says it is installed, so make creates no environment of its own.
+    venv_bin = tmp_path / "venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    for command in ("tufa", "tufa-agent", "tufa-server"):
+        (venv_bin / command).symlink_to(console_script(command))
+    (venv_bin / ".installed").touch()
+    prefix = tmp_path / "prefix"
+    path_without_either = "/usr/bin:/bin"
+    make = ["make", "-s", f"VENV={venv_bin.parent}", f"PREFIX={prefix}"]
+    env = {**os.environ, "PATH": path_without_either}
+
+    done = subprocess.run(
+        [*make, "install"], cwd=ROOT, env=env, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"{prefix}/bin is not on your PATH" in done.stdout
+    for command in ("tufa", "tufa-agent", "tufa-server"):
+        linked = prefix / "bin" / command
+        version = subprocess.run(
+            [command, "--version"],
+            env={**env, "PATH": f"{prefix / 'bin'}:{path_without_either}"},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert version.returncode == 0, (command, version.stderr)
+        assert re.match(rf"{command}, version \d", version.stdout), version.stdout
+        assert linked.resolve() == Path(console_script(command)).resolve()
+
+    on_path = {**env, "PATH": f"{prefix / 'bin'}:{path_without_either}"}
+    again = subprocess.run(
+        [*make, "install"], cwd=ROOT, env=on_path, capture_output=True, text=True, check=False
+    )
+    assert again.returncode == 0, again.stderr
+    assert "not on your PATH" not in again.stdout
+
+    (prefix / "bin" / "unrelated").write_text("kept\n")
+    removed = subprocess.run(
+        [*make, "uninstall"], cwd=ROOT, env=env, capture_output=True, text=True, check=False
+    )
+    assert removed.returncode == 0, removed.stderr
+    assert sorted(p.name for p in (prefix / "bin").iterdir()) == ["unrelated"]
+
+
 # -- the README against the programs -------------------------------------------------------
 
 
