@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -86,6 +87,39 @@ def test_make_install_links_working_commands_into_prefix(tmp_path: Path) -> None
 
 
 # -- the README against the programs -------------------------------------------------------
+
+
+def _readme_command_lines() -> Iterator[str]:
+    """Every command line of the README that runs one of the programs: in ```sh blocks
+    (continuations joined, comments dropped) and in inline code."""
+    for block in re.findall(r"```sh\n(.*?)```", README, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" # ")[0].strip()
+            if line.split(" ")[0] in PROGRAMS:
+                yield line
+    yield from re.findall(r"`((?:tufa|tufa-agent|tufa-server) [^`]*)`", README)
+
+
+def test_every_command_the_readme_types_exists_with_its_options() -> None:
+    lines = list(_readme_command_lines())
+    assert len(lines) > 100
+    problems = []
+    for line in lines:
+        words = shlex.split(line.split(" | ")[0])
+        command: click.Command = PROGRAMS[words[0]]
+        used = 1
+        while isinstance(command, click.Group) and words[used:] and words[used] in command.commands:
+            command = command.commands[words[used]]
+            used += 1
+        if isinstance(command, click.Group) and words[used:] and words[used][0] != "-":
+            problems.append(f"{line}: no command {words[used]!r}")
+            continue
+        flags = {flag for p in command.params for flag in (*p.opts, *p.secondary_opts)}
+        for word in words[used:]:
+            flag = word.strip("[]").split("=")[0]
+            if flag.startswith("-") and flag not in flags | {"-h", "--help"}:
+                problems.append(f"{line}: no option {flag}")
+    assert problems == []
 
 
 def test_the_readme_server_table_lists_every_run_option_with_its_variable() -> None:
@@ -207,3 +241,49 @@ def test_a_refused_registration_names_the_agents_own_token_settings(
     assert admin.returncode == 1
     assert "unknown token" in admin.stderr
     assert "check --token, TUFA_TOKEN or `tufa login`" in admin.stderr
+
+
+# -- shell completion ------------------------------------------------------------------------
+
+
+def _readme_completion_commands() -> list[tuple[str, str, str]]:
+    """(variable, shell, program) of each completion command the README gives."""
+    return re.findall(r"(_TUFA\w*_COMPLETE)=(bash|zsh|fish)_source ([\w-]+)", README)
+
+
+def test_the_readme_gives_completion_for_every_shell_and_both_commands() -> None:
+    given = {(shell, program) for _, shell, program in _readme_completion_commands()}
+    assert given == {(s, p) for s in ("bash", "zsh", "fish") for p in ("tufa", "tufa-agent")}
+    assert "_TUFA_SERVER_COMPLETE" in README
+
+
+@pytest.mark.parametrize(("variable", "shell", "program"), _readme_completion_commands())
+def test_each_readme_completion_command_prints_a_script(
+    variable: str, shell: str, program: str
+) -> None:
+    done = _run(program, env={variable: f"{shell}_source"})
+    assert done.returncode == 0, done.stderr
+    marker = {"bash": "complete -o nosort -F", "zsh": "#compdef", "fish": "complete --no-files"}
+    assert marker[shell] in done.stdout
+    assert program in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("program", "variable", "typed", "offered"),
+    [
+        ("tufa", "_TUFA_COMPLETE", "tufa ke", "keys"),
+        ("tufa", "_TUFA_COMPLETE", "tufa keys rotate-r", "rotate-root"),
+        ("tufa-agent", "_TUFA_AGENT_COMPLETE", "tufa-agent reg", "register"),
+        ("tufa-server", "_TUFA_SERVER_COMPLETE", "tufa-server run --blob", "--blob-dir"),
+    ],
+)
+def test_completion_offers_commands_and_options(
+    program: str, variable: str, typed: str, offered: str
+) -> None:
+    words = typed.split(" ")
+    done = _run(
+        program,
+        env={variable: "bash_complete", "COMP_WORDS": typed, "COMP_CWORD": str(len(words) - 1)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"plain,{offered}" in done.stdout.splitlines(), done.stdout
