@@ -31,6 +31,7 @@ from tufa.agent.trust import channel_of, load_root, provision_root, trusted_vers
 from tufa.agent.tuf_commands import tuf_group
 from tufa.core import api_paths
 from tufa.core.bundle import BundleError
+from tufa.core.command_help import WholeSentenceGroup
 from tufa.core.http import api_client, server_url_problem
 from tufa.core.metadata import Channel
 from tufa.core.responses import refusal_of
@@ -81,7 +82,8 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger("securesystemslib").setLevel(logging.WARNING)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=WholeSentenceGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tufa")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug detail.")
 def cli(verbose: bool) -> None:
     """tufa-agent: verify, download and install updates on this device.
@@ -102,7 +104,7 @@ def cli(verbose: bool) -> None:
 
 @cli.command()
 @click.option("--server", required=True, help="Base URL of the tufa server.")
-@click.option("--factory", required=True, help="Factory name.")
+@click.option("-f", "--factory", required=True, help="Factory name.")
 @click.option(
     "--token",
     required=True,
@@ -162,7 +164,7 @@ def register(
 
     \b
     Example:
-      tufa-agent register --server http://127.0.0.1:8443 --factory acme \\
+      tufa-agent register --server http://127.0.0.1:8080 --factory acme \\
           --token "$REG" --hardware-id rpi4 --tag main --root ci-root.json \\
           --dir ./agent-state --health-check './selftest.sh'
     """
@@ -234,7 +236,15 @@ def _register_with_server(
     except httpx.HTTPError as e:
         raise AgentError(f"cannot reach {server}: {e}") from e
     if response.status_code != 201:
-        raise AgentError(f"the server refused the registration: {refusal_of(response)}")
+        refusal = refusal_of(response)
+        hint = ""
+        if refusal.status in (401, 403):
+            hint = (
+                f"; pass a token of scope register (or admin) of factory {factory!r} with "
+                "--token or TUFA_REGISTRATION_TOKEN (a factory admin creates one with "
+                "`tufa tokens create --scope register`)"
+            )
+        raise AgentError(f"the server refused the registration: {refusal}{hint}")
     try:
         device = response.json()
         return {"id": str(device["id"]), "credential": str(device["credential"])}

@@ -20,6 +20,7 @@ from tufa.agent.trust import (
     provision_root,
     trusted_versions,
 )
+from tufa.core.command_help import WholeSentenceGroup
 from tufa.core.fetcher import BearerFetcher, CredentialRefused
 
 metadata_dir_option = click.option(
@@ -67,7 +68,7 @@ def _fail(error: BaseException) -> click.ClickException:
     return click.ClickException(f"{what}: {describe_error(error)}")
 
 
-@click.group("tuf")
+@click.group("tuf", cls=WholeSentenceGroup)
 def tuf_group() -> None:
     """Plain TUF client operations on a trust store (debugging)."""
 
@@ -104,7 +105,7 @@ def refresh(metadata_url: str, metadata_dir: Path, token: str | None, view: str 
     \b
     Example:
       tufa-agent tuf refresh --metadata-dir ./trust --token "$TOKEN" --view rpi4/main \\
-          --metadata-url http://127.0.0.1:8443/api/v1/factories/acme/repo/ci/metadata/
+          --metadata-url http://127.0.0.1:8080/api/v1/factories/acme/repo/ci/metadata/
     """
     fetcher = BearerFetcher(token, view=_view(view))
     try:
@@ -144,8 +145,8 @@ def download(
     \b
     Example:
       tufa-agent tuf download --metadata-dir ./trust --token "$TOKEN" --view rpi4/main \\
-          --metadata-url http://127.0.0.1:8443/api/v1/factories/acme/repo/ci/metadata/ \\
-          --target-base-url http://127.0.0.1:8443/api/v1/factories/acme/repo/ci/targets/ \\
+          --metadata-url http://127.0.0.1:8080/api/v1/factories/acme/repo/ci/metadata/ \\
+          --target-base-url http://127.0.0.1:8080/api/v1/factories/acme/repo/ci/targets/ \\
           --target-dir ./files rpi4-image-42
     """
     target_dir.mkdir(parents=True, exist_ok=True)

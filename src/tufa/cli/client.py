@@ -114,7 +114,10 @@ class Api:
 def _describe_error(refusal: Refusal) -> str:
     if refusal.code is None:
         return f"the server refused: {refusal}"
-    return f"the server refused: {refusal.message} (HTTP {refusal.status} {refusal.code})"
+    described = f"the server refused: {refusal.message} (HTTP {refusal.status} {refusal.code})"
+    if refusal.code == "unauthorized":
+        described += "; check --token, TUFA_TOKEN or `tufa login`"
+    return described
 
 
 def with_api(func: Callable[..., Any]) -> Callable[..., Any]:

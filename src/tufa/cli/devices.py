@@ -12,6 +12,7 @@ from rich.text import Text
 from tufa.cli.client import Api, with_api
 from tufa.cli.output import json_option, print_json, print_records, print_table
 from tufa.core import api_paths
+from tufa.core.command_help import WholeSentenceGroup
 
 BASE_FIELDS = ("id", "name", "hardware_id", "tag", "channel", "created_at")
 
@@ -39,7 +40,7 @@ def _credential(device: dict[str, Any]) -> str:
     return f"in use since {device['credential_since']}{pending}"
 
 
-@click.group()
+@click.group(cls=WholeSentenceGroup)
 def devices() -> None:
     """List, inspect, revoke and delete registered devices.
 

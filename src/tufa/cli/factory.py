@@ -10,9 +10,10 @@ from rich.table import Table
 from tufa.cli.client import Api, save_config, with_api
 from tufa.cli.output import console, json_option, print_json, warn
 from tufa.core import api_paths
+from tufa.core.command_help import WholeSentenceGroup
 
 
-@click.group()
+@click.group(cls=WholeSentenceGroup)
 def factory() -> None:
     """Create and inspect factories (one per product)."""
 

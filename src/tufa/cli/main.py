@@ -11,10 +11,11 @@ from tufa.cli.session import get, login
 from tufa.cli.targets import targets
 from tufa.cli.tokens import tokens
 from tufa.cli.waves import device_groups, waves
+from tufa.core.command_help import WholeSentenceGroup
 from tufa.demo.story import demo
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=WholeSentenceGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="tufa")
 def cli() -> None:
     """Administer a tufa server: factories, offline keys, tokens, devices.

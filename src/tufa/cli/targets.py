@@ -18,6 +18,7 @@ from tufa.cli.bundles import offline_update
 from tufa.cli.client import Api, with_api
 from tufa.cli.output import console, json_option, print_json, print_record, transfer_progress
 from tufa.core import api_paths
+from tufa.core.command_help import WholeSentenceGroup
 from tufa.core.metadata import Channel
 from tufa.core.responses import refusal_of
 
@@ -37,7 +38,7 @@ class TargetSpec(TypedDict):
     url: NotRequired[str]
 
 
-@click.group()
+@click.group(cls=WholeSentenceGroup)
 def targets() -> None:
     """Publish CI targets and list what each channel offers."""
 

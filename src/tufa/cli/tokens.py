@@ -10,6 +10,7 @@ import click
 from tufa.cli.client import Api, with_api
 from tufa.cli.output import json_option, print_json, print_records
 from tufa.core import api_paths
+from tufa.core.command_help import WholeSentenceGroup
 from tufa.core.durations import parse_duration
 
 SCOPES = ("admin", "ci", "read", "register")
@@ -24,7 +25,7 @@ def _duration(_ctx: click.Context, _param: click.Parameter, value: str | None) -
         raise click.BadParameter(str(e)) from e
 
 
-@click.group()
+@click.group(cls=WholeSentenceGroup)
 def tokens() -> None:
     """Create, list and revoke API tokens (admin token needed)."""
 

@@ -14,6 +14,7 @@ from tufa.cli.keys.archive_options import archive_option, load_archive
 from tufa.cli.output import json_option, print_json, print_record, print_records
 from tufa.core import api_paths
 from tufa.core.archive import OfflineArchive
+from tufa.core.command_help import WholeSentenceGroup
 from tufa.core.metadata import TARGETS, Channel
 
 ARCHIVE_OPTION = archive_option(
@@ -21,7 +22,7 @@ ARCHIVE_OPTION = archive_option(
 )
 
 
-@click.group()
+@click.group(cls=WholeSentenceGroup)
 def waves() -> None:
     """Release a CI build to production devices, signed with your offline key."""
 
@@ -274,7 +275,7 @@ def status(api: Api, name: str | None, as_json: bool) -> None:
         )
 
 
-@click.group("device-groups")
+@click.group("device-groups", cls=WholeSentenceGroup)
 def device_groups() -> None:
     """Name sets of devices, to roll waves out to."""
 

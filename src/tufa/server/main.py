@@ -20,6 +20,7 @@ from sqlalchemy import Connection, insert, select
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp
 
+from tufa.core.command_help import EnvvarNamingGroup
 from tufa.core.durations import parse_duration
 from tufa.core.files import default_database_url
 from tufa.core.keys import KeyType
@@ -62,7 +63,7 @@ class Duration(click.ParamType[timedelta]):
 DURATION = Duration()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=EnvvarNamingGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="tufa")
 def cli() -> None:
     """The tufa server: factories, TUF repositories, online signing, devices."""

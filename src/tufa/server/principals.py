@@ -143,4 +143,6 @@ def authenticate(conn: Connection, secret: str, now: datetime) -> Principal:
     retired = conn.execute(_RETIRED_BY_DIGEST, digest).first()
     if retired is not None:
         raise CredentialRevoked(_retired_message(retired))
-    raise NotAuthenticated("unknown token; check --token, TUFA_TOKEN or `tufa login`")
+    # Which option or variable held the secret is the client's to say: the admin CLI and
+    # the device agent read theirs from different places.
+    raise NotAuthenticated("unknown token: no token or credential of this server has this secret")

@@ -17,9 +17,10 @@ from __future__ import annotations
 import click
 
 from tufa.cli.keys import download, offline, rotate, show_root, updates
+from tufa.core.command_help import WholeSentenceGroup
 
 
-@click.group()
+@click.group(cls=WholeSentenceGroup)
 def keys() -> None:
     """Offline keys archive and TUF roots."""
 

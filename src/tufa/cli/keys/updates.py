@@ -34,6 +34,7 @@ from tufa.cli.keys.root_update import (
 )
 from tufa.cli.output import json_option, print_json
 from tufa.core.archive import ArchiveKey, OfflineArchive, generate_root_key
+from tufa.core.command_help import WholeSentenceGroup
 from tufa.core.keys import KeyPair, KeyType
 from tufa.core.metadata import MIN_PROD_TARGETS_THRESHOLD, ONLINE_ROLES, ROOT, TARGETS, Channel
 from tufa.core.root_update import StagedRoots
@@ -45,7 +46,7 @@ ROLE_OPTION = click.option(
 )
 
 
-@click.group()
+@click.group(cls=WholeSentenceGroup)
 def updates() -> None:
     """Change the factory's roots as a signed transaction.
 
