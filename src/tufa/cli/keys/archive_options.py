@@ -52,7 +52,8 @@ def load_archive(path: Path, factory: str | None) -> OfflineArchive:
         raise click.ClickException(str(e)) from e
     if factory is not None and archive.factory != factory:
         raise click.ClickException(
-            f"{path} is the archive of factory {archive.factory!r}, not {factory!r}"
+            f"{path} is the archive of factory {archive.factory!r}, not {factory!r}: give "
+            f"the archive of {factory!r}, or -f {archive.factory} to act on that factory"
         )
     return archive
 
