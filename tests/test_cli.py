@@ -250,6 +250,25 @@ def test_tokens_create_list_revoke(factory: Factory, tmp_path: Path) -> None:
 
 
 @sqlite_only
+def test_revoking_by_secret_asks_for_the_id_and_never_prints_the_secret(
+    factory: Factory, tmp_path: Path
+) -> None:
+    env = cli_env(factory, tmp_path / "config.json")
+    secret = _json("tokens", "create", "--scope", "read", env=env)["token"]
+    for json_flag in ((), ("--json",)):
+        done = run_cli("tokens", "revoke", secret, *json_flag, env=env)
+        assert done.returncode == 2, done.stderr
+        assert "pass the token id (tok_..." in done.stderr
+        assert secret not in done.stdout + done.stderr
+    # The API, asked directly, does not echo it either.
+    response = factory.request("DELETE", f"/tokens/{secret}")
+    assert response.status_code == 404
+    assert "pass the token id (tok_..." in response.text
+    assert secret not in response.text
+    assert factory.request("GET", token=secret).status_code == 200, "nothing was revoked"
+
+
+@sqlite_only
 def test_devices_list_and_show(factory: Factory, tmp_path: Path) -> None:
     env = cli_env(factory, tmp_path / "config.json")
     assert _json("devices", "list", env=env) == []
