@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import stat
 import subprocess
@@ -201,6 +202,23 @@ def test_show_root_json_matches_the_archive_and_thresholds(
     assert first_root.ci.keyid in table.stdout  # the root key pairs, under the table
     assert "owner (offline)" in table.stdout
     assert "server (online)" in table.stdout
+
+
+@sqlite_only
+def test_extend_expiry_and_review_print_times_with_z_like_every_command(
+    factory: Factory, tmp_path: Path
+) -> None:
+    env = cli_env(factory, tmp_path / "config.json")
+    assert run_cli("keys", "updates", "init", "-m", "expiry", env=env).returncode == 0
+    staged = run_cli("keys", "updates", "extend-expiry", "--days", "30", env=env)
+    reviewed = run_cli("keys", "updates", "review", "--diff", env=env)
+    for done in (staged, reviewed):
+        assert done.returncode == 0, done.stderr
+        assert "+00:00" not in done.stdout, done.stdout
+    expires = re.search(r"Staged: expiry (\S+Z)\.", staged.stdout)
+    assert expires is not None, staged.stdout
+    assert f"-> {expires[1]}" in reviewed.stdout, reviewed.stdout
+    assert _parse_time(expires[1]) - datetime.now(UTC) > timedelta(days=29)
 
 
 @sqlite_only
