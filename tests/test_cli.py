@@ -17,7 +17,7 @@ import click
 import pytest
 from tuf.ngclient import Updater
 
-from tests.helpers import Factory, Server, cli_env, run_cli
+from tests.helpers import Factory, Server, cli_env, create_factory, run_cli
 from tufa.agent.main import cli as agent_cli
 from tufa.cli.main import cli
 from tufa.core.archive import FIRST_ROOT_KEY_NAME, OfflineArchive
@@ -81,6 +81,55 @@ def test_login_writes_private_config_that_later_commands_use(
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(other.read_text()) == {"server": factory.server.url}
+
+
+@sqlite_only
+def test_login_checks_with_the_server_and_saves_nothing_it_refuses(
+    factory: Factory, tmp_path: Path
+) -> None:
+    config = tmp_path / "config.json"
+    env = {"TUFA_CONFIG": str(config)}
+    url = factory.server.url
+    done = run_cli(
+        "login", "--server", url, "-f", factory.name, "--token", factory.admin_token, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"the server lets the token read factory {factory.name}" in done.stdout
+    saved = config.read_bytes()
+    beta = create_factory(factory.server)
+    unreachable = f"http://127.0.0.1:{free_port()}"
+    refusals = [
+        # The saved token is the first factory's: it cannot reach another one.
+        (("--factory", beta.name), (f"give a token of factory {beta.name!r} with --token",)),
+        (("--token", "tufa_not_a_token"), ("HTTP 401", "give a valid token with --token")),
+        (("--server", unreachable), (f"cannot reach a server at {unreachable}",)),
+    ]
+    for args, phrases in refusals:
+        done = run_cli("login", *args, env=env)
+        assert done.returncode == 1, (args, done.stdout)
+        for phrase in (*phrases, "nothing was saved", "--no-check"):
+            assert phrase in done.stderr, (phrase, done.stderr)
+        assert "Saved" not in done.stdout
+        assert config.read_bytes() == saved, args
+
+    # No flags: what is saved is checked again.
+    done = run_cli("login", env=env)
+    assert done.returncode == 0, done.stderr
+    assert f"lets the token read factory {factory.name}" in done.stdout
+    done = run_cli("login", "--server", unreachable, "--no-check", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "nothing was checked (--no-check)" in done.stdout
+    assert json.loads(config.read_text())["server"] == unreachable
+
+    # Without a factory: the operator token is checked as such, a factory token refused.
+    alone = {"TUFA_CONFIG": str(tmp_path / "alone.json")}
+    operator = ("login", "--server", url, "--token", factory.server.operator_token)
+    done = run_cli(*operator, env=alone)
+    assert done.returncode == 0, done.stderr
+    assert "the server accepts the operator token" in done.stdout
+    done = run_cli("login", "--token", factory.admin_token, env=alone)
+    assert done.returncode == 1
+    assert "a factory token needs its factory: add --factory" in done.stderr
 
 
 @sqlite_only
