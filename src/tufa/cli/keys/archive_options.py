@@ -60,9 +60,10 @@ def load_archive(path: Path, factory: str | None) -> OfflineArchive:
 
 def store_served_roots(api: Api, archive: OfflineArchive) -> None:
     """Put the roots the server serves now into `archive` (the caller saves it), so the
-    archive documents what its keys govern."""
-    for channel in Channel:
-        archive.roots[channel] = api.request("GET", api.root_path(channel)).content
+    archive documents what its keys govern and which of them were retired."""
+    archive.replace_roots(
+        {channel: api.request("GET", api.root_path(channel)).content for channel in Channel}
+    )
 
 
 def halves_json(key: ArchiveKey) -> dict[Channel, str]:
