@@ -391,7 +391,7 @@ def test_an_older_copy_of_the_archive_names_the_root_version_it_knows(
         older,
         command,
         "is an older copy: its root keys are those of root version 1",
-        f"factory {owner.factory.name} is at root version 3",
+        f"a root key of factory {owner.factory.name}'s current root (version 3)",
     )
     assert "targets-only" not in error
 

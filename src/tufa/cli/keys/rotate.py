@@ -76,8 +76,9 @@ def _current_root(api: Api, archive: Path, held: OfflineArchive) -> dict[str, An
     trusted = current["signed"]["roles"][ROOT]["keyids"]
     if not any(k.ci.keyid in trusted for k in held.keys_for(ROOT)):
         raise click.ClickException(
-            f"{_why_no_current_root_key(api, archive, held, current['signed']['version'])}; "
-            "changing the root or the targets keys needs a root key of the current root"
+            f"changing the root or the targets keys needs a root key of factory {api.factory}'s "
+            f"current root (version {current['signed']['version']}), and "
+            + _why_no_current_root_key(api, archive, held, current["signed"]["version"])
         )
     return dict(current["signed"])
 
@@ -100,8 +101,7 @@ def _why_no_current_root_key(
         if held_ids & set(root["signed"]["roles"][ROOT]["keyids"]):
             return (
                 f"{archive} is an older copy: its root keys are those of root version "
-                f"{version}, and factory {api.factory} is at root version {current_version}, "
-                "its root keys rotated since; use the archive the newest rotation wrote its "
+                f"{version}, rotated out since; use the archive the newest rotation wrote its "
                 "new key into, or a backup made after that rotation"
             )
     return (
