@@ -344,6 +344,13 @@ def _format(value: object, files: dict[str, bytes] | None = None) -> bytes:
     return gzip.compress(_tar(files))
 
 
+def _retired_keys_not_a_list() -> bytes:
+    files = dict(_valid_files())
+    config = {"format": 2, "factory": FACTORY, "retired_keys": "targets-abc"}
+    files["config.json"] = json.dumps(config).encode()
+    return gzip.compress(_tar(files))
+
+
 def _halves_in_format_1() -> bytes:
     """A root key pair in an archive that says it was made before pairs existed."""
     ci, prod = _pair(KeyType.ED25519, 6), _pair(KeyType.ED25519, 7)
@@ -391,6 +398,7 @@ HOSTILE: list[tuple[str, Callable[[], bytes], str]] = [
     ("format-not-a-number", lambda: _format(True), "archive format True;"),
     ("format-a-fraction", lambda: _format(1.0), "archive format 1.0;"),
     ("halves-in-format-1", _halves_in_format_1, "archives of format 1 (made before"),
+    ("retired-keys-not-a-list", _retired_keys_not_a_list, "retired_keys is not a list"),
 ]
 # Found while writing these tests; OfflineArchive.load (core/archive.py) still lets
 # them through. The copy-targets command refuses both already.
@@ -444,6 +452,29 @@ def test_copy_targets_process_refuses_a_hostile_archive(tmp_path: Path) -> None:
     src.write_bytes(_hostile_bytes("symlink"))
     done = _tufa("keys", "copy-targets", src, tmp_path / "copy.tgz")
     _assert_refused(done, "special file", folder=tmp_path, before={"src.tgz"})
+
+
+def _root_listing(root_keyids: list[str], targets_keyids: list[str]) -> bytes:
+    roles = {ROOT: {"keyids": root_keyids}, "targets": {"keyids": targets_keyids}}
+    return json.dumps({"signed": {"_type": "root", "roles": roles}}).encode()
+
+
+def test_new_roots_retire_the_keys_they_stop_listing_and_only_those(tmp_path: Path) -> None:
+    archive = _archive(root_types=(KeyType.ED25519, KeyType.ECDSA))
+    first, second = archive.keys_for(ROOT)
+    (targets,) = archive.keys_for("targets")
+    both = {c: _root_listing([first.half(c).keyid], [targets.keyid]) for c in Channel}
+    archive.replace_roots(both)
+    assert archive.retired == set()
+    # `second` was never listed (a key for an update not applied yet): never retired.
+    archive.replace_roots({c: _root_listing([], [targets.keyid]) for c in Channel})
+    assert archive.retired == {first.keyid}
+    loaded = OfflineArchive.load(_save(archive, tmp_path / "keys.tgz"))
+    assert loaded.retired == {first.keyid}
+    assert [k.keyid for k in loaded.keys_for(ROOT, include_retired=False)] == [second.keyid]
+    assert [k.keyid for k in loaded.retired_keys(ROOT)] == [first.keyid]
+    loaded.replace_roots(both)
+    assert loaded.retired == set(), "a key listed again is no longer retired"
 
 
 def test_an_archive_of_a_factory_created_before_the_channels_were_separated_still_works(

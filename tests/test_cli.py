@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import stat
 import subprocess
@@ -16,7 +17,7 @@ import click
 import pytest
 from tuf.ngclient import Updater
 
-from tests.helpers import Factory, Server, cli_env, run_cli
+from tests.helpers import Factory, Server, cli_env, create_factory, run_cli
 from tufa.agent.main import cli as agent_cli
 from tufa.cli.main import cli
 from tufa.core.archive import FIRST_ROOT_KEY_NAME, OfflineArchive
@@ -80,6 +81,55 @@ def test_login_writes_private_config_that_later_commands_use(
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(other.read_text()) == {"server": factory.server.url}
+
+
+@sqlite_only
+def test_login_checks_with_the_server_and_saves_nothing_it_refuses(
+    factory: Factory, tmp_path: Path
+) -> None:
+    config = tmp_path / "config.json"
+    env = {"TUFA_CONFIG": str(config)}
+    url = factory.server.url
+    done = run_cli(
+        "login", "--server", url, "-f", factory.name, "--token", factory.admin_token, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"the server lets the token read factory {factory.name}" in done.stdout
+    saved = config.read_bytes()
+    beta = create_factory(factory.server)
+    unreachable = f"http://127.0.0.1:{free_port()}"
+    refusals = [
+        # The saved token is the first factory's: it cannot reach another one.
+        (("--factory", beta.name), (f"give a token of factory {beta.name!r} with --token",)),
+        (("--token", "tufa_not_a_token"), ("HTTP 401", "give a valid token with --token")),
+        (("--server", unreachable), (f"cannot reach a server at {unreachable}",)),
+    ]
+    for args, phrases in refusals:
+        done = run_cli("login", *args, env=env)
+        assert done.returncode == 1, (args, done.stdout)
+        for phrase in (*phrases, "nothing was saved", "--no-check"):
+            assert phrase in done.stderr, (phrase, done.stderr)
+        assert "Saved" not in done.stdout
+        assert config.read_bytes() == saved, args
+
+    # No flags: what is saved is checked again.
+    done = run_cli("login", env=env)
+    assert done.returncode == 0, done.stderr
+    assert f"lets the token read factory {factory.name}" in done.stdout
+    done = run_cli("login", "--server", unreachable, "--no-check", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "nothing was checked (--no-check)" in done.stdout
+    assert json.loads(config.read_text())["server"] == unreachable
+
+    # Without a factory: the operator token is checked as such, a factory token refused.
+    alone = {"TUFA_CONFIG": str(tmp_path / "alone.json")}
+    operator = ("login", "--server", url, "--token", factory.server.operator_token)
+    done = run_cli(*operator, env=alone)
+    assert done.returncode == 0, done.stderr
+    assert "the server accepts the operator token" in done.stdout
+    done = run_cli("login", "--token", factory.admin_token, env=alone)
+    assert done.returncode == 1
+    assert "a factory token needs its factory: add --factory" in done.stderr
 
 
 @sqlite_only
@@ -204,6 +254,23 @@ def test_show_root_json_matches_the_archive_and_thresholds(
 
 
 @sqlite_only
+def test_extend_expiry_and_review_print_times_with_z_like_every_command(
+    factory: Factory, tmp_path: Path
+) -> None:
+    env = cli_env(factory, tmp_path / "config.json")
+    assert run_cli("keys", "updates", "init", "-m", "expiry", env=env).returncode == 0
+    staged = run_cli("keys", "updates", "extend-expiry", "--days", "30", env=env)
+    reviewed = run_cli("keys", "updates", "review", "--diff", env=env)
+    for done in (staged, reviewed):
+        assert done.returncode == 0, done.stderr
+        assert "+00:00" not in done.stdout, done.stdout
+    expires = re.search(r"Staged: expiry (\S+Z)\.", staged.stdout)
+    assert expires is not None, staged.stdout
+    assert f"-> {expires[1]}" in reviewed.stdout, reviewed.stdout
+    assert _parse_time(expires[1]) - datetime.now(UTC) > timedelta(days=29)
+
+
+@sqlite_only
 def test_get_prints_the_api_bytes(factory: Factory, tmp_path: Path) -> None:
     path = factory.path("/repo/prod/metadata/1.root.json")
     done = run_cli("get", path, env=cli_env(factory, tmp_path / "config.json"))
@@ -247,6 +314,25 @@ def test_tokens_create_list_revoke(factory: Factory, tmp_path: Path) -> None:
     listed = {t["id"]: t for t in _json("tokens", "list", env=env)}
     assert listed[created["id"]]["revoked_at"] == revoked["revoked_at"]
     assert listed[never["id"]]["revoked_at"] is None
+
+
+@sqlite_only
+def test_revoking_by_secret_asks_for_the_id_and_never_prints_the_secret(
+    factory: Factory, tmp_path: Path
+) -> None:
+    env = cli_env(factory, tmp_path / "config.json")
+    secret = _json("tokens", "create", "--scope", "read", env=env)["token"]
+    for json_flag in ((), ("--json",)):
+        done = run_cli("tokens", "revoke", secret, *json_flag, env=env)
+        assert done.returncode == 2, done.stderr
+        assert "pass the token id (tok_..." in done.stderr
+        assert secret not in done.stdout + done.stderr
+    # The API, asked directly, does not echo it either.
+    response = factory.request("DELETE", f"/tokens/{secret}")
+    assert response.status_code == 404
+    assert "pass the token id (tok_..." in response.text
+    assert secret not in response.text
+    assert factory.request("GET", token=secret).status_code == 200, "nothing was revoked"
 
 
 @sqlite_only

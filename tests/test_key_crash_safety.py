@@ -305,8 +305,9 @@ def _nothing_changes(owner: Owner, path: Path) -> Iterator[None]:
     assert dump_all_tables(owner.factory.server) == database
 
 
-def _refused(owner: Owner, path: Path, command: str, *expected: str) -> None:
-    """`command` run on the archive at `path` fails, says why, and changes nothing."""
+def _refused(owner: Owner, path: Path, command: str, *expected: str) -> str:
+    """`command` run on the archive at `path` fails, says why (returned), and changes
+    nothing."""
     if command == "sign":
         # Signing needs an open update: one that would accept a useful signature.
         response = owner.factory.request("POST", "/keys/updates", json={"message": "test"})
@@ -322,6 +323,7 @@ def _refused(owner: Owner, path: Path, command: str, *expected: str) -> None:
     assert done.stderr.startswith("Error: "), done.stderr
     for text in expected:
         assert text in done.stderr, f"{text!r} not in {done.stderr!r}"
+    return done.stderr
 
 
 COMMANDS = ("rotate-root", "rotate-targets", "sign")
@@ -331,15 +333,21 @@ COMMANDS = ("rotate-root", "rotate-targets", "sign")
 @pytest.mark.parametrize("command", COMMANDS)
 def test_another_factorys_archive_is_refused(owner: Owner, tmp_path: Path, command: str) -> None:
     other = _owner(create_factory(owner.factory.server), tmp_path, "other")
-    _refused(owner, other.archive, command, "archive of factory", other.factory.name)
+    _refused(
+        owner,
+        other.archive,
+        command,
+        f"is the archive of factory {other.factory.name!r}, not {owner.factory.name!r}",
+        f"give the archive of {owner.factory.name!r}, or -f {other.factory.name}",
+    )
 
 
 @sqlite_only
 @pytest.mark.parametrize(
     ("command", "message"),
     [
-        ("rotate-root", "holds no root key of factory"),
-        ("rotate-targets", "holds no root key of factory"),
+        ("rotate-root", "it is the archive of another factory of that name"),
+        ("rotate-targets", "it is the archive of another factory of that name"),
         ("sign", "holds no key that may sign this update"),
     ],
 )
@@ -363,7 +371,29 @@ def test_targets_only_archive_cannot_change_the_root(
     assert done.returncode == 0, done.stderr
     assert not OfflineArchive.load(copy).keys_for("root")
     assert OfflineArchive.load(copy).keys_for("targets")
-    _refused(owner, copy, command, "needs a root key")
+    _refused(owner, copy, command, "it is a targets-only copy", "needs a root key")
+
+
+@sqlite_only
+@pytest.mark.parametrize("command", ["rotate-root", "rotate-targets"])
+def test_an_older_copy_of_the_archive_names_the_root_version_it_knows(
+    owner: Owner, tmp_path: Path, command: str
+) -> None:
+    older = tmp_path / "older" / "keys.tgz"
+    older.parent.mkdir()
+    older.write_bytes(owner.archive.read_bytes())
+    older.chmod(0o600)
+    for _ in range(2):
+        done = run_cli("keys", "rotate-root", str(owner.archive), env=owner.env)
+        assert done.returncode == 0, done.stderr
+    error = _refused(
+        owner,
+        older,
+        command,
+        "is an older copy: its root keys are those of root version 1",
+        f"a root key of factory {owner.factory.name}'s current root (version 3)",
+    )
+    assert "targets-only" not in error
 
 
 def _random_bytes(genuine: bytes) -> bytes:

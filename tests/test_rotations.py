@@ -574,6 +574,53 @@ def test_a_root_key_is_removed_with_both_halves(factory: Factory, tmp_path: Path
     assert pairs == [{"ci": alice.ci.keyid, "prod": alice.prod.keyid}]
 
 
+# -- retired keys in copies and backups -------------------------------------------------------
+
+
+@sqlite_only
+def test_copies_and_backups_leave_retired_keys_out_unless_asked(
+    factory: Factory, tmp_path: Path
+) -> None:
+    owner = Owner.start(factory, tmp_path / "owner")
+    (old_root,) = owner.keyids(ROOT)
+    (old_targets,) = owner.keyids(TARGETS)
+    owner.tufa("keys", "rotate-root", str(owner.archive))
+    owner.tufa("keys", "rotate-targets", str(owner.archive))
+    (new_root,) = owner.keyids(ROOT) - {old_root}
+    (new_targets,) = owner.keyids(TARGETS) - {old_targets}
+    # A key generated for an update not applied yet is no retired key: it is kept.
+    owner.tufa("keys", "updates", "init", "-m", "pending key")
+    owner.tufa("keys", "updates", "add-offline-key", "-r", "root", "-k", str(owner.archive))
+    (pending,) = owner.keyids(ROOT) - {old_root, new_root}
+
+    def backed_up(*flags: str) -> tuple[str, set[str]]:
+        out = tmp_path / f"backup{'-'.join(flags)}.txt"
+        printed = owner.tufa("keys", "backup", str(owner.archive), "--out", str(out), *flags)
+        restored = tmp_path / f"restored{'-'.join(flags)}.tgz"
+        owner.tufa("keys", "restore", str(out), "--out", str(restored))
+        return printed, owner.keyids(ROOT, restored)
+
+    printed, restored = backed_up()
+    assert restored == {new_root, pending}
+    assert f"Left out: retired root key {old_root}" in printed
+    assert "--include-retired keeps it" in printed
+    assert backed_up("--include-retired")[1] == {old_root, new_root, pending}
+
+    def copied(*flags: str) -> tuple[str, set[str]]:
+        copy = tmp_path / f"targets{'-'.join(flags)}.tgz"
+        printed = owner.tufa("keys", "copy-targets", str(owner.archive), str(copy), *flags)
+        return printed, owner.keyids(TARGETS, copy)
+
+    printed, targets = copied()
+    assert targets == {new_targets}
+    assert f"Left out:     retired targets key {old_targets}" in printed
+    assert copied("--include-retired")[1] == {old_targets, new_targets}
+    left_out = owner.json(
+        "keys", "copy-targets", str(owner.archive), str(tmp_path / "targets-json.tgz")
+    )["left_out"]
+    assert left_out["retired_targets_keyids"] == [old_targets]
+
+
 # -- signing on an air-gapped machine ----------------------------------------------------------
 
 

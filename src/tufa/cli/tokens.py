@@ -94,12 +94,15 @@ def _token_row(t: dict[str, Any]) -> tuple[str, ...]:
 @json_option
 @with_api
 def revoke(api: Api, token_id: str, as_json: bool) -> None:
-    """Revoke token TOKEN_ID at once.
+    """Revoke token TOKEN_ID (tok_..., see `tufa tokens list`) at once.
 
     \b
     Example:
       tufa tokens revoke tok_3f2a9c0d1e4b5a67
     """
+    if not token_id.startswith(api_paths.TOKEN_ID_PREFIX):
+        # Refused here, so that a secret never travels in a URL (and into access logs).
+        raise click.BadParameter(api_paths.REVOKE_BY_ID_HINT, param_hint="TOKEN_ID")
     revoked = api.request("DELETE", api.path(api_paths.TOKEN, token_id=token_id)).json()
     if as_json:
         print_json(revoked)

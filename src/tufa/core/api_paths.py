@@ -31,6 +31,13 @@ OPERATOR_TOKEN = "/api/v1/operator-token"  # noqa: S105 (a path, not a secret)
 # Factory tokens (`tufa tokens`).
 TOKENS = f"{FACTORY}/tokens"
 TOKEN = f"{TOKENS}/{{token_id}}"
+# How every token id starts; no secret does, so a secret given for an id is told apart
+# and never echoed back.
+TOKEN_ID_PREFIX = "tok_"  # noqa: S105 (a label, not a secret)
+REVOKE_BY_ID_HINT = (
+    "pass the token id (tok_..., as `tufa tokens list` shows it), not the token's secret; "
+    "the value given is not repeated here, since it may be a secret"
+)
 
 # The one-time offline keys archive (`tufa keys download`).
 KEYS_ARCHIVE = f"{FACTORY}/keys/archive"

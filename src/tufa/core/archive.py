@@ -2,7 +2,7 @@
 
 Layout (documented for owners in the README)::
 
-    config.json                         {"format": 2, "factory": NAME}
+    config.json                         {"format": 2, "factory": NAME, "retired_keys": [ID]}
     keys/offline-root.ci.pub|.sec       the first root key's CI half, made at factory creation
     keys/offline-root.prod.pub|.sec     its production half
     keys/root-<id>.ci.pub|.sec          the CI half of a root key the owner generated since
@@ -15,6 +15,10 @@ Each root key is a pair of halves, one per channel, so that the two channels' ro
 share no root key and cannot stand in for each other (ADR 0009). Archives of factories
 created before that hold root keys both channels share, without a `.ci`/`.prod` suffix
 (`keys/offline-root.sec`, `keys/root-<keyid>.sec`); they are read as such.
+
+`retired_keys` (optional) names the keys the roots stopped listing: each was listed by the
+roots stored in the archive and is not by the served roots that replaced them. A key
+the stored roots never listed (generated for an update not applied yet) is never marked.
 
 `.sec` files are PEM PKCS#8 private keys, `.pub` files the TUF public key as JSON.
 Entries tufa does not know are carried over untouched on every rewrite. Reading never
@@ -43,6 +47,7 @@ FORMAT_VERSION = 2
 # Format 1: every key is shared by both channels (archives of tufa before ADR 0009).
 READABLE_FORMATS = (1, 2)
 FIRST_ROOT_KEY_NAME = "offline-root"
+RETIRED_KEYS = "retired_keys"
 MAX_ARCHIVE_BYTES = 16 * 1024 * 1024
 MAX_MEMBERS = 1000
 
@@ -119,9 +124,38 @@ class OfflineArchive:
     extra: dict[str, bytes] = field(default_factory=dict)
     # Settings in config.json that this version of tufa does not know, kept as they are.
     config_extra: dict[str, Any] = field(default_factory=dict)
+    # The ids (`ArchiveKey.keyid`) of keys the factory's roots no longer list.
+    retired: set[str] = field(default_factory=set)
 
-    def keys_for(self, role: str) -> list[ArchiveKey]:
-        return [k for k in self.keys if k.role == role]
+    def keys_for(self, role: str, *, include_retired: bool = True) -> list[ArchiveKey]:
+        return [
+            k
+            for k in self.keys
+            if k.role == role and (include_retired or k.keyid not in self.retired)
+        ]
+
+    def retired_keys(self, role: str) -> list[ArchiveKey]:
+        return [k for k in self.keys_for(role) if k.keyid in self.retired]
+
+    def replace_roots(self, roots: dict[Channel, bytes]) -> None:
+        """Store `roots` (newer ones, from the server), marking retired each key the
+        stored roots listed and these do not, and no longer retired each they list."""
+        before, after = self._listed(self.roots), self._listed(roots)
+        self.roots = dict(roots)
+        self.retired = (self.retired | (before - after)) - after
+
+    def _listed(self, roots: dict[Channel, bytes]) -> set[str]:
+        """The ids of the held keys that `roots` list for their role (a root key: either
+        half, in its channel's root). Roots that do not parse list nothing."""
+        listed = set()
+        for channel, data in roots.items():
+            try:
+                roles = json.loads(data)["signed"]["roles"]
+                keyids = {role: set(roles[role]["keyids"]) for role in (ROOT, TARGETS)}
+            except (ValueError, KeyError, TypeError):
+                continue
+            listed |= {k.keyid for k in self.keys if k.half(channel).keyid in keyids[k.role]}
+        return listed
 
     def find(self, keyid: str) -> ArchiveKey | None:
         """The key of which `keyid` is one half."""
@@ -153,9 +187,11 @@ class OfflineArchive:
 
     def to_bytes(self) -> bytes:
         files: dict[str, bytes] = dict(self.extra)
-        files["config.json"] = json.dumps(
-            {**self.config_extra, "format": FORMAT_VERSION, "factory": self.factory}, indent=2
-        ).encode()
+        config = {**self.config_extra, "format": FORMAT_VERSION, "factory": self.factory}
+        retired = sorted(self.retired & {k.keyid for k in self.keys})
+        if retired:
+            config[RETIRED_KEYS] = retired
+        files["config.json"] = json.dumps(config, indent=2).encode()
         for key in self.keys:
             for stem, pair in key.files():
                 files[f"keys/{stem}.pub"] = key_to_json(pair.public)
@@ -200,7 +236,10 @@ class OfflineArchive:
                 f"{source} has archive format {archive_format!r}; this tufa reads formats "
                 f"{', '.join(map(str, READABLE_FORMATS))}: upgrade tufa"
             )
-        archive = cls(factory=factory, config_extra=_other_settings(config))
+        retired = config.get(RETIRED_KEYS, [])
+        if not isinstance(retired, list) or not all(isinstance(k, str) for k in retired):
+            raise ArchiveError(f"{source}: config.json's {RETIRED_KEYS} is not a list of key ids")
+        archive = cls(factory=factory, config_extra=_other_settings(config), retired=set(retired))
         for channel in Channel:
             root = files.pop(f"roles/{channel}/root.json", None)
             if root is not None:
@@ -268,7 +307,7 @@ def _check_named_id(source: str, name: str, base: str, keyid: str) -> None:
 
 
 def _other_settings(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in ("format", "factory")}
+    return {k: v for k, v in config.items() if k not in ("format", "factory", RETIRED_KEYS)}
 
 
 def _role_of_key_name(stem: str) -> str | None:

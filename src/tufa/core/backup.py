@@ -80,19 +80,25 @@ def _default_name(keyid: str) -> str:
 # -- writing -------------------------------------------------------------------------
 
 
-def render_backup(archive: OfflineArchive, now: datetime | None = None) -> str:
-    """The printable backup of every root key of `archive`, both halves of each.
+def render_backup(
+    archive: OfflineArchive, now: datetime | None = None, *, include_retired: bool = False
+) -> str:
+    """The printable backup of the root keys of `archive`, both halves of each; retired
+    ones only with `include_retired`.
 
     Raises ValueError if the archive holds no root key (a targets-only copy): a backup
     without one would look reassuring and restore nothing useful. The text is parsed
     back before it is returned, so a backup that could not be restored is never handed
     out.
     """
-    root_keys = archive.keys_for(ROOT)
+    root_keys = archive.keys_for(ROOT, include_retired=include_retired)
     if not root_keys:
         raise ValueError(
             f"the archive of factory {archive.factory!r} holds no root private key "
             "(is it a targets-only copy?); back up the archive that holds the root keys"
+            if not archive.keys_for(ROOT)
+            else f"every root key of the archive of factory {archive.factory!r} is retired; "
+            "back up the archive the newest rotation wrote, or pass --include-retired"
         )
     created = (now or datetime.now(UTC)).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     blocks = [

@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, insert, select, update
 
+from tufa.core.api_paths import REVOKE_BY_ID_HINT, TOKEN_ID_PREFIX
 from tufa.server.db import tokens
 from tufa.server.exceptions import NotFound
 from tufa.server.principals import OPERATOR_SCOPE
@@ -35,7 +36,9 @@ def create_token(
     secret: str | None = None,
 ) -> NewToken:
     """Store a token (only its digest is kept) and return its one-time secret."""
-    token = NewToken(id=f"tok_{secrets.token_hex(8)}", secret=secret or new_secret(TOKEN_PREFIX))
+    token = NewToken(
+        id=f"{TOKEN_ID_PREFIX}{secrets.token_hex(8)}", secret=secret or new_secret(TOKEN_PREFIX)
+    )
     conn.execute(
         insert(tokens).values(
             id=token.id,
@@ -82,6 +85,8 @@ def factory_tokens(conn: Connection, factory_id: int) -> list[Row[Any]]:
 
 def revoke_token(conn: Connection, factory_id: int, token_id: str, now: datetime) -> Row[Any]:
     """Refuse the token from now on, on every replica; revoking it again changes nothing."""
+    if not token_id.startswith(TOKEN_ID_PREFIX):
+        raise NotFound(REVOKE_BY_ID_HINT)
     where = (tokens.c.id == token_id, tokens.c.factory_id == factory_id)
     row = conn.execute(select(tokens).where(*where)).first()
     if row is None:

@@ -52,16 +52,18 @@ def load_archive(path: Path, factory: str | None) -> OfflineArchive:
         raise click.ClickException(str(e)) from e
     if factory is not None and archive.factory != factory:
         raise click.ClickException(
-            f"{path} is the archive of factory {archive.factory!r}, not {factory!r}"
+            f"{path} is the archive of factory {archive.factory!r}, not {factory!r}: give "
+            f"the archive of {factory!r}, or -f {archive.factory} to act on that factory"
         )
     return archive
 
 
 def store_served_roots(api: Api, archive: OfflineArchive) -> None:
     """Put the roots the server serves now into `archive` (the caller saves it), so the
-    archive documents what its keys govern."""
-    for channel in Channel:
-        archive.roots[channel] = api.request("GET", api.root_path(channel)).content
+    archive documents what its keys govern and which of them were retired."""
+    archive.replace_roots(
+        {channel: api.request("GET", api.root_path(channel)).content for channel in Channel}
+    )
 
 
 def halves_json(key: ArchiveKey) -> dict[Channel, str]:

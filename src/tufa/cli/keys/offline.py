@@ -27,6 +27,11 @@ from tufa.core.backup import MAX_BACKUP_CHARS, BackupError, parse_backup, render
 from tufa.core.metadata import ROOT, TARGETS
 
 _FILE = click.Path(dir_okay=False, path_type=Path)
+_INCLUDE_RETIRED = click.option(
+    "--include-retired",
+    is_flag=True,
+    help="Also keys the roots no longer list (left out by default).",
+)
 # Unknown entries are carried over to a targets-only copy, except anything that looks
 # like a private key: such a copy must not hold a root key under any name.
 _PRIVATE_KEY_MARKER = b"PRIVATE KEY-----"
@@ -67,12 +72,14 @@ def _read_back(path: Path, expected: list[str]) -> OfflineArchive:
 @click.command("copy-targets")
 @click.argument("src", type=_FILE)
 @click.argument("dst", type=_FILE)
+@_INCLUDE_RETIRED
 @json_option
-def copy_targets(src: Path, dst: Path, as_json: bool) -> None:
+def copy_targets(src: Path, dst: Path, include_retired: bool, as_json: bool) -> None:
     """Copy archive SRC to DST, without its root keys.
 
     DST holds SRC's offline targets keys, its roots and the entries tufa does not know
-    (except under keys/, and anything holding a private key). It can sign production
+    (except under keys/, and anything holding a private key); retired targets keys (the
+    roots no longer list them) only with --include-retired. It can sign production
     releases but cannot change the root: give it to the release managers and keep SRC,
     with the root keys, in the safe. DST must not exist.
 
@@ -82,9 +89,14 @@ def copy_targets(src: Path, dst: Path, as_json: bool) -> None:
     """
     refuse_existing(dst)
     source = load_archive(src, None)
-    targets_keys = source.keys_for(TARGETS)
+    targets_keys = source.keys_for(TARGETS, include_retired=include_retired)
+    retired = [] if include_retired else source.retired_keys(TARGETS)
     if not targets_keys:
-        raise click.ClickException(f"{src} holds no targets keys; there is nothing to copy")
+        raise click.ClickException(
+            f"{src} holds no targets keys; there is nothing to copy"
+            if not retired
+            else f"every targets key of {src} is retired; pass --include-retired to copy them"
+        )
     kept = {
         name: data
         for name, data in source.extra.items()
@@ -92,7 +104,11 @@ def copy_targets(src: Path, dst: Path, as_json: bool) -> None:
     }
     left_out = sorted(set(source.extra) - set(kept))
     copy = OfflineArchive(
-        factory=source.factory, keys=list(targets_keys), roots=dict(source.roots), extra=kept
+        factory=source.factory,
+        keys=list(targets_keys),
+        roots=dict(source.roots),
+        extra=kept,
+        retired=set(source.retired),
     )
     keyids = [k.keyid for k in targets_keys]
     written = _write_archive(dst, copy, src)
@@ -107,7 +123,11 @@ def copy_targets(src: Path, dst: Path, as_json: bool) -> None:
                 "targets_keyids": keyids,
                 "roots": roots,
                 "extra": sorted(kept),
-                "left_out": {"root_keyids": root_keyids, "entries": left_out},
+                "left_out": {
+                    "root_keyids": root_keyids,
+                    "retired_targets_keyids": [k.keyid for k in retired],
+                    "entries": left_out,
+                },
             }
         )
         return
@@ -120,6 +140,8 @@ def copy_targets(src: Path, dst: Path, as_json: bool) -> None:
         click.echo(f"Also kept:    {', '.join(sorted(kept))}")
     for keyid in root_keyids:
         click.echo(f"Left out:     root key {keyid}")
+    for key in retired:
+        click.echo(f"Left out:     retired targets key {key.keyid} (--include-retired keeps it)")
     for name in left_out:
         click.echo(f"Left out:     {name}")
     click.echo("It can sign production releases but cannot change the root.")
@@ -128,14 +150,16 @@ def copy_targets(src: Path, dst: Path, as_json: bool) -> None:
 @click.command()
 @click.argument("archive", type=_FILE)
 @click.option("--out", "out", type=_FILE, required=True, help="The text file to write (new).")
+@_INCLUDE_RETIRED
 @json_option
-def backup(archive: Path, out: Path, as_json: bool) -> None:
+def backup(archive: Path, out: Path, include_retired: bool, as_json: bool) -> None:
     """Printable text backup of ARCHIVE's root keys.
 
     Each line carries its number and a short check, so the keys can be typed back in
     from paper and `tufa keys restore` points at any mistyped line. Only root keys are
-    written: they are the ones nothing can replace. The file is unencrypted (mode
-    0600) and must not exist yet.
+    written: they are the ones nothing can replace. Retired root keys (the roots no
+    longer list them) are left out unless --include-retired. The file is unencrypted
+    (mode 0600) and must not exist yet.
 
     \b
     Example:
@@ -145,12 +169,13 @@ def backup(archive: Path, out: Path, as_json: bool) -> None:
     refuse_existing(out)
     source = load_archive(archive, None)
     try:
-        text = render_backup(source)
+        text = render_backup(source, include_retired=include_retired)
     except ValueError as e:
         raise click.ClickException(f"{archive}: {e}") from e
     # render_backup has parsed the text back already: reading the same bytes back from
     # the disk is what is left to check.
-    root_keys = source.keys_for(ROOT)
+    root_keys = source.keys_for(ROOT, include_retired=include_retired)
+    retired = [] if include_retired else source.retired_keys(ROOT)
     write_new_file(out, text.encode())
     try:
         intact = out.read_bytes() == text.encode()
@@ -166,6 +191,7 @@ def backup(archive: Path, out: Path, as_json: bool) -> None:
                 "backup": str(out),
                 "factory": source.factory,
                 "root_keys": [halves_json(k) for k in root_keys],
+                "retired_left_out": [halves_json(k) for k in retired],
                 "lines": len(lines),
             }
         )
@@ -176,6 +202,8 @@ def backup(archive: Path, out: Path, as_json: bool) -> None:
     )
     for key in root_keys:
         click.echo(f"Root key: {key.label()}")
+    for key in retired:
+        click.echo(f"Left out: retired root key {key.label()} (--include-retired keeps it)")
     click.echo("Next:")
     click.echo(
         f"  1. Print it in a fixed-width font; lines are up to {max(map(len, lines))} "

@@ -76,11 +76,40 @@ def _current_root(api: Api, archive: Path, held: OfflineArchive) -> dict[str, An
     trusted = current["signed"]["roles"][ROOT]["keyids"]
     if not any(k.ci.keyid in trusted for k in held.keys_for(ROOT)):
         raise click.ClickException(
-            f"{archive} holds no root key of factory {api.factory!r}'s current root (is it a "
-            "targets-only copy made with `tufa keys copy-targets`?); changing the root or "
-            "the targets keys needs a root key"
+            f"changing the root or the targets keys needs a root key of factory {api.factory}'s "
+            f"current root (version {current['signed']['version']}), and "
+            + _why_no_current_root_key(api, archive, held, current["signed"]["version"])
         )
     return dict(current["signed"])
+
+
+def _why_no_current_root_key(
+    api: Api, archive: Path, held: OfflineArchive, current_version: int
+) -> str:
+    """Which archive `archive` is, told by the newest of the factory's earlier CI roots
+    that lists one of its root keys (none: the keys were never this factory's)."""
+    if not held.keys_for(ROOT):
+        return (
+            f"{archive} holds no root key: it is a targets-only copy (made with `tufa keys "
+            "copy-targets`); use the archive with the root keys, or rebuild it from the paper "
+            "backup with `tufa keys restore`"
+        )
+    held_ids = {k.ci.keyid for k in held.keys_for(ROOT)}
+    for version in range(current_version - 1, 0, -1):
+        name = f"{version}.root.json"
+        root = api.get_json(api.path(api_paths.METADATA_FILE, channel=Channel.CI, filename=name))
+        if held_ids & set(root["signed"]["roles"][ROOT]["keyids"]):
+            return (
+                f"{archive} is an older copy: its root keys are those of root version "
+                f"{version}, rotated out since; use the archive the newest rotation wrote its "
+                "new key into, or a backup made after that rotation"
+            )
+    return (
+        f"{archive} holds root keys that no root of factory {api.factory} on {api.server} "
+        "ever listed: it is the archive of another factory of that name (on another "
+        "server, a test one for example); use the archive that `tufa keys download` gave "
+        "for this factory"
+    )
 
 
 def _rotate(

@@ -13,6 +13,7 @@ from tufa.cli.client import Api, with_api
 from tufa.cli.keys.archive_options import archive_option, load_archive
 from tufa.cli.output import console, json_option, warn
 from tufa.core import api_paths
+from tufa.core.clock import iso
 from tufa.core.metadata import OFFLINE_EXPIRY_WARNING, Channel
 from tufa.core.root_update import shared_keys_warning
 
@@ -57,7 +58,7 @@ def _expiry_warning(channel: Channel, expires: datetime) -> str | None:
         return None
     state = "has EXPIRED" if left.total_seconds() <= 0 else f"expires in {left.days} day(s)"
     return (
-        f"the {channel} root {state} ({expires.isoformat()}); devices will stop updating. "
+        f"the {channel} root {state} ({iso(expires)}); devices will stop updating. "
         "Extend it with `tufa keys updates`."
     )
 

@@ -9,7 +9,7 @@ and switch atomically.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -34,6 +34,7 @@ from tufa.cli.keys.root_update import (
 )
 from tufa.cli.output import json_option, print_json
 from tufa.core.archive import ArchiveKey, OfflineArchive, generate_root_key
+from tufa.core.clock import iso, utc_now
 from tufa.core.command_help import WholeSentenceGroup
 from tufa.core.keys import KeyPair, KeyType
 from tufa.core.metadata import MIN_PROD_TARGETS_THRESHOLD, ONLINE_ROLES, ROOT, TARGETS, Channel
@@ -66,7 +67,7 @@ def _diff(update: RootUpdate, channel: Channel) -> list[str]:
     old, new = update.current(channel).signed, update.staged(channel).signed
     lines = [f"version {old.version} -> {new.version}"]
     if old.expires != new.expires:
-        lines.append(f"expires {old.expires.isoformat()} -> {new.expires.isoformat()}")
+        lines.append(f"expires {iso(old.expires)} -> {iso(new.expires)}")
     for role in new.roles:
         before, after = set(old.roles[role].keyids), set(new.roles[role].keyids)
         lines += [f"{role}: + key {k} ({new.keys[k].keytype})" for k in sorted(after - before)]
@@ -323,8 +324,8 @@ def extend_expiry(api: Api, days: int) -> None:
     Example:
       tufa keys updates extend-expiry --days 365
     """
-    expires = (datetime.now(UTC) + timedelta(days=days)).replace(microsecond=0)
-    _edit(api, lambda staged: staged.set_expiry(expires), what=f"expiry {expires.isoformat()}")
+    expires = utc_now() + timedelta(days=days)
+    _edit(api, lambda staged: staged.set_expiry(expires), what=f"expiry {iso(expires)}")
 
 
 @updates.command()
