@@ -104,14 +104,15 @@ class Api:
                 "Check --server, TUFA_SERVER or `tufa login`."
             ) from e
         if response.status_code not in ok:
-            raise click.ClickException(_describe_error(refusal_of(response)))
+            raise click.ClickException(describe_refusal(refusal_of(response)))
         return response
 
     def get_json(self, path: str) -> Any:
         return self.request("GET", path).json()
 
 
-def _describe_error(refusal: Refusal) -> str:
+def describe_refusal(refusal: Refusal) -> str:
+    """A refusal as the CLI reports it, with where to look for a refused token."""
     if refusal.code is None:
         return f"the server refused: {refusal}"
     described = f"the server refused: {refusal.message} (HTTP {refusal.status} {refusal.code})"

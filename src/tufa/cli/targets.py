@@ -15,7 +15,7 @@ from rich.progress import TaskID
 from rich.table import Table
 
 from tufa.cli.bundles import offline_update
-from tufa.cli.client import Api, with_api
+from tufa.cli.client import Api, describe_refusal, with_api
 from tufa.cli.output import console, json_option, print_json, print_record, transfer_progress
 from tufa.core import api_paths
 from tufa.core.command_help import WholeSentenceGroup
@@ -94,9 +94,7 @@ def _upload(api: Api, path: Path, sha256: str, size: int, advance: Callable[[int
     except httpx.HTTPError as e:
         raise click.ClickException(f"upload of {path} failed: {e}; run again") from e
     if response.status_code not in (200, 201):
-        raise click.ClickException(
-            f"the server refused the upload of {path}: {refusal_of(response).message}"
-        )
+        raise click.ClickException(f"upload of {path}: {describe_refusal(refusal_of(response))}")
 
 
 def _spec(
