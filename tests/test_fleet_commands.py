@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.agent_helpers import AgentDevice, publish_build
 from tests.helpers import Factory, Server
 from tests.test_waves import start_owner
 
@@ -26,6 +27,27 @@ def refused(done: subprocess.CompletedProcess[str], *phrases: str) -> None:
     assert "Traceback" not in done.stderr, done.stderr
     for phrase in phrases:
         assert phrase in done.stderr, done.stderr
+
+
+# -- a production device with nothing released ----------------------------------------------
+
+
+def test_a_device_with_nothing_to_install_says_what_its_channel_lacks(
+    server: Server, factory: Factory, tmp_path: Path
+) -> None:
+    publish_build(factory, "42")  # to CI: a production device gets it only by a wave
+    prod = AgentDevice.register(factory, tmp_path, "prod", root=factory.root_v1("prod"))
+    checked = prod.agent("check")
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout == (
+        "Nothing is released to production for hardware id 'rpi4' and tag 'main' (a CI "
+        "build reaches production devices through a wave: tufa waves init, then tufa "
+        "waves rollout).\n"
+    )
+    ci = AgentDevice.register(factory, tmp_path, tag="beta")
+    checked = ci.agent("check")
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout == "No target is published to CI for hardware id 'rpi4' and tag 'beta'.\n"
 
 
 # -- a URL with no route --------------------------------------------------------------------
