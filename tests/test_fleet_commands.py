@@ -8,6 +8,7 @@ all on SQLite (the commands are HTTP clients of the same server code on both bac
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 from tests.agent_helpers import AgentDevice, publish_build
 from tests.helpers import Factory, Server
 from tests.test_waves import start_owner
+from tufa.agent.reports import EventQueue
 
 pytestmark = pytest.mark.parametrize("server", ["sqlite"], indirect=True)
 
@@ -27,6 +29,34 @@ def refused(done: subprocess.CompletedProcess[str], *phrases: str) -> None:
     assert "Traceback" not in done.stderr, done.stderr
     for phrase in phrases:
         assert phrase in done.stderr, done.stderr
+
+
+# -- events of one second, newest first -----------------------------------------------------
+
+
+def test_events_of_one_second_show_newest_first(
+    server: Server, factory: Factory, tmp_path: Path
+) -> None:
+    """The agent's clock counts whole seconds: five events made within one second are
+    still listed in the order they happened, newest first."""
+    owner = start_owner(factory, tmp_path / "owner")
+    device = AgentDevice.register(factory, tmp_path)
+    queue = EventQueue(device.dir)
+    for step in range(1, 6):
+        queue.add("check-failed", None, f"step {step}")
+    queued = json.loads((device.dir / "events.json").read_bytes())
+    for event in queued:  # however long the adds took: one second
+        event["at"] = queued[0]["at"]
+    (device.dir / "events.json").write_text(json.dumps(queued))
+    assert device.run_once().returncode == 0
+
+    shown = owner.json("devices", "show", device.name)
+    assert [e["detail"] for e in shown["events"]] == [f"step {n}" for n in (5, 4, 3, 2, 1)]
+    assert len({e["at"] for e in shown["events"]}) == 1
+    text = owner.tufa("devices", "show", device.name, env={**owner.env, "COLUMNS": "250"})
+    assert "Last 5 event(s), newest first" in text
+    order = [text.index(f"step {n}") for n in (5, 4, 3, 2, 1)]
+    assert order == sorted(order), text
 
 
 # -- a production device with nothing released ----------------------------------------------

@@ -116,7 +116,9 @@ def list_devices(conn: Connection, factory_id: int) -> Sequence[Any]:
 
 
 def recent_events(conn: Connection, device_id: str, limit: int) -> Sequence[Any]:
-    """The device's newest events by its own clock; ties (same second) in a stable order."""
+    """The device's newest events by its own clock, which counts whole seconds; within a
+    second, the later received first, then the higher id (the agent's ids sort by the
+    nanosecond they were made at)."""
     return conn.execute(
         select(device_events)
         .where(device_events.c.device_id == device_id)
