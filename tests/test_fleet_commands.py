@@ -18,6 +18,7 @@ from tests.agent_helpers import AgentDevice, publish_build
 from tests.helpers import Factory, Server
 from tests.test_waves import start_owner
 from tufa.agent.reports import EventQueue
+from tufa.demo.local_server import console_script
 
 pytestmark = pytest.mark.parametrize("server", ["sqlite"], indirect=True)
 
@@ -57,6 +58,43 @@ def test_events_of_one_second_show_newest_first(
     assert "Last 5 event(s), newest first" in text
     order = [text.index(f"step {n}") for n in (5, 4, 3, 2, 1)]
     assert order == sorted(order), text
+
+
+# -- durations need their unit --------------------------------------------------------------
+
+
+def test_a_duration_without_its_unit_is_refused_by_every_option(
+    server: Server, factory: Factory, tmp_path: Path
+) -> None:
+    owner = start_owner(factory, tmp_path / "owner")
+    no_unit = "'90' has no unit: write 90s for seconds, 90d for days"
+    units = "s, m, h, d or w, e.g. 90s, 15m, 12h, 30d or 2w"
+    before = owner.json("tokens", "list")
+    refused(owner.fails("tokens", "create", "-s", "read", "--expires", "90"), no_unit, units)
+    assert owner.json("tokens", "list") == before, "nothing created"
+    created = owner.json("tokens", "create", "-s", "read", "--expires", "90s")
+    assert created["expires_at"] is not None
+
+    publish_build(factory, "7")
+    wave = ("waves", "init", "rel-7", "7", "main", "-k", str(owner.archive))
+    refused(owner.fails(*wave, "--expires", "90"), "--expires", no_unit)
+    refused(owner.fails(*wave, "--expires", "36h"), "--expires", "whole days, 1d to 3650d")
+    assert owner.json("waves", "list") == [], "nothing created"
+    owner.tufa(*wave, "--expires", "2w")
+    (listed,) = owner.json("waves", "list")
+    assert listed["name"] == "rel-7"
+
+    for option in ("--resign-interval", "--timestamp-expiry", "--root-expiry"):
+        data_dir = tmp_path / f"server{option}"
+        done = subprocess.run(
+            [console_script("tufa-server"), "run", "--data-dir", str(data_dir), option, "90"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        refused(done, option, no_unit, units)
+        assert not data_dir.exists(), "nothing created before the options are read"
 
 
 # -- a production device with nothing released ----------------------------------------------

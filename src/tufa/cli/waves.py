@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,11 @@ from tufa.cli.keys.archive_options import archive_option, load_archive
 from tufa.cli.output import json_option, print_json, print_record, print_records
 from tufa.core import api_paths
 from tufa.core.archive import OfflineArchive
+from tufa.core.durations import DURATION
 from tufa.core.metadata import TARGETS, Channel
 
+# As long as the server lets a wave's production targets be valid.
+MAX_EXPIRY = timedelta(days=3650)
 ARCHIVE_OPTION = archive_option(
     help="Archive with an offline targets key (a targets-only copy is enough)."
 )
@@ -53,7 +57,13 @@ def _sign_with(api: Api, archive: OfflineArchive, md: Metadata[Targets]) -> list
 @click.argument("version")
 @click.argument("tag")
 @ARCHIVE_OPTION
-@click.option("--expires-days", default=365, show_default=True, type=click.IntRange(1, 3650))
+@click.option(
+    "--expires",
+    type=DURATION,
+    default="365d",
+    show_default=True,
+    help="Validity of the production targets: whole days or weeks (30d, 52w), up to 3650d.",
+)
 @click.option("--prune", default="", help="Comma-separated versions to drop from the tag.")
 @json_option
 @with_api
@@ -63,7 +73,7 @@ def init(
     version: str,
     tag: str,
     archive: Path,
-    expires_days: int,
+    expires: timedelta,
     prune: str,
     as_json: bool,
 ) -> None:
@@ -80,6 +90,13 @@ def init(
       tufa waves rollout release-43 --limit 10%
       tufa waves complete release-43
     """
+    if expires % timedelta(days=1) or not timedelta(days=1) <= expires <= MAX_EXPIRY:
+        raise click.BadParameter(
+            f"production targets expire after whole days, 1d to {MAX_EXPIRY.days}d "
+            "(e.g. 30d or 52w)",
+            param_hint="'--expires'",
+        )
+    expires_days = expires.days
     keys = load_archive(archive, api.factory)
     pruned = [v.strip() for v in prune.split(",") if v.strip()]
     body = {"tag": tag, "version": version, "prune": pruned, "expires_days": expires_days}
