@@ -60,6 +60,29 @@ def test_events_of_one_second_show_newest_first(
     assert order == sorted(order), text
 
 
+# -- the targets of a wave ------------------------------------------------------------------
+
+
+def test_waves_name_the_targets_version_and_the_targets_apart(
+    server: Server, factory: Factory, tmp_path: Path
+) -> None:
+    owner = start_owner(factory, tmp_path / "owner")
+    publish_build(factory, "7")
+
+    out = owner.tufa("waves", "init", "rel-7", "7", "main", "-k", str(owner.archive))
+    assert out == "Wave rel-7: tag main, version 7, production targets version 2 (1 target).\n"
+
+    wide = {**owner.env, "COLUMNS": "200"}
+    header, row = owner.tufa("waves", "list", env=wide).splitlines()[1::2][:2]
+    assert "targets version" in header
+    assert "devices served" in header
+    assert row.split("│")[5].strip() == "2"  # the version, under "targets version"
+    (listed,) = owner.json("waves", "list")
+    assert listed["targets_version"] == 2
+    assert listed["targets"] == ["rpi4-image-7"]  # `targets` is names, as in `waves show`
+    assert owner.json("waves", "show", "rel-7")["targets"] == listed["targets"]
+
+
 # -- durations need their unit --------------------------------------------------------------
 
 

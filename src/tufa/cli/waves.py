@@ -111,9 +111,10 @@ def init(
     if as_json:
         print_json(created)
         return
+    count = len(created["targets"])
     click.echo(
         f"Wave {name}: tag {tag}, version {version}, production targets version "
-        f"{created['targets_version']} ({len(created['targets'])} targets)."
+        f"{created['targets_version']} ({count} target{'' if count == 1 else 's'})."
     )
     if not created["signed"]:
         click.echo("More offline signatures are needed: `tufa waves sign NAME -k OTHER.tgz`.")
@@ -214,11 +215,14 @@ def cancel(api: Api, name: str, as_json: bool) -> None:
 @json_option
 @with_api
 def list_waves(api: Api, as_json: bool) -> None:
-    """List waves, oldest first."""
+    """List waves, oldest first: the version of their production targets metadata, and
+    the devices served of those of their tag. `--json` also lists the target names
+    (`targets`), as `tufa waves show` does.
+    """
     print_records(
         api.get_json(api.path(api_paths.WAVES)),
         as_json,
-        ("name", "tag", "version", "status", "targets", "devices"),
+        ("name", "tag", "version", "status", "targets version", "devices served"),
         _wave_row,
     )
 
