@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.agent_helpers import AgentDevice, publish_build
-from tests.helpers import Factory, Server
+from tests.helpers import Factory, Server, send
+from tests.test_rotations import Owner
 from tests.test_waves import start_owner
 from tufa.agent.reports import EventQueue
 from tufa.demo.local_server import console_script
@@ -139,6 +141,86 @@ def test_a_device_with_nothing_to_install_says_what_its_channel_lacks(
     checked = ci.agent("check")
     assert checked.returncode == 0, checked.stderr
     assert checked.stdout == "No target is published to CI for hardware id 'rpi4' and tag 'beta'.\n"
+
+
+# -- device groups --------------------------------------------------------------------------
+
+
+def group_members(owner: Owner, name: str) -> list[str]:
+    shown: dict[str, Any] = owner.json("device-groups", "show", name)
+    return [m["name"] for m in shown["members"]]
+
+
+def test_device_groups_hold_production_devices_and_show_and_lose_them(
+    server: Server, factory: Factory, tmp_path: Path
+) -> None:
+    owner = start_owner(factory, tmp_path / "owner")
+    bench = factory.register_device("ci", name="bench-1")
+    for name in ("unit-a", "unit-b"):
+        factory.register_device("prod", name=name)
+    owner.tufa("device-groups", "create", "canaries")
+
+    # A CI device never gets a wave: refused by name, and nothing is added.
+    refused(
+        owner.fails("device-groups", "add", "canaries", "unit-a", "bench-1"),
+        f"'bench-1' ({bench['id']}) follow the CI channel",
+        "nothing was added",
+        "HTTP 409 conflict",
+    )
+    assert group_members(owner, "canaries") == []
+    out = owner.tufa("device-groups", "add", "canaries", "unit-a", "unit-b")
+    assert out == "Group canaries has 2 device(s).\n"
+
+    wide = {**owner.env, "COLUMNS": "200"}
+    listed = owner.tufa("device-groups", "list", env=wide)
+    assert listed.splitlines()[1].split() == ["┃", "name", "┃", "devices", "┃", "created", "┃"]
+    assert listed.splitlines()[3].split()[:4] == ["│", "canaries", "│", "2"]
+    shown = owner.tufa("device-groups", "show", "canaries", env=wide)
+    assert shown.startswith("Device group canaries, created ")
+    assert "2 device(s)" in shown
+    assert "unit-a" in shown
+    assert "unit-b" in shown
+    assert "bench-1" not in shown
+    (group,) = owner.json("device-groups", "list")
+    assert group["devices"] == owner.json("device-groups", "show", "canaries")["devices"]
+
+    # Removing takes members only, all of them or none.
+    refused(
+        owner.fails("device-groups", "remove", "canaries", "unit-b", "bench-1"),
+        "'bench-1'",
+        "not in group 'canaries'; nothing was removed",
+    )
+    refused(
+        owner.fails("device-groups", "remove", "canaries", "nobody"), "no such device(s): nobody"
+    )
+    assert group_members(owner, "canaries") == ["unit-a", "unit-b"]
+    out = owner.tufa("device-groups", "remove", "canaries", "unit-b")
+    assert out == "Group canaries has 1 device(s).\n"
+    assert group_members(owner, "canaries") == ["unit-a"]
+
+    out = owner.tufa("device-groups", "delete", "canaries")
+    assert out == "Deleted device group canaries (1 device(s) in it).\n"
+    refused(owner.fails("device-groups", "show", "canaries"), "no device group named 'canaries'")
+    assert owner.json("device-groups", "list") == []
+    assert len(owner.json("devices", "list")) == 3, "the devices stay"
+
+
+def test_member_changes_refuse_bad_fields(server: Server, factory: Factory, tmp_path: Path) -> None:
+    factory.register_device("prod", name="unit-a")
+    assert factory.request("POST", "/device-groups", json={"name": "g"}).status_code == 201
+    members = factory.path("/device-groups/g/devices")
+    for body, says in [
+        ({"devices": []}, "field 'devices' must name at least one device"),
+        ({"devices": "unit-a"}, "field 'devices' must be of type array"),
+        ({"devices": [1]}, "field 'devices' must be a list of strings"),
+        ({}, "'devices'"),
+    ]:
+        response = send(server, "DELETE", members, factory.admin_token, json=body)
+        assert response.status_code == 400, response.text
+        assert says in response.json()["error"]["message"]
+    response = send(server, "DELETE", factory.path("/device-groups/nope"), factory.admin_token)
+    assert response.status_code == 404
+    assert "no device group named 'nope'" in response.json()["error"]["message"]
 
 
 # -- a URL with no route --------------------------------------------------------------------
