@@ -101,6 +101,9 @@ wave-cancel       401  401   403   401     401     403    403      401     401  
 groups-create     401  401   403   401     401     403    403      401     401     403      ok    403 403  403
 groups-list       401  401   403   401     401     403    403      401     401     403      ok    ok  ok   403
 group-add         401  401   403   401     401     403    403      401     401     403      ok    403 403  403
+group-show        401  401   403   401     401     403    403      401     401     403      ok    ok  ok   403
+group-delete      401  401   403   401     401     403    403      401     401     403      ok    403 403  403
+group-remove      401  401   403   401     401     403    403      401     401     403      ok    403 403  403
 """
 
 
@@ -164,6 +167,9 @@ ROUTES = {
     "groups-create": ("POST", "/api/v1/factories/{factory}/device-groups"),
     "groups-list": ("GET", "/api/v1/factories/{factory}/device-groups"),
     "group-add": ("POST", "/api/v1/factories/{factory}/device-groups/{group}/devices"),
+    "group-show": ("GET", "/api/v1/factories/{factory}/device-groups/{group}"),
+    "group-delete": ("DELETE", "/api/v1/factories/{factory}/device-groups/{group}"),
+    "group-remove": ("DELETE", "/api/v1/factories/{factory}/device-groups/{group}/devices"),
 }
 # Blob and target used by the targets rows: published once per tenant, on first use.
 BLOB = b"firmware image for the authorization matrix"
@@ -421,11 +427,20 @@ class Tenant:
             case "groups-list":
                 return "GET", path("/device-groups"), None
             case "group-add":
-                token = self.factory.admin_token
-                group = f"g-{secrets.token_hex(4)}"
-                self.admin("POST", "/device-groups", token=token, json={"name": group})
+                group = self._group()
                 device = self.device("prod")["id"]
                 return "POST", path(f"/device-groups/{group}/devices"), {"devices": [device]}
+            case "group-show":
+                return "GET", path(f"/device-groups/{self._group()}"), None
+            case "group-delete":
+                return "DELETE", path(f"/device-groups/{self._group()}"), None
+            case "group-remove":
+                group = self._group()
+                device = self.device("prod")["id"]
+                members = f"/device-groups/{group}/devices"
+                token = self.factory.admin_token
+                self.admin("POST", members, token=token, json={"devices": [device]})
+                return "DELETE", path(members), {"devices": [device]}
             case "target-ci" | "target-prod":
                 self._wave()  # production devices may download only what their view lists
                 if endpoint == "target-prod":
@@ -466,6 +481,12 @@ class Tenant:
         for key in self._archive().keys_for("targets"):
             md.sign(key.prod.signer(), append=True)
         return {**body, "name": name, "targets": md.to_dict()}
+
+    def _group(self) -> str:
+        """A new device group, with no member."""
+        group = f"g-{secrets.token_hex(4)}"
+        self.admin("POST", "/device-groups", token=self.factory.admin_token, json={"name": group})
+        return group
 
     def _wave(self) -> str:
         if not self._waved:

@@ -209,7 +209,7 @@ CASES = [
     _get("metadata-not-tuf", f"{F}/repo/prod/metadata/secrets.json", 404, "secrets.json"),
     _get("metadata-version-zero", f"{F}/repo/ci/metadata/0.targets.json", 404, "0.targets.json"),
     # Unknown routes and methods.
-    _get("unknown-route", "/api/v1/nothing-here", 404, "Not Found"),
+    _get("unknown-route", "/api/v1/nothing-here", 404, "no API route matches '/api/v1/nothing"),
     Case(
         "wrong-method",
         "PUT",

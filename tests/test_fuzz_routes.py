@@ -97,6 +97,10 @@ class FuzzWorld:
         }
         # For the routes that revoke or delete a device: the others keep theirs.
         self.doomed_device = world.factory.register_device("ci")["id"]
+        # For the route that deletes a group: the world's own group stays.
+        self.doomed_group = "doomed"
+        created = world.factory.request("POST", "/device-groups", json={"name": self.doomed_group})
+        assert created.status_code == 201, created.text
         # The database as the last example left it: one dump per example, not two.
         self.last_dump: dict[str, list[tuple[Any, ...]]] | None = None
 
@@ -192,6 +196,12 @@ SPECS: dict[tuple[str, str], Spec] = {
     ("POST", f"{F}/device-groups"): Spec(lambda _: {"name": "g-2"}),
     ("GET", f"{F}/device-groups"): Spec(),
     ("POST", f"{F}/device-groups/{{group}}/devices"): Spec(
+        lambda w: {"devices": [w.world.prod_devices[0]["name"]]}
+    ),
+    ("GET", f"{F}/device-groups/{{group}}"): Spec(),
+    ("DELETE", f"{F}/device-groups/{{group}}"): Spec(params=lambda w: {"group": w.doomed_group}),
+    # Whatever a valid removal takes out of the group, the adding spec puts back.
+    ("DELETE", f"{F}/device-groups/{{group}}/devices"): Spec(
         lambda w: {"devices": [w.world.prod_devices[0]["name"]]}
     ),
 }

@@ -13,7 +13,6 @@ from tufa.core.durations import parse_duration
     ("text", "expected"),
     [
         ("90s", timedelta(seconds=90)),
-        ("90", timedelta(seconds=90)),  # seconds when no unit is given
         ("15m", timedelta(minutes=15)),
         ("12h", timedelta(hours=12)),
         ("30d", timedelta(days=30)),
@@ -27,5 +26,16 @@ def test_parses(text: str, expected: timedelta) -> None:
 
 @pytest.mark.parametrize("text", ["0", "0d", "-1d", "1.5h", "1y", "d", "", "1 d 2h", "1D"])
 def test_refuses(text: str) -> None:
-    with pytest.raises(ValueError, match="is not a duration: use a positive number"):
+    with pytest.raises(
+        ValueError,
+        match="is not a duration: use a positive whole number with a unit: s, m, h, d or w",
+    ):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize("text", ["90", " 90 "])
+def test_a_number_without_a_unit_is_refused_naming_the_units(text: str) -> None:
+    """`--expires 90` could mean seconds or days: no unit is implied."""
+    n = text.strip()
+    with pytest.raises(ValueError, match=f"has no unit: write {n}s for seconds, {n}d for days"):
         parse_duration(text)

@@ -134,7 +134,9 @@ class Agent:
             targets = list(trusted_targets(self.state.metadata).values())
             if only is not None:
                 targets = [t for t in targets if t.path in only]
-            plan = plan_for(status, self.config.hardware_id, self.config.tag, targets)
+            plan = plan_for(
+                status, self.config.channel, self.config.hardware_id, self.config.tag, targets
+            )
         except Exception as e:
             self._record_error(status, e)
             raise

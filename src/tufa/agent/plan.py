@@ -14,6 +14,7 @@ from tuf.api.metadata import TargetFile
 
 from tufa.agent.state import AgentError, AgentStatus, Release
 from tufa.core.files import is_plain_name
+from tufa.core.metadata import Channel
 from tufa.core.selection import newest_for, target_version, version_key
 
 
@@ -57,10 +58,24 @@ def release_of(target: TargetFile) -> Release:
     )
 
 
-def plan_for(status: AgentStatus, hardware_id: str, tag: str, targets: list[TargetFile]) -> Plan:
+def _nothing_for(channel: Channel, hardware_id: str, tag: str) -> str:
+    """Why a device of `channel` finds no target: a CI build reaches a production
+    device only through a wave, so "nothing published" would mislead its owner."""
+    if channel == Channel.PROD:
+        return (
+            f"nothing is released to production for hardware id {hardware_id!r} and tag "
+            f"{tag!r} (a CI build reaches production devices through a wave: "
+            "tufa waves init, then tufa waves rollout)"
+        )
+    return f"no target is published to CI for hardware id {hardware_id!r} and tag {tag!r}"
+
+
+def plan_for(
+    status: AgentStatus, channel: Channel, hardware_id: str, tag: str, targets: list[TargetFile]
+) -> Plan:
     target = newest_for(targets, hardware_id, tag)
     if target is None:
-        return Plan(None, f"no target is published for hardware id {hardware_id!r} and tag {tag!r}")
+        return Plan(None, _nothing_for(channel, hardware_id, tag))
     release = release_of(target)
     installed = status.installed
     if installed is not None and installed.sha256 == release.sha256:

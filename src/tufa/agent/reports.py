@@ -2,13 +2,16 @@
 
 Events are queued in `events.json` first and sent when the server can be reached, so
 an offline install or an outage loses nothing; each carries an id, and the server
-ignores an id it already has, so resending after a crash is harmless.
+ignores an id it already has, so resending after a crash is harmless. Ids sort in the
+order the events happened: `at` counts whole seconds, and the server lists the events of
+one second by id (`tufa devices show`, newest first).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from pathlib import Path
 from typing import TypedDict
@@ -37,6 +40,12 @@ class Event(TypedDict):
     detail: str
 
 
+def _event_id() -> str:
+    """Nanoseconds since the epoch, zero-padded so that text order is time order, then a
+    random part so that two devices or two events of one nanosecond never share an id."""
+    return f"{time.time_ns():020d}{uuid.uuid4().hex}"
+
+
 class EventQueue:
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / EVENTS_FILE
@@ -50,7 +59,7 @@ class EventQueue:
 
     def add(self, kind: EventKind, release: Release | None, detail: str = "") -> None:
         event: Event = {
-            "id": uuid.uuid4().hex,
+            "id": _event_id(),
             "at": now_iso(),
             "kind": kind,
             "version": release.version[:64] if release else None,

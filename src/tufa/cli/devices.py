@@ -17,7 +17,7 @@ from tufa.core.command_help import WholeSentenceGroup
 BASE_FIELDS = ("id", "name", "hardware_id", "tag", "channel", "created_at")
 
 
-def _plain(value: Any) -> Text:
+def plain_cell(value: Any) -> Text:
     """A table cell shown as is: devices write these texts, so brackets in them must
     not be read as rich markup, nor control characters (an install command's colours,
     carriage returns) reach the terminal; they show escaped, as `\\x1b`."""
@@ -74,12 +74,12 @@ def list_devices(api: Api, as_json: bool) -> None:
 
 def _device_row(d: dict[str, Any]) -> tuple[str | Text, ...]:
     return (
-        _plain(d["name"]),
+        plain_cell(d["name"]),
         d["id"],
-        _plain(d["hardware_id"]),
-        _plain(d["tag"]),
+        plain_cell(d["hardware_id"]),
+        plain_cell(d["tag"]),
         d["channel"],
-        _plain(d["installed_version"]),
+        plain_cell(d["installed_version"]),
         d["created_at"],
         "revoked" if d["revoked_at"] else "active",
     )
@@ -102,7 +102,7 @@ def show(api: Api, device: str, as_json: bool) -> None:
         print_json(found)
         return
     for key in BASE_FIELDS:
-        click.echo(f"{key:>13}: {_plain(found[key])}")
+        click.echo(f"{key:>13}: {plain_cell(found[key])}")
     click.echo(f"{'credential':>13}: {_credential(found)}")
     for earlier in found["earlier_devices"]:
         click.echo(
@@ -124,7 +124,7 @@ def show(api: Api, device: str, as_json: bool) -> None:
     keys = ("at", "kind", "version", "target", "detail", "received_at", "id")
     print_table(
         ("at", "kind", "version", "target", "detail", "received", "id"),
-        ([_plain(e[key]) for key in keys] for e in events),
+        ([plain_cell(e[key]) for key in keys] for e in events),
         title=f"Last {len(events)} event(s), newest first",
     )
 
@@ -149,7 +149,7 @@ def revoke(api: Api, device: str, as_json: bool) -> None:
         print_json(revoked)
         return
     click.echo(
-        f"Revoked the credential of {_plain(revoked['name'])} ({revoked['id']}) at "
+        f"Revoked the credential of {plain_cell(revoked['name'])} ({revoked['id']}) at "
         f"{revoked['revoked_at']}: every server refuses it from now on."
     )
     click.echo(f"To register the device again: tufa devices delete {revoked['id']}")
@@ -177,6 +177,6 @@ def delete(api: Api, device: str, as_json: bool) -> None:
     gone = deleted["deleted"]
     groups = ", ".join(deleted["groups_left"]) or "none"
     click.echo(
-        f"Deleted {_plain(gone['name'])} ({gone['id']}): its credential no longer works; "
-        f"{deleted['events_deleted']} event(s) deleted; left groups: {_plain(groups)}."
+        f"Deleted {plain_cell(gone['name'])} ({gone['id']}): its credential no longer works; "
+        f"{deleted['events_deleted']} event(s) deleted; left groups: {plain_cell(groups)}."
     )

@@ -11,18 +11,9 @@ from tufa.cli.client import Api, with_api
 from tufa.cli.output import json_option, print_json, print_records
 from tufa.core import api_paths
 from tufa.core.command_help import WholeSentenceGroup
-from tufa.core.durations import parse_duration
+from tufa.core.durations import DURATION
 
 SCOPES = ("admin", "ci", "read", "register")
-
-
-def _duration(_ctx: click.Context, _param: click.Parameter, value: str | None) -> timedelta | None:
-    if value is None:
-        return None
-    try:
-        return parse_duration(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from e
 
 
 @click.group(cls=WholeSentenceGroup)
@@ -41,7 +32,7 @@ def tokens() -> None:
     help="What the token may do (repeatable): admin, ci (publish), read, register (devices).",
 )
 @click.option("-d", "--description", default="", help="Who or what uses the token.")
-@click.option("--expires", callback=_duration, help="Lifetime, e.g. 30d or 12h (default: never).")
+@click.option("--expires", type=DURATION, help="Lifetime, e.g. 30d or 12h (default: never).")
 @json_option
 @with_api
 def create(

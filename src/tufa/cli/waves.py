@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -10,13 +11,17 @@ import click
 from tuf.api.metadata import Metadata, Targets
 
 from tufa.cli.client import Api, with_api
+from tufa.cli.devices import plain_cell
 from tufa.cli.keys.archive_options import archive_option, load_archive
-from tufa.cli.output import json_option, print_json, print_record, print_records
+from tufa.cli.output import json_option, print_json, print_record, print_records, print_table
 from tufa.core import api_paths
 from tufa.core.archive import OfflineArchive
 from tufa.core.command_help import WholeSentenceGroup
+from tufa.core.durations import DURATION
 from tufa.core.metadata import TARGETS, Channel
 
+# As long as the server lets a wave's production targets be valid.
+MAX_EXPIRY = timedelta(days=3650)
 ARCHIVE_OPTION = archive_option(
     help="Archive with an offline targets key (a targets-only copy is enough)."
 )
@@ -54,7 +59,13 @@ def _sign_with(api: Api, archive: OfflineArchive, md: Metadata[Targets]) -> list
 @click.argument("version")
 @click.argument("tag")
 @ARCHIVE_OPTION
-@click.option("--expires-days", default=365, show_default=True, type=click.IntRange(1, 3650))
+@click.option(
+    "--expires",
+    type=DURATION,
+    default="365d",
+    show_default=True,
+    help="Validity of the production targets: whole days or weeks (30d, 52w), up to 3650d.",
+)
 @click.option("--prune", default="", help="Comma-separated versions to drop from the tag.")
 @json_option
 @with_api
@@ -64,7 +75,7 @@ def init(
     version: str,
     tag: str,
     archive: Path,
-    expires_days: int,
+    expires: timedelta,
     prune: str,
     as_json: bool,
 ) -> None:
@@ -81,6 +92,13 @@ def init(
       tufa waves rollout release-43 --limit 10%
       tufa waves complete release-43
     """
+    if expires % timedelta(days=1) or not timedelta(days=1) <= expires <= MAX_EXPIRY:
+        raise click.BadParameter(
+            f"production targets expire after whole days, 1d to {MAX_EXPIRY.days}d "
+            "(e.g. 30d or 52w)",
+            param_hint="'--expires'",
+        )
+    expires_days = expires.days
     keys = load_archive(archive, api.factory)
     pruned = [v.strip() for v in prune.split(",") if v.strip()]
     body = {"tag": tag, "version": version, "prune": pruned, "expires_days": expires_days}
@@ -95,9 +113,10 @@ def init(
     if as_json:
         print_json(created)
         return
+    count = len(created["targets"])
     click.echo(
         f"Wave {name}: tag {tag}, version {version}, production targets version "
-        f"{created['targets_version']} ({len(created['targets'])} targets)."
+        f"{created['targets_version']} ({count} target{'' if count == 1 else 's'})."
     )
     if not created["signed"]:
         click.echo("More offline signatures are needed: `tufa waves sign NAME -k OTHER.tgz`.")
@@ -198,11 +217,14 @@ def cancel(api: Api, name: str, as_json: bool) -> None:
 @json_option
 @with_api
 def list_waves(api: Api, as_json: bool) -> None:
-    """List waves, oldest first."""
+    """List waves, oldest first: the version of their production targets metadata, and
+    the devices served of those of their tag. `--json` also lists the target names
+    (`targets`), as `tufa waves show` does.
+    """
     print_records(
         api.get_json(api.path(api_paths.WAVES)),
         as_json,
-        ("name", "tag", "version", "status", "targets", "devices"),
+        ("name", "tag", "version", "status", "targets version", "devices served"),
         _wave_row,
     )
 
@@ -277,7 +299,16 @@ def status(api: Api, name: str | None, as_json: bool) -> None:
 
 @click.group("device-groups", cls=WholeSentenceGroup)
 def device_groups() -> None:
-    """Name sets of devices, to roll waves out to."""
+    """Name sets of production devices, to roll waves out to.
+
+    \b
+    Examples:
+      tufa device-groups create beta-testers
+      tufa device-groups add beta-testers field-unit-1 field-unit-2
+      tufa device-groups show beta-testers
+      tufa device-groups remove beta-testers field-unit-2
+      tufa device-groups delete beta-testers
+    """
 
 
 @device_groups.command()
@@ -295,28 +326,106 @@ def create(api: Api, name: str) -> None:
     click.echo(f"Created device group {name}.")
 
 
+def _change_members(api: Api, method: str, name: str, devices: tuple[str, ...]) -> int:
+    """Add (POST) or remove (DELETE) DEVICES, all of them or none; the members left."""
+    result = api.request(
+        method,
+        api.path(api_paths.DEVICE_GROUP_DEVICES, group=name),
+        json_body={"devices": list(devices)},
+    ).json()
+    return len(result["devices"])
+
+
 @device_groups.command()
 @click.argument("name")
 @click.argument("devices", nargs=-1, required=True)
 @with_api
 def add(api: Api, name: str, devices: tuple[str, ...]) -> None:
-    """Add DEVICES (names or ids) to group NAME."""
-    result = api.request(
-        "POST",
-        api.path(api_paths.DEVICE_GROUP_DEVICES, group=name),
-        json_body={"devices": list(devices)},
-    ).json()
-    click.echo(f"Group {name} has {len(result['devices'])} device(s).")
+    """Add DEVICES (names or ids) to group NAME: all of them, or none if one is unknown
+    or a CI device (waves roll out to production devices only)."""
+    click.echo(f"Group {name} has {_change_members(api, 'POST', name, devices)} device(s).")
+
+
+@device_groups.command()
+@click.argument("name")
+@click.argument("devices", nargs=-1, required=True)
+@with_api
+def remove(api: Api, name: str, devices: tuple[str, ...]) -> None:
+    """Remove DEVICES (names or ids) from group NAME: all of them, or none if one is not
+    a member. The devices keep what waves served them. To remove the group itself:
+    `tufa device-groups delete NAME`.
+
+    \b
+    Example:
+      tufa device-groups remove beta-testers field-unit-2
+    """
+    left = _change_members(api, "DELETE", name, devices)
+    click.echo(f"Group {name} has {left} device(s).")
+
+
+@device_groups.command("delete")
+@click.argument("name")
+@json_option
+@with_api
+def delete_group(api: Api, name: str, as_json: bool) -> None:
+    """Delete group NAME. Its devices stay registered, and keep what waves served them.
+
+    \b
+    Example:
+      tufa device-groups delete beta-testers
+    """
+    deleted = api.request("DELETE", api.path(api_paths.DEVICE_GROUP, group=name)).json()
+    if as_json:
+        print_json(deleted)
+        return
+    click.echo(f"Deleted device group {name} ({len(deleted['devices_left'])} device(s) in it).")
 
 
 @device_groups.command("list")
 @json_option
 @with_api
 def list_groups(api: Api, as_json: bool) -> None:
-    """List device groups and their members."""
-    found = api.get_json(api.path(api_paths.DEVICE_GROUPS))
+    """List device groups with how many devices each has (`--json`: their ids). The
+    members themselves, by name: `tufa device-groups show NAME`."""
+    print_records(
+        api.get_json(api.path(api_paths.DEVICE_GROUPS)),
+        as_json,
+        ("name", "devices", "created"),
+        lambda g: (g["name"], str(len(g["devices"])), g["created_at"]),
+    )
+
+
+@device_groups.command("show")
+@click.argument("name")
+@json_option
+@with_api
+def show_group(api: Api, name: str, as_json: bool) -> None:
+    """Show group NAME and its members: name, id, hardware id, tag, installed version.
+
+    \b
+    Example:
+      tufa device-groups show beta-testers
+    """
+    group = api.get_json(api.path(api_paths.DEVICE_GROUP, group=name))
     if as_json:
-        print_json(found)
+        print_json(group)
         return
-    for group in found:
-        click.echo(f"{group['name']}: {len(group['devices'])} device(s)")
+    click.echo(f"Device group {group['name']}, created {group['created_at']}.")
+    if not group["members"]:
+        click.echo("No devices: add some with `tufa device-groups add NAME DEVICE...`.")
+        return
+    print_table(
+        ("name", "id", "hardware id", "tag", "installed", "status"),
+        (
+            (
+                plain_cell(m["name"]),
+                m["id"],
+                plain_cell(m["hardware_id"]),
+                plain_cell(m["tag"]),
+                plain_cell(m["installed_version"]),
+                "revoked" if m["revoked_at"] else "active",
+            )
+            for m in group["members"]
+        ),
+        title=f"{len(group['members'])} device(s)",
+    )

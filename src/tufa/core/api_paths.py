@@ -74,7 +74,8 @@ WAVE_ROLLOUT = f"{WAVE}/rollout"
 WAVE_COMPLETE = f"{WAVE}/complete"
 WAVE_CANCEL = f"{WAVE}/cancel"
 DEVICE_GROUPS = f"{FACTORY}/device-groups"
-DEVICE_GROUP_DEVICES = f"{DEVICE_GROUPS}/{{group}}/devices"
+DEVICE_GROUP = f"{DEVICE_GROUPS}/{{group}}"
+DEVICE_GROUP_DEVICES = f"{DEVICE_GROUP}/devices"
 
 # What TUF clients read: `filename` is a metadata file name (1.root.json, timestamp.json)
 # or a target's consistent-snapshot name (SHA256.NAME).

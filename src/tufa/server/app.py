@@ -155,10 +155,18 @@ ROUTES = [
 ]
 
 
-async def http_error(_request: Request, exc: Exception) -> JSONResponse:
+async def http_error(request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's own refusals: no route matched the path, or not with this method."""
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return JSONResponse(error_body(exc.status_code, code, exc.detail), status_code=exc.status_code)
+    message = exc.detail
+    if exc.status_code == 404:
+        # The path is the caller's own text, never a secret: tokens go in headers.
+        message = (
+            f"no API route matches {request.url.path!r}: check the URL against the API "
+            "paths in the README (a factory's routes start with /api/v1/factories/NAME/)"
+        )
+    return JSONResponse(error_body(exc.status_code, code, message), status_code=exc.status_code)
 
 
 async def internal_error(_request: Request, exc: Exception) -> JSONResponse:

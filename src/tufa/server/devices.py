@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, TypedDict
 
-from sqlalchemy import Connection, exists, func, insert, select, update
+from sqlalchemy import Connection, delete, exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from tufa.core.device_events import EventKind
@@ -116,7 +116,9 @@ def list_devices(conn: Connection, factory_id: int) -> Sequence[Any]:
 
 
 def recent_events(conn: Connection, device_id: str, limit: int) -> Sequence[Any]:
-    """The device's newest events by its own clock; ties (same second) in a stable order."""
+    """The device's newest events by its own clock, which counts whole seconds; within a
+    second, the later received first, then the higher id (the agent's ids sort by the
+    nanosecond they were made at)."""
     return conn.execute(
         select(device_events)
         .where(device_events.c.device_id == device_id)
@@ -189,14 +191,16 @@ def groups(conn: Connection, factory_id: int) -> Sequence[Any]:
     ).all()
 
 
-def _require_group(conn: Connection, factory_id: int, group: str) -> None:
-    known = conn.execute(
-        select(device_groups.c.name).where(
-            device_groups.c.factory_id == factory_id, device_groups.c.name == group
-        )
-    ).first()
+def find_group(conn: Connection, factory_id: int, group: str, *, lock: bool = False) -> Any:
+    """The group's row; NotFound if there is none. `lock` holds the row until the
+    transaction ends (PostgreSQL), so that no member joins a group being deleted."""
+    query = select(device_groups).where(
+        device_groups.c.factory_id == factory_id, device_groups.c.name == group
+    )
+    known = conn.execute(query.with_for_update() if lock else query).first()
     if known is None:
-        raise NotFound(f"no device group named {group!r}")
+        raise NotFound(f"no device group named {group!r}; `tufa device-groups list` shows them")
+    return known
 
 
 def group_members(conn: Connection, factory_id: int, group: str) -> list[str]:
@@ -213,13 +217,24 @@ def group_members(conn: Connection, factory_id: int, group: str) -> list[str]:
     )
 
 
-def add_to_group(conn: Connection, factory_id: int, group: str, wanted: list[str]) -> list[str]:
-    """Add the devices `wanted` (ids or names, all of them or none) to the group; returns
-    its members."""
-    _require_group(conn, factory_id, group)
-    # Locked: a device deleted meanwhile must not gain a membership (PostgreSQL).
+def group_member_devices(conn: Connection, factory_id: int, group: str) -> Sequence[Any]:
+    """The group's devices, by name."""
+    return conn.execute(
+        select(devices)
+        .join(device_group_members, device_group_members.c.device_id == devices.c.id)
+        .where(
+            device_group_members.c.factory_id == factory_id,
+            device_group_members.c.group_name == group,
+        )
+        .order_by(devices.c.name)
+    ).all()
+
+
+def _wanted_devices(conn: Connection, factory_id: int, wanted: list[str]) -> Sequence[Any]:
+    """The devices named by `wanted` (ids or names); NotFound naming the unknown ones.
+    Locked: a device deleted meanwhile must not gain a membership (PostgreSQL)."""
     found = conn.execute(
-        select(devices.c.id, devices.c.name)
+        select(devices.c.id, devices.c.name, devices.c.channel)
         .where(
             devices.c.factory_id == factory_id,
             devices.c.id.in_(wanted) | devices.c.name.in_(wanted),
@@ -228,7 +243,25 @@ def add_to_group(conn: Connection, factory_id: int, group: str, wanted: list[str
     ).all()
     missing = set(wanted) - {d.id for d in found} - {d.name for d in found}
     if missing:
-        raise NotFound(f"no such device(s): {', '.join(sorted(missing))}")
+        raise NotFound(
+            f"no such device(s): {', '.join(sorted(missing))}; `tufa devices list` shows them"
+        )
+    return found
+
+
+def add_to_group(conn: Connection, factory_id: int, group: str, wanted: list[str]) -> list[str]:
+    """Add the devices `wanted` (ids or names, all of them or none) to the group; returns
+    its members. Waves roll out to production devices only, so a CI device in a group
+    would make the group's count differ from what a rollout to it takes: refused."""
+    find_group(conn, factory_id, group, lock=True)
+    found = _wanted_devices(conn, factory_id, wanted)
+    ci = sorted(f"{d.name!r} ({d.id})" for d in found if d.channel != Channel.PROD)
+    if ci:
+        raise Conflict(
+            f"device(s) {', '.join(ci)} follow the CI channel: device groups are for "
+            "rolling waves out to production devices, which a CI device never gets; "
+            "nothing was added"
+        )
     members = set(group_members(conn, factory_id, group))
     for device in found:
         if device.id not in members:
@@ -238,6 +271,48 @@ def add_to_group(conn: Connection, factory_id: int, group: str, wanted: list[str
                 )
             )
     return group_members(conn, factory_id, group)
+
+
+def remove_from_group(
+    conn: Connection, factory_id: int, group: str, wanted: list[str]
+) -> list[str]:
+    """Take the devices `wanted` (ids or names, all of them members, or none is taken)
+    out of the group; returns its members."""
+    find_group(conn, factory_id, group, lock=True)
+    found = _wanted_devices(conn, factory_id, wanted)
+    members = set(group_members(conn, factory_id, group))
+    outside = sorted(f"{d.name!r} ({d.id})" for d in found if d.id not in members)
+    if outside:
+        raise NotFound(
+            f"device(s) {', '.join(outside)} are not in group {group!r}; nothing was removed"
+        )
+    conn.execute(
+        delete(device_group_members).where(
+            device_group_members.c.factory_id == factory_id,
+            device_group_members.c.group_name == group,
+            device_group_members.c.device_id.in_([d.id for d in found]),
+        )
+    )
+    return group_members(conn, factory_id, group)
+
+
+def delete_group(conn: Connection, factory_id: int, group: str) -> list[str]:
+    """Delete the group (its devices stay, and keep what waves served them); returns
+    the ids of the members it had."""
+    find_group(conn, factory_id, group, lock=True)
+    members = group_members(conn, factory_id, group)
+    conn.execute(
+        delete(device_group_members).where(
+            device_group_members.c.factory_id == factory_id,
+            device_group_members.c.group_name == group,
+        )
+    )
+    conn.execute(
+        delete(device_groups).where(
+            device_groups.c.factory_id == factory_id, device_groups.c.name == group
+        )
+    )
+    return members
 
 
 # -- views of the production channel --------------------------------------------------
@@ -263,7 +338,7 @@ def production_devices(
         devices.c.revoked_at.is_(None),
     )
     if group is not None:
-        _require_group(conn, factory_id, group)
+        find_group(conn, factory_id, group)
         members = select(device_group_members.c.device_id).where(
             device_group_members.c.factory_id == factory_id,
             device_group_members.c.group_name == group,

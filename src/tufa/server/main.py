@@ -21,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp
 
 from tufa.core.command_help import EnvvarNamingGroup
-from tufa.core.durations import parse_duration
+from tufa.core.durations import DURATION
 from tufa.core.files import default_database_url
 from tufa.core.keys import KeyType
 from tufa.server import ci_views
@@ -44,23 +44,6 @@ from tufa.server.tokens import (
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-class Duration(click.ParamType[timedelta]):
-    name = "duration"
-
-    def convert(
-        self, value: object, param: click.Parameter | None, ctx: click.Context | None
-    ) -> timedelta:
-        if isinstance(value, timedelta):
-            return value
-        try:
-            return parse_duration(str(value))
-        except ValueError as e:
-            self.fail(str(e), param, ctx)
-
-
-DURATION = Duration()
 
 
 @click.group(cls=EnvvarNamingGroup, context_settings={"help_option_names": ["-h", "--help"]})

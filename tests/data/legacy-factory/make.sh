@@ -30,7 +30,7 @@ for build in 1 2; do
   "$bin/tufa" targets add "rpi4-image-$build" --file "image-$build.bin" --version "$build" \
     --hardware-id rpi4 --tag main
   if [ "$build" = 1 ]; then
-    "$bin/tufa" waves init release-1 1 main -k legacy-keys.tgz --expires-days 3650
+    "$bin/tufa" waves init release-1 1 main -k legacy-keys.tgz --expires 3650d
     "$bin/tufa" waves complete release-1
   fi
 done

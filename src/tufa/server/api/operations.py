@@ -407,10 +407,23 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("GET", p.DEVICE_GROUPS): Operation(
         list[waves.ListedGroupJson], READERS, summary="The device groups and their members."
     ),
+    ("GET", p.DEVICE_GROUP): Operation(
+        waves.ShownGroupJson, READERS, summary="A device group, with its members."
+    ),
+    ("DELETE", p.DEVICE_GROUP): Operation(
+        waves.DeletedGroupJson, ADMIN, summary="Delete a device group; its devices stay."
+    ),
     ("POST", p.DEVICE_GROUP_DEVICES): Operation(
         waves.GroupJson,
         ADMIN,
         body=_object(("devices",), devices={**STRINGS, "minItems": 1}),
-        summary="Add devices (ids or names) to a group.",
+        errors=CONFLICT,
+        summary="Add production devices (ids or names) to a group, all or none.",
+    ),
+    ("DELETE", p.DEVICE_GROUP_DEVICES): Operation(
+        waves.GroupJson,
+        ADMIN,
+        body=_object(("devices",), devices={**STRINGS, "minItems": 1}),
+        summary="Remove devices (ids or names) from a group, all or none.",
     ),
 }

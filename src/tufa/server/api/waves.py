@@ -44,6 +44,26 @@ class PreparedWaveJson(TypedDict):
     signed: dict[str, Any]
 
 
+class MemberJson(TypedDict):
+    id: str
+    name: str
+    hardware_id: str
+    tag: str
+    installed_version: str | None
+    revoked_at: str | None
+
+
+class ShownGroupJson(ListedGroupJson):
+    """`devices` holds ids, as in the list; `members` the devices themselves."""
+
+    members: list[MemberJson]
+
+
+class DeletedGroupJson(TypedDict):
+    deleted: str
+    devices_left: list[str]
+
+
 def _tag_and_version(data: dict[str, Any]) -> tuple[str, str]:
     """The build a wave releases: a CI target's tag and version, checked as CI's are."""
     tag, version = field(data, "tag", str), field(data, "version", str)
@@ -151,17 +171,71 @@ async def create_group(request: Request) -> JSONResponse:
     return ok(await writing(state, insert_group), status=201)
 
 
-async def add_to_group(request: Request) -> JSONResponse:
-    state, factory_id = await factory_caller(request, ADMIN)
-    group = request.path_params["group"]
+async def _named_devices(request: Request) -> list[str]:
     wanted = string_list(await json_object(request), "devices")
     if not wanted:
         raise bad_request("field 'devices' must name at least one device (id or name)")
+    return wanted
+
+
+async def add_to_group(request: Request) -> JSONResponse:
+    state, factory_id = await factory_caller(request, ADMIN)
+    group = request.path_params["group"]
+    wanted = await _named_devices(request)
 
     def add(conn: Connection) -> GroupJson:
         return {"name": group, "devices": devices.add_to_group(conn, factory_id, group, wanted)}
 
     return ok(await writing(state, add))
+
+
+async def remove_from_group(request: Request) -> JSONResponse:
+    state, factory_id = await factory_caller(request, ADMIN)
+    group = request.path_params["group"]
+    wanted = await _named_devices(request)
+
+    def remove(conn: Connection) -> GroupJson:
+        left = devices.remove_from_group(conn, factory_id, group, wanted)
+        return {"name": group, "devices": left}
+
+    return ok(await writing(state, remove))
+
+
+async def show_group(request: Request) -> JSONResponse:
+    state, factory_id = await factory_caller(request, READERS)
+    group = request.path_params["group"]
+
+    def shown(conn: Connection) -> ShownGroupJson:
+        row = devices.find_group(conn, factory_id, group)
+        members = devices.group_member_devices(conn, factory_id, group)
+        return {
+            "name": row.name,
+            "created_at": iso(row.created_at),
+            "devices": sorted(d.id for d in members),
+            "members": [
+                {
+                    "id": d.id,
+                    "name": d.name,
+                    "hardware_id": d.hardware_id,
+                    "tag": d.tag,
+                    "installed_version": d.installed_version,
+                    "revoked_at": iso(d.revoked_at),
+                }
+                for d in members
+            ],
+        }
+
+    return ok(await reading(state, shown))
+
+
+async def delete_group(request: Request) -> JSONResponse:
+    state, factory_id = await factory_caller(request, ADMIN)
+    group = request.path_params["group"]
+
+    def deleted(conn: Connection) -> DeletedGroupJson:
+        return {"deleted": group, "devices_left": devices.delete_group(conn, factory_id, group)}
+
+    return ok(await writing(state, deleted))
 
 
 async def list_groups(request: Request) -> JSONResponse:
@@ -189,5 +263,6 @@ routes = [
     *resource(api_paths.WAVE_COMPLETE, POST=complete),
     *resource(api_paths.WAVE_CANCEL, POST=cancel),
     *resource(api_paths.DEVICE_GROUPS, POST=create_group, GET=list_groups),
-    *resource(api_paths.DEVICE_GROUP_DEVICES, POST=add_to_group),
+    *resource(api_paths.DEVICE_GROUP, GET=show_group, DELETE=delete_group),
+    *resource(api_paths.DEVICE_GROUP_DEVICES, POST=add_to_group, DELETE=remove_from_group),
 ]
