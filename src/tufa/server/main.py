@@ -7,7 +7,6 @@ import hashlib
 import json
 import logging
 import os
-import signal
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,7 +14,6 @@ from typing import Any, TypeVar
 
 import click
 import uvicorn
-import uvloop
 from cryptography.exceptions import InvalidTag
 from sqlalchemy import Connection, insert, select
 from sqlalchemy.exc import SQLAlchemyError
@@ -32,6 +30,7 @@ from tufa.server.db import Database, server_facts, tokens
 from tufa.server.principals import OPERATOR_SCOPE
 from tufa.server.repository import Repository
 from tufa.server.secrets import MasterKey
+from tufa.server.serving import PortUnavailable, claim_port, serve
 from tufa.server.settings import Clock, OffsetClock, Settings
 from tufa.server.state import ServerState
 from tufa.server.tokens import create_operator_token, rotate_operator_token
@@ -192,6 +191,7 @@ def run(
     Set TUFA_OPERATOR_TOKEN in the first start's environment to choose it instead
     (32 to 256 printable ASCII characters, no spaces; a shorter one is refused at
     every start). Replace it later with `tufa-server rotate-operator-token`.
+    A port already in use is refused before anything is created.
 
     \b
     Examples:
@@ -207,6 +207,10 @@ def run(
             "$(openssl rand -hex 32)",
             param_hint="--metrics-token",
         )
+    try:
+        claim_port(host, port)
+    except PortUnavailable as e:
+        raise click.ClickException(f"cannot start: {e}") from None
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     settings = Settings(
         data_dir=data_dir,
@@ -269,34 +273,6 @@ def _configure_logging(log_level: str) -> None:
     )
     # python-tuf logs every missing signature at INFO; that is routine while signing.
     logging.getLogger("tuf").setLevel(logging.WARNING)
-
-
-def serve(app: Any, host: str, port: int, log_level: str) -> None:
-    """Serve `app` until SIGTERM or SIGINT: granian's HTTP server (in Rust), the app on a
-    uvloop event loop in this process. Measured faster than uvicorn with httptools and
-    uvloop on the poll path (bench/README.md, ADR 0014)."""
-    from granian.constants import Interfaces
-    from granian.log import LogLevels
-    from granian.server.embed import Server
-
-    async def main() -> None:
-        server = Server(
-            app,
-            address=host,
-            port=port,
-            interface=Interfaces.ASGI,
-            websockets=False,
-            runtime_threads=1,
-            backlog=1024,
-            log_level=LogLevels(log_level),
-            log_access=False,
-        )
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, server.stop)
-        await server.serve()
-
-    uvloop.run(main())
 
 
 @cli.command("rotate-operator-token")
