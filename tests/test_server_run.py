@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.helpers import Factory, Server, create_factory
 from tufa.demo.local_server import console_script
 
 
@@ -59,3 +64,91 @@ def test_a_host_that_is_not_this_machine_is_refused(tmp_path: Path) -> None:
     ), result.stderr
     assert "--host (or TUFA_HOST)" in result.stderr
     assert not data_dir.exists()
+
+
+def log_lines(server: Server, done: Callable[[list[dict[str, Any]]], bool]) -> list[dict[str, Any]]:
+    """The server's JSON log lines, once `done` holds of them: a request's line is
+    written just after its answer is sent."""
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [json.loads(line) for line in server.local.log().splitlines() if line[:1] == "{"]
+        if done(lines) or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
+
+
+def access_lines(lines: list[dict[str, Any]], path: str) -> list[dict[str, Any]]:
+    return [line for line in lines if line["logger"] == "tufa.access" and line["path"] == path]
+
+
+def test_the_access_log_names_each_request_and_caller_without_secrets(
+    make_server: Callable[..., Server],
+) -> None:
+    server = make_server("sqlite", extra_args=("--log-format", "json"))
+    factory = create_factory(server)
+    device = factory.register_device("ci")
+    timestamp = factory.path("/repo/ci/metadata/timestamp.json")
+    for _ in range(3):  # the first fills the poll cache, the others are answered from it
+        response = factory.request("GET", "/repo/ci/metadata/timestamp.json", device["credential"])
+        assert response.status_code == 200, response.text
+    read_token = factory.token("read")
+    refused = factory.request("POST", "/tokens", read_token, json={"scopes": ["admin"]})
+    assert refused.status_code == 403, refused.text
+    mistaken = factory.request("DELETE", f"/tokens/{read_token}")
+    assert mistaken.status_code == 404, mistaken.text
+    in_query = factory.request("GET", f"/targets?tag=main&token={read_token}")
+    tokens_path = factory.path("/tokens")
+
+    lines = log_lines(
+        server,
+        lambda lines: (
+            len(access_lines(lines, factory.path("/targets?tag=main&token=[redacted]"))) == 1
+        ),
+    )
+    polls = access_lines(lines, timestamp)
+    assert [(p["method"], p["status"], p["caller_kind"], p["caller_id"]) for p in polls] == [
+        ("GET", 200, "device", device["id"])
+    ] * 3, polls
+    assert all(isinstance(p["duration_ms"], float) for p in polls), polls
+    (created,) = access_lines(lines, "/api/v1/factories")
+    assert created["status"] == 201
+    assert created["caller_kind"] == "operator"
+    assert created["caller_id"].startswith("tok_")
+    (scope_refusal,) = [line for line in access_lines(lines, tokens_path) if line["status"] == 403]
+    assert scope_refusal["level"] == "info"
+    assert scope_refusal["caller_kind"] == "token"
+    assert scope_refusal["refusal"] == "forbidden"
+    assert scope_refusal["reason"] == refused.json()["error"]["message"]
+    assert "lacks the scope" in scope_refusal["message"]
+    (redacted,) = access_lines(lines, f"{tokens_path}/[redacted]")
+    assert redacted["method"] == "DELETE"
+    assert redacted["reason"] == mistaken.json()["error"]["message"].replace(
+        read_token, "[redacted]"
+    )
+    assert in_query.status_code == 200, in_query.text
+    log = server.local.log()
+    for secret in (factory.admin_token, read_token, device["credential"], server.operator_token):
+        assert secret not in log
+
+
+def test_plain_text_access_lines_and_refusals_only(
+    factory: Factory, make_server: Callable[..., Server]
+) -> None:
+    response = factory.request("GET", "/devices/nope")
+    assert response.status_code == 404, response.text
+    path = factory.path("/devices/nope")
+    line = rf"INFO tufa\.access: GET {path} 404 [\d.]+ms token tok_\w+ refused \(not_found\): "
+    wait_for_line(factory.server, line + re.escape(response.json()["error"]["message"]))
+
+    quiet = make_server("sqlite", extra_args=("--no-access-log",))
+    assert quiet.request("GET", "/healthz").status_code == 200
+    assert quiet.request("GET", "/api/v1/factories/nope").status_code == 401
+    wait_for_line(quiet, r"GET /api/v1/factories/nope 401 .* refused \(unauthorized\)")
+    assert "GET /healthz" not in quiet.local.log()
+
+
+def wait_for_line(server: Server, pattern: str) -> None:
+    deadline = time.monotonic() + 10
+    while not re.search(pattern, server.local.log()):
+        assert time.monotonic() < deadline, f"{pattern!r} not in\n{server.local.log()}"
+        time.sleep(0.05)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import logging
 import os
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -30,7 +29,14 @@ from tufa.server.db import Database, server_facts, tokens
 from tufa.server.principals import OPERATOR_SCOPE
 from tufa.server.repository import Repository
 from tufa.server.secrets import MasterKey
-from tufa.server.serving import PortUnavailable, claim_port, serve
+from tufa.server.serving import (
+    LOG_FORMATS,
+    PortUnavailable,
+    claim_port,
+    configure_logging,
+    serve,
+    uvicorn_log_config,
+)
 from tufa.server.settings import Clock, OffsetClock, Settings
 from tufa.server.state import ServerState
 from tufa.server.tokens import create_operator_token, rotate_operator_token
@@ -150,6 +156,22 @@ def duration_option(flag: str, default: str, help: str | None = None) -> Callabl
     type=click.Choice(["debug", "info", "warning", "error"]),
 )
 @click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    default="text",
+    show_default=True,
+    envvar="TUFA_LOG_FORMAT",
+    help="json: one JSON object a line, an access line's fields as keys.",
+)
+@click.option(
+    "--access-log/--no-access-log",
+    default=True,
+    show_default=True,
+    envvar="TUFA_ACCESS_LOG",
+    help="A line for every request (method, path, status, duration, caller); "
+    "refusals are logged with their reason either way.",
+)
+@click.option(
     "--workers",
     type=click.IntRange(1, 64),
     default=1,
@@ -181,6 +203,8 @@ def run(
     no_resign: bool,
     clock_offset_file: Path | None,
     log_level: str,
+    log_format: str,
+    access_log: bool,
     workers: int,
     metrics_token: str | None,
 ) -> None:
@@ -199,7 +223,7 @@ def run(
       tufa-server run --db postgresql+psycopg://tufa@db.example/tufa --port 9000
       tufa-server run --db postgresql+psycopg://tufa@db.example/tufa --workers 4
     """
-    _configure_logging(log_level)
+    configure_logging(log_level, log_format)
     if metrics_token is not None and not _secret_shaped(metrics_token):
         raise click.BadParameter(
             f"must be {MIN_OPERATOR_TOKEN} to {MAX_OPERATOR_TOKEN} printable ASCII characters "
@@ -232,6 +256,7 @@ def run(
         metrics_token_sha256=hashlib.sha256(metrics_token.encode()).hexdigest()
         if metrics_token
         else None,
+        access_log=access_log,
     )
     try:
         state = open_state(settings)
@@ -245,7 +270,7 @@ def run(
     if settings.resign_enabled:
         asyncio.run(resign_pass(state))
     state.db.dispose()
-    worker_handover.hand_over(settings, log_level)
+    worker_handover.hand_over(settings, log_level, log_format)
     uvicorn.run(
         f"{__name__}:worker_app",
         factory=True,
@@ -253,26 +278,19 @@ def run(
         host=host,
         port=port,
         log_level=log_level,
+        log_config=uvicorn_log_config(),
         access_log=False,
     )
 
 
 def worker_app() -> ASGIApp:
     """One worker of `run --workers N`: the state its parent prepared, opened again."""
-    settings, log_level = worker_handover.handed_over()
-    _configure_logging(log_level)
+    settings, log_level, log_format = worker_handover.handed_over()
+    configure_logging(log_level, log_format)
     master_key = MasterKey.load(settings.master_key_path)
     db = Database(settings.db_url)
     state = _state(settings, db, Repository(db, master_key, settings))
     return create_app(state, first_resign_pass=False)
-
-
-def _configure_logging(log_level: str) -> None:
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # python-tuf logs every missing signature at INFO; that is routine while signing.
-    logging.getLogger("tuf").setLevel(logging.WARNING)
 
 
 @cli.command("rotate-operator-token")

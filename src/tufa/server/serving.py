@@ -1,12 +1,15 @@
-"""How `tufa-server run` takes its port and serves: the port check made before anything
-is created, and granian's embedded HTTP server."""
+"""How `tufa-server run` takes its port, logs and serves: the port check made before
+anything is created, the log's format, and granian's embedded HTTP server."""
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import json
+import logging
 import signal
 import socket
+from datetime import UTC, datetime
 from typing import Any
 
 import uvloop
@@ -63,6 +66,48 @@ def _bind_problem(where: str, error: OSError) -> str:
     return f"cannot listen on {where}: {error.strerror}; check --host and --port"
 
 
+LOG_FORMATS = ("text", "json")
+# The HTTP servers' own loggers, sent to the handler of every other line.
+_SERVER_LOGGERS = {
+    "loggers": {name: {"handlers": [], "propagate": True} for name in ("_granian", "uvicorn")}
+}
+
+
+class JsonLines(logging.Formatter):
+    """One JSON object a line: time, level, logger and message, and an access line's
+    fields (api/access_log.py) besides."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        line.update(getattr(record, "access", {}))
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+def configure_logging(log_level: str, log_format: str) -> None:
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(JsonLines())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=log_level.upper(), handlers=[handler])
+    # python-tuf logs every missing signature at INFO; that is routine while signing.
+    logging.getLogger("tuf").setLevel(logging.WARNING)
+
+
+def uvicorn_log_config() -> dict[str, Any]:
+    """For `uvicorn.run(log_config=...)`: uvicorn's lines in the format of the others."""
+    return {"version": 1, "disable_existing_loggers": False, **_SERVER_LOGGERS}
+
+
 def serve(app: Any, host: str, port: int, log_level: str) -> None:
     """Serve `app` until SIGTERM or SIGINT: granian's HTTP server (in Rust), the app on a
     uvloop event loop in this process. Measured faster than uvicorn with httptools and
@@ -81,6 +126,7 @@ def serve(app: Any, host: str, port: int, log_level: str) -> None:
             runtime_threads=1,
             backlog=1024,
             log_level=LogLevels(log_level),
+            log_dictconfig=_SERVER_LOGGERS,
             log_access=False,
         )
         loop = asyncio.get_running_loop()
