@@ -907,3 +907,69 @@ def test_the_agent_imports_nothing_of_the_server() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60
     )
     assert done.returncode == 0, done.stderr
+
+
+@sqlite_only
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_run_stops_cleanly_on_sigterm_and_ctrl_c(
+    factory: Factory, tmp_path: Path, signum: signal.Signals
+) -> None:
+    publish_build(factory, "42")
+    device = AgentDevice.register(factory, tmp_path)
+    device.start(interval=0.2)
+    try:
+        device.wait_installed("42")
+        assert device.process is not None
+        device.process.send_signal(signum)
+        assert device.process.wait(timeout=30) == 0, device.log()
+    finally:
+        device.stop()
+    last = device.log().splitlines()[-1]
+    assert last.endswith(
+        f"INFO stopped on {signum.name}; version 42 ({image_name('42')}) stays installed"
+    ), device.log()
+    assert "Aborted" not in device.log()
+    assert "Traceback" not in device.log()
+
+
+@sqlite_only
+def test_a_stop_during_a_check_lets_the_check_finish_and_a_second_stops_at_once(
+    factory: Factory, proxy: TamperingProxy, tmp_path: Path
+) -> None:
+    publish_build(factory, "42")
+    device = AgentDevice.register(factory, tmp_path, server_url=proxy.url)
+    for second_signal in (False, True):
+        device.start(interval=0.2)
+        try:
+            device.wait_installed("42")
+            assert device.process is not None
+            proxy.delay = 2.0  # each answer of the next check comes late
+            asked = len(proxy.seen)
+            deadline = time.monotonic() + 10
+            while len(proxy.seen) == asked:
+                assert time.monotonic() < deadline, device.log()
+                time.sleep(0.02)
+            device.process.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            if second_signal:
+                time.sleep(0.3)
+                device.process.send_signal(signal.SIGINT)
+            assert device.process.wait(timeout=60) == 0, device.log()
+            took = time.monotonic() - started
+        finally:
+            proxy.delay = 0.0
+            device.stop()
+        log = device.log()
+        assert "SIGTERM received: stopping once the check under way is done" in log, log
+        if second_signal:
+            assert took < 1.9, took
+            assert log.rstrip().endswith(
+                "stopped on SIGINT; version 42 (rpi4-image-42) stays installed"
+            )
+        else:
+            assert took >= 1.5, took  # the answer it waited for, at least
+            assert log.rstrip().endswith(
+                "stopped on SIGTERM; version 42 (rpi4-image-42) stays installed"
+            )
+        assert "Traceback" not in log, log
+        (device.dir.parent / f"{device.name}.log").unlink()

@@ -144,7 +144,7 @@ def test_a_ci_bundle_installs_with_the_server_unreachable(factory: Factory, tmp_
     assert "cannot reach the server" in offline.stderr, offline.stderr
     done = device.agent("install-bundle", str(bundle))
     assert done.returncode == 0, done.stderr
-    assert "Version 43 (rpi4-image-43) is to be installed." in done.stdout
+    assert done.stdout == f"Installed version 43 (rpi4-image-43) from {bundle}.\n"
     runs(device, "43", builds)
     events = queued(device)
     assert [(e["kind"], e["version"]) for e in events] == [("installed", "43")]
@@ -345,7 +345,7 @@ def test_an_expired_bundle_is_refused_and_a_fresh_one_installs(
     fresh = write_bundle(env, tmp_path / "usb" / "fresh-43", "43")
     done = device.agent("install-bundle", str(fresh))
     assert done.returncode == 0, done.stderr
-    assert "Version 43 (rpi4-image-43) is to be installed." in done.stdout
+    assert done.stdout == f"Installed version 43 (rpi4-image-43) from {fresh}.\n"
     runs(device, "43", builds)
     assert sorted(p.name for p in (device.dir / "downloads").iterdir()) == [
         hashlib.sha256(builds["43"]).hexdigest()

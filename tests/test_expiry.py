@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tuf.api.exceptions import ExpiredMetadataError
@@ -183,12 +184,12 @@ def test_offline_metadata_near_expiry_is_reported(
 
     done = run_cli("factory", "show", "--json", env=env)
     assert done.returncode == 0, done.stderr
-    warnings: list[str] = json.loads(done.stdout)["warnings"]
+    warnings = expiry_warnings(json.loads(done.stdout))
     for channel in CHANNELS:
         assert any(f"{channel} root" in w for w in warnings), warnings
     response = factory.request("GET")
     assert response.status_code == 200
-    api_warnings: list[str] = response.json()["warnings"]
+    api_warnings = expiry_warnings(response.json())
     assert len(api_warnings) == len(warnings) == 2, api_warnings
     for channel in CHANNELS:
         assert any(f"{channel} root" in w for w in api_warnings), api_warnings
@@ -203,3 +204,8 @@ def test_offline_metadata_near_expiry_is_reported(
         assert "WARNING" not in done.stdout, args
     # The warning goes to stderr, so the JSON on stdout stays usable by scripts.
     assert json.loads(done.stdout)["signed"]["_type"] == "root"
+
+
+def expiry_warnings(shown: dict[str, Any]) -> list[str]:
+    """The warnings of `tufa factory show --json` about metadata near expiry."""
+    return [w for w in shown["warnings"] if "expire" in w]

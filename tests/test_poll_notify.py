@@ -8,8 +8,10 @@ poll reads the stamp, as without the option.
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -17,6 +19,7 @@ from sqlalchemy.pool import NullPool
 
 from tests.helpers import Factory, Server, assert_error
 from tests.test_poll_cache import NOTIFIED, _factories, _poll, _sql, _warm
+from tufa.demo.local_server import console_script
 from tufa.server.poll_notify import listener_name
 
 
@@ -103,6 +106,22 @@ def test_a_lost_listener_reads_every_stamp_until_it_listens_again(
     assert "lost the connection listening for factory changes" in log
 
 
-def test_notify_is_refused_on_sqlite(make_server: Callable[..., Server]) -> None:
-    with pytest.raises(Exception, match="needs PostgreSQL"):
-        make_server("sqlite", extra_args=("--poll-invalidation", "notify"))
+def test_notify_is_refused_on_sqlite_before_anything_is_created(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    done = subprocess.run(
+        [
+            console_script("tufa-server"),
+            "run",
+            "--data-dir",
+            str(data),
+            "--poll-invalidation",
+            "notify",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "'notify' needs PostgreSQL" in done.stderr, done.stderr
+    assert not data.exists()

@@ -7,6 +7,7 @@ Each step starts from what ngclient verified; what to install is decided in
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -30,6 +31,7 @@ from tufa.agent.install import Outcome, make_installer
 from tufa.agent.plan import Plan, plan_for
 from tufa.agent.reports import EventQueue, send_reports
 from tufa.agent.state import AgentError, AgentStatus, Release, StateDir, printable
+from tufa.agent.stopping import Stopper
 from tufa.agent.trust import VERIFICATION_ERRORS, ChannelGuard, open_updater, trusted_targets
 from tufa.core.bundle import BUNDLE_METADATA_URL, TARGETS_DIR, BundleFetcher, read_manifest
 from tufa.core.clock import now_iso
@@ -236,10 +238,12 @@ class Agent:
             raise
         except Exception as e:
             raise AgentError(f"{bundle_dir} failed verification: {describe_error(e)}") from e
-        if plan.release is not None and plan.target is not None:
-            source = bundle_dir / TARGETS_DIR / plan.target.path
-            self.install(plan.release, copy_verified(source, plan.target, self.state.downloads))
-        return plan
+        if plan.release is None or plan.target is None:
+            return plan
+        source = bundle_dir / TARGETS_DIR / plan.target.path
+        self.install(plan.release, copy_verified(source, plan.target, self.state.downloads))
+        installed = f"installed version {plan.release.version} ({plan.release.target})"
+        return dataclasses.replace(plan, reason=f"{installed} from {bundle_dir}")
 
     # The credential ------------------------------------------------------------------------
 
@@ -334,9 +338,12 @@ class Agent:
 
     # The loop -----------------------------------------------------------------------------
 
-    def run(self, interval: float, max_backoff: float, once: bool) -> bool:
-        """Poll forever (or once). Failures back off exponentially, bounded by
-        `max_backoff`, and never touch what is installed."""
+    def run(
+        self, interval: float, max_backoff: float, once: bool, stopper: Stopper | None = None
+    ) -> bool:
+        """Poll forever (or once), or until `stopper` is asked to stop. Failures back off
+        exponentially, bounded by `max_backoff`, and never touch what is installed."""
+        stopper = stopper or Stopper()
         failures = 0
         while True:
             refused = False
@@ -358,14 +365,14 @@ class Agent:
             except Exception as e:  # the loop must outlive any bad response
                 failures += 1
                 log.error("check failed: %s", describe_error(e))
-            if once:
+            if once or stopper.requested:
                 return failures == 0
             # The exponent is capped: 2**1024 does not fit a float (a device offline for weeks).
             backoff = interval * 2 ** min(failures, 60)
             delay = interval if failures == 0 else min(backoff, max_backoff)
             if refused:
                 delay = max_backoff
-            time.sleep(delay * random.uniform(0.9, 1.1))  # noqa: S311 (jitter, not crypto)
+            stopper.wait(delay * random.uniform(0.9, 1.1))  # noqa: S311 (jitter, not crypto)
 
 
 def describe_error(error: BaseException) -> str:

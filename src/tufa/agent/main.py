@@ -27,6 +27,7 @@ from tufa.agent.state import (
     StateDir,
     printable,
 )
+from tufa.agent.stopping import Stopper, StopRequested, say_stopped
 from tufa.agent.trust import channel_of, load_root, provision_root, trusted_versions
 from tufa.agent.tuf_commands import tuf_group
 from tufa.core import api_paths
@@ -278,6 +279,8 @@ def run(interval: float, max_backoff: float, once: bool, state_dir: Path) -> Non
     agent logs "credential revoked" with what to do, keeps what it has installed, and
     tries again only every --max-backoff seconds. It re-reads the credential file at
     every check, so a rotation or a new registration takes effect without a restart.
+    SIGTERM or Ctrl-C stops it (exit 0): at once between checks, after the check under
+    way otherwise (a second one stops it at once).
 
     \b
     Example:
@@ -285,11 +288,17 @@ def run(interval: float, max_backoff: float, once: bool, state_dir: Path) -> Non
       tufa-agent run --dir ./agent-state --once
     """
     agent = Agent(StateDir(state_dir))
+    stopper = Stopper()
+    stopper.listen()
     try:
-        ok = agent.run(interval, max(max_backoff, interval), once)
+        ok = agent.run(interval, max(max_backoff, interval), once, stopper)
+    except StopRequested:
+        ok = True
     finally:
         agent.close()
-    if not ok:
+    if stopper.signal_name is not None:
+        say_stopped(stopper.signal_name, agent.state.status().installed)
+    elif not ok:
         sys.exit(1)
 
 

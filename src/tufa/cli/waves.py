@@ -13,12 +13,13 @@ from tuf.api.metadata import Metadata, Targets
 from tufa.cli.client import Api, with_api
 from tufa.cli.devices import plain_cell
 from tufa.cli.keys.archive_options import archive_option, load_archive
-from tufa.cli.output import json_option, print_json, print_record, print_records, print_table
+from tufa.cli.output import json_option, print_json, print_record, print_records, print_table, warn
 from tufa.core import api_paths
 from tufa.core.archive import OfflineArchive
 from tufa.core.command_help import WholeSentenceGroup
 from tufa.core.durations import DURATION
 from tufa.core.metadata import TARGETS, Channel
+from tufa.core.root_update import server_generated_keys_warning
 
 # As long as the server lets a wave's production targets be valid.
 MAX_EXPIRY = timedelta(days=3650)
@@ -35,6 +36,15 @@ def waves() -> None:
 def _on_named_wave(command: Callable[..., None]) -> click.Command:
     """A `tufa waves` command on wave NAME, with --json and the server options."""
     return waves.command()(click.argument("name")(json_option(with_api(command))))
+
+
+def _warn_of_server_generated_keys(api: Api) -> None:
+    """Said at each step of a release until the owner rotated the keys the server
+    generated (and held until the archive was downloaded); `tufa factory show` says so
+    too."""
+    roles = api.get_json(api.path(api_paths.FACTORY)).get("server_generated_keys") or []
+    if roles:
+        warn(server_generated_keys_warning(roles))
 
 
 def _sign_with(api: Api, archive: OfflineArchive, md: Metadata[Targets]) -> list[str]:
@@ -110,6 +120,7 @@ def init(
         api.path(api_paths.WAVES),
         json_body={**body, "name": name, "targets": md.to_dict()},
     ).json()
+    _warn_of_server_generated_keys(api)
     if as_json:
         print_json(created)
         return
@@ -184,6 +195,7 @@ def rollout(
         else:
             body["devices"] = [u.strip() for u in uuids.split(",") if u.strip()]
     result = api.request("POST", api.path(api_paths.WAVE_ROLLOUT, name=name), json_body=body).json()
+    _warn_of_server_generated_keys(api)
     if as_json:
         print_json(result)
         return
@@ -205,6 +217,7 @@ def _finish(api: Api, name: str, action_path: str, as_json: bool) -> None:
 def complete(api: Api, name: str, as_json: bool) -> None:
     """Make wave NAME the production targets of every device of its tag."""
     _finish(api, name, api_paths.WAVE_COMPLETE, as_json)
+    _warn_of_server_generated_keys(api)
 
 
 @_on_named_wave

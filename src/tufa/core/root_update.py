@@ -72,6 +72,30 @@ SEPARATE_CHANNELS_FIX = (
 )
 
 
+def server_generated_roles(first: Root, current: Root, online_targets_keyid: str) -> list[str]:
+    """The offline roles (root, targets) whose keys in the `current` production root are
+    still ones of its version 1 (`first`): the keys the server generated at creation
+    and held until the owner downloaded the archive."""
+    current_offline = {
+        ROOT: set(current.roles[ROOT].keyids),
+        TARGETS: offline_targets_keyids(current, online_targets_keyid),
+    }
+    return [
+        role for role in (ROOT, TARGETS) if current_offline[role] & set(first.roles[role].keyids)
+    ]
+
+
+def server_generated_keys_warning(roles: list[str]) -> str:
+    names = {ROOT: "root key", TARGETS: "offline targets key"}
+    keys = " and the ".join(names[role] for role in roles)
+    fixes = " and ".join(f"`tufa keys rotate-{role} ARCHIVE`" for role in roles)
+    return (
+        f"production devices still trust the {keys} the server generated when it created "
+        f"this factory (it held them until the archive was downloaded): take ownership "
+        f"with {fixes}"
+    )
+
+
 def shared_keys_warning(count: int) -> str:
     return (
         f"the CI and production channels still share {count} key(s) (this factory was "

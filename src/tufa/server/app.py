@@ -30,6 +30,7 @@ from tufa.server.api import (
     tokens,
     waves,
 )
+from tufa.server.api.access_log import AccessLog
 from tufa.server.api.common import Endpoint, refuse_unstorable_params
 from tufa.server.api.poll import PollPath
 from tufa.server.errors import ApiError, api_error_handler, error_body, refused_handler
@@ -250,9 +251,10 @@ def create_app(state: ServerState, *, first_resign_pass: bool = True) -> ASGIApp
         max_bytes=state.settings.max_body_bytes,
         max_blob_bytes=state.settings.max_blob_bytes,
     )
-    # Outermost, the poll path: a cached poll skips routing and every other layer, and
-    # counts itself (ADR 0014); behind it the request metrics count everything else,
-    # refusals of the other layers included.
-    return PollPath(
+    # Outermost, the access log, which sees every answer; then the poll path: a cached
+    # poll skips routing and every other layer, and counts itself (ADR 0014); behind it
+    # the request metrics count everything else, refusals of the other layers included.
+    polls = PollPath(
         ops.RequestMetrics(app), state.poll, state.repo, stamps, state.settings.clock.now
     )
+    return AccessLog(polls, every_request=state.settings.access_log)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import logging
-import signal
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,7 +12,6 @@ from typing import Any, TypeVar
 
 import click
 import uvicorn
-import uvloop
 from cryptography.exceptions import InvalidTag
 from sqlalchemy import Connection, insert, select
 from sqlalchemy.exc import SQLAlchemyError
@@ -31,6 +28,14 @@ from tufa.server.blobs import BlobStore
 from tufa.server.db import Database, server_facts
 from tufa.server.repository import Repository
 from tufa.server.secrets import MasterKey
+from tufa.server.serving import (
+    LOG_FORMATS,
+    PortUnavailable,
+    claim_port,
+    configure_logging,
+    serve,
+    uvicorn_log_config,
+)
 from tufa.server.settings import Clock, OffsetClock, Settings
 from tufa.server.state import ServerState
 from tufa.server.tokens import (
@@ -138,6 +143,22 @@ def duration_option(flag: str, default: str, help: str | None = None) -> Callabl
     type=click.Choice(["debug", "info", "warning", "error"]),
 )
 @click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    default="text",
+    show_default=True,
+    envvar="TUFA_LOG_FORMAT",
+    help="json: one JSON object a line, an access line's fields as keys.",
+)
+@click.option(
+    "--access-log/--no-access-log",
+    default=True,
+    show_default=True,
+    envvar="TUFA_ACCESS_LOG",
+    help="A line for every request (method, path, status, duration, caller); "
+    "refusals are logged with their reason either way.",
+)
+@click.option(
     "--workers",
     type=click.IntRange(1, 64),
     default=1,
@@ -181,6 +202,8 @@ def run(
     no_resign: bool,
     clock_offset_file: Path | None,
     log_level: str,
+    log_format: str,
+    access_log: bool,
     workers: int,
     poll_invalidation: str,
     metrics_token: str | None,
@@ -192,6 +215,7 @@ def run(
     Set TUFA_OPERATOR_TOKEN in the first start's environment to choose it instead
     (32 to 256 printable ASCII characters, no spaces; a shorter one is refused at
     every start). Replace it later with `tufa-server rotate-operator-token`.
+    A port already in use is refused before anything is created.
 
     \b
     Examples:
@@ -199,7 +223,7 @@ def run(
       tufa-server run --db postgresql+psycopg://tufa@db.example/tufa --port 9000
       tufa-server run --db postgresql+psycopg://tufa@db.example/tufa --workers 4
     """
-    _configure_logging(log_level)
+    configure_logging(log_level, log_format)
     if metrics_token is not None and not secret_shaped(metrics_token):
         raise click.BadParameter(
             f"must be {MIN_OPERATOR_TOKEN} to {MAX_OPERATOR_TOKEN} printable ASCII characters "
@@ -207,6 +231,16 @@ def run(
             "$(openssl rand -hex 32)",
             param_hint="--metrics-token",
         )
+    if poll_invalidation == "notify" and (db_url or "sqlite").startswith("sqlite"):
+        raise click.BadParameter(
+            "'notify' needs PostgreSQL (--db postgresql+psycopg://...); on SQLite every "
+            "poll already learns of changes from the database file's shared memory",
+            param_hint="--poll-invalidation",
+        )
+    try:
+        claim_port(host, port)
+    except PortUnavailable as e:
+        raise click.ClickException(f"cannot start: {e}") from None
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     settings = Settings(
         data_dir=data_dir,
@@ -229,13 +263,8 @@ def run(
         if metrics_token
         else None,
         poll_invalidation=poll_invalidation,
+        access_log=access_log,
     )
-    if poll_invalidation == "notify" and settings.db_url.startswith("sqlite"):
-        raise click.BadParameter(
-            "'notify' needs PostgreSQL (--db postgresql+psycopg://...); on SQLite every "
-            "poll already learns of changes from the database file's shared memory",
-            param_hint="--poll-invalidation",
-        )
     try:
         state = open_state(settings)
     except Exception as e:
@@ -248,7 +277,7 @@ def run(
     if settings.resign_enabled:
         asyncio.run(resign_pass(state))
     state.db.dispose()
-    worker_handover.hand_over(settings, log_level)
+    worker_handover.hand_over(settings, log_level, log_format)
     uvicorn.run(
         f"{__name__}:worker_app",
         factory=True,
@@ -256,54 +285,19 @@ def run(
         host=host,
         port=port,
         log_level=log_level,
+        log_config=uvicorn_log_config(),
         access_log=False,
     )
 
 
 def worker_app() -> ASGIApp:
     """One worker of `run --workers N`: the state its parent prepared, opened again."""
-    settings, log_level = worker_handover.handed_over()
-    _configure_logging(log_level)
+    settings, log_level, log_format = worker_handover.handed_over()
+    configure_logging(log_level, log_format)
     master_key = MasterKey.load(settings.master_key_path)
     db = Database(settings.db_url)
     state = _state(settings, db, Repository(db, master_key, settings))
     return create_app(state, first_resign_pass=False)
-
-
-def _configure_logging(log_level: str) -> None:
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # python-tuf logs every missing signature at INFO; that is routine while signing.
-    logging.getLogger("tuf").setLevel(logging.WARNING)
-
-
-def serve(app: Any, host: str, port: int, log_level: str) -> None:
-    """Serve `app` until SIGTERM or SIGINT: granian's HTTP server (in Rust), the app on a
-    uvloop event loop in this process. Measured faster than uvicorn with httptools and
-    uvloop on the poll path (bench/README.md, ADR 0014)."""
-    from granian.constants import Interfaces
-    from granian.log import LogLevels
-    from granian.server.embed import Server
-
-    async def main() -> None:
-        server = Server(
-            app,
-            address=host,
-            port=port,
-            interface=Interfaces.ASGI,
-            websockets=False,
-            runtime_threads=1,
-            backlog=1024,
-            log_level=LogLevels(log_level),
-            log_access=False,
-        )
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, server.stop)
-        await server.serve()
-
-    uvloop.run(main())
 
 
 @cli.command("rotate-operator-token")

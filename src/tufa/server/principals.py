@@ -9,6 +9,7 @@ every server replica sharing the database.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -48,6 +49,40 @@ class Principal:
     # caller must adopt it (`credentials.settle`), which retires the old one.
     credential_pending: bool = False
     expires_at: datetime | None = None  # a token's
+    token_id: str | None = None  # an operator's or a factory token's (tok_...)
+
+    @property
+    def caller_id(self) -> str | None:
+        """What the access log names the caller by: never its secret."""
+        return self.device_id or self.token_id
+
+
+class CallerSeen:
+    """Who the request being served authenticated as, once it did: what the access log
+    tells. Filled in wherever the request's caller is authenticated (in a handler's
+    thread, or from the poll cache), which the access log cannot see."""
+
+    __slots__ = ("principal",)
+
+    def __init__(self) -> None:
+        self.principal: Principal | None = None
+
+
+_request_caller: ContextVar[CallerSeen | None] = ContextVar("tufa_request_caller", default=None)
+
+
+def watch_caller() -> CallerSeen:
+    """Start noting the caller of the request this task serves; threads the request
+    runs work in share what is noted (their contexts are copies of this one)."""
+    seen = CallerSeen()
+    _request_caller.set(seen)
+    return seen
+
+
+def note_caller(principal: Principal) -> None:
+    seen = _request_caller.get()
+    if seen is not None:
+        seen.principal = principal
 
 
 def _when(value: datetime) -> str:
@@ -103,6 +138,12 @@ _RETIRED_BY_DIGEST = select(retired_credentials).where(
 def authenticate(conn: Connection, secret: str, now: datetime) -> Principal:
     """Who holds `secret`: a token, the operator or a device; refused (`NotAuthenticated`,
     `CredentialRevoked`) if it is unknown, expired or revoked."""
+    principal = _holder_of(conn, secret, now)
+    note_caller(principal)
+    return principal
+
+
+def _holder_of(conn: Connection, secret: str, now: datetime) -> Principal:
     digest = {"digest": secret_digest(secret)}
     row = conn.execute(_TOKEN_BY_DIGEST, digest).first()
     if row is not None:
@@ -119,9 +160,10 @@ def authenticate(conn: Connection, secret: str, now: datetime) -> Principal:
                 "this token has expired; create a new one with `tufa tokens create`"
             )
         if OPERATOR_SCOPE in scopes:
-            return Principal(kind="operator", scopes=scopes)
+            return Principal(kind="operator", scopes=scopes, token_id=row.id)
         return Principal(
             kind="token",
+            token_id=row.id,
             factory_id=row.factory_id,
             factory_name=row.factory_name,
             scopes=scopes,

@@ -64,6 +64,8 @@ class Settings:
     poll_invalidation: str = "query"
     # SHA-256 (hex) of the token that may read /metrics besides the operator token.
     metrics_token_sha256: str | None = None
+    # A log line for every request; refusals are logged either way.
+    access_log: bool = True
 
     @property
     def blob_path(self) -> Path:

@@ -21,6 +21,7 @@ from tufa.server.settings import Clock, OffsetClock, Settings
 
 SETTINGS_ENV = "TUFA_WORKER_SETTINGS"
 LOG_LEVEL_ENV = "TUFA_WORKER_LOG_LEVEL"
+LOG_FORMAT_ENV = "TUFA_WORKER_LOG_FORMAT"
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
@@ -64,17 +65,22 @@ def settings_from_json(encoded: str) -> Settings:
     return Settings(**{name: _decode(value) for name, value in json.loads(encoded).items()})
 
 
-def hand_over(settings: Settings, log_level: str) -> None:
+def hand_over(settings: Settings, log_level: str, log_format: str) -> None:
     """Put the settings where the workers find them, and give their metrics a fresh
     shared directory (DATA_DIR/metrics): counts of an earlier run do not carry over."""
     os.environ[SETTINGS_ENV] = settings_to_json(settings)
     os.environ[LOG_LEVEL_ENV] = log_level
+    os.environ[LOG_FORMAT_ENV] = log_format
     metrics_dir = settings.data_dir / "metrics"
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(mode=0o700)
     os.environ[METRICS_DIR_ENV] = str(metrics_dir)
 
 
-def handed_over() -> tuple[Settings, str]:
-    """In a worker: the settings and log level its parent handed over."""
-    return settings_from_json(os.environ[SETTINGS_ENV]), os.environ[LOG_LEVEL_ENV]
+def handed_over() -> tuple[Settings, str, str]:
+    """In a worker: the settings, log level and log format its parent handed over."""
+    return (
+        settings_from_json(os.environ[SETTINGS_ENV]),
+        os.environ[LOG_LEVEL_ENV],
+        os.environ[LOG_FORMAT_ENV],
+    )

@@ -17,6 +17,8 @@ from tufa.core.root_update import (
     RootKeyPairJson,
     pairs_to_json,
     root_keys_shared,
+    server_generated_keys_warning,
+    server_generated_roles,
     shared_keyids,
     shared_keys_warning,
 )
@@ -118,6 +120,8 @@ class FactoryStatus(TypedDict):
     root_key_pairs: list[RootKeyPairJson]
     channels_share_keys: list[str]
     first_separated_root_version: int | None
+    # The offline roles (root, targets) production still trusts the server's keys for.
+    server_generated_keys: list[str]
     warnings: list[str]
 
 
@@ -138,8 +142,14 @@ def describe(state: ServerState, name: str, base_url: str) -> FactoryStatus:
         pairs = repo.root_key_pairs(conn, row.id)
         roots = {channel: md.signed for channel, md in repo.roots(conn, row.id).items()}
         first_separated = _first_separated_root_version(state, conn, row.id, roots)
+        first_prod_root = repo.root(conn, row.id, Channel.PROD, 1).signed
     shared = shared_keyids(roots[Channel.CI], roots[Channel.PROD], online)
+    generated = server_generated_roles(
+        first_prod_root, roots[Channel.PROD], online[Channel.PROD][TARGETS]
+    )
     warnings: list[str] = []
+    if generated:
+        warnings.append(server_generated_keys_warning(generated))
     if shared:
         warnings.append(shared_keys_warning(len(shared)))
     described: dict[Channel, dict[str, str | FileStatus]] = {}
@@ -170,6 +180,7 @@ def describe(state: ServerState, name: str, base_url: str) -> FactoryStatus:
         "root_key_pairs": pairs_to_json(pairs),
         "channels_share_keys": shared,
         "first_separated_root_version": first_separated,
+        "server_generated_keys": generated,
         "warnings": warnings,
     }
 

@@ -29,6 +29,7 @@ from tufa.core.metadata import Channel
 from tufa.server import metrics
 from tufa.server.api.repo import IMMUTABLE, LATEST, READERS, VERSIONED, etag_matches
 from tufa.server.poll_cache import FactoryStamp, PollCache, Stamps
+from tufa.server.principals import note_caller
 from tufa.server.repository import DEFAULT_VIEW, Repository
 from tufa.server.stored_files import StoredFile
 
@@ -253,6 +254,7 @@ class PollPath:
             principal = self.cache.principal(digest, stamp, self.now)
             if principal is None:
                 return None
+            note_caller(principal)
             if principal.kind == "device":
                 if principal.channel != channel:
                     return None
