@@ -6,8 +6,9 @@ lands. The benchmark measures, with wrk on loopback:
 * tufa-server serving `timestamp.json` to a device credential, plain and revalidated
   (`If-None-Match` -> 304), and `1.snapshot.json` (immutable); the same application
   under uvicorn (httptools, uvloop) on the same database, for the choice of server;
-  on PostgreSQL also a second server process on the same database started with
-  `--poll-invalidation notify`;
+  tufa runs with `--no-access-log` (no log line per poll; refusals are logged), and
+  another process on the same database with its access log on shows what that costs;
+  on PostgreSQL also a process started with `--poll-invalidation notify`;
 * baseline 1: nginx (one worker) serving the same bytes as a static file, plain and 304;
 * baseline 2: the same bytes from a bare ASGI callable under uvicorn (httptools, uvloop)
   and, if installed, granian: the floor of a Python stack.
@@ -82,7 +83,7 @@ from tufa.server.app import create_app
 from tufa.server.main import open_state
 from tufa.server.settings import Settings
 app = create_app(open_state(Settings(data_dir=Path({data!r}), db_url={db!r},
-                                     resign_enabled=False)))
+                                     resign_enabled=False, access_log=False)))
 """
 
 
@@ -167,21 +168,33 @@ def main() -> None:
         # nginx's workers run as an unprivileged user when started as root: they must be
         # able to read the file (a 0700 temp dir gave 403 error pages to time).
         tmp.chmod(0o755)
+        # A fleet-facing process runs without a line a poll in its log (refusals are
+        # still logged); the cost of the access log is measured on a second process.
         server = LocalServer(
-            tmp / "data", operator_token=f"tufa_{secrets.token_urlsafe(32)}", db_url=opts.db
+            tmp / "data",
+            operator_token=f"tufa_{secrets.token_urlsafe(32)}",
+            db_url=opts.db,
+            extra_args=("--no-access-log",),
         )
         server.start()
-        # On PostgreSQL a second server process on the same database learns of changes
-        # from notifications (`--poll-invalidation notify`, ADR 0014), for comparison.
+        same_database = ("--master-key-file", str(server.data_dir / "master.key"))
+        logging_every_request = LocalServer(
+            tmp / "data-logged" if opts.db else server.data_dir,
+            operator_token=server.operator_token,
+            db_url=opts.db,
+            extra_args=same_database,
+        )
+        logging_every_request.start()
+        # On PostgreSQL another process on the same database learns of changes from
+        # notifications (`--poll-invalidation notify`, ADR 0014), for comparison.
         notified = None
         if opts.db:
             notified = LocalServer(
                 tmp / "data-notify",
                 operator_token=server.operator_token,
                 db_url=opts.db,
-                extra_args=("--master-key-file", str(server.data_dir / "master.key"),
-                            "--poll-invalidation", "notify"),
-            )  # fmt: skip
+                extra_args=(*same_database, "--no-access-log", "--poll-invalidation", "notify"),
+            )
             notified.start()
         processes: list[subprocess.Popen[bytes]] = []
         try:
@@ -259,6 +272,8 @@ def main() -> None:
                 Case("tufa on uvicorn: timestamp.json, 304", f"{on_uvicorn}/timestamp.json",
                      {**auth, "If-None-Match": etag}, 304),
             ]  # fmt: skip
+            logged = f"{logging_every_request.url}{factory_path}/repo/ci/metadata/timestamp.json"
+            cases.append(Case("tufa, access log on: timestamp.json", logged, auth, body=body))
             if notified is not None:
                 there = f"{notified.url}{factory_path}/repo/ci/metadata/timestamp.json"
                 cases += [
@@ -298,6 +313,7 @@ def main() -> None:
                 process.terminate()
                 process.wait()
             server.stop()
+            logging_every_request.stop()
             if notified is not None:
                 notified.stop()
 
