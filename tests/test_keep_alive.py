@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import re
 import socket
+import time
 
 import pytest
 
 from tests.helpers import Factory, Server
+from tufa.server.app import DRAIN_SECONDS
 
 POLL = "/repo/ci/metadata/timestamp.json"
 LARGE = b'{"targets": "' + b"x" * (2 << 20) + b'"}'
@@ -89,3 +91,28 @@ def test_the_connection_serves_the_next_request_after_a_refusal(
         assert answer == 200, case
     finally:
         connection.close()
+
+
+def test_a_body_sent_slowly_does_not_hold_its_refusal(factory: Factory, server: Server) -> None:
+    """An answer given before the body was read waits for the rest of it only so long
+    (app.DRAIN_SECONDS): a client trickling its body gets the refusal, and the
+    connection is closed, rather than holding the server's answer."""
+    sock = socket.create_connection(("127.0.0.1", server.local.port), timeout=10)
+    try:
+        head = (
+            f"POST {factory.path('/targets')} HTTP/1.1\r\nHost: x\r\n"
+            "Authorization: Bearer tufa_wrong\r\nContent-Length: 1000000\r\n\r\n"
+        )
+        sock.sendall(head.encode() + b"{")
+        started = time.monotonic()
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(65536)
+            assert chunk, "closed without an answer"
+            answer += chunk
+        waited = time.monotonic() - started
+        assert answer.startswith(b"HTTP/1.1 401 "), answer
+        assert b"connection: close" in answer.lower(), answer
+        assert DRAIN_SECONDS <= waited < DRAIN_SECONDS + 2, waited
+    finally:
+        sock.close()

@@ -8,19 +8,23 @@ poll reads the stamp, as without the option.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-from tests.helpers import Factory, Server, assert_error
+from tests.helpers import Factory, Server, assert_error, create_factory
 from tests.test_poll_cache import NOTIFIED, _factories, _poll, _sql, _warm
 from tufa.demo.local_server import console_script
-from tufa.server.poll_notify import listener_name
+from tufa.server.poll_notify import BEAT_TIMEOUT_SECONDS, listener_name
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +129,73 @@ def test_notify_is_refused_on_sqlite_before_anything_is_created(tmp_path: Path) 
     assert done.returncode != 0
     assert "'notify' needs PostgreSQL" in done.stderr, done.stderr
     assert not data.exists()
+
+
+class _SilencingProxy:
+    """A TCP proxy in front of PostgreSQL that, once silenced, drops what PostgreSQL
+    sends to the connections that LISTEN, while their sockets stay up: what a proxy
+    or pooler that lost its way does."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.silenced = False
+        self._listening = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listening.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            client, _ = self._listening.accept()
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            listens = threading.Event()
+            threading.Thread(
+                target=self._pump, args=(client, upstream, listens), daemon=True
+            ).start()
+            threading.Thread(
+                target=self._pump, args=(upstream, client, listens, True), daemon=True
+            ).start()
+
+    def _pump(
+        self,
+        source: socket.socket,
+        sink: socket.socket,
+        listens: threading.Event,
+        down: bool = False,
+    ) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if not down and b"LISTEN tufa_factory_stamps" in data:
+                    listens.set()
+                if not (down and listens.is_set() and self.silenced):
+                    sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+
+def test_a_listener_that_hears_nothing_more_is_given_up(
+    make_server: Callable[..., Server], make_db_url: Callable[[str], str | None]
+) -> None:
+    """Notifications stop arriving while the listening socket stays up: within the
+    heartbeat's timeout the process gives the listener up and reads every stamp, so a
+    revocation it was never told of holds; once heard again, it listens again."""
+    direct = make_url(make_db_url("postgres") or "")
+    proxy = _SilencingProxy(direct.port or 5432)
+    through_proxy = direct.set(port=proxy.port).render_as_string(hide_password=False)
+    server = make_server(
+        "postgres", db_url=through_proxy, extra_args=("--poll-invalidation", "notify")
+    )
+    factory = create_factory(server)
+    revoked, kept = factory.register_device("ci"), factory.register_device("ci")
+    _warm_listening(server, factory, revoked["credential"], kept["credential"])
+    proxy.silenced = True
+    done = factory.request("POST", f"/devices/{revoked['name']}/revoke")
+    assert done.status_code == 200, done.text
+    deadline = time.monotonic() + BEAT_TIMEOUT_SECONDS + 3
+    while _poll(factory, revoked["credential"]).status_code == 200:
+        assert time.monotonic() < deadline, "a revocation nobody notified is served on"
+        time.sleep(0.2)
+    assert_error(_poll(factory, revoked["credential"]), 401, "credential_revoked")
+    assert _poll(factory, kept["credential"]).status_code == 200
+    assert "heartbeat notifications stopped arriving" in server.local.log()
+    proxy.silenced = False
+    _warm_listening(server, factory, kept["credential"])  # listening again, by itself

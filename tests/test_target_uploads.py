@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Factory, cli_env, run_cli
+from tests.helpers import Factory, cli_env, run_cli, send
 from tests.test_ci_publishing import ci_env
 from tests.test_operations import scrape
 
@@ -112,3 +112,30 @@ def test_several_files_show_a_total_and_a_speed(factory: Factory, tmp_path: Path
     assert "3.1/3.1 MB" in last_frame[0], last_frame
     for line in last_frame:
         assert re.search(r" [0-9.]+ [kMG]?B/s$", line), line
+
+
+def test_a_check_takes_as_large_a_body_as_a_publish(factory: Factory) -> None:
+    """`targets add` checks the whole publish first: a check of 5,000 targets (over the
+    1 MiB of most requests) is answered, as their publish would be."""
+    many = [
+        {
+            "name": f"big-{i}",
+            "version": "1",
+            "hardware_ids": ["rpi4"],
+            "tags": ["main"],
+            "sha256": "ab" * 32,
+            "length": 1,
+            "url": f"https://cdn.example/{'x' * 200}/{i}",
+        }
+        for i in range(5000)
+    ]
+    response = send(
+        factory.server,
+        "POST",
+        factory.path("/targets/check"),
+        factory.token("ci"),
+        json={"targets": many},
+    )
+    assert len(response.request.content) > 1 << 20
+    assert response.status_code == 200, response.text[:300]
+    assert len(response.json()["added"]) == 5000

@@ -44,9 +44,12 @@ from tufa.server.state import ServerState
 log = logging.getLogger("tufa.server")
 _BLOB_PATH = compile_path(api_paths.BLOB)[0]
 _WAVE_CREATE_PATH = compile_path(api_paths.WAVES)[0]
-_PUBLISH_PATH = compile_path(api_paths.TARGETS)[0]
+_PUBLISH_PATHS = (compile_path(api_paths.TARGETS)[0], compile_path(api_paths.CHECK_TARGETS)[0])
 # An oversized request body up to this size is read (and dropped) before the refusal.
 _DRAINED_BYTES = 8 * 1024 * 1024
+# How long an answer given before its request's body was read waits for the rest of the
+# body: a client that sends it slowly holds a connection, not the answer.
+DRAIN_SECONDS = 1.0
 
 
 class BodySizeLimit:
@@ -70,7 +73,7 @@ class BodySizeLimit:
             limit = self.max_blob_bytes
         elif _WAVE_CREATE_PATH.match(scope["path"]):
             limit = max(self.max_bytes, waves.MAX_CREATE_BYTES)
-        elif _PUBLISH_PATH.match(scope["path"]):
+        elif any(path.match(scope["path"]) for path in _PUBLISH_PATHS):
             limit = max(self.max_bytes, MAX_PUBLISH_BYTES)
         else:
             limit = self.max_bytes
@@ -107,12 +110,13 @@ class BodySizeLimit:
             # An answer given before the body was read (a refused token, an unknown
             # route) would leave the rest unread: granian then drops the connection,
             # and a client still sending its body sees it reset instead of the answer.
-            # Read it first, up to _DRAINED_BYTES (a blob upload may be far larger);
-            # past that, the answer says the connection closes.
+            # Read it first, up to _DRAINED_BYTES (a blob upload may be far larger) and
+            # DRAIN_SECONDS; past either, the answer says the connection closes.
             if response_message["type"] == "http.response.start" and not finished:
-                with contextlib.suppress(ApiError):
-                    while not finished and received <= _DRAINED_BYTES:
-                        await limited_receive()
+                with contextlib.suppress(ApiError, TimeoutError):
+                    async with asyncio.timeout(DRAIN_SECONDS):
+                        while not finished and received <= _DRAINED_BYTES:
+                            await limited_receive()
                 if not finished:
                     headers = [*response_message.get("headers", []), (b"connection", b"close")]
                     response_message = {**response_message, "headers": headers}

@@ -134,23 +134,30 @@ class PollPath:
         # The request metrics behind count a request this path passes on from here,
         # the time it waited for a refill included.
         scope[metrics.STARTED] = started
-        try:
-            outcome = await self._answered(wanted, scope, send)
-            if isinstance(outcome, tuple):
-                # The caller is known, the file is not cached at the current generation.
-                refill = self._refills.get(outcome)
-                if refill is None:
-                    await self._refill(outcome, scope, receive, send)
-                    return
-                await self._wait_for(refill)
-                outcome = await self._answered(wanted, scope, send)
-        except Exception:
-            metrics.observe_poll(500, time.perf_counter() - started)
-            raise
+        outcome = await self._counted(wanted, scope, send, started)
+        if isinstance(outcome, tuple):
+            # The caller is known, the file is not cached at the current generation.
+            refill = self._refills.get(outcome)
+            if refill is None:
+                await self._refill(outcome, scope, receive, send)
+                return
+            await self._wait_for(refill)
+            outcome = await self._counted(wanted, scope, send, started)
         if isinstance(outcome, int):
             metrics.observe_poll(outcome, time.perf_counter() - started)
         else:
             await self.app(scope, receive, send)
+
+    async def _counted(
+        self, wanted: _Wanted, scope: Scope, send: Send, started: float
+    ) -> int | _FileKey | None:
+        """`_answered`, with a failure counted as the 500 the client gets (what goes on
+        to the full handler is counted there)."""
+        try:
+            return await self._answered(wanted, scope, send)
+        except Exception:
+            metrics.observe_poll(500, time.perf_counter() - started)
+            raise
 
     async def _refill(self, key: _FileKey, scope: Scope, receive: Receive, send: Send) -> None:
         """The first request for a file the cache lacks goes to the full handler, which
@@ -192,6 +199,10 @@ class PollPath:
                 authorization = value
             elif key == b"if-none-match":
                 if_none_match = value
+            elif (key == b"content-length" and value != b"0") or key == b"transfer-encoding":
+                # No poll carries a body; the full handler reads (and drops) it, and
+                # such a request never holds back the polls waiting for a refill.
+                return None
         digest = None
         if authorization is not None:
             bearer, _, secret = authorization.partition(b" ")

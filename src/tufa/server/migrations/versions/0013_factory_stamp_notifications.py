@@ -11,7 +11,8 @@ trigger: a notification on the channel `tufa_factory_stamps` whose payload is th
 factory's name, sent when the transaction that changed the row commits (PostgreSQL
 folds a transaction's identical notifications into one). Every change of a credential,
 a token or metadata moves a generation on that row (migrations 0009 to 0011), so it
-notifies too; a new factory notifies, for a server that remembered it absent.
+notifies too; a new factory notifies, for a server that remembered it absent, and a
+renamed one under both names.
 
 SQLite has no notifications; there the server reads the wal-index (ADR 0014).
 """
@@ -28,7 +29,12 @@ def upgrade() -> None:
     op.execute("""
         CREATE FUNCTION notify_factory_stamp() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
-            PERFORM pg_notify('tufa_factory_stamps', COALESCE(NEW.name, OLD.name));
+            IF TG_OP <> 'INSERT' THEN
+                PERFORM pg_notify('tufa_factory_stamps', OLD.name);
+            END IF;
+            IF TG_OP <> 'DELETE' AND (TG_OP = 'INSERT' OR NEW.name <> OLD.name) THEN
+                PERFORM pg_notify('tufa_factory_stamps', NEW.name);
+            END IF;
             RETURN NULL;
         END $$
     """)  # fmt: skip
