@@ -27,8 +27,9 @@ def device_groups() -> None:
 
 @device_groups.command()
 @click.argument("name")
+@json_option
 @with_api
-def create(api: Api, name: str) -> None:
+def create(api: Api, name: str, as_json: bool) -> None:
     """Create device group NAME.
 
     \b
@@ -36,35 +37,46 @@ def create(api: Api, name: str) -> None:
       tufa device-groups create beta-testers
       tufa device-groups add beta-testers field-unit-1 field-unit-2
     """
-    api.request("POST", api.path(api_paths.DEVICE_GROUPS), json_body={"name": name})
+    created = api.request("POST", api.path(api_paths.DEVICE_GROUPS), json_body={"name": name})
+    if as_json:
+        print_json(created.json())
+        return
     click.echo(f"Created device group {name}.")
 
 
-def _change_members(api: Api, method: str, name: str, devices: tuple[str, ...]) -> int:
-    """Add (POST) or remove (DELETE) DEVICES, all of them or none; the members left."""
+def _change_members(
+    api: Api, method: str, name: str, devices: tuple[str, ...], as_json: bool
+) -> None:
+    """Add (POST) or remove (DELETE) DEVICES, all of them or none; say how many are left
+    (--json: the group as the server answered, its members' ids)."""
     result = api.request(
         method,
         api.path(api_paths.DEVICE_GROUP_DEVICES, group=name),
         json_body={"devices": list(devices)},
     ).json()
-    return len(result["devices"])
+    if as_json:
+        print_json(result)
+        return
+    click.echo(f"Group {name} has {len(result['devices'])} device(s).")
 
 
 @device_groups.command()
 @click.argument("name")
 @click.argument("devices", nargs=-1, required=True)
+@json_option
 @with_api
-def add(api: Api, name: str, devices: tuple[str, ...]) -> None:
+def add(api: Api, name: str, devices: tuple[str, ...], as_json: bool) -> None:
     """Add DEVICES (names or ids) to group NAME: all of them, or none if one is unknown
     or a CI device (waves roll out to production devices only)."""
-    click.echo(f"Group {name} has {_change_members(api, 'POST', name, devices)} device(s).")
+    _change_members(api, "POST", name, devices, as_json)
 
 
 @device_groups.command()
 @click.argument("name")
 @click.argument("devices", nargs=-1, required=True)
+@json_option
 @with_api
-def remove(api: Api, name: str, devices: tuple[str, ...]) -> None:
+def remove(api: Api, name: str, devices: tuple[str, ...], as_json: bool) -> None:
     """Remove DEVICES (names or ids) from group NAME: all of them, or none if one is not
     a member. The devices keep what waves served them. To remove the group itself:
     `tufa device-groups delete NAME`.
@@ -73,8 +85,7 @@ def remove(api: Api, name: str, devices: tuple[str, ...]) -> None:
     Example:
       tufa device-groups remove beta-testers field-unit-2
     """
-    left = _change_members(api, "DELETE", name, devices)
-    click.echo(f"Group {name} has {left} device(s).")
+    _change_members(api, "DELETE", name, devices, as_json)
 
 
 @device_groups.command("delete")

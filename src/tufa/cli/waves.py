@@ -135,9 +135,13 @@ def init(
 @waves.command()
 @click.argument("name")
 @ARCHIVE_OPTION
+@json_option
 @with_api
-def sign(api: Api, name: str, archive: Path) -> None:
+def sign(api: Api, name: str, archive: Path, as_json: bool) -> None:
     """Add an offline signature to wave NAME (when production needs more than one).
+
+    `--json` prints the wave as the server answered (without its metadata, as `waves
+    complete` does), and `signed_with`: the key ids this run added.
 
     \b
     Example:
@@ -150,6 +154,9 @@ def sign(api: Api, name: str, archive: Path) -> None:
     after = api.request(
         "POST", api.path(api_paths.WAVE_SIGNATURES, name=name), json_body={"signatures": signatures}
     ).json()
+    if as_json:
+        print_json({**_without_metadata(after), "signed_with": used})
+        return
     click.echo(f"Signed wave {name} with {', '.join(used) or 'no new key'}.")
     click.echo("Ready to roll out." if after["signed"] else "Still needs more signatures.")
 
@@ -204,10 +211,15 @@ def rollout(
         click.echo(f"  {device['name']}  {device['id']}")
 
 
+def _without_metadata(wave: dict[str, Any]) -> dict[str, Any]:
+    """A wave as the server sent it, but its signed targets (`tufa waves show --json`)."""
+    return {k: v for k, v in wave.items() if k != "metadata"}
+
+
 def _finish(api: Api, name: str, action_path: str, as_json: bool) -> None:
     result = api.request("POST", api.path(action_path, name=name)).json()
     if as_json:
-        print_json({k: v for k, v in result.items() if k != "metadata"})
+        print_json(_without_metadata(result))
         return
     click.echo(f"Wave {name} is now {result['status']}.")
 
