@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import sys
@@ -11,13 +10,13 @@ from collections.abc import Callable
 from dataclasses import asdict
 from functools import wraps
 from pathlib import Path
-from typing import Any, ParamSpec, TypedDict, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import click
-import httpx
 
-from tufa.agent.agent import USER_AGENT, Agent, describe_error
+from tufa.agent.agent import Agent, describe_error
 from tufa.agent.plan import Plan
+from tufa.agent.registration import register_with_server
 from tufa.agent.reports import EventQueue
 from tufa.agent.state import (
     CREDENTIAL_FILE,
@@ -30,12 +29,10 @@ from tufa.agent.state import (
 from tufa.agent.stopping import Stopper, StopRequested, say_stopped
 from tufa.agent.trust import channel_of, load_root, provision_root, trusted_versions
 from tufa.agent.tuf_commands import tuf_group
-from tufa.core import api_paths
 from tufa.core.bundle import BundleError
 from tufa.core.command_help import WholeSentenceGroup
-from tufa.core.http import api_client, server_url_problem
-from tufa.core.metadata import Channel
-from tufa.core.responses import refusal_of
+from tufa.core.http import server_url_problem
+from tufa.core.json_output import json_option, print_json
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -142,6 +139,7 @@ def cli(verbose: bool) -> None:
     help="Seconds the health check or install command may take.",
 )
 @state_dir_option
+@json_option
 @_one_line_errors
 def register(
     server: str,
@@ -156,6 +154,7 @@ def register(
     health_check: str | None,
     health_timeout: float,
     state_dir: Path,
+    as_json: bool,
 ) -> None:
     """Register this device with the server and provision its trusted root.
 
@@ -189,7 +188,7 @@ def register(
         # so a refused write leaves no device behind that nobody holds a credential of.
         state.path.mkdir(parents=True, exist_ok=True)
         provision_root(state.metadata, root_bytes, str(root_file))
-        device = _register_with_server(server, factory, token, name, hardware_id, tag, channel)
+        device = register_with_server(server, factory, token, name, hardware_id, tag, channel)
         state.save_credential(device["credential"])
         # The configuration goes last: its presence marks the device as registered.
         state.save_config(
@@ -216,41 +215,13 @@ def register(
         if isinstance(e, OSError):
             raise AgentError(f"cannot write the state directory {state_dir}: {e}") from e
         raise
+    if as_json:
+        # Never the credential: it stays in the state directory, mode 0600.
+        print_json(
+            {"device": name, "device_id": device["id"], "channel": channel, "factory": factory}
+        )
+        return
     click.echo(f"Registered {name} ({device['id']}) on the {channel} channel of {factory}.")
-
-
-class RegisteredDevice(TypedDict):
-    id: str
-    credential: str
-
-
-def _register_with_server(
-    server: str, factory: str, token: str, name: str, hardware_id: str, tag: str, channel: Channel
-) -> RegisteredDevice:
-    body = {"name": name, "hardware_id": hardware_id, "tag": tag, "channel": channel}
-    client, _ = api_client(token, USER_AGENT, timeout=30.0)
-    try:
-        with client:
-            response = client.post(
-                f"{server}{api_paths.path(api_paths.DEVICES, factory)}", json=body
-            )
-    except httpx.HTTPError as e:
-        raise AgentError(f"cannot reach {server}: {e}") from e
-    if response.status_code != 201:
-        refusal = refusal_of(response)
-        hint = ""
-        if refusal.status in (401, 403):
-            hint = (
-                f"; pass a token of scope register (or admin) of factory {factory!r} with "
-                "--token or TUFA_REGISTRATION_TOKEN (a factory admin creates one with "
-                "`tufa tokens create --scope register`)"
-            )
-        raise AgentError(f"the server refused the registration: {refusal}{hint}")
-    try:
-        device = response.json()
-        return {"id": str(device["id"]), "credential": str(device["credential"])}
-    except (ValueError, KeyError, TypeError) as e:
-        raise AgentError(f"{server} answered the registration with no credential") from e
 
 
 @cli.command()
@@ -303,7 +274,7 @@ def run(interval: float, max_backoff: float, once: bool, state_dir: Path) -> Non
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 @state_dir_option
 @_one_line_errors
 def check(as_json: bool, state_dir: Path) -> None:
@@ -331,13 +302,13 @@ def check(as_json: bool, state_dir: Path) -> None:
 
 def _print_plan(plan: Plan, as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps(plan.to_json(), indent=2))
+        print_json(plan.to_json())
     else:
         click.echo(printable(plan.reason[0].upper() + plan.reason[1:] + "."))
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 @state_dir_option
 @_one_line_errors
 def status(as_json: bool, state_dir: Path) -> None:
@@ -366,7 +337,7 @@ def status(as_json: bool, state_dir: Path) -> None:
         "unsent_events": len(EventQueue(state.path).pending()),
     }
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        print_json(report)
         return
     installed = current.installed
     lines = {
@@ -385,8 +356,9 @@ def status(as_json: bool, state_dir: Path) -> None:
 
 @cli.command("rotate-credential")
 @state_dir_option
+@json_option
 @_one_line_errors
-def rotate_credential(state_dir: Path) -> None:
+def rotate_credential(state_dir: Path, as_json: bool) -> None:
     """Replace this device's credential with a new one; the old one stops working.
 
     The server issues the new credential, the agent saves it (write-then-rename,
@@ -406,15 +378,19 @@ def rotate_credential(state_dir: Path) -> None:
             agent.rotate_credential()
     finally:
         agent.close()
+    credential_file = state.path / CREDENTIAL_FILE
+    if as_json:
+        print_json({"device_id": agent.config.device_id, "credential_file": str(credential_file)})
+        return
     click.echo(
         f"Rotated the credential of {printable(agent.config.name)}: the new one is in "
-        f"{state.path / CREDENTIAL_FILE} (mode 0600), and the old one no longer works."
+        f"{credential_file} (mode 0600), and the old one no longer works."
     )
 
 
 @cli.command("install-bundle")
 @click.argument("bundle_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 @state_dir_option
 @_one_line_errors
 def install_bundle(bundle_dir: Path, as_json: bool, state_dir: Path) -> None:

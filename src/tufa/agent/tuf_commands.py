@@ -22,6 +22,7 @@ from tufa.agent.trust import (
 )
 from tufa.core.command_help import WholeSentenceGroup
 from tufa.core.fetcher import BearerFetcher, CredentialRefused
+from tufa.core.json_output import json_option, print_json
 
 metadata_dir_option = click.option(
     "--metadata-dir",
@@ -76,7 +77,8 @@ def tuf_group() -> None:
 @tuf_group.command()
 @metadata_dir_option
 @click.argument("root", type=click.Path(dir_okay=False, exists=True, path_type=Path))
-def init(metadata_dir: Path, root: Path) -> None:
+@json_option
+def init(metadata_dir: Path, root: Path, as_json: bool) -> None:
     """Start a trust store in METADATA_DIR from ROOT (checked to be self-signed).
 
     \b
@@ -91,6 +93,9 @@ def init(metadata_dir: Path, root: Path) -> None:
         trusted = provision_root(metadata_dir, root.read_bytes(), str(root))
     except AgentError as e:
         raise click.ClickException(str(e)) from e
+    if as_json:
+        print_json({"metadata_dir": str(metadata_dir), "root_version": trusted.signed.version})
+        return
     click.echo(f"Trusting root version {trusted.signed.version} in {metadata_dir}.")
 
 
@@ -99,7 +104,10 @@ def init(metadata_dir: Path, root: Path) -> None:
 @metadata_dir_option
 @token_option
 @view_option
-def refresh(metadata_url: str, metadata_dir: Path, token: str | None, view: str | None) -> None:
+@json_option
+def refresh(
+    metadata_url: str, metadata_dir: Path, token: str | None, view: str | None, as_json: bool
+) -> None:
     """Update the trust store from METADATA_URL, verifying every step.
 
     \b
@@ -115,6 +123,9 @@ def refresh(metadata_url: str, metadata_dir: Path, token: str | None, view: str 
     finally:
         fetcher.close()
     versions = trusted_versions(metadata_dir)
+    if as_json:
+        print_json({"trusted_metadata": versions})
+        return
     click.echo("Trusted: " + ", ".join(f"{role} v{v}" for role, v in versions.items()))
 
 
@@ -131,6 +142,7 @@ def refresh(metadata_url: str, metadata_dir: Path, token: str | None, view: str 
 @token_option
 @view_option
 @click.argument("names", nargs=-1, required=True)
+@json_option
 def download(
     metadata_url: str,
     metadata_dir: Path,
@@ -139,6 +151,7 @@ def download(
     token: str | None,
     view: str | None,
     names: tuple[str, ...],
+    as_json: bool,
 ) -> None:
     """Refresh, then download and verify the targets NAMES into TARGET_DIR.
 
@@ -150,6 +163,7 @@ def download(
           --target-dir ./files rpi4-image-42
     """
     target_dir.mkdir(parents=True, exist_ok=True)
+    downloaded: dict[str, str] = {}
     fetcher = BearerFetcher(token, view=_view(view))
     try:
         updater = open_updater(
@@ -160,11 +174,14 @@ def download(
             info = updater.get_targetinfo(name)
             if info is None:
                 raise click.ClickException(f"{name} is not a target of this repository")
-            path = updater.find_cached_target(info) or updater.download_target(info)
-            click.echo(f"{name}: {path}")
+            downloaded[name] = updater.find_cached_target(info) or updater.download_target(info)
+            if not as_json:
+                click.echo(f"{name}: {downloaded[name]}")
     except click.ClickException:
         raise
     except Exception as e:
         raise _fail(e) from e
     finally:
         fetcher.close()
+    if as_json:
+        print_json({"targets": downloaded})

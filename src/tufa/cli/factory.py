@@ -8,7 +8,7 @@ import click
 from rich.table import Table
 
 from tufa.cli.client import Api, save_config, with_api
-from tufa.cli.output import console, json_option, print_json, warn
+from tufa.cli.output import console, json_option, print_json, print_records, warn
 from tufa.core import api_paths
 from tufa.core.command_help import WholeSentenceGroup
 
@@ -51,12 +51,12 @@ def create(api: Api, name: str, login: bool, as_json: bool) -> None:
 @with_api
 def list_factories(api: Api, as_json: bool) -> None:
     """List every factory on the server (operator token)."""
-    found = api.get_json(api_paths.FACTORIES)
-    if as_json:
-        print_json(found)
-        return
-    for item in found:
-        click.echo(f"{item['name']}\t{item['created_at']}")
+    print_records(
+        api.get_json(api_paths.FACTORIES),
+        as_json,
+        ("name", "created"),
+        lambda f: (f["name"], f["created_at"]),
+    )
 
 
 @factory.command()

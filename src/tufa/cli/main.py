@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import click
 
+from tufa.cli.device_groups import device_groups
 from tufa.cli.devices import devices
 from tufa.cli.factory import factory
 from tufa.cli.keys import keys
 from tufa.cli.session import get, login
 from tufa.cli.targets import targets
 from tufa.cli.tokens import tokens
-from tufa.cli.waves import device_groups, waves
+from tufa.cli.waves import waves
 from tufa.core.command_help import WholeSentenceGroup
 from tufa.demo.story import demo
 

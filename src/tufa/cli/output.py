@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import click
 from rich.console import Console, RenderableType
 from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, Task
 from rich.table import Table
 from rich.text import Text
+
+# The agent prints its --json the same way: both come from core, shared by the programs.
+from tufa.core.json_output import json_option as json_option
+from tufa.core.json_output import print_json as print_json
 
 Record = TypeVar("Record")
 
@@ -27,14 +30,6 @@ def console(*, stderr: bool = False) -> Console:
 
 def warn(message: str) -> None:
     console(stderr=True).print(f"[bold red]WARNING:[/bold red] {message}")
-
-
-def print_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2))
-
-
-def json_option(func: Any) -> Any:
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(func)
 
 
 def print_table(

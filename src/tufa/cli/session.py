@@ -8,6 +8,7 @@ import click
 import httpx
 
 from tufa.cli.client import Api, load_config, save_config, with_api
+from tufa.cli.output import json_option, print_json
 from tufa.core import api_paths
 from tufa.core.http import server_url_problem
 from tufa.core.responses import refusal_of
@@ -22,7 +23,10 @@ from tufa.core.responses import refusal_of
     is_flag=True,
     help="Save without asking the server (for a server not up yet): nothing is checked.",
 )
-def login(server: str | None, factory: str | None, token: str | None, no_check: bool) -> None:
+@json_option
+def login(
+    server: str | None, factory: str | None, token: str | None, no_check: bool, as_json: bool
+) -> None:
     """Check server URL, factory and token against the server, and save them as defaults.
 
     Values not given are kept from the config file, and the result is checked as a
@@ -46,6 +50,17 @@ def login(server: str | None, factory: str | None, token: str | None, no_check: 
         raise click.UsageError(f"--server: {problem}")
     checked = "nothing was checked (--no-check)" if no_check else _check(values)
     path = save_config(values)
+    if as_json:
+        # Never the token: a script's log is no place for a secret.
+        print_json(
+            {
+                "config": str(path),
+                "server": values["server"],
+                "factory": values.get("factory"),
+                "checked": None if no_check else checked,
+            }
+        )
+        return
     click.echo(
         f"Saved to {path}: server {values['server']}, factory {values.get('factory', '-')}; "
         f"{checked}."

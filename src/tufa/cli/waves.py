@@ -1,4 +1,4 @@
-"""`tufa waves` and `tufa device-groups`: release on demand to production devices."""
+"""`tufa waves`: release on demand to production devices."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ import click
 from tuf.api.metadata import Metadata, Targets
 
 from tufa.cli.client import Api, with_api
-from tufa.cli.devices import plain_cell
 from tufa.cli.keys.archive_options import archive_option, load_archive
-from tufa.cli.output import json_option, print_json, print_record, print_records, print_table, warn
+from tufa.cli.output import json_option, print_json, print_record, print_records, warn
 from tufa.core import api_paths
 from tufa.core.archive import OfflineArchive
 from tufa.core.command_help import WholeSentenceGroup
@@ -136,9 +135,13 @@ def init(
 @waves.command()
 @click.argument("name")
 @ARCHIVE_OPTION
+@json_option
 @with_api
-def sign(api: Api, name: str, archive: Path) -> None:
+def sign(api: Api, name: str, archive: Path, as_json: bool) -> None:
     """Add an offline signature to wave NAME (when production needs more than one).
+
+    `--json` prints the wave as the server answered (without its metadata, as `waves
+    complete` does), and `signed_with`: the key ids this run added.
 
     \b
     Example:
@@ -151,6 +154,9 @@ def sign(api: Api, name: str, archive: Path) -> None:
     after = api.request(
         "POST", api.path(api_paths.WAVE_SIGNATURES, name=name), json_body={"signatures": signatures}
     ).json()
+    if as_json:
+        print_json({**_without_metadata(after), "signed_with": used})
+        return
     click.echo(f"Signed wave {name} with {', '.join(used) or 'no new key'}.")
     click.echo("Ready to roll out." if after["signed"] else "Still needs more signatures.")
 
@@ -205,10 +211,15 @@ def rollout(
         click.echo(f"  {device['name']}  {device['id']}")
 
 
+def _without_metadata(wave: dict[str, Any]) -> dict[str, Any]:
+    """A wave as the server sent it, but its signed targets (`tufa waves show --json`)."""
+    return {k: v for k, v in wave.items() if k != "metadata"}
+
+
 def _finish(api: Api, name: str, action_path: str, as_json: bool) -> None:
     result = api.request("POST", api.path(action_path, name=name)).json()
     if as_json:
-        print_json({k: v for k, v in result.items() if k != "metadata"})
+        print_json(_without_metadata(result))
         return
     click.echo(f"Wave {name} is now {result['status']}.")
 
@@ -308,137 +319,3 @@ def status(api: Api, name: str | None, as_json: bool) -> None:
             f"{row['devices_of_tag']} device(s) of its tag; installed on "
             f"{row['devices_installed']}, failed on {row['devices_failed']}"
         )
-
-
-@click.group("device-groups", cls=WholeSentenceGroup)
-def device_groups() -> None:
-    """Name sets of production devices, to roll waves out to.
-
-    \b
-    Examples:
-      tufa device-groups create beta-testers
-      tufa device-groups add beta-testers field-unit-1 field-unit-2
-      tufa device-groups show beta-testers
-      tufa device-groups remove beta-testers field-unit-2
-      tufa device-groups delete beta-testers
-    """
-
-
-@device_groups.command()
-@click.argument("name")
-@with_api
-def create(api: Api, name: str) -> None:
-    """Create device group NAME.
-
-    \b
-    Example:
-      tufa device-groups create beta-testers
-      tufa device-groups add beta-testers field-unit-1 field-unit-2
-    """
-    api.request("POST", api.path(api_paths.DEVICE_GROUPS), json_body={"name": name})
-    click.echo(f"Created device group {name}.")
-
-
-def _change_members(api: Api, method: str, name: str, devices: tuple[str, ...]) -> int:
-    """Add (POST) or remove (DELETE) DEVICES, all of them or none; the members left."""
-    result = api.request(
-        method,
-        api.path(api_paths.DEVICE_GROUP_DEVICES, group=name),
-        json_body={"devices": list(devices)},
-    ).json()
-    return len(result["devices"])
-
-
-@device_groups.command()
-@click.argument("name")
-@click.argument("devices", nargs=-1, required=True)
-@with_api
-def add(api: Api, name: str, devices: tuple[str, ...]) -> None:
-    """Add DEVICES (names or ids) to group NAME: all of them, or none if one is unknown
-    or a CI device (waves roll out to production devices only)."""
-    click.echo(f"Group {name} has {_change_members(api, 'POST', name, devices)} device(s).")
-
-
-@device_groups.command()
-@click.argument("name")
-@click.argument("devices", nargs=-1, required=True)
-@with_api
-def remove(api: Api, name: str, devices: tuple[str, ...]) -> None:
-    """Remove DEVICES (names or ids) from group NAME: all of them, or none if one is not
-    a member. The devices keep what waves served them. To remove the group itself:
-    `tufa device-groups delete NAME`.
-
-    \b
-    Example:
-      tufa device-groups remove beta-testers field-unit-2
-    """
-    left = _change_members(api, "DELETE", name, devices)
-    click.echo(f"Group {name} has {left} device(s).")
-
-
-@device_groups.command("delete")
-@click.argument("name")
-@json_option
-@with_api
-def delete_group(api: Api, name: str, as_json: bool) -> None:
-    """Delete group NAME. Its devices stay registered, and keep what waves served them.
-
-    \b
-    Example:
-      tufa device-groups delete beta-testers
-    """
-    deleted = api.request("DELETE", api.path(api_paths.DEVICE_GROUP, group=name)).json()
-    if as_json:
-        print_json(deleted)
-        return
-    click.echo(f"Deleted device group {name} ({len(deleted['devices_left'])} device(s) in it).")
-
-
-@device_groups.command("list")
-@json_option
-@with_api
-def list_groups(api: Api, as_json: bool) -> None:
-    """List device groups with how many devices each has (`--json`: their ids). The
-    members themselves, by name: `tufa device-groups show NAME`."""
-    print_records(
-        api.get_json(api.path(api_paths.DEVICE_GROUPS)),
-        as_json,
-        ("name", "devices", "created"),
-        lambda g: (g["name"], str(len(g["devices"])), g["created_at"]),
-    )
-
-
-@device_groups.command("show")
-@click.argument("name")
-@json_option
-@with_api
-def show_group(api: Api, name: str, as_json: bool) -> None:
-    """Show group NAME and its members: name, id, hardware id, tag, installed version.
-
-    \b
-    Example:
-      tufa device-groups show beta-testers
-    """
-    group = api.get_json(api.path(api_paths.DEVICE_GROUP, group=name))
-    if as_json:
-        print_json(group)
-        return
-    click.echo(f"Device group {group['name']}, created {group['created_at']}.")
-    if not group["members"]:
-        click.echo("No devices: add some with `tufa device-groups add NAME DEVICE...`.")
-        return
-    print_table(
-        ("name", "id", "hardware id", "tag", "installed", "status"),
-        (
-            (
-                plain_cell(m["name"]),
-                m["id"],
-                plain_cell(m["hardware_id"]),
-                plain_cell(m["tag"]),
-                plain_cell(m["installed_version"]),
-                "revoked" if m["revoked_at"] else "active",
-            )
-            for m in group["members"]
-        ),
-        title=f"{len(group['members'])} device(s)",
-    )

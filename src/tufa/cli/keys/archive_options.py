@@ -19,7 +19,7 @@ from tufa.cli.client import Api
 from tufa.core.archive import ArchiveError, ArchiveKey, OfflineArchive
 from tufa.core.files import write_private_file
 from tufa.core.keys import KeyType
-from tufa.core.metadata import Channel
+from tufa.core.metadata import ROOT, Channel
 
 KEY_TYPE_OPTION = click.option(
     "--key-type",
@@ -69,6 +69,13 @@ def store_served_roots(api: Api, archive: OfflineArchive) -> None:
 def halves_json(key: ArchiveKey) -> dict[Channel, str]:
     """A root key's key ids as --json prints them: one per channel."""
     return {channel: key.half(channel).keyid for channel in Channel}
+
+
+def new_key_json(key: ArchiveKey, archive: Path) -> dict[str, object]:
+    """A key a command generated into `archive`, as --json prints it (a root key's id
+    is its CI half's; `keyids` gives both halves)."""
+    keyids: object = halves_json(key) if key.role == ROOT else key.keyid
+    return {"role": key.role, "keyid": key.keyid, "keyids": keyids, "archive": str(archive)}
 
 
 def refuse_existing(path: Path) -> None:

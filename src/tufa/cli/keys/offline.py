@@ -20,7 +20,7 @@ from tufa.cli.keys.archive_options import (
     refuse_existing,
     write_new_file,
 )
-from tufa.cli.keys.root_update import RootUpdate, print_status
+from tufa.cli.keys.root_update import RootUpdate, print_status, signature_count, update_json
 from tufa.cli.output import json_option, print_json
 from tufa.core.archive import ArchiveError, OfflineArchive
 from tufa.core.backup import MAX_BACKUP_CHARS, BackupError, parse_backup, render_backup
@@ -270,7 +270,8 @@ def restore(file: Path, out: Path, as_json: bool) -> None:
 @click.command("sign-file")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @archive_option()
-def sign_file(file: Path, archive: Path) -> None:
+@json_option
+def sign_file(file: Path, archive: Path, as_json: bool) -> None:
     """Sign an exported root update FILE with ARCHIVE's keys, without a server.
 
     \b
@@ -282,5 +283,16 @@ def sign_file(file: Path, archive: Path) -> None:
     update.add_signatures(payload)
     assert update.factory is not None
     update.save(file, update.factory)
+    if as_json:
+        print_json(
+            {
+                "file": str(file),
+                "archive": str(archive),
+                "factory": update.factory,
+                "signatures_added": signature_count(payload),
+                **update_json(update),
+            }
+        )
+        return
     click.echo(f"Signed {file} with {archive}.")
     print_status(update)

@@ -24,6 +24,7 @@ from tufa.cli.client import Api
 from tufa.cli.output import console
 from tufa.core import api_paths
 from tufa.core.archive import ArchiveKey, OfflineArchive
+from tufa.core.clock import iso
 from tufa.core.files import write_private_file
 from tufa.core.metadata import ROOT, TARGETS, Channel
 from tufa.core.root_update import (
@@ -290,8 +291,10 @@ def apply_update(api: Api) -> dict[str, Any]:
     return result
 
 
-def cancel_update(api: Api) -> None:
-    api.request("DELETE", api.path(api_paths.ROOT_UPDATE))
+def cancel_update(api: Api) -> dict[str, Any]:
+    """Drop the open update; the server's answer."""
+    result: dict[str, Any] = api.request("DELETE", api.path(api_paths.ROOT_UPDATE)).json()
+    return result
 
 
 def stage_new_online_keys(api: Api, roles: list[str], channels: list[Channel]) -> None:
@@ -326,9 +329,48 @@ def replace_offline_keys(staged: StagedRoots, role: str, old: list[str], new: Ar
         remove_offline_key_from(staged, role, keyid)
 
 
-def print_status(update: RootUpdate, *, prod_only: bool = False) -> None:
+def signature_count(payload: SignaturePayload) -> int:
+    return sum(len(s) for s in payload["roots"].values()) + sum(
+        len(s) for s in payload["prod_targets"].values()
+    )
+
+
+def staged_changes(update: RootUpdate, channel: Channel) -> list[str]:
+    """What the staged root of `channel` changes against the current one, a line each."""
+    old, new = update.current(channel).signed, update.staged(channel).signed
+    lines = [f"version {old.version} -> {new.version}"]
+    if old.expires != new.expires:
+        lines.append(f"expires {iso(old.expires)} -> {iso(new.expires)}")
+    for role in new.roles:
+        before, after = set(old.roles[role].keyids), set(new.roles[role].keyids)
+        lines += [f"{role}: + key {k} ({new.keys[k].keytype})" for k in sorted(after - before)]
+        lines += [f"{role}: - key {k}" for k in sorted(before - after)]
+        if old.roles[role].threshold != new.roles[role].threshold:
+            lines.append(
+                f"{role}: threshold {old.roles[role].threshold} -> {new.roles[role].threshold}"
+            )
+    return lines
+
+
+def update_json(update: RootUpdate, channels: list[Channel] | None = None) -> dict[str, Any]:
+    """The update as every `--json` of a root update command prints it (`review`'s shape):
+    its message, each channel's staged changes and signing status, the re-signed
+    production targets' status, and whether it is signed enough to apply."""
+    status = update.status()
+    return {
+        "message": update.data["message"],
+        "channels": {
+            c: {"status": status["roots"][c], "changes": staged_changes(update, c)}
+            for c in channels or list(Channel)
+        },
+        "prod_targets": status["prod_targets"],
+        "ready": update.ready(),
+    }
+
+
+def print_status(update: RootUpdate, *, prod_only: bool = False, stderr: bool = False) -> None:
     """Who has signed what, and who still can, for people (`review --json` for scripts)."""
-    out = console()
+    out = console(stderr=stderr)
     status = update.status()
     for channel in Channel:
         if prod_only and channel is not Channel.PROD:

@@ -17,7 +17,12 @@ from typing import Any
 import click
 
 from tufa.cli.client import Api, with_api
-from tufa.cli.keys.archive_options import KEY_TYPE_OPTION, load_archive, store_served_roots
+from tufa.cli.keys.archive_options import (
+    KEY_TYPE_OPTION,
+    load_archive,
+    new_key_json,
+    store_served_roots,
+)
 from tufa.cli.keys.root_update import (
     RootUpdate,
     apply_update,
@@ -25,6 +30,7 @@ from tufa.cli.keys.root_update import (
     print_status,
     replace_offline_keys,
 )
+from tufa.cli.output import json_option, print_json, warn
 from tufa.core import api_paths
 from tufa.core.archive import ArchiveKey, OfflineArchive, generate_root_key
 from tufa.core.crashpoints import crashpoint
@@ -46,28 +52,30 @@ def _start(api: Api, message: str) -> None:
                 f"another root update is open ({left.data['message']!r}); apply it "
                 "(`tufa keys updates apply`) or cancel it (`tufa keys updates cancel`) first"
             )
-        click.echo("Cancelling the update an interrupted run left open.")
+        click.echo("Cancelling the update an interrupted run left open.", err=True)
         cancel_update(api)
     RootUpdate.open(api, message)
 
 
 def _finish(
     api: Api, archive_path: Path, held: OfflineArchive, update: RootUpdate, step: str
-) -> None:
-    """Sign with the archive, apply if that is enough, save the new roots into it."""
+) -> int:
+    """Sign with the archive, apply if that is enough, save the new roots into it; the
+    root version both channels serve now."""
     signed = RootUpdate.upload_signatures(api, update.sign_with(held))
     crashpoint(f"{step}:signed")
     if not signed.ready():
-        print_status(signed)
+        print_status(signed, stderr=True)
         raise click.ClickException(
             "the update is staged and signed with this archive, but needs more signatures: "
             "other key holders run `tufa keys updates sign -k THEIR.tgz`, then "
             "`tufa keys updates apply`"
         )
-    apply_update(api)
+    root_version: int = apply_update(api)["root_version"]
     crashpoint(f"{step}:applied")
     store_served_roots(api, held)
     held.save(archive_path)
+    return root_version
 
 
 def _current_root(api: Api, archive: Path, held: OfflineArchive) -> dict[str, Any]:
@@ -118,8 +126,9 @@ def _rotate(
     held: OfflineArchive,
     new: ArchiveKey,
     replaced: list[str],
-) -> None:
-    """Put the new key in place of `replaced`, the key saved into the archive first."""
+) -> int:
+    """Put the new key in place of `replaced`, the key saved into the archive first; the
+    new root version."""
     step = f"rotate-{new.role}"
     _start(api, step)
     crashpoint(f"{step}:opened")
@@ -132,14 +141,15 @@ def _rotate(
         resign_prod_targets=new.role == TARGETS,
     )
     crashpoint(f"{step}:staged")
-    _finish(api, archive, held, update, step)
+    return _finish(api, archive, held, update, step)
 
 
 @click.command("rotate-root")
 @ARCHIVE_ARGUMENT
 @KEY_TYPE_OPTION
+@json_option
 @with_api
-def rotate_root(api: Api, archive: Path, key_type: str) -> None:
+def rotate_root(api: Api, archive: Path, key_type: str, as_json: bool) -> None:
     """Replace ARCHIVE's root key with a new one (both channels, root version + 1).
 
     The new key is generated here and saved into ARCHIVE first: a pair of keys, one for
@@ -157,7 +167,17 @@ def rotate_root(api: Api, archive: Path, key_type: str) -> None:
     trusted = _current_root(api, archive, held)["roles"][ROOT]["keyids"]
     old = [k.keyid for k in held.keys_for(ROOT) if k.ci.keyid in trusted]
     new = generate_root_key(KeyType(key_type))
-    _rotate(api, archive, held, new, old)
+    root_version = _rotate(api, archive, held, new, old)
+    if as_json:
+        print_json(
+            {
+                "root_version": root_version,
+                "old_keyids": old,
+                "new_key": new_key_json(new, archive),
+            }
+        )
+        warn(f"back {archive} up now: it is the only copy of the new root key")
+        return
     click.echo(f"Rotated the root key: {', '.join(old)} -> {new.label()}")
     click.echo(
         f"The new root private key is keys/{new.name}.ci.sec with keys/{new.name}.prod.sec "
@@ -169,8 +189,9 @@ def rotate_root(api: Api, archive: Path, key_type: str) -> None:
 @click.command("rotate-targets")
 @ARCHIVE_ARGUMENT
 @KEY_TYPE_OPTION
+@json_option
 @with_api
-def rotate_targets(api: Api, archive: Path, key_type: str) -> None:
+def rotate_targets(api: Api, archive: Path, key_type: str, as_json: bool) -> None:
     """Replace the offline targets key (production releases) with a new one.
 
     The new key goes into ARCHIVE first; the CI root lists it with the online key
@@ -206,6 +227,15 @@ def rotate_targets(api: Api, archive: Path, key_type: str) -> None:
     replaced = mine or offline
     pair = KeyPair.generate(KeyType(key_type))
     new = ArchiveKey.shared(TARGETS, f"{TARGETS}-{pair.keyid}", pair)
-    _rotate(api, archive, held, new, replaced)
+    root_version = _rotate(api, archive, held, new, replaced)
+    if as_json:
+        print_json(
+            {
+                "root_version": root_version,
+                "old_keyids": replaced,
+                "new_key": new_key_json(new, archive),
+            }
+        )
+        return
     click.echo(f"Rotated the offline targets key: {', '.join(replaced)} -> {new.keyid}")
     click.echo("Production targets were re-signed with it in the same change.")

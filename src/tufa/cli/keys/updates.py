@@ -20,6 +20,7 @@ from tufa.cli.keys.archive_options import (
     KEY_TYPE_OPTION,
     archive_option,
     load_archive,
+    new_key_json,
     store_served_roots,
 )
 from tufa.cli.keys.root_update import (
@@ -30,7 +31,10 @@ from tufa.cli.keys.root_update import (
     print_status,
     remove_offline_key_from,
     replace_offline_keys,
+    signature_count,
     stage_new_online_keys,
+    staged_changes,
+    update_json,
 )
 from tufa.cli.output import json_option, print_json
 from tufa.core.archive import ArchiveKey, OfflineArchive, generate_root_key
@@ -61,22 +65,6 @@ def updates() -> None:
       tufa keys updates review
       tufa keys updates apply
     """
-
-
-def _diff(update: RootUpdate, channel: Channel) -> list[str]:
-    old, new = update.current(channel).signed, update.staged(channel).signed
-    lines = [f"version {old.version} -> {new.version}"]
-    if old.expires != new.expires:
-        lines.append(f"expires {iso(old.expires)} -> {iso(new.expires)}")
-    for role in new.roles:
-        before, after = set(old.roles[role].keyids), set(new.roles[role].keyids)
-        lines += [f"{role}: + key {k} ({new.keys[k].keytype})" for k in sorted(after - before)]
-        lines += [f"{role}: - key {k}" for k in sorted(before - after)]
-        if old.roles[role].threshold != new.roles[role].threshold:
-            lines.append(
-                f"{role}: threshold {old.roles[role].threshold} -> {new.roles[role].threshold}"
-            )
-    return lines
 
 
 @updates.command()
@@ -113,36 +101,38 @@ def review(api: Api, prod: bool, diff: bool, as_json: bool) -> None:
     update = RootUpdate.fetch(api)
     channels = [Channel.PROD] if prod else list(Channel)
     if as_json:
-        status = update.status()
-        print_json(
-            {
-                "message": update.data["message"],
-                "channels": {
-                    c: {"status": status["roots"][c], "changes": _diff(update, c)} for c in channels
-                },
-                "prod_targets": status["prod_targets"],
-            }
-        )
+        print_json(update_json(update, channels))
         return
     click.echo(f"Root update {update.data['message']!r} opened {update.data['created_at']}")
     if diff:
         for channel in channels:
             click.echo(f"{channel} root changes:")
-            for line in _diff(update, channel):
+            for line in staged_changes(update, channel):
                 click.echo(f"  {line}")
     print_status(update, prod_only=prod)
 
 
 def _edit(
-    api: Api, change: Callable[[StagedRoots], None], *, resign: bool = False, what: str
+    api: Api,
+    change: Callable[[StagedRoots], None],
+    as_json: bool,
+    *,
+    resign: bool = False,
+    what: str,
+    **more: object,
 ) -> None:
+    """Stage `change`; with --json print the update as `review --json` shows it, with
+    `staged` (the change in words) and `more` (what the command made) added."""
     update = RootUpdate.fetch(api).edit(api, change, resign_prod_targets=resign)
+    if as_json:
+        print_json({"staged": what, **more, **update_json(update)})
+        return
     click.echo(f"Staged: {what}.")
     print_status(update)
 
 
 def _generate_into(
-    archive: OfflineArchive, archive_path: Path, role: str, key_type: str
+    archive: OfflineArchive, archive_path: Path, role: str, key_type: str, as_json: bool
 ) -> ArchiveKey:
     """A new key (for a root key, a pair: one half per channel), saved into the archive
     before anything uses it."""
@@ -151,7 +141,7 @@ def _generate_into(
     else:
         key = archive.add_key(role, KeyPair.generate(KeyType(key_type)))
     archive.save(archive_path)
-    click.echo(f"New {role} key {key.label()} saved in {archive_path}.")
+    click.echo(f"New {role} key {key.label()} saved in {archive_path}.", err=as_json)
     return key
 
 
@@ -159,8 +149,9 @@ def _generate_into(
 @ROLE_OPTION
 @archive_option(exists=False, help="Archive to hold the new key (created if it does not exist).")
 @KEY_TYPE_OPTION
+@json_option
 @with_api
-def add_offline_key(api: Api, role: str, archive: Path, key_type: str) -> None:
+def add_offline_key(api: Api, role: str, archive: Path, key_type: str, as_json: bool) -> None:
     """Generate a new offline key into ARCHIVE and add it to the staged roots.
 
     ARCHIVE is created if it does not exist: a new key holder's own archive. A root key
@@ -175,21 +166,24 @@ def add_offline_key(api: Api, role: str, archive: Path, key_type: str) -> None:
         held = load_archive(archive, api.factory)
     else:
         held = OfflineArchive(factory=api.factory)
-        click.echo(f"Creating {archive}, a new archive for factory {api.factory!r}.")
-    key = _generate_into(held, archive, role, key_type)
+        click.echo(f"Creating {archive}, a new archive for factory {api.factory!r}.", err=as_json)
+    key = _generate_into(held, archive, role, key_type, as_json)
     _edit(
         api,
         lambda staged: add_offline_key_to(staged, key),
+        as_json,
         resign=role == TARGETS,
         what=f"add {role} key {key.keyid}",
+        new_key=new_key_json(key, archive),
     )
 
 
 @updates.command("delete-offline-key")
 @ROLE_OPTION
 @click.option("--key-id", required=True, help="Key id to remove (for a root key, either half).")
+@json_option
 @with_api
-def delete_offline_key(api: Api, role: str, key_id: str) -> None:
+def delete_offline_key(api: Api, role: str, key_id: str, as_json: bool) -> None:
     """Remove an offline key from the staged roots (a root key: both of its halves).
 
     \b
@@ -205,6 +199,7 @@ def delete_offline_key(api: Api, role: str, key_id: str) -> None:
     _edit(
         api,
         lambda staged: remove_offline_key_from(staged, role, key_id),
+        as_json,
         resign=role == TARGETS,
         what=f"remove {role} key {key_id}",
     )
@@ -215,9 +210,10 @@ def delete_offline_key(api: Api, role: str, key_id: str) -> None:
 @ARCHIVE_OPTION
 @click.option("--key-id", help="Key to replace, when the archive holds several of the role.")
 @KEY_TYPE_OPTION
+@json_option
 @with_api
 def rotate_offline_key(
-    api: Api, role: str, archive: Path, key_id: str | None, key_type: str
+    api: Api, role: str, archive: Path, key_id: str | None, key_type: str, as_json: bool
 ) -> None:
     """Replace ARCHIVE's offline key of a role with a new one, in archive and roots.
 
@@ -239,20 +235,24 @@ def rotate_offline_key(
             f"{archive} must hold exactly one {role} key of the staged roots to rotate "
             f"(found: {found}); name it with --key-id"
         )
-    key = _generate_into(held, archive, role, key_type)
+    key = _generate_into(held, archive, role, key_type, as_json)
     _edit(
         api,
         lambda staged: replace_offline_keys(staged, role, candidates, key),
+        as_json,
         resign=role == TARGETS,
         what=f"replace {role} key {candidates[0]} with {key.keyid}",
+        replaced_keyid=candidates[0],
+        new_key=new_key_json(key, archive),
     )
 
 
 @updates.command("set-threshold")
 @click.option("-r", "--role", required=True, type=click.Choice(OFFLINE_ROLES))
 @click.argument("threshold", type=click.IntRange(min=1))
+@json_option
 @with_api
-def set_threshold(api: Api, role: str, threshold: int) -> None:
+def set_threshold(api: Api, role: str, threshold: int, as_json: bool) -> None:
     """Set how many signatures a role needs (targets: the production threshold).
 
     The CI targets threshold stays 1; the production one counts the online key, so it
@@ -270,6 +270,7 @@ def set_threshold(api: Api, role: str, threshold: int) -> None:
     _edit(
         api,
         lambda staged: staged.set_threshold(role, threshold),
+        as_json,
         resign=role == TARGETS,
         what=f"{role} threshold {threshold}",
     )
@@ -290,8 +291,11 @@ def set_threshold(api: Api, role: str, threshold: int) -> None:
     show_default=True,
     help="Whose online keys to replace; each channel gets keys of its own.",
 )
+@json_option
 @with_api
-def rotate_online_key(api: Api, roles: str, channel: Literal["ci", "prod", "both"]) -> None:
+def rotate_online_key(
+    api: Api, roles: str, channel: Literal["ci", "prod", "both"], as_json: bool
+) -> None:
     """Have the server generate new online keys and stage them.
 
     Rotating the production online targets key re-signs production targets, which then
@@ -310,14 +314,21 @@ def rotate_online_key(api: Api, roles: str, channel: Literal["ci", "prod", "both
     update = RootUpdate.fetch(api)
     if TARGETS in chosen and Channel.PROD in channels:
         update = update.edit(api, lambda _staged: None, resign_prod_targets=True)
-    click.echo(f"Staged new online keys: {update.data['pending_online_keys']}")
+    pending = update.data["pending_online_keys"]
+    if as_json:
+        print_json(
+            {"staged": "new online keys", "pending_online_keys": pending, **update_json(update)}
+        )
+        return
+    click.echo(f"Staged new online keys: {pending}")
     print_status(update)
 
 
 @updates.command("extend-expiry")
 @click.option("--days", required=True, type=click.IntRange(1, 3650), help="Days from now.")
+@json_option
 @with_api
-def extend_expiry(api: Api, days: int) -> None:
+def extend_expiry(api: Api, days: int, as_json: bool) -> None:
     """Set both staged roots to expire DAYS from now.
 
     \b
@@ -325,13 +336,20 @@ def extend_expiry(api: Api, days: int) -> None:
       tufa keys updates extend-expiry --days 365
     """
     expires = utc_now() + timedelta(days=days)
-    _edit(api, lambda staged: staged.set_expiry(expires), what=f"expiry {iso(expires)}")
+    _edit(
+        api,
+        lambda staged: staged.set_expiry(expires),
+        as_json,
+        what=f"expiry {iso(expires)}",
+        expires=iso(expires),
+    )
 
 
 @updates.command()
 @ARCHIVE_OPTION
+@json_option
 @with_api
-def sign(api: Api, archive: Path) -> None:
+def sign(api: Api, archive: Path, as_json: bool) -> None:
     """Sign the staged roots (and re-signed production targets) with ARCHIVE's keys.
 
     \b
@@ -340,12 +358,13 @@ def sign(api: Api, archive: Path) -> None:
     """
     update = RootUpdate.fetch(api)
     payload = update.sign_with(load_archive(archive, api.factory))
-    count = sum(len(s) for s in payload["roots"].values()) + sum(
-        len(s) for s in payload["prod_targets"].values()
-    )
+    count = signature_count(payload)
     if not count:
         raise click.ClickException(f"{archive} holds no key that may sign this update")
     after = RootUpdate.upload_signatures(api, payload)
+    if as_json:
+        print_json({"archive": str(archive), "signatures_added": count, **update_json(after)})
+        return
     click.echo(f"Added {count} signature(s) from {archive}.")
     print_status(after)
 
@@ -373,17 +392,22 @@ def apply(api: Api, archive: Path | None, as_json: bool) -> None:
 
 
 @updates.command()
+@json_option
 @with_api
-def cancel(api: Api) -> None:
+def cancel(api: Api, as_json: bool) -> None:
     """Drop the open update (pending online keys are discarded)."""
-    cancel_update(api)
+    result = cancel_update(api)
+    if as_json:
+        print_json(result)
+        return
     click.echo("Cancelled the open root update.")
 
 
 @updates.command("export")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@json_option
 @with_api
-def export_update(api: Api, file: Path) -> None:
+def export_update(api: Api, file: Path, as_json: bool) -> None:
     """Write what must be signed to FILE, for an air-gapped machine.
 
     \b
@@ -392,18 +416,33 @@ def export_update(api: Api, file: Path) -> None:
       (on the offline machine)  tufa keys sign-file update.json -k owner.tgz
       tufa keys updates import update.json
     """
-    RootUpdate.fetch(api).save(file, api.factory)
+    update = RootUpdate.fetch(api)
+    update.save(file, api.factory)
+    if as_json:
+        print_json({"file": str(file), "factory": api.factory, **update_json(update)})
+        return
     click.echo(f"Wrote {file}; sign it with `tufa keys sign-file {file} -k ARCHIVE`.")
 
 
 @updates.command("import")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@json_option
 @with_api
-def import_update(api: Api, file: Path) -> None:
+def import_update(api: Api, file: Path, as_json: bool) -> None:
     """Upload the signatures that `tufa keys sign-file` added to FILE."""
     signed = RootUpdate.from_file(file)
     if signed.factory != api.factory:
         raise click.ClickException(f"{file} belongs to factory {signed.factory!r}")
-    after = RootUpdate.upload_signatures(api, signed.all_signatures())
+    payload = signed.all_signatures()
+    after = RootUpdate.upload_signatures(api, payload)
+    if as_json:
+        print_json(
+            {
+                "file": str(file),
+                "signatures_in_file": signature_count(payload),
+                **update_json(after),
+            }
+        )
+        return
     click.echo(f"Imported the signatures in {file}.")
     print_status(after)
