@@ -83,7 +83,7 @@ def test_a_revoked_agent_says_so_keeps_its_version_and_stops_asking(
         proxy.close()
     log = device.log()
     assert "check failed: credential revoked: this device credential was revoked on" in log, log
-    assert "registered again (`tufa-agent register`)" in log, log
+    assert "(`tufa-agent register --dir NEW_DIR`)" in log, log
     assert f"(device {device.name}; checking again in 4s)" in log, log
     assert "Traceback" not in log
     assert device.installed_version() == "42"

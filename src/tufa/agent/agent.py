@@ -400,9 +400,9 @@ def _describe(error: BaseException) -> str:
         if error.revoked:
             return (
                 f"credential revoked: {error.reason}. The device keeps running what it has "
-                "installed and gets no updates until it is registered again (`tufa-agent "
-                "register`), once a factory admin has deleted its old record (`tufa devices "
-                "delete`)"
+                "installed and gets no updates until it is registered again, as a new device "
+                "with a state directory of its own (`tufa-agent register --dir NEW_DIR`), "
+                "once a factory admin has deleted its old record (`tufa devices delete`)"
             )
         return (
             f"credential refused: {error.reason}. Check that the credential file in the "
