@@ -723,6 +723,10 @@ def test_prune_keeps_newest_per_hardware_id_and_tag(factory: Factory, tmp_path: 
     again = cli_json("targets", "prune", "--keep", "2", env=env)
     assert again == {"added": [], "unchanged": [], "removed": [], "targets_version": 4}
     assert served_targets(factory).version == 4
+    said = run_cli("targets", "prune", "--keep", "2", env=env)
+    assert (
+        said.stdout == "Nothing to remove: the CI targets are unchanged.\nCI targets version 4.\n"
+    )
 
     # keep < 1 is refused, by the CLI and by the API, changing nothing.
     state = dump_all_tables(factory.server)

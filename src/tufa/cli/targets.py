@@ -313,6 +313,8 @@ def _print_removed(result: dict[str, Any], as_json: bool) -> None:
         return
     for removed in result["removed"]:
         click.echo(f"Removed {removed} from CI targets.")
+    if not result["removed"]:
+        click.echo("Nothing to remove: the CI targets are unchanged.")
     click.echo(f"CI targets version {result['targets_version']}.")
 
 
