@@ -68,11 +68,24 @@ def make_db_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[
         _drop_pg_database(name)
 
 
+# Servers a test module started (all but the shared `server`s), stopped when it ends:
+# each PostgreSQL server holds its connections while it runs, and PostgreSQL takes 100.
+_module_servers: list[LocalServer] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_the_modules_servers() -> Iterator[None]:
+    yield
+    while _module_servers:
+        _module_servers.pop().stop()
+
+
 @pytest.fixture(scope="session")
 def make_server(
     tmp_path_factory: pytest.TempPathFactory, make_db_url: Callable[[str], str | None]
 ) -> Iterator[Callable[..., Server]]:
-    """Start a tufa-server process: make_server(backend, extra_args=(...), env={...})."""
+    """Start a tufa-server process: make_server(backend, extra_args=(...), env={...}). It
+    runs until the end of the test module (of the session, for_session=True)."""
     started: list[LocalServer] = []
 
     def make(
@@ -81,6 +94,8 @@ def make_server(
         env: dict[str, str] | None = None,
         db_url: str | None = None,
         data_dir: Path | None = None,
+        *,
+        for_session: bool = False,
     ) -> Server:
         data_dir = data_dir or tmp_path_factory.mktemp(f"server-{backend}") / "data"
         local = LocalServer(
@@ -92,6 +107,8 @@ def make_server(
         )
         local.start()
         started.append(local)
+        if not for_session:
+            _module_servers.append(local)
         return Server(local, backend)
 
     yield make
@@ -103,7 +120,7 @@ def make_server(
 def server(request: pytest.FixtureRequest, make_server: Callable[..., Server]) -> Server:
     """One shared server per backend; tests isolate themselves with their own factory."""
     backend: str = request.param
-    return make_server(backend)
+    return make_server(backend, for_session=True)
 
 
 @pytest.fixture
