@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TypeVar
 
 import click
+from rich import filesize
 from rich.console import Console, RenderableType
 from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, Task
 from rich.table import Table
@@ -84,12 +85,8 @@ class _AverageSpeed(ProgressColumn):
         elapsed = task.finished_time if task.finished else task.elapsed
         if not elapsed or not task.completed:
             return Text("")
-        speed = task.completed / elapsed
-        for unit in ("B", "kB", "MB", "GB"):
-            if speed < 1000 or unit == "GB":
-                return Text(f"{speed:.1f} {unit}/s", style="progress.data.speed")
-            speed /= 1000
-        raise AssertionError("unreachable")
+        speed = filesize.decimal(int(task.completed / elapsed))
+        return Text(f"{speed}/s", style="progress.data.speed")
 
 
 def transfer_progress(*, quiet: bool) -> Progress:

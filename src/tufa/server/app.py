@@ -78,7 +78,8 @@ class BodySizeLimit:
         else:
             limit = self.max_bytes
         message = f"request body is larger than the limit of {limit} bytes"
-        declared = dict(scope["headers"]).get(b"content-length")
+        request_headers = dict(scope["headers"])
+        declared = request_headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             headers = {"Connection": "close"}
             if declared.isdigit() and int(declared) <= _DRAINED_BYTES:
@@ -95,7 +96,7 @@ class BodySizeLimit:
         received = 0
         # A request without a body has nothing left to read; one with a body has until
         # its last part (or the client's disconnect) has been received.
-        finished = declared in (None, b"0") and b"transfer-encoding" not in dict(scope["headers"])
+        finished = declared in (None, b"0") and b"transfer-encoding" not in request_headers
 
         async def limited_receive() -> Message:
             nonlocal received, finished

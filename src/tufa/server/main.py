@@ -174,9 +174,10 @@ def duration_option(flag: str, default: str, help: str | None = None) -> Callabl
     envvar="TUFA_POLL_INVALIDATION",
     help="PostgreSQL only: how a process learns that a factory's credentials or metadata "
     "changed. 'query' reads it for every batch of polls, so a revocation holds from the "
-    "next request; 'notify' listens for changes (LISTEN/NOTIFY), about twice the polls "
-    "a second, but a poll within milliseconds of a change on another process may still "
-    "be answered as before it.",
+    "next request; 'notify' listens for changes (LISTEN/NOTIFY) and reads nothing while "
+    "nothing changed, more polls a second, but a poll that reaches another process "
+    "between a change's commit and its notification (milliseconds; at most about 3 s if "
+    "notifications are lost) is answered as before it.",
 )
 @click.option(
     "--metrics-token",

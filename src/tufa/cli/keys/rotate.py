@@ -78,6 +78,13 @@ def _finish(
     return root_version
 
 
+def _print_rotated(root_version: int, old: list[str], new: ArchiveKey, archive: Path) -> None:
+    """What `rotate-root` and `rotate-targets` print with --json."""
+    print_json(
+        {"root_version": root_version, "old_keyids": old, "new_key": new_key_json(new, archive)}
+    )
+
+
 def _current_root(api: Api, archive: Path, held: OfflineArchive) -> dict[str, Any]:
     """The served CI root, if `held` holds one of its root keys (both commands need one)."""
     current: dict[str, Any] = api.get_json(api.root_path(Channel.CI))
@@ -169,13 +176,7 @@ def rotate_root(api: Api, archive: Path, key_type: str, as_json: bool) -> None:
     new = generate_root_key(KeyType(key_type))
     root_version = _rotate(api, archive, held, new, old)
     if as_json:
-        print_json(
-            {
-                "root_version": root_version,
-                "old_keyids": old,
-                "new_key": new_key_json(new, archive),
-            }
-        )
+        _print_rotated(root_version, old, new, archive)
         warn(f"back {archive} up now: it is the only copy of the new root key")
         return
     click.echo(f"Rotated the root key: {', '.join(old)} -> {new.label()}")
@@ -229,13 +230,7 @@ def rotate_targets(api: Api, archive: Path, key_type: str, as_json: bool) -> Non
     new = ArchiveKey.shared(TARGETS, f"{TARGETS}-{pair.keyid}", pair)
     root_version = _rotate(api, archive, held, new, replaced)
     if as_json:
-        print_json(
-            {
-                "root_version": root_version,
-                "old_keyids": replaced,
-                "new_key": new_key_json(new, archive),
-            }
-        )
+        _print_rotated(root_version, replaced, new, archive)
         return
     click.echo(f"Rotated the offline targets key: {', '.join(replaced)} -> {new.keyid}")
     click.echo("Production targets were re-signed with it in the same change.")
