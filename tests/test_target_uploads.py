@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Factory, cli_env, run_cli, send
-from tests.test_ci_publishing import ci_env
+from tests.helpers import Factory, cli_env, create_factory, run_cli, send
+from tests.test_ci_publishing import ci_env, target, upload
 from tests.test_operations import scrape
 
 ADD = ("targets", "add", "fw-1", "--version", "1", "--hardware-id", "rpi4", "--tag", "main")
@@ -139,3 +139,30 @@ def test_a_check_takes_as_large_a_body_as_a_publish(factory: Factory) -> None:
     assert len(response.request.content) > 1 << 20
     assert response.status_code == 200, response.text[:300]
     assert len(response.json()["added"]) == 5000
+
+
+def test_a_check_tells_nothing_of_another_factorys_files(factory: Factory) -> None:
+    """ADR 0010: a file another factory uploaded is as missing to this one as a file
+    nobody has; the check answers both alike, and the other factory's own answer is
+    unaffected."""
+    other = create_factory(factory.server)
+    theirs, nobodys = secrets.token_bytes(4096), secrets.token_bytes(4096)
+    their_digest = upload(other, theirs)
+
+    def check(owner: Factory, data: bytes) -> dict[str, object]:
+        spec = target("probe", data, version="1")
+        response = send(
+            owner.server,
+            "POST",
+            owner.path("/targets/check"),
+            owner.admin_token,
+            json={"targets": [spec]},
+        )
+        assert response.status_code == 200, response.text
+        answer: dict[str, object] = response.json()
+        return answer
+
+    probed, unknown = check(factory, theirs), check(factory, nobodys)
+    assert probed == {"added": ["probe"], "unchanged": [], "missing_uploads": [their_digest]}
+    assert unknown == {**probed, "missing_uploads": [hashlib.sha256(nobodys).hexdigest()]}
+    assert check(other, theirs)["missing_uploads"] == []
