@@ -36,6 +36,7 @@ from tufa.agent.trust import VERIFICATION_ERRORS, ChannelGuard, open_updater, tr
 from tufa.core.bundle import BUNDLE_METADATA_URL, TARGETS_DIR, BundleFetcher, read_manifest
 from tufa.core.clock import now_iso
 from tufa.core.crashpoints import crashpoint
+from tufa.core.device_events import DOWNLOAD_ATTEMPTS
 from tufa.core.fetcher import BearerFetcher, CredentialRefused
 from tufa.core.http import api_client
 from tufa.core.metadata import Channel
@@ -203,11 +204,19 @@ class Agent:
             file = download(client, url, target, self.state.downloads)
         except AgentError as e:
             status = self.state.status()
-            # An outage can cut the same download at every check: say it once.
-            if not isinstance(e, DownloadFailed) or str(e) != status.last_error:
+            # An outage can cut the same download at every check: say it once, after the
+            # attempts a staged rollout's health gate counts (core.device_events).
+            attempts = status.download_failures.get(release.sha256, 0)
+            repeated = isinstance(e, DownloadFailed) and str(e) == status.last_error
+            if attempts < DOWNLOAD_ATTEMPTS or not repeated:
                 self.events.add("download-failed", release, str(e))
+                status.download_failures = {release.sha256: attempts + 1}
             self._record_error(status, e)
             raise
+        status = self.state.status()
+        if status.download_failures:
+            status.download_failures = {}
+            self.state.save_status(status)
         self.events.add("download-finished", release)
         return file
 

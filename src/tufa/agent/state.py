@@ -146,6 +146,8 @@ class AgentStatus:
     last_error: str | None = None
     reported: bool = False  # has the server heard of `installed`?
     reported_at: float | None = None  # when the last report was delivered (Unix time)
+    # Failed downloads reported of the release being downloaded: {sha256: count}.
+    download_failures: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, data: Any) -> Self:

@@ -15,3 +15,7 @@ EventKind = Literal[
     "check-failed",
 ]
 EVENT_KINDS: tuple[EventKind, ...] = get_args(EventKind)
+# A broken download counts as a failed install for a staged rollout's health gate once
+# a device has reported this many `download-failed` for the version: the agent tries
+# again at each check, so one failure may be a link that dropped once.
+DOWNLOAD_ATTEMPTS = 3
