@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,7 @@ wave-sign         401  401   403   401     401     403    403      401     401  
 wave-rollout      401  401   403   401     401     403    403      401     401     403      ok    403 403  403
 wave-complete     401  401   403   401     401     403    403      401     401     403      ok    403 403  403
 wave-cancel       401  401   403   401     401     403    403      401     401     403      ok    403 403  403
+wave-resume       401  401   403   401     401     403    403      401     401     403      ok    403 403  403
 groups-create     401  401   403   401     401     403    403      401     401     403      ok    403 403  403
 groups-list       401  401   403   401     401     403    403      401     401     403      ok    ok  ok   403
 group-add         401  401   403   401     401     403    403      401     401     403      ok    403 403  403
@@ -164,6 +166,7 @@ ROUTES = {
     "wave-rollout": ("POST", "/api/v1/factories/{factory}/waves/{name}/rollout"),
     "wave-complete": ("POST", "/api/v1/factories/{factory}/waves/{name}/complete"),
     "wave-cancel": ("POST", "/api/v1/factories/{factory}/waves/{name}/cancel"),
+    "wave-resume": ("POST", "/api/v1/factories/{factory}/waves/{name}/resume"),
     "groups-create": ("POST", "/api/v1/factories/{factory}/device-groups"),
     "groups-list": ("GET", "/api/v1/factories/{factory}/device-groups"),
     "group-add": ("POST", "/api/v1/factories/{factory}/device-groups/{group}/devices"),
@@ -206,6 +209,7 @@ FRESH_FACTORY = {
     "waves-create",
     "wave-complete",
     "wave-cancel",
+    "wave-resume",
     *(e for e in ROUTES if e.startswith("updates-")),
 }
 ERROR_CODES = {"401": "unauthorized", "403": "forbidden"}
@@ -419,6 +423,8 @@ class Tenant:
                 return "POST", path(f"/waves/{self._wave()}/signatures"), {"signatures": []}
             case "wave-rollout":
                 return "POST", path(f"/waves/{self._wave()}/rollout"), {"dry_run": True}
+            case "wave-resume":
+                return "POST", path(f"/waves/{self._halted_wave()}/resume"), None
             case "wave-complete" | "wave-cancel":
                 action = endpoint.removeprefix("wave-")
                 return "POST", path(f"/waves/{self._wave()}/{action}"), None
@@ -495,6 +501,26 @@ class Tenant:
             self._waved = True
         return "w1"
 
+    def _halted_wave(self) -> str:
+        """Wave w1 in a staged plan, halted by its one canary's failed install."""
+        wave, token = self._wave(), self.factory.admin_token
+        device = {"name": "a-canary", "hardware_id": "rpi4", "tag": "main", "channel": "prod"}
+        canary = self.admin("POST", "/devices", token=token, json=device)
+        plan = {"plan": ["1", "100%"], "min_reports": 1}
+        self.admin("POST", f"/waves/{wave}/rollout", token=token, json=plan)
+        failed = {"id": "1", "at": "2026-12-01T00:00:00Z", "kind": "install-failed"}
+        report = {"installed": None, "events": [{**failed, "version": "1", "detail": ""}]}
+        sent = send(
+            self.env.server, "POST", self.factory.path("/device-reports"), canary["credential"],
+            json=report,
+        )  # fmt: skip
+        assert sent.status_code == 200, sent.text
+        deadline = time.monotonic() + 30
+        while self.admin("GET", f"/waves/{wave}", token=token)["rollout"]["state"] != "halted":
+            assert time.monotonic() < deadline, "the plan did not halt"
+            time.sleep(0.1)
+        return wave
+
     def _publish(self) -> None:
         if self._published:
             return
@@ -538,7 +564,8 @@ def matrix_server(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> MatrixServer:
     clock = ClockFile(tmp_path_factory.mktemp("clock") / "offset")
-    server = make_server(request.param, extra_args=("--clock-offset-file", str(clock.path)))
+    extra = ("--clock-offset-file", str(clock.path), "--rollout-interval", "1s")
+    server = make_server(request.param, extra_args=extra)
     return MatrixServer(server, clock)
 
 

@@ -436,6 +436,8 @@ WITH_EXAMPLES = (
     ("waves", "init"),
     ("waves", "rollout"),
     ("waves", "sign"),
+    ("waves", "status"),
+    ("waves", "resume"),
 )
 
 

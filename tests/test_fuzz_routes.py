@@ -193,6 +193,7 @@ SPECS: dict[tuple[str, str], Spec] = {
     ),
     ("POST", f"{F}/waves/{{name}}/complete"): Spec(),
     ("POST", f"{F}/waves/{{name}}/cancel"): Spec(),
+    ("POST", f"{F}/waves/{{name}}/resume"): Spec(),
     ("POST", f"{F}/device-groups"): Spec(lambda _: {"name": "g-2"}),
     ("GET", f"{F}/device-groups"): Spec(),
     ("POST", f"{F}/device-groups/{{group}}/devices"): Spec(

@@ -13,6 +13,7 @@ from tuf.api.metadata import Metadata, Targets
 from tufa.cli.client import Api, with_api
 from tufa.cli.keys.archive_options import archive_option, load_archive
 from tufa.cli.output import json_option, print_json, print_record, print_records, warn
+from tufa.cli.wave_plans import echo_status, percentage, staged_rollout, status_row
 from tufa.core import api_paths
 from tufa.core.archive import OfflineArchive
 from tufa.core.command_help import WholeSentenceGroup
@@ -166,6 +167,26 @@ def sign(api: Api, name: str, archive: Path, as_json: bool) -> None:
 @click.argument("group", required=False)
 @click.option("--uuids", help="Device ids or names, comma-separated, or @FILE (one a line).")
 @click.option("--limit", help="At most this many devices (10) or this share (25%).")
+@click.option(
+    "--plan",
+    help="Stages the server serves by itself, e.g. 5%,25%,100% or beta-testers,50%,100%.",
+)
+@click.option("--soak", type=DURATION, help="With --plan: time each stage runs  [default: 30m]")
+@click.option(
+    "--max-failure-rate",
+    type=percentage,
+    help="With --plan: halt above this share of failures  [default: 5%]",
+)
+@click.option(
+    "--min-reports",
+    type=click.IntRange(min=1),
+    help="With --plan: reports needed before the rate halts or advances  [default: 20]",
+)
+@click.option(
+    "--silence",
+    type=DURATION,
+    help="With --plan: a device unheard of this long counts as failed  [default: 2h]",
+)
 @click.option("--dry-run", is_flag=True, help="Show the devices it would take, change nothing.")
 @json_option
 @with_api
@@ -175,17 +196,43 @@ def rollout(
     group: str | None,
     uuids: str | None,
     limit: str | None,
+    plan: str | None,
     dry_run: bool,
     as_json: bool,
+    **rules: Any,
 ) -> None:
-    """Serve wave NAME to more production devices of its tag.
+    """Serve wave NAME to more production devices of its tag: now, or stage by stage.
+
+    With --plan the server serves the first stage at once, then each next one after
+    --soak, while the health gate holds: of the devices served so far, failures
+    (failed installs, roll-backs, downloads failed three times, and devices silent
+    for --silence) over reports stay at most --max-failure-rate, counted once there
+    are --min-reports reports. On a breach the wave halts by itself; `tufa waves
+    status` says why, `resume` goes on and `cancel` stops. Stages count the devices
+    served in all: counts, shares of the tag's devices, or a device group first; the
+    last is 100%, after which the server completes the wave.
 
     \b
     Examples:
       tufa waves rollout release-43 beta-testers
       tufa waves rollout release-43 --uuids @canaries.txt
       tufa waves rollout release-43 --limit 25% --dry-run
+      tufa waves rollout release-43 --plan 5%,25%,100% --soak 30m --max-failure-rate 5%
+      tufa waves rollout release-43 --plan beta-testers,50%,100% --min-reports 5 --dry-run
     """
+    if plan is not None:
+        if group or uuids or limit:
+            raise click.UsageError(
+                "--plan chooses its devices: leave out GROUP, --uuids and --limit "
+                "(a group may be the plan's first stage)"
+            )
+        staged_rollout(api, name, plan, rules, dry_run, as_json)
+        _warn_of_server_generated_keys(api)
+        return
+    given = sorted(k for k, v in rules.items() if v is not None)
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise click.UsageError(f"{flags} go with --plan only")
     body: dict[str, Any] = {"dry_run": dry_run}
     if group:
         body["group"] = group
@@ -235,6 +282,21 @@ def complete(api: Api, name: str, as_json: bool) -> None:
 def cancel(api: Api, name: str, as_json: bool) -> None:
     """Stop wave NAME; devices that got it keep it until a newer release of their tag."""
     _finish(api, name, api_paths.WAVE_CANCEL, as_json)
+
+
+@_on_named_wave
+def resume(api: Api, name: str, as_json: bool) -> None:
+    """Go on with the halted staged rollout of wave NAME, after a look at why it halted.
+
+    Its current stage soaks again, and the health gate counts the failures reported
+    from now on.
+
+    \b
+    Examples:
+      tufa waves status release-43
+      tufa waves resume release-43
+    """
+    _finish(api, name, api_paths.WAVE_RESUME, as_json)
 
 
 @waves.command("list")
@@ -290,32 +352,26 @@ def status(api: Api, name: str | None, as_json: bool) -> None:
 
     Counts the devices served the wave, and of those the ones that report its version
     installed, and the ones that report it failed to install or rolled it back (and
-    run another version).
+    run another version). For a staged rollout also its state (soaking, advancing,
+    halted, completed or cancelled), its stage, the health gate, per stage the
+    devices served, installed, failed and silent, and why it halted. `--json` prints
+    a list: of one wave with NAME.
+
+    \b
+    Examples:
+      tufa waves status release-43
+      tufa waves status --json
     """
     found = (
         [api.get_json(api.path(api_paths.WAVE, name=name))]
         if name
         else [w for w in api.get_json(api.path(api_paths.WAVES)) if w["status"] == "active"]
     )
-    rows = [
-        {
-            "name": w["name"],
-            "status": w["status"],
-            "devices_served": w["devices_served"],
-            "devices_of_tag": w["devices_of_tag"],
-            "devices_installed": w["devices_installed"],
-            "devices_failed": w["devices_failed"],
-        }
-        for w in found
-    ]
+    rows = [status_row(w) for w in found]
     if as_json:
         print_json(rows)
         return
     if not rows:
         click.echo("No active wave.")
     for row in rows:
-        click.echo(
-            f"{row['name']} ({row['status']}): served to {row['devices_served']} of "
-            f"{row['devices_of_tag']} device(s) of its tag; installed on "
-            f"{row['devices_installed']}, failed on {row['devices_failed']}"
-        )
+        echo_status(row)

@@ -1,5 +1,5 @@
 """The ASGI application: routes, JSON errors, request size limits, request metrics, and
-the re-signer."""
+its background jobs (background.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import logging
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -33,12 +32,12 @@ from tufa.server.api import (
 from tufa.server.api.access_log import AccessLog
 from tufa.server.api.common import Endpoint, refuse_unstorable_params
 from tufa.server.api.poll import PollPath
+from tufa.server.background import background
 from tufa.server.errors import ApiError, api_error_handler, error_body, refused_handler
 from tufa.server.exceptions import Refused
-from tufa.server.metrics import RESIGNER, flush_poll_answers
+from tufa.server.metrics import flush_poll_answers
 from tufa.server.poll_notify import stamps_for
 from tufa.server.publishing import MAX_PUBLISH_BYTES
-from tufa.server.resigner import ResignerLock
 from tufa.server.state import ServerState
 
 log = logging.getLogger("tufa.server")
@@ -182,34 +181,6 @@ async def internal_error(_request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-async def resign_pass(state: ServerState) -> None:
-    try:
-        refreshed = await run_in_threadpool(state.repo.resign_due)
-        if refreshed:
-            log.info("re-signed online metadata of %d channel(s)", refreshed)
-    except Exception:
-        log.exception(
-            "re-signing pass failed; trying again in %ss",
-            state.settings.resign_interval.total_seconds(),
-        )
-
-
-async def _take_turn(lock: ResignerLock) -> bool:
-    held = await run_in_threadpool(lock.take)
-    RESIGNER.set(1 if held else 0)
-    return held
-
-
-async def _resign_forever(state: ServerState, lock: ResignerLock) -> None:
-    """Every interval, re-sign what is due, in the one process that holds the lock."""
-    if not await _take_turn(lock):
-        log.info("the background re-signer runs in another process; this one stands by")
-    while True:
-        await asyncio.sleep(state.settings.resign_interval.total_seconds())
-        if await _take_turn(lock):
-            await resign_pass(state)
-
-
 def create_app(state: ServerState, *, first_resign_pass: bool = True) -> ASGIApp:
     """The application. `first_resign_pass=False` for workers whose parent process
     already ran the start-up pass before starting them."""
@@ -217,25 +188,11 @@ def create_app(state: ServerState, *, first_resign_pass: bool = True) -> ASGIApp
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
-        task = None
-        lock = ResignerLock(state.db)
-        RESIGNER.set(0)
-        if state.settings.resign_enabled:
-            # The first pass runs before the server answers anything: after downtime no
-            # device is served a timestamp that had expired while the server was down.
-            # Every replica runs it (it is safe at once); only the loop takes turns.
-            if first_resign_pass:
-                await resign_pass(state)
-            task = asyncio.create_task(_resign_forever(state, lock))
-        log.info("startup complete: serving requests")
         try:
-            yield
+            async with background(state, first_resign_pass=first_resign_pass):
+                log.info("startup complete: serving requests")
+                yield
         finally:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            await run_in_threadpool(lock.release)
             flush_poll_answers()  # with several workers, the others still scrape its files
             await stamps.close()
             state.db.dispose()

@@ -22,6 +22,7 @@ from tufa.server.db import (
     device_group_members,
     devices,
     retired_credentials,
+    wave_devices,
 )
 from tufa.server.devices import NewDevice, add_device, device_row, find_device
 from tufa.server.principals import Principal, authenticate
@@ -140,6 +141,7 @@ def delete_device(
     ).scalar_one()
     conn.execute(delete(device_group_members).where(device_group_members.c.device_id == device.id))
     conn.execute(delete(device_events).where(device_events.c.device_id == device.id))
+    conn.execute(delete(wave_devices).where(wave_devices.c.device_id == device.id))
     conn.execute(delete(devices).where(devices.c.id == device.id))
     return device, int(events), groups
 

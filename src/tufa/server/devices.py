@@ -359,6 +359,25 @@ def served(conn: Connection, factory_id: int, view: str) -> set[str]:
     return {r.id for r in rows} | {r.name for r in rows}
 
 
+def served_ids(conn: Connection, factory_id: int, view: str) -> set[str]:
+    """Ids of the devices in the fleet (not revoked) served `view`."""
+    query = select(devices.c.id).where(
+        devices.c.factory_id == factory_id, devices.c.view == view, devices.c.revoked_at.is_(None)
+    )
+    return set(conn.execute(query).scalars())
+
+
+def production_count(conn: Connection, factory_id: int, tag: str) -> int:
+    """How many production devices of `tag` are in the fleet (not revoked)."""
+    query = select(func.count()).where(
+        devices.c.factory_id == factory_id,
+        devices.c.channel == Channel.PROD,
+        devices.c.tag == tag,
+        devices.c.revoked_at.is_(None),
+    )
+    return int(conn.execute(query).scalar_one())
+
+
 def serve(conn: Connection, device_ids: list[str], view: str) -> None:
     conn.execute(update(devices).where(devices.c.id.in_(device_ids)).values(view=view))
 

@@ -23,7 +23,8 @@ from tufa.core.files import default_database_url
 from tufa.core.keys import KeyType
 from tufa.server import ci_views
 from tufa.server import workers as worker_handover
-from tufa.server.app import create_app, resign_pass
+from tufa.server.app import create_app
+from tufa.server.background import resign_pass
 from tufa.server.blobs import BlobStore
 from tufa.server.db import Database, server_facts
 from tufa.server.repository import Repository
@@ -124,6 +125,9 @@ def duration_option(flag: str, default: str, help: str | None = None) -> Callabl
 @duration_option("--root-expiry", "365d", "Validity of roots the server creates.")
 @duration_option("--prod-targets-expiry", "365d")
 @duration_option("--resign-interval", "60s", "How often online metadata is checked for re-signing.")
+@duration_option(
+    "--rollout-interval", "15s", "How often staged rollouts are checked (to halt or advance)."
+)
 @click.option(
     "--no-resign",
     is_flag=True,
@@ -200,6 +204,7 @@ def run(
     root_expiry: timedelta,
     prod_targets_expiry: timedelta,
     resign_interval: timedelta,
+    rollout_interval: timedelta,
     no_resign: bool,
     clock_offset_file: Path | None,
     log_level: str,
@@ -258,6 +263,7 @@ def run(
         root_expiry=root_expiry,
         prod_targets_expiry=prod_targets_expiry,
         resign_interval=resign_interval,
+        rollout_interval=rollout_interval,
         resign_enabled=not no_resign,
         clock=OffsetClock(clock_offset_file) if clock_offset_file else Clock(),
         metrics_token_sha256=hashlib.sha256(metrics_token.encode()).hexdigest()

@@ -52,6 +52,8 @@ class Settings:
     # The re-signer wakes up this often and re-signs what has less than half its
     # validity period left, so a missed run or two never lets anything expire.
     resign_interval: timedelta = timedelta(minutes=1)
+    # How often the background task looks at staged rollouts, to halt or advance them.
+    rollout_interval: timedelta = timedelta(seconds=15)
     resign_enabled: bool = True
     max_body_bytes: int = 1024 * 1024
     max_blob_bytes: int = 16 * 1024**3

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Literal, TypedDict
 
 from tufa.server.devices import ReleaseProgress
+from tufa.server.rollout_health import RolloutJson
 
 WaveStatus = Literal["active", "complete", "cancelled"]
 
@@ -24,6 +25,8 @@ class WaveSummary(ReleaseProgress):
     expires: str
     created_at: str
     finished_at: str | None
+    # The staged plan it follows (`tufa waves rollout --plan`), or None.
+    rollout: RolloutJson | None
 
 
 class WaveJson(WaveSummary):

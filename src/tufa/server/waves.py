@@ -14,7 +14,6 @@ Which devices are served a wave, and how far it reached them, are queries of the
 
 from __future__ import annotations
 
-import math
 import re
 from datetime import timedelta
 from typing import Any, Final
@@ -28,9 +27,17 @@ from tufa.core.clock import iso
 from tufa.core.metadata import TARGETS, Channel, build_targets, expiry, to_bytes
 from tufa.core.selection import custom_of, tags_of, target_version, version_key
 from tufa.server import ci_views, devices
-from tufa.server.db import channels, targets, waves
+from tufa.server.db import channels, targets, wave_devices, waves
 from tufa.server.exceptions import Conflict, InvalidInput, NotFound, RuleViolated
 from tufa.server.publishing import refuse_oversized_targets
+from tufa.server.rollout_health import RolloutJson, rollout_json
+from tufa.server.rollout_plans import (
+    COMPLETED,
+    end_plan,
+    find_plan,
+    refuse_if_planned,
+    rollout_limit,
+)
 from tufa.server.signatures import verify_signature
 from tufa.server.state import ServerState
 from tufa.server.views import tag_view, wave_view
@@ -41,8 +48,6 @@ COMPLETE: Final = "complete"
 CANCELLED: Final = "cancelled"
 WAVE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MAX_EXPIRES_DAYS = 3650
-# A rollout's limit: a count (up to 999,999,999 devices), or a share in percent.
-_LIMIT = re.compile(r"([0-9]{1,9})|([0-9]{1,3}(?:\.[0-9]{1,6})?)%")
 PROD = Channel.PROD
 
 
@@ -253,8 +258,8 @@ class Waves:
         row = self._row(conn, factory_id, name)
         if row.status != ACTIVE:
             raise Conflict(f"wave {name!r} is {row.status}; only an active wave rolls out")
-        if not self._signed_enough(conn, factory_id, Metadata[Targets].from_bytes(row.targets)):
-            raise Conflict(f"wave {name!r} needs more offline signatures first (`tufa waves sign`)")
+        refuse_if_planned(conn, factory_id, name)
+        self.require_signed(conn, factory_id, row)
         candidates = devices.production_devices(
             conn,
             factory_id,
@@ -269,26 +274,52 @@ class Waves:
             unknown = sorted(set(device_ids) - matched - already)
             if unknown:
                 raise NotFound(f"not production devices of tag {row.tag!r}: {', '.join(unknown)}")
-        chosen = candidates[: _limit(limit, len(candidates))]
+        chosen = candidates[: rollout_limit(limit, len(candidates))]
         result: RolloutResult = {
             "wave": name,
             "devices": [{"id": d.id, "name": d.name} for d in chosen],
             "dry_run": dry_run,
         }
-        if dry_run or not chosen:
-            return result
-        devices.serve(conn, [d.id for d in chosen], wave_view(name))
+        if not dry_run:
+            self.serve(conn, factory_id, row, [d.id for d in chosen], stage=None)
+        return result
+
+    def require_signed(self, conn: Connection, factory_id: int, row: Any) -> None:
+        if not self._signed_enough(conn, factory_id, Metadata[Targets].from_bytes(row.targets)):
+            raise Conflict(
+                f"wave {row.name!r} needs more offline signatures first (`tufa waves sign`)"
+            )
+
+    def serve(
+        self,
+        conn: Connection,
+        factory_id: int,
+        row: Any,
+        device_ids: list[str],
+        stage: int | None,
+        publish: bool = True,
+    ) -> None:
+        """Serve the wave of `row` to these devices, by a stage of its plan or (None) by
+        the operator's choice, and record when (the health gate's silence clock).
+        `publish=False` records devices the wave already serves."""
+        if not device_ids:
+            return
+        now = self.state.settings.clock.now()
+        devices.serve(conn, device_ids, wave_view(row.name))
+        conn.execute(
+            insert(wave_devices),
+            [
+                {"factory_id": factory_id, "wave": row.name, "device_id": d}
+                | {"stage": stage, "served_at": now}
+                for d in device_ids
+            ],
+        )
         # The wave's snapshot and timestamp are published again with new numbers, higher
         # than any version the devices saw in the view they come from.
-        self.repo.publish_snapshot_and_timestamp(
-            conn,
-            factory_id,
-            PROD,
-            row.targets_version,
-            self.state.settings.clock.now(),
-            wave_view(name),
-        )
-        return result
+        if publish:
+            self.repo.publish_snapshot_and_timestamp(
+                conn, factory_id, PROD, row.targets_version, now, wave_view(row.name)
+            )
 
     def complete(self, conn: Connection, factory_id: int, name: str) -> WaveJson:
         """Make the wave the production targets of its tag, for every device of the tag."""
@@ -307,6 +338,7 @@ class Waves:
         )
         devices.serve_tag(conn, factory_id, row.tag, view)
         self._finish(conn, factory_id, name, COMPLETE)
+        end_plan(conn, factory_id, name, COMPLETED)
         return self.describe(conn, factory_id, name)
 
     def cancel(self, conn: Connection, factory_id: int, name: str) -> WaveJson:
@@ -315,6 +347,7 @@ class Waves:
         if row.status != ACTIVE:
             raise Conflict(f"wave {name!r} is {row.status}")
         self._finish(conn, factory_id, name, CANCELLED)
+        end_plan(conn, factory_id, name, CANCELLED)
         return self.describe(conn, factory_id, name)
 
     def _finish(self, conn: Connection, factory_id: int, name: str, status: WaveStatus) -> None:
@@ -375,7 +408,15 @@ class Waves:
             **devices.release_progress(conn, factory_id, row.tag, row.version, reached),
             "created_at": iso(row.created_at),
             "finished_at": iso(row.finished_at),
+            "rollout": self._rollout(conn, factory_id, row),
         }
+
+    def _rollout(self, conn: Connection, factory_id: int, row: Any) -> RolloutJson | None:
+        plan = find_plan(conn, factory_id, row.name)
+        if plan is None:
+            return None
+        now = self.state.settings.clock.now()
+        return rollout_json(conn, factory_id, row.name, row.version, plan, now)
 
     def list(self, conn: Connection, factory_id: int) -> list[WaveSummary]:
         rows = conn.execute(
@@ -404,18 +445,3 @@ def _refuse_oversized(tag: str, size: int) -> None:
         "leave old versions out of the wave with `tufa waves init NAME VERSION TAG -k ARCHIVE "
         "--prune V1,V2` (devices keep what they installed)",
     )
-
-
-def _limit(limit: str | None, available: int) -> int:
-    """How many of `available` devices a rollout's limit takes: a count ("10") or a
-    share ("25%", "2.5%"), in ASCII digits only (int() and float() would also take
-    a full-width "9", "1_000" and " 5")."""
-    if limit is None:
-        return available
-    match = _LIMIT.fullmatch(limit)
-    count, share = match.groups() if match else (None, None)
-    if share is not None and 0 < float(share) <= 100:
-        return math.ceil(available * float(share) / 100)
-    if count is not None and int(count) >= 1:
-        return int(count)
-    raise InvalidInput("'limit' must be a count such as 10 or a share such as 25%")

@@ -20,6 +20,7 @@ from tufa.server.api.json_schema import Schema
 from tufa.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from tufa.server.principals import Scope
 from tufa.server.publishing import LABEL, VERSION_LABEL, PublishCheck, PublishResult
+from tufa.server.rollouts import PlanPreview
 from tufa.server.root_updates.status import Applied, Cancelled, RootUpdateStatus
 from tufa.server.wave_shapes import RolloutResult, WaveJson, WaveSummary
 
@@ -378,7 +379,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         summary="Add offline signatures to a wave.",
     ),
     ("POST", p.WAVE_ROLLOUT): Operation(
-        RolloutResult,
+        RolloutResult | PlanPreview,
         ADMIN,
         body=_object(
             (),
@@ -386,9 +387,17 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
             devices=STRINGS,
             limit={"type": "string", "description": "a count ('10') or a share ('25%')"},
             dry_run={"type": "boolean"},
+            plan={
+                **STRINGS,
+                "description": "stages: counts ('20'), shares ('25%'), a group first; "
+                "ends with '100%'. Not with group, devices or limit.",
+            },
+            soak_seconds={"type": "integer", "minimum": 1},
+            max_failure_rate={"type": "number", "minimum": 0, "maximum": 100},
+            min_reports={"type": "integer", "minimum": 1},
+            silence_seconds={"type": "integer", "minimum": 1},
         ),
         errors=CONFLICT,
-        summary="Serve the wave to more devices: a group, a list, a count or a share.",
     ),
     ("POST", p.WAVE_COMPLETE): Operation(
         WaveJson, ADMIN, errors=CONFLICT, summary="Serve the wave to every device of its tag."
@@ -396,6 +405,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("POST", p.WAVE_CANCEL): Operation(
         WaveJson, ADMIN, errors=CONFLICT, summary="Stop the wave; its devices go back."
     ),
+    ("POST", p.WAVE_RESUME): Operation(WaveJson, ADMIN, errors=CONFLICT),
     ("POST", p.DEVICE_GROUPS): Operation(
         waves.GroupJson,
         ADMIN,

@@ -18,6 +18,18 @@ from tufa.server.api.fields import field, json_object, signature_list, string_li
 from tufa.server.errors import bad_request
 from tufa.server.principals import Scope
 from tufa.server.publishing import LABEL, NGCLIENT_TARGETS_MAX_LENGTH, VERSION_LABEL
+from tufa.server.rollout_plans import (
+    DEFAULT_MAX_FAILURE_RATE,
+    DEFAULT_MIN_REPORTS,
+    DEFAULT_SILENCE_SECONDS,
+    DEFAULT_SOAK_SECONDS,
+    HealthRules,
+    parse_share,
+    parse_stages,
+)
+from tufa.server.rollouts import Rollouts
+from tufa.server.state import ServerState
+from tufa.server.wave_shapes import WaveJson
 from tufa.server.waves import WAVE_NAME, Waves
 
 ADMIN = {Scope.ADMIN}
@@ -122,9 +134,13 @@ async def sign(request: Request) -> JSONResponse:
 
 
 async def rollout(request: Request) -> JSONResponse:
+    """Serve the wave to more devices: a group, a list, a count or a share; or, with
+    `plan`, stage by stage, each after `soak_seconds` while the health gate holds."""
     state, factory_id = await factory_caller(request, ADMIN)
     name = request.path_params["name"]
     data = await json_object(request)
+    if "plan" in data:
+        return await _staged_rollout(state, factory_id, name, data)
     group = field(data, "group", str, "") or None
     device_ids = string_list(data, "devices") if "devices" in data else None
     limit = field(data, "limit", str, "") or None
@@ -136,6 +152,45 @@ async def rollout(request: Request) -> JSONResponse:
             lambda c: waves.rollout(c, factory_id, name, group, device_ids, limit, dry_run),
         )
     )
+
+
+async def _staged_rollout(
+    state: ServerState, factory_id: int, name: str, data: dict[str, Any]
+) -> JSONResponse:
+    for manual in ("group", "devices", "limit"):
+        if manual in data:
+            raise bad_request(
+                f"field {manual!r} does not go with 'plan': a plan chooses its devices "
+                "(a group may be its first stage)"
+            )
+    stages = parse_stages(string_list(data, "plan"))
+    rate = parse_share(field(data, "max_failure_rate", str, DEFAULT_MAX_FAILURE_RATE))
+    rules = HealthRules(
+        soak_seconds=field(data, "soak_seconds", int, DEFAULT_SOAK_SECONDS),
+        max_failure_rate=rate,
+        min_reports=field(data, "min_reports", int, DEFAULT_MIN_REPORTS),
+        silence_seconds=field(data, "silence_seconds", int, DEFAULT_SILENCE_SECONDS),
+    )
+    dry_run = field(data, "dry_run", bool, False)
+    rollouts = Rollouts(state)
+    preview = await writing(
+        state, lambda c: rollouts.start(c, factory_id, name, stages, rules, dry_run)
+    )
+    return ok(preview)
+
+
+async def resume(request: Request) -> JSONResponse:
+    """Go on with a halted staged rollout: its stage soaks again, and the health gate
+    counts the failures reported from now on."""
+    state, factory_id = await factory_caller(request, ADMIN)
+    name = request.path_params["name"]
+    rollouts = Rollouts(state)
+
+    def resumed(conn: Connection) -> WaveJson:
+        rollouts.resume(conn, factory_id, name)
+        return rollouts.waves.describe(conn, factory_id, name)
+
+    return ok(await writing(state, resumed))
 
 
 def _on_named_wave(
@@ -262,6 +317,7 @@ routes = [
     *resource(api_paths.WAVE_ROLLOUT, POST=rollout),
     *resource(api_paths.WAVE_COMPLETE, POST=complete),
     *resource(api_paths.WAVE_CANCEL, POST=cancel),
+    *resource(api_paths.WAVE_RESUME, POST=resume),
     *resource(api_paths.DEVICE_GROUPS, POST=create_group, GET=list_groups),
     *resource(api_paths.DEVICE_GROUP, GET=show_group, DELETE=delete_group),
     *resource(api_paths.DEVICE_GROUP_DEVICES, POST=add_to_group, DELETE=remove_from_group),
