@@ -49,14 +49,7 @@ class _Story:
     ) -> str:
         """Run PROGRAM ARGS, echoing it; `fails` means the step is meant to be refused."""
         click.secho(f"$ {program} {shlex.join(shown or args)}", fg="green")
-        done = subprocess.run(
-            [console_script(program), *args],
-            cwd=self.workdir,
-            env={**os.environ, **self.env},
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        done = self.run(program, *args)
         output = (done.stdout + done.stderr).rstrip()
         if output:
             click.echo(output)
@@ -66,6 +59,29 @@ class _Story:
                 f"demo step `{program} {shlex.join(args)}` did not {expected}"
             )
         return done.stdout
+
+    def run(self, program: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """PROGRAM ARGS, quietly."""
+        return subprocess.run(
+            [console_script(program), *args],
+            cwd=self.workdir,
+            env={**os.environ, **self.env},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    def wait_for_rollout(self, wave: str, state: str, stage: int) -> None:
+        """Wait until the server's background task has moved WAVE's staged rollout on."""
+        deadline = time.monotonic() + WAIT_SECONDS
+        while True:
+            done = self.run("tufa", "waves", "status", wave, "--json")
+            rows = json.loads(done.stdout) if done.returncode == 0 else [{}]
+            if (rows[0].get("state"), rows[0].get("stage")) == (state, stage):
+                return
+            if time.monotonic() > deadline:
+                raise click.ClickException(f"wave {wave} did not reach {state} at stage {stage}")
+            time.sleep(0.5)
 
     def tufa(self, *args: str, fails: bool = False, shown: tuple[str, ...] | None = None) -> str:
         return self.command("tufa", *args, fails=fails, shown=shown)
@@ -239,6 +255,26 @@ def _run_story(story: _Story) -> None:
         closing="refused: field-unit-1 still runs the release, 42, and carries on",
     )
 
+    story.chapter("12. A staged rollout: the server goes on by itself while devices are well")
+    (story.workdir / "image-44.img").write_bytes(os.urandom(256 * 1024))
+    add = (
+        "targets", "add", "rpi4-image-44", "--version", "44", "--hardware-id", "rpi4",
+        "--tag", "main", "--file", "image-44.img", "--quiet", "--token",
+    )  # fmt: skip
+    story.tufa(*add, ci_token["token"], shown=(*add, "$CI_TOKEN"))
+    story.tufa("waves", "init", "release-44", "44", "main", "-k", "release-keys.tgz")
+    plan = ("waves", "rollout", "release-44", "--plan", "1,100%", "--soak", "3s")
+    story.tufa(*plan, "--min-reports", "1", "--dry-run")
+    story.tufa(*plan, "--min-reports", "1")
+    for device in ("field-unit-1", "field-unit-2"):
+        story.command("tufa-agent", "run", "--once", "--dir", f"devices/{device}")
+        if device == "field-unit-1":
+            story.tufa("waves", "status", "release-44")
+            story.say("its report holds the gate; after the soak the server serves stage 2")
+            story.wait_for_rollout("release-44", "soaking", 2)
+    story.wait_for_rollout("release-44", "completed", 2)
+    story.tufa("waves", "status", "release-44")
+
 
 def _status_command(story: _Story, device: str) -> dict[str, Any]:
     status: dict[str, Any] = json.loads(
@@ -325,8 +361,9 @@ def demo(data_dir: Path | None, keep_running: bool) -> None:
     creation, the one-time keys download, roots, tokens, devices registering with
     `tufa-agent`, the owner's key rotations, a root update transaction, CI builds
     installed by a development device's agent, a wave to production agents, a device
-    refusing an impostor server, and a production device refusing the CI channel's
-    genuine files. Exits non-zero if any step misbehaves.
+    refusing an impostor server, a production device refusing the CI channel's
+    genuine files, and a staged rollout the server advances by itself. Exits non-zero
+    if any step misbehaves.
     """
     if keep_running and data_dir is None:
         raise click.UsageError("--keep-running needs --data-dir, so the data outlives the demo")
@@ -336,6 +373,7 @@ def demo(data_dir: Path | None, keep_running: bool) -> None:
             data_dir or workdir / "server",
             operator_token=f"tufa_{secrets.token_urlsafe(32)}",
             log_path=workdir / "server.log",
+            extra_args=("--rollout-interval", "1s"),
         )
         click.secho(
             f"Starting tufa-server on {server.url} (SQLite in {server.data_dir})", bold=True
