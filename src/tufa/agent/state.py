@@ -146,6 +146,7 @@ class AgentStatus:
     last_error: str | None = None
     reported: bool = False  # has the server heard of `installed`?
     reported_at: float | None = None  # when the last report was delivered (Unix time)
+    reported_timestamp: int | None = None  # the verified timestamp version it carried
 
     @classmethod
     def from_json(cls, data: Any) -> Self:
