@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import uuid
 from pathlib import Path
@@ -94,8 +95,8 @@ def send_reports(
         }
         if verified is not None:
             body["timestamp"] = verified
-        if poll_interval is not None:
-            body["poll_interval"] = poll_interval
+        if poll_interval is not None:  # whole seconds: the server takes no fractions
+            body["poll_interval"] = math.ceil(poll_interval)
         try:
             response = client.post(url, json=body)
         except httpx.HTTPError as e:

@@ -254,7 +254,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                 ],
                 "description": "the timestamp the device verified last",
             },
-            poll_interval={"type": ["number", "null"], "minimum": 0},
+            poll_interval={"type": ["integer", "null"], "minimum": 0},
         ),
     ),
     ("GET", p.METADATA_FILE): Operation(

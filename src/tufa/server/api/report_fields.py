@@ -3,7 +3,6 @@ and form: a 400 naming the field when it is wrong, never a 500 from what a devic
 
 from __future__ import annotations
 
-import math
 import re
 from datetime import UTC, datetime
 from typing import Any, TypeGuard
@@ -142,18 +141,14 @@ def verified(data: dict[str, Any]) -> Verified:
         )
     interval = data.get("poll_interval")
     if interval is not None:
-        if not _number(interval) or not 0 <= interval <= MAX_POLL_INTERVAL:
+        if not _integer(interval) or not 0 <= interval <= MAX_POLL_INTERVAL:
             raise bad_request(
-                f"field 'poll_interval' must be a number of seconds from 0 to "
+                f"field 'poll_interval' must be a whole number of seconds from 0 to "
                 f"{MAX_POLL_INTERVAL}, or null"
             )
-        found["poll_interval"] = math.ceil(interval)
+        found["poll_interval"] = interval
     return found
 
 
 def _integer(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(value: Any) -> TypeGuard[int | float]:
-    return _integer(value) or (isinstance(value, float) and math.isfinite(value))
