@@ -14,6 +14,7 @@ backends: the rule is SQL of its own on each.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -48,11 +49,12 @@ def clock_server(
     make_server: Callable[..., Server],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> tuple[Server, Path]:
-    """A server of each backend whose clock the tests move."""
+    """A server of each backend whose clock the tests move; it checks every second
+    whether online metadata is due for re-signing."""
     offset_file = tmp_path_factory.mktemp("clock") / "offset"
     set_clock_offset(offset_file, 0)
-    server = make_server(request.param, extra_args=("--clock-offset-file", str(offset_file)))
-    return server, offset_file
+    extra = ("--clock-offset-file", str(offset_file), "--resign-interval", "1s")
+    return make_server(request.param, extra_args=extra), offset_file
 
 
 @pytest.fixture
@@ -218,6 +220,64 @@ def test_a_device_fed_a_frozen_timestamp_is_flagged_once_its_allowance_passed(
         assert fast.installed_version() == "2"
         assert stale_names(factory, tmp_path) == {"slow"}
         assert stale_gauge(factory) == 1
+
+
+def view_timestamp_version(factory: Factory, hardware_id: str) -> int:
+    """The timestamp version a CI device of `hardware_id` and tag main is served."""
+    query = f"?hardware_id={hardware_id}&tag=main"
+    response = factory.request("GET", f"/repo/ci/metadata/timestamp.json{query}")
+    assert response.status_code == 200, response.text
+    version: int = response.json()["signed"]["version"]
+    return version
+
+
+def test_newer_timestamps_of_other_views_do_not_make_a_device_stale(
+    factory: Factory, clock: Callable[[float], None], tmp_path: Path
+) -> None:
+    """The views of a channel share one version counter: builds for another hardware id
+    move it past the version this device verified, but its own view published nothing
+    newer, so the device is not stale however long ago that was."""
+    publish_build(factory, "1")
+    device = AgentDevice.register(factory, tmp_path / "devices", name="unit")
+    run_once(device, 60)
+    mine = verified_version(device)
+    publish_build(factory, "1", hardware_ids=("rpi5",))
+    publish_build(factory, "2", hardware_ids=("rpi5",))
+    assert view_timestamp_version(factory, "rpi5") > mine
+    clock(3600)
+    an_hour_passes(device)
+    run_once(device, 60)
+    assert verified_version(device) == mine
+    shown = listed(factory, tmp_path)["unit"]
+    assert (shown["served_timestamp_version"], shown["stale"]) == (mine, False)
+    assert shown["last_report_at"] is not None
+    assert stale_gauge(factory) == 0
+
+
+def test_a_new_timestamp_is_reported_at_once_and_an_old_one_once_an_hour(
+    factory: Factory, clock: Callable[[float], None], tmp_path: Path
+) -> None:
+    """Nothing to install, so no events: the agent still reports as soon as it verified
+    a timestamp it has not reported (here one the re-signer made, 13 hours on), and
+    otherwise only once its hour has passed."""
+    publish_build(factory, "1")
+    device = AgentDevice.register(factory, tmp_path / "devices", name="idle")
+    run_once(device, 60)
+    before = verified_version(device)
+    reported = listed(factory, tmp_path)["idle"]["last_report_at"]
+    run_once(device, 60)  # nothing new: no report
+    assert listed(factory, tmp_path)["idle"]["last_report_at"] == reported
+    clock(13 * 3600)  # the timestamp (valid a day) is re-signed at half its validity
+    deadline = time.monotonic() + 15
+    while view_timestamp_version(factory, "rpi4") == before:
+        assert time.monotonic() < deadline, "the server did not re-sign the timestamp"
+        time.sleep(0.2)
+    run_once(device, 60)
+    shown = listed(factory, tmp_path)["idle"]
+    assert verified_version(device) > before
+    assert shown["verified_timestamp_version"] == verified_version(device)
+    assert shown["last_report_at"] != reported
+    assert shown["stale"] is False
 
 
 def device_credential(factory: Factory) -> tuple[str, str]:
