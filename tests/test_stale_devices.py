@@ -8,7 +8,7 @@ A device behind a proxy that replays the first timestamp.json it saw still verif
 server does, once its clock (`--clock-offset-file`) is past the allowance since it
 published the newer timestamp. An idle agent reports once an hour by its own clock:
 `an_hour_passes` moves that on, as its status file keeps it. Everything runs on both
-backends: the rule is SQL of its own on each.
+backends, which store the reports and the timestamps' publication times.
 """
 
 from __future__ import annotations

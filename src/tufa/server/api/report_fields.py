@@ -62,7 +62,7 @@ def installed(data: dict[str, Any]) -> Installed:
     }
 
 
-def _timestamp(value: Any, label: str) -> datetime:
+def _time(value: Any, label: str) -> datetime:
     """An ISO 8601 time with its offset (`Z` or `+00:00`): a time without one could be
     any time zone's, and the device's own is unknown here."""
     message = f"field {label!r} must be an ISO 8601 time in UTC, such as 2026-12-01T10:00:00Z"
@@ -107,7 +107,7 @@ def events(data: dict[str, Any]) -> list[DeviceEvent]:
             ident,
             {
                 "id": ident,
-                "at": _timestamp(event.get("at"), f"{where}.at"),
+                "at": _time(event.get("at"), f"{where}.at"),
                 "kind": kind,
                 "version": _text(event, "version", f"{where}.version", MAX_VERSION, nullable=True),
                 "target": _text(event, "target", f"{where}.target", MAX_TARGET, nullable=True),
@@ -136,9 +136,7 @@ def verified(data: dict[str, Any]) -> Verified:
         if not _integer(version) or not 1 <= version <= MAX_INT:
             raise bad_request(f"field 'timestamp.version' must be an integer from 1 to {MAX_INT}")
         found["verified_timestamp_version"] = version
-        found["verified_timestamp_expires"] = _timestamp(
-            timestamp.get("expires"), "timestamp.expires"
-        )
+        found["verified_timestamp_expires"] = _time(timestamp.get("expires"), "timestamp.expires")
     interval = data.get("poll_interval")
     if interval is not None:
         if not _integer(interval) or not 0 <= interval <= MAX_POLL_INTERVAL:
