@@ -127,7 +127,7 @@ SPECS: dict[tuple[str, str], Spec] = {
     ("POST", f"{F}/devices"): Spec(
         lambda _: {"name": "fuzzed", "hardware_id": "rpi4", "tag": "main", "channel": "prod"}
     ),
-    ("GET", f"{F}/devices"): Spec(),
+    ("GET", f"{F}/devices"): Spec(query=("stale",)),
     ("GET", f"{F}/devices/{{device}}"): Spec(),
     ("POST", f"{F}/devices/{{device}}/revoke"): Spec(params=lambda w: {"device": w.doomed_device}),
     ("DELETE", f"{F}/devices/{{device}}"): Spec(params=lambda w: {"device": w.doomed_device}),
@@ -150,6 +150,8 @@ SPECS: dict[tuple[str, str], Spec] = {
                     "detail": "ok",
                 },
             ],
+            "timestamp": {"version": 3, "expires": AT},
+            "poll_interval": 300,
         },
         DEVICES,
     ),

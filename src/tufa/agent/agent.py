@@ -32,7 +32,13 @@ from tufa.agent.plan import Plan, plan_for
 from tufa.agent.reports import EventQueue, send_reports
 from tufa.agent.state import AgentError, AgentStatus, Release, StateDir, printable
 from tufa.agent.stopping import Stopper
-from tufa.agent.trust import VERIFICATION_ERRORS, ChannelGuard, open_updater, trusted_targets
+from tufa.agent.trust import (
+    VERIFICATION_ERRORS,
+    ChannelGuard,
+    open_updater,
+    trusted_targets,
+    verified_timestamp,
+)
 from tufa.core.bundle import BUNDLE_METADATA_URL, TARGETS_DIR, BundleFetcher, read_manifest
 from tufa.core.clock import now_iso
 from tufa.core.crashpoints import crashpoint
@@ -69,6 +75,7 @@ class Agent:
             headers={"User-Agent": USER_AGENT}, timeout=limits, follow_redirects=True
         )
         self.fetcher = BearerFetcher(client=(self.client, self.auth))
+        self.poll_interval: float | None = None  # told to the server; `run` sets it
 
     def reload_credential(self) -> None:
         """Use the credential file as it is now: a `rotate-credential` (or a new
@@ -171,16 +178,23 @@ class Agent:
                 self.report()
 
     def report(self) -> None:
-        """Send queued events and the installed release; an idle device still reports
-        once an hour, so the server can tell it is alive."""
+        """Send queued events, the installed release and the timestamp the device last
+        verified; an idle device still reports once an hour, so the server can tell it
+        is alive (and whether its metadata went stale), and a device reports as soon as
+        it verified a timestamp it has not reported, so the server soon sees it fresh."""
         status = self.state.status()
+        verified = verified_timestamp(self.state.metadata)
+        version = verified["version"] if verified is not None else None
         due = status.reported_at is None or time.time() - status.reported_at >= HEARTBEAT
-        if status.reported and not due and not self.events.pending():
+        changed = version != status.reported_timestamp
+        if status.reported and not due and not changed and not self.events.pending():
             return
-        if send_reports(self.client, self.config.reports_url, self.events, status.installed):
+        url, interval = self.config.reports_url, self.poll_interval
+        if send_reports(self.client, url, self.events, status.installed, verified, interval):
             status = self.state.status()
             status.reported = True
             status.reported_at = time.time()
+            status.reported_timestamp = version
             self.state.save_status(status)
 
     def _record_error(self, status: AgentStatus, error: BaseException) -> None:
@@ -353,6 +367,7 @@ class Agent:
         """Poll forever (or once), or until `stopper` is asked to stop. Failures back off
         exponentially, bounded by `max_backoff`, and never touch what is installed."""
         stopper = stopper or Stopper()
+        self.poll_interval = interval
         failures = 0
         while True:
             refused = False

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import uuid
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import TypedDict
 import httpx
 
 from tufa.agent.state import EVENTS_FILE, Release, write_json
+from tufa.agent.trust import VerifiedTimestamp
 from tufa.core.clock import now_iso
 from tufa.core.device_events import EventKind
 from tufa.core.responses import refusal_of
@@ -74,13 +76,27 @@ class EventQueue:
 
 
 def send_reports(
-    client: httpx.Client, url: str, queue: EventQueue, installed: Release | None
+    client: httpx.Client,
+    url: str,
+    queue: EventQueue,
+    installed: Release | None,
+    verified: VerifiedTimestamp | None = None,
+    poll_interval: float | None = None,
 ) -> bool:
-    """Deliver the installed release and the queued events; False if the server could
-    not be reached or refused (the events stay queued)."""
+    """Deliver the installed release, the queued events, the timestamp the device last
+    verified and how often it polls (from which the server tells a device fed stale
+    metadata); False if the server could not be reached or refused (the events stay
+    queued). A server older than these fields ignores them."""
     while True:
         batch = queue.pending()[:BATCH]
-        body = {"installed": installed.to_report() if installed else None, "events": batch}
+        body: dict[str, object] = {
+            "installed": installed.to_report() if installed else None,
+            "events": batch,
+        }
+        if verified is not None:
+            body["timestamp"] = verified
+        if poll_interval is not None:  # whole seconds: the server takes no fractions
+            body["poll_interval"] = math.ceil(poll_interval)
         try:
             response = client.post(url, json=body)
         except httpx.HTTPError as e:

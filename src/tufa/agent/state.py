@@ -148,6 +148,7 @@ class AgentStatus:
     reported_at: float | None = None  # when the last report was delivered (Unix time)
     # Failed downloads reported of the release being downloaded: {sha256: count}.
     download_failures: dict[str, int] = field(default_factory=dict)
+    reported_timestamp: int | None = None  # the verified timestamp version it carried
 
     @classmethod
     def from_json(cls, data: Any) -> Self:

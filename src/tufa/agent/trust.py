@@ -12,12 +12,14 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypedDict
 
 from tuf.api import exceptions
-from tuf.api.metadata import Metadata, Root, TargetFile, Targets
+from tuf.api.metadata import Metadata, Root, TargetFile, Targets, Timestamp
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
 from tufa.agent.state import AgentError
+from tufa.core.clock import iso
 from tufa.core.files import write_private_file
 from tufa.core.metadata import MIN_PROD_TARGETS_THRESHOLD, Channel
 
@@ -150,6 +152,23 @@ def trusted_targets(metadata_dir: Path) -> dict[str, TargetFile]:
     """The top-level targets ngclient verified and stored during the last refresh."""
     targets = Metadata[Targets].from_file(str(metadata_dir / "targets.json"))
     return targets.signed.targets
+
+
+class VerifiedTimestamp(TypedDict):
+    """The timestamp the device verified last, as its reports carry it."""
+
+    version: int
+    expires: str  # ISO 8601, UTC
+
+
+def verified_timestamp(metadata_dir: Path) -> VerifiedTimestamp | None:
+    """The timestamp ngclient verified and stored during its last successful refresh of
+    that role (a later refresh that failed leaves it in place); None before the first."""
+    try:
+        signed = Metadata[Timestamp].from_file(str(metadata_dir / "timestamp.json")).signed
+    except Exception:  # missing or damaged: the next refresh replaces it
+        return None
+    return {"version": signed.version, "expires": iso(signed.expires)}
 
 
 def trusted_versions(metadata_dir: Path) -> dict[str, int]:

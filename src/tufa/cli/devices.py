@@ -54,22 +54,38 @@ def devices() -> None:
 
 
 @devices.command("list")
+@click.option(
+    "--stale",
+    is_flag=True,
+    help="Only devices fed stale metadata: their last report shows a timestamp the server "
+    "superseded longer ago than 2 x their poll interval + 60 s, or one that had expired.",
+)
 @json_option
 @with_api
-def list_devices(api: Api, as_json: bool) -> None:
-    """List devices with their hardware id, tag, channel, installed version and whether
-    their credential is revoked.
+def list_devices(api: Api, stale: bool, as_json: bool) -> None:
+    """List devices with their hardware id, tag, channel, installed version, whether
+    their metadata is stale and whether their credential is revoked.
 
     \b
-    Example:
+    Examples:
       tufa devices list --json | jq -r '.[] | select(.revoked_at) | .name'
+      tufa devices list --stale
     """
+    path = api.path(api_paths.DEVICES) + ("?stale=true" if stale else "")
     print_records(
-        api.get_json(api.path(api_paths.DEVICES)),
+        api.get_json(path),
         as_json,
-        ("name", "id", "hardware id", "tag", "channel", "installed", "registered", "status"),
+        ("name", "id", "hardware id", "tag", "channel", "installed", "registered", "metadata",
+         "status"),
         _device_row,
-    )
+    )  # fmt: skip
+
+
+def _metadata(d: dict[str, Any]) -> str:
+    """Stale, fresh, or unknown (the device did not report what it verified)."""
+    if d.get("verified_timestamp_version") is None:
+        return "unknown"
+    return "stale" if d.get("stale") else "fresh"
 
 
 def _device_row(d: dict[str, Any]) -> tuple[str | Text, ...]:
@@ -81,6 +97,7 @@ def _device_row(d: dict[str, Any]) -> tuple[str | Text, ...]:
         d["channel"],
         plain_cell(d["installed_version"]),
         d["created_at"],
+        _metadata(d),
         "revoked" if d["revoked_at"] else "active",
     )
 
@@ -117,6 +134,7 @@ def show(api: Api, device: str, as_json: bool) -> None:
     if found["installed_sha256"] is not None:
         click.echo(f"{'sha256':>13}: {found['installed_sha256']}")
     click.echo(f"{'last report':>13}: {found['last_report_at'] or 'never'}")
+    click.echo(f"{'metadata':>13}: {_verified(found)}")
     events = found["events"]
     if not events:
         click.echo("No events reported.")
@@ -127,6 +145,18 @@ def show(api: Api, device: str, as_json: bool) -> None:
         ([plain_cell(e[key]) for key in keys] for e in events),
         title=f"Last {len(events)} event(s), newest first",
     )
+
+
+def _verified(found: dict[str, Any]) -> str:
+    served = found.get("served_timestamp_version")
+    newest = f"the server serves timestamp v{served}" if served is not None else "none served"
+    version = found.get("verified_timestamp_version")
+    if version is None:
+        return f"unknown: the device did not report what it verified; {newest}"
+    verified = f"verified timestamp v{version} (expires {found['verified_timestamp_expires']})"
+    interval = found.get("poll_interval")
+    polls = "" if interval is None else f", polls every {interval} s"
+    return f"{_metadata(found)}: {verified}; {newest}{polls}"
 
 
 @devices.command()

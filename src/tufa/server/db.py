@@ -308,6 +308,11 @@ devices = Table(
     Column("installed_target", String(255)),
     Column("installed_sha256", String(64)),
     Column("last_report_at", UTCDateTime),
+    # The timestamp the device's last report said it verified, and its poll interval in
+    # seconds (NULL when it did not say): what tells a device fed stale metadata (ADR 0018).
+    Column("verified_timestamp_version", Integer),
+    Column("verified_timestamp_expires", UTCDateTime),
+    Column("poll_interval", Integer),
     UniqueConstraint("factory_id", "name"),
     Index("ix_devices_pending_secret_sha256", "pending_secret_sha256", unique=True),
 )

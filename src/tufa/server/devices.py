@@ -20,6 +20,7 @@ from tufa.core.device_events import EventKind
 from tufa.core.metadata import Channel
 from tufa.server.db import device_events, device_group_members, device_groups, devices
 from tufa.server.exceptions import Conflict, NotFound
+from tufa.server.staleness import Verified
 from tufa.server.views import ci_view, tag_view
 
 # Device report events that say a version did not stay installed.
@@ -136,18 +137,19 @@ def record_report(
     factory_id: int,
     device_id: str,
     installed: Installed,
+    verified: Verified,
     events: list[DeviceEvent],
     now: datetime,
 ) -> int | None:
-    """Store what the device runs and the events not stored yet; how many were new, or
-    None when the device is revoked or deleted (nothing is stored then)."""
+    """Store what the device runs and last verified, and the events not stored yet; how
+    many were new, or None when the device is revoked or deleted (nothing is stored)."""
     # The update comes first: on PostgreSQL it locks the device's row, so two reports of
     # one device (a resend racing the original) take turns, and the second sees the
     # events the first stored.
     updated = conn.execute(
         update(devices)
         .where(devices.c.id == device_id, devices.c.revoked_at.is_(None))
-        .values(**installed, last_report_at=now)
+        .values(**installed, **verified, last_report_at=now)
     )
     if updated.rowcount == 0:
         return None

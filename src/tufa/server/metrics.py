@@ -4,7 +4,8 @@ Counted as they happen, in each process: requests and their latency by route cla
 (never the raw path, which names factories, devices and tokens' ids), CI publishes and
 their duration, and the time each metadata file takes to sign. Read from the database
 at every scrape, so that every replica tells the same truth: how long each channel's
-metadata has until it expires, and how many devices each active wave serves.
+metadata has until it expires, how many devices each active wave serves, and how many
+devices of each factory are stale.
 
 With several worker processes (`tufa-server run --workers N`) the counters live in
 prometheus-client's multiprocess mode: files in PROMETHEUS_MULTIPROC_DIR, summed over
@@ -48,6 +49,7 @@ from tufa.server.db import (
 )
 from tufa.server.settings import Clock
 from tufa.server.sql_types import ChannelName
+from tufa.server.staleness import stale_device_ids
 from tufa.server.views import tag_view, wave_view
 from tufa.server.waves import ACTIVE
 
@@ -255,6 +257,8 @@ class DatabaseCollector(Collector):
     The cost is bounded by the number of channels and waves, not by history: the
     newest file of each role is one index probe (metadata_files' primary key leads
     with factory, channel, view, role, version) per channel and per view a wave made.
+    Stale devices take one pass over the devices' rows, and a probe per view and
+    timestamp version the devices reported.
     """
 
     def __init__(self, db: Database, clock: Clock) -> None:
@@ -269,6 +273,7 @@ class DatabaseCollector(Collector):
             with self.db.read() as conn:
                 expiry = _expiry_family(conn, self.clock.now())
                 wave_devices = _wave_family(conn)
+                stale = _stale_family(conn)
         except Exception:
             up.add_metric([], 0)
             yield up
@@ -277,6 +282,7 @@ class DatabaseCollector(Collector):
         yield up
         yield expiry
         yield wave_devices
+        yield stale
 
 
 def _expiry_family(conn: Connection, now: datetime) -> GaugeMetricFamily:
@@ -357,6 +363,19 @@ def _wave_family(conn: Connection) -> GaugeMetricFamily:
     for row in conn.execute(query):
         family.add_metric([row.factory, row.wave, "served"], row.served)
         family.add_metric([row.factory, row.wave, "installed"], row.installed)
+    return family
+
+
+def _stale_family(conn: Connection) -> GaugeMetricFamily:
+    """How many devices of each factory are stale (staleness.py, ADR 0018)."""
+    family = GaugeMetricFamily(
+        "tufa_stale_devices",
+        "Devices whose last report shows metadata the server superseded longer ago than "
+        "their poll interval allows, or expired (a proxy or fake server feeding it old files).",
+        labels=["factory"],
+    )
+    for factory_id, name in conn.execute(select(factories.c.id, factories.c.name)):
+        family.add_metric([name], len(stale_device_ids(conn, factory_id)))
     return family
 
 

@@ -5,8 +5,7 @@ credentials)."""
 
 from __future__ import annotations
 
-import re
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, NoReturn, TypedDict
 
 from sqlalchemy import Connection
@@ -15,26 +14,20 @@ from starlette.responses import JSONResponse
 
 from tufa.core import api_paths
 from tufa.core.clock import iso
-from tufa.core.device_events import EVENT_KINDS, EventKind
+from tufa.core.device_events import EventKind
 from tufa.core.metadata import Channel
-from tufa.server import credentials, devices
+from tufa.server import credentials, devices, staleness
+from tufa.server.api import report_fields
 from tufa.server.api.common import caller, factory_caller, ok, reading, resource, threaded, writing
 from tufa.server.api.fields import field, json_object, text_field
 from tufa.server.auth import bearer_secret, forbidden, require_factory, unauthorized
-from tufa.server.devices import DeviceEvent, Installed, NewDevice
+from tufa.server.devices import NewDevice
 from tufa.server.errors import bad_request
 from tufa.server.principals import Principal, Scope, authenticate
 from tufa.server.state import ServerState
 
 MAX_LABEL = 128
-# Device reports: the limits match the columns of `devices` and `device_events`.
-MAX_EVENTS = 100
-MAX_VERSION = 64
-MAX_TARGET = 255
-MAX_DETAIL = 1000
 SHOWN_EVENTS = 20
-EVENT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 class DeviceJson(TypedDict):
@@ -60,6 +53,13 @@ class IssuedDeviceJson(DeviceJson):
 class ListedDeviceJson(DeviceJson):
     installed_version: str | None
     last_report_at: str | None
+    # What its last report said it verified (null if it did not say), the newest
+    # timestamp of the view it is served, and whether it is stale (ADR 0018).
+    verified_timestamp_version: int | None
+    verified_timestamp_expires: str | None
+    poll_interval: int | None
+    served_timestamp_version: int | None
+    stale: bool
 
 
 class EventJson(TypedDict):
@@ -146,19 +146,31 @@ async def register(request: Request) -> JSONResponse:
     return ok(await writing(state, insert_device), status=201)
 
 
+def _listed_json(row: Any, fresh: staleness.Freshness) -> ListedDeviceJson:
+    return {
+        **_device_json(row),
+        "installed_version": row.installed_version,
+        "last_report_at": iso(row.last_report_at),
+        "verified_timestamp_version": row.verified_timestamp_version,
+        "verified_timestamp_expires": iso(row.verified_timestamp_expires),
+        "poll_interval": row.poll_interval,
+        "served_timestamp_version": fresh.served_timestamp_version,
+        "stale": fresh.stale,
+    }
+
+
 async def list_all(request: Request) -> JSONResponse:
+    """The factory's devices; with `?stale=true` only the stale ones (`false`: the others)."""
     state, factory_id = await factory_caller(request, {Scope.ADMIN, Scope.READ})
+    wanted = request.query_params.get("stale")
+    if wanted not in (None, "true", "false"):
+        raise bad_request("query parameter 'stale' must be true or false (or left out for all)")
 
     def rows(conn: Connection) -> list[ListedDeviceJson]:
         found = devices.list_devices(conn, factory_id)
-        return [
-            {
-                **_device_json(r),
-                "installed_version": r.installed_version,
-                "last_report_at": iso(r.last_report_at),
-            }
-            for r in found
-        ]
+        fresh = staleness.freshness(conn, factory_id)
+        listed = [_listed_json(r, fresh[r.id]) for r in found]
+        return [d for d in listed if wanted is None or d["stale"] == (wanted == "true")]
 
     return ok(await reading(state, rows))
 
@@ -171,12 +183,11 @@ async def show(request: Request) -> JSONResponse:
         found = devices.find_device(conn, factory_id, ident)
         earlier = credentials.earlier_devices(conn, factory_id, found.name)
         events = devices.recent_events(conn, found.id, SHOWN_EVENTS)
+        fresh = staleness.freshness(conn, factory_id, [found.id])[found.id]
         return {
-            **_device_json(found),
-            "installed_version": found.installed_version,
+            **_listed_json(found, fresh),
             "installed_target": found.installed_target,
             "installed_sha256": found.installed_sha256,
-            "last_report_at": iso(found.last_report_at),
             "events": [_event_json(e) for e in events],
             "earlier_devices": [
                 {"id": e["id"], "deleted_at": iso(e["deleted_at"])} for e in earlier
@@ -266,113 +277,22 @@ async def _device_caller(request: Request, action: str) -> tuple[ServerState, Pr
     return state, principal, secret
 
 
-def _text(
-    data: dict[str, Any],
-    key: str,
-    label: str,
-    max_length: int,
-    *,
-    nullable: bool = False,
-) -> str | None:
-    """`data[key]`: 1 to `max_length` printable characters, or None (null or left out)
-    if `nullable`. `label` names the field in the message, e.g. `events[3].version`."""
-    value = data.get(key)
-    if value is None:
-        if nullable:
-            return None
-        raise bad_request(f"field {label!r} is required")
-    if not isinstance(value, str) or not 1 <= len(value) <= max_length or not value.isprintable():
-        least = " or null" if nullable else ""
-        raise bad_request(f"field {label!r} must be 1-{max_length} printable characters{least}")
-    return value
-
-
-def _installed(data: dict[str, Any]) -> Installed:
-    if "installed" not in data:
-        raise bad_request("field 'installed' is required (null when nothing is installed yet)")
-    installed = data["installed"]
-    if installed is None:
-        return {"installed_version": None, "installed_target": None, "installed_sha256": None}
-    if not isinstance(installed, dict):
-        raise bad_request("field 'installed' must be an object or null")
-    sha256 = installed.get("sha256")
-    if not isinstance(sha256, str) or not SHA256.fullmatch(sha256):
-        raise bad_request("field 'installed.sha256' must be 64 hexadecimal digits")
-    return {
-        "installed_version": _text(installed, "version", "installed.version", MAX_VERSION),
-        "installed_target": _text(installed, "target", "installed.target", MAX_TARGET),
-        "installed_sha256": sha256.lower(),
-    }
-
-
-def _timestamp(value: Any, label: str) -> datetime:
-    """An ISO 8601 time with its offset (`Z` or `+00:00`): a time without one could be
-    any time zone's, and the device's own is unknown here."""
-    message = f"field {label!r} must be an ISO 8601 time in UTC, such as 2026-12-01T10:00:00Z"
-    if not isinstance(value, str) or len(value) > 64:
-        raise bad_request(message)
-    try:
-        parsed = datetime.fromisoformat(value)
-        if parsed.tzinfo is None:
-            raise ValueError
-        return parsed.astimezone(UTC)
-    except (ValueError, OverflowError):  # overflow: year 1 or 9999 moved past by its offset
-        raise bad_request(message) from None
-
-
-def _detail(event: dict[str, Any], label: str) -> str:
-    """Any text the agent has, such as an install command's output with its colours and
-    carriage returns (refusing those would keep the agent's report queue stuck); what no
-    database can store (NUL, lone surrogates) never gets here (tufa.server.inputs)."""
-    value = event.get("detail")
-    if not isinstance(value, str) or len(value) > MAX_DETAIL:
-        raise bad_request(f"field {label!r} must be a text of at most {MAX_DETAIL} characters")
-    return value
-
-
-def _events(data: dict[str, Any]) -> list[DeviceEvent]:
-    """The events of a report, checked; an id given twice counts once (the first)."""
-    events = field(data, "events", list)
-    if len(events) > MAX_EVENTS:
-        raise bad_request(f"field 'events' holds at most {MAX_EVENTS} events; send the rest next")
-    checked: dict[str, DeviceEvent] = {}
-    for index, event in enumerate(events):
-        where = f"events[{index}]"
-        if not isinstance(event, dict):
-            raise bad_request(f"field {where!r} must be an object")
-        ident = event.get("id")
-        if not isinstance(ident, str) or not EVENT_ID.fullmatch(ident):
-            raise bad_request(f"field '{where}.id' must be 1-64 letters, digits, '_' or '-'")
-        kind = event.get("kind")
-        if kind not in EVENT_KINDS:
-            raise bad_request(f"field '{where}.kind' must be one of {', '.join(EVENT_KINDS)}")
-        checked.setdefault(
-            ident,
-            {
-                "id": ident,
-                "at": _timestamp(event.get("at"), f"{where}.at"),
-                "kind": kind,
-                "version": _text(event, "version", f"{where}.version", MAX_VERSION, nullable=True),
-                "target": _text(event, "target", f"{where}.target", MAX_TARGET, nullable=True),
-                "detail": _detail(event, f"{where}.detail"),
-            },
-        )
-    return list(checked.values())
-
-
 async def report(request: Request) -> JSONResponse:
     """A device says what it runs now and what happened since its last report."""
     state, device, secret = await _device_caller(request, "send device reports")
     device_id, factory_id = device.device_id, device.factory_id
     data = await json_object(request)
-    installed = _installed(data)
-    events = _events(data)
+    installed = report_fields.installed(data)
+    verified = report_fields.verified(data)
+    events = report_fields.events(data)
 
     def store(conn: Connection) -> int:
         now = state.settings.clock.now()
         assert factory_id is not None
         assert device_id is not None
-        accepted = devices.record_report(conn, factory_id, device_id, installed, events, now)
+        accepted = devices.record_report(
+            conn, factory_id, device_id, installed, verified, events, now
+        )
         if accepted is None:
             _refuse_dead(conn, secret, now)
         return accepted

@@ -15,7 +15,7 @@ from typing import TypedDict
 
 from tufa.core import api_paths as p
 from tufa.core.device_events import EVENT_KINDS
-from tufa.server.api import devices, factories, keys, targets, tokens, waves
+from tufa.server.api import devices, factories, keys, report_fields, targets, tokens, waves
 from tufa.server.api.json_schema import Schema
 from tufa.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from tufa.server.principals import Scope
@@ -99,6 +99,7 @@ SIGNED_METADATA: Schema = _object(
 )
 FILE: Schema = {"type": "string", "contentMediaType": "application/octet-stream"}
 CHANNEL: Schema = {"type": "string", "enum": ["ci", "prod"]}
+BOOLEAN: Schema = {"type": "string", "enum": ["true", "false"]}
 CONFLICT = (409,)
 CREATED = (201,)
 TARGET_SPEC = _object(
@@ -120,7 +121,7 @@ EVENT = _object(
     kind={"type": "string", "enum": list(EVENT_KINDS)},
     version={"type": ["string", "null"]},
     target={"type": ["string", "null"]},
-    detail={"type": "string", "maxLength": devices.MAX_DETAIL},
+    detail={"type": "string", "maxLength": report_fields.MAX_DETAIL},
 )
 VIEW_QUERY = (
     Query("tag", "the view of one tag (production), or with hardware_id (CI)"),
@@ -213,7 +214,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("GET", p.DEVICES): Operation(
         list[devices.ListedDeviceJson],
         tokens_with(Scope.ADMIN, Scope.READ),
-        summary="The factory's devices.",
+        query=(Query("stale", "true: only stale devices; false: only the others", BOOLEAN),),
     ),
     ("GET", p.DEVICE): Operation(
         devices.DeviceDetailJson,
@@ -242,7 +243,19 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                     {"type": "null"},
                 ]
             },
-            events={"type": "array", "items": EVENT, "maxItems": devices.MAX_EVENTS},
+            events={"type": "array", "items": EVENT, "maxItems": report_fields.MAX_EVENTS},
+            timestamp={
+                "anyOf": [
+                    _object(
+                        ("version", "expires"),
+                        version={"type": "integer", "minimum": 1},
+                        expires={"type": "string", "description": "ISO 8601 with its offset"},
+                    ),
+                    {"type": "null"},
+                ],
+                "description": "the timestamp the device verified last",
+            },
+            poll_interval={"type": ["integer", "null"], "minimum": 0},
         ),
     ),
     ("GET", p.METADATA_FILE): Operation(

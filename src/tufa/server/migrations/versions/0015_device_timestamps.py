@@ -1,0 +1,32 @@
+"""device timestamps: the timestamp each device last verified, and how often it polls
+
+Revision ID: 0015
+Revises: 0014
+
+A device's report may carry the version and expiry of the timestamp it verified last
+and its poll interval in seconds (ADR 0018); the server keeps what the latest report
+said, to tell devices fed stale metadata. All three stay NULL for a device whose agent
+does not send them.
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+from tufa.server.migrations.columns import moment
+
+revision = "0015"
+down_revision = "0014"
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("devices") as batch_op:
+        batch_op.add_column(sa.Column("verified_timestamp_version", sa.Integer(), nullable=True))
+        batch_op.add_column(moment("verified_timestamp_expires", nullable=True))
+        batch_op.add_column(sa.Column("poll_interval", sa.Integer(), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("devices") as batch_op:
+        batch_op.drop_column("poll_interval")
+        batch_op.drop_column("verified_timestamp_expires")
+        batch_op.drop_column("verified_timestamp_version")
