@@ -688,6 +688,7 @@ def test_wave_status_counts_what_production_agents_report(
             "devices_of_tag": 2,
             "devices_installed": 1,
             "devices_failed": 1,
+            "devices_stale": 0,
             "state": "active",
             "stage": None,
             "halt_reason": None,

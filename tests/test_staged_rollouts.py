@@ -99,11 +99,13 @@ class Fleet:
     def by_id(self, device_id: str) -> Device:
         return next(d for d in self.devices if d.id == device_id)
 
-    def report(self, device: Device, kind: str, version: str = "2") -> None:
-        """A report as the agent sends it: what runs now, and one new event."""
+    def report(self, device: Device, kind: str, version: str = "2", **verified: Any) -> None:
+        """A report as the agent sends it: what runs now, and one new event; `verified`,
+        the timestamp it verified last and its poll interval."""
         runs = version if kind == "installed" else "1"
         self.reported[device.id] = self.reported.get(device.id, 0) + 1
         body = {
+            **verified,
             "installed": {"version": runs, "target": image(runs), "sha256": "0" * 64},
             "events": [
                 {
@@ -170,6 +172,7 @@ def fleet(clocked: Clocked, tmp_path: Path) -> Fleet:
 
 
 def stage_counts(wave: dict[str, Any]) -> list[tuple[int, int, int, int]]:
+    assert all(s["devices_stale"] == 0 for s in wave["rollout"]["stages"])
     return [
         (s["devices_served"], s["devices_installed"], s["devices_failed"], s["devices_silent"])
         for s in wave["rollout"]["stages"]
@@ -383,6 +386,22 @@ def test_bad_plans_are_refused_and_change_nothing(
     wave = fleet.wave()
     assert wave["rollout"] is None
     assert wave["devices_served"] == 0
+
+
+def test_devices_fed_old_metadata_are_counted_stale_per_stage(
+    clocked: Clocked, fleet: Fleet, tmp_path: Path
+) -> None:
+    assert fleet.rollout(plan=["2", "100%"], min_reports=2).status_code == 200
+    first = fleet.served()
+    expired = {"version": 1, "expires": "2026-01-01T00:00:00Z"}
+    fleet.report(first[0], "installed", timestamp=expired, poll_interval=60)
+    wave = fleet.wave()
+    assert wave["devices_stale"] == 1
+    assert [s["devices_stale"] for s in wave["rollout"]["stages"]] == [1, 0]
+    env = cli_env(fleet.factory, tmp_path / "config.json")
+    shown = run_cli("waves", "status", "rel-2", env=env).stdout
+    assert "1 of them fed old metadata (stale)" in shown
+    assert "  stage  target  served  installed  failed  silent  stale" in shown
 
 
 def test_a_group_first_and_a_dry_run_that_changes_nothing(clocked: Clocked, fleet: Fleet) -> None:

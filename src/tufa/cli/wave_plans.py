@@ -77,6 +77,7 @@ def status_row(wave: dict[str, Any]) -> dict[str, Any]:
             "devices_of_tag",
             "devices_installed",
             "devices_failed",
+            "devices_stale",
         )
     }
     if rollout is None:
@@ -96,6 +97,11 @@ def echo_status(row: dict[str, Any]) -> None:
         f"{row['devices_of_tag']} device(s) of its tag; installed on "
         f"{row['devices_installed']}, failed on {row['devices_failed']}"
     )
+    if row["devices_stale"]:
+        click.echo(
+            f"  {row['devices_stale']} of them fed old metadata (stale): "
+            "`tufa devices list --stale` names them"
+        )
     plan = row["plan"]
     if plan is None:
         return
@@ -115,10 +121,10 @@ def echo_status(row: dict[str, Any]) -> None:
             f"  look at the failed devices, then `tufa waves resume {row['name']}` "
             f"or `tufa waves cancel {row['name']}`"
         )
-    click.echo("  stage  target  served  installed  failed  silent")
+    click.echo("  stage  target  served  installed  failed  silent  stale")
     for stage in plan["stages"]:
         click.echo(
             f"  {stage['stage']:>5}  {stage['target']:>6}  {stage['devices_served']:>6}  "
             f"{stage['devices_installed']:>9}  {stage['devices_failed']:>6}  "
-            f"{stage['devices_silent']:>6}"
+            f"{stage['devices_silent']:>6}  {stage['devices_stale']:>5}"
         )

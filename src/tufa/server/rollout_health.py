@@ -30,6 +30,7 @@ from tufa.core.clock import iso
 from tufa.core.device_events import DOWNLOAD_ATTEMPTS
 from tufa.server.db import device_events, devices, wave_devices
 from tufa.server.rollout_plans import HALTED, RUNNING, Plan, PlanState
+from tufa.server.staleness import stale_device_ids
 
 Condition = Literal["installed", "failed", "silent", "pending"]
 _FAILURES = ("install-failed", "rolled-back")
@@ -41,6 +42,7 @@ class Counts:
     installed: int = 0
     failed: int = 0
     silent: int = 0
+    stale: int = 0  # fed old metadata (staleness.py); not a report, whatever it runs
 
     @property
     def reports(self) -> int:
@@ -53,8 +55,9 @@ class Counts:
 
 def conditions(
     conn: Connection, factory_id: int, wave: str, version: str, plan: Plan, now: datetime
-) -> list[tuple[int | None, Condition]]:
-    """(stage, condition) of every device the wave was served to and is in the fleet."""
+) -> list[tuple[str, int | None, Condition]]:
+    """(device id, stage, condition) of every device the wave was served to and is in
+    the fleet."""
     served = conn.execute(
         select(
             wave_devices.c.device_id,
@@ -89,7 +92,7 @@ def conditions(
     events: dict[str, Counter[str]] = {}
     for device_id, kind, count in reported:
         events.setdefault(device_id, Counter())[kind] = count
-    found: list[tuple[int | None, Condition]] = []
+    found: list[tuple[str, int | None, Condition]] = []
     for d in served:
         kinds = events.get(d.device_id, Counter())
         heard = max(d.served_at, plan.gate_since, d.last_report_at or d.served_at)
@@ -102,18 +105,23 @@ def conditions(
             condition = "silent"
         else:
             condition = "pending"
-        found.append((d.stage, condition))
+        found.append((d.device_id, d.stage, condition))
     return found
 
 
-def tally(found: list[tuple[int | None, Condition]]) -> tuple[Counts, dict[int | None, Counts]]:
-    """The counts over all devices, and per stage (None: served by the operator's rollouts)."""
+def tally(
+    found: list[tuple[str, int | None, Condition]], stale: set[str] | None = None
+) -> tuple[Counts, dict[int | None, Counts]]:
+    """The counts over all devices, and per stage (None: served by the operator's
+    rollouts); `stale` the ids of the devices fed old metadata, if counted."""
     total, per_stage = Counts(), dict[int | None, Counts]()
-    for stage, condition in found:
+    for device_id, stage, condition in found:
         for counts in (total, per_stage.setdefault(stage, Counts())):
             counts.served += 1
             if condition != "pending":
                 setattr(counts, condition, getattr(counts, condition) + 1)
+            if stale is not None and device_id in stale:
+                counts.stale += 1
     return total, per_stage
 
 
@@ -143,6 +151,7 @@ class StageJson(TypedDict):
     devices_installed: int
     devices_failed: int
     devices_silent: int
+    devices_stale: int
 
 
 class GateJson(TypedDict):
@@ -172,7 +181,9 @@ class RolloutJson(TypedDict):
 def rollout_json(
     conn: Connection, factory_id: int, wave: str, version: str, plan: Plan, now: datetime
 ) -> RolloutJson:
-    total, per_stage = tally(conditions(conn, factory_id, wave, version, plan, now))
+    found = conditions(conn, factory_id, wave, version, plan, now)
+    stale = stale_device_ids(conn, factory_id, [device_id for device_id, _, _ in found])
+    total, per_stage = tally(found, stale)
     first_served = dict(
         conn.execute(
             select(wave_devices.c.stage, func.min(wave_devices.c.served_at))
@@ -192,6 +203,7 @@ def rollout_json(
                 "devices_installed": counts.installed,
                 "devices_failed": counts.failed,
                 "devices_silent": counts.silent,
+                "devices_stale": counts.stale,
             }
         )
     return {

@@ -23,6 +23,8 @@ class WaveSummary(ReleaseProgress):
     signed_by: list[str]
     targets: list[str]
     expires: str
+    # Devices served the wave whose reports show them fed old metadata (ADR 0018).
+    devices_stale: int
     created_at: str
     finished_at: str | None
     # The staged plan it follows (`tufa waves rollout --plan`), or None.

@@ -39,6 +39,7 @@ from tufa.server.rollout_plans import (
     rollout_limit,
 )
 from tufa.server.signatures import verify_signature
+from tufa.server.staleness import stale_device_ids
 from tufa.server.state import ServerState
 from tufa.server.views import tag_view, wave_view
 from tufa.server.wave_shapes import RolloutResult, WaveJson, WaveStatus, WaveSummary
@@ -395,6 +396,7 @@ class Waves:
         # Once complete, the wave's release is what every device of its tag is served, so
         # its install counts cover them all.
         reached = None if row.status == COMPLETE else wave_view(row.name)
+        served = devices.served_ids(conn, factory_id, reached or tag_view(row.tag))
         return {
             "name": row.name,
             "tag": row.tag,
@@ -406,6 +408,7 @@ class Waves:
             "targets": sorted(md.signed.targets),
             "expires": iso(md.signed.expires),
             **devices.release_progress(conn, factory_id, row.tag, row.version, reached),
+            "devices_stale": len(stale_device_ids(conn, factory_id, served)),
             "created_at": iso(row.created_at),
             "finished_at": iso(row.finished_at),
             "rollout": self._rollout(conn, factory_id, row),
