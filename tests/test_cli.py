@@ -436,6 +436,10 @@ WITH_EXAMPLES = (
     ("waves", "init"),
     ("waves", "rollout"),
     ("waves", "sign"),
+    ("webhooks", "add"),
+    ("webhooks", "remove"),
+    ("webhooks", "test"),
+    ("webhooks", "deliveries"),
 )
 
 

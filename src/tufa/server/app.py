@@ -1,5 +1,5 @@
-"""The ASGI application: routes, JSON errors, request size limits, request metrics, and
-the re-signer."""
+"""The ASGI application: routes, JSON errors, request size limits, request metrics, the
+re-signer and the webhook deliverer."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from tufa.server.api import (
     targets,
     tokens,
     waves,
+    webhooks,
 )
 from tufa.server.api.access_log import AccessLog
 from tufa.server.api.common import Endpoint, refuse_unstorable_params
@@ -40,6 +41,8 @@ from tufa.server.poll_notify import stamps_for
 from tufa.server.publishing import MAX_PUBLISH_BYTES
 from tufa.server.resigner import ResignerLock
 from tufa.server.state import ServerState
+from tufa.server.webhook_delivery import deliver_forever
+from tufa.server.webhooks import use_clock
 
 log = logging.getLogger("tufa.server")
 _BLOB_PATH = compile_path(api_paths.BLOB)[0]
@@ -156,6 +159,7 @@ ROUTES = [
         *waves.routes,
         *tokens.routes,
         *devices.routes,
+        *webhooks.routes,
         *repo.routes,
     )
 ]
@@ -214,6 +218,7 @@ def create_app(state: ServerState, *, first_resign_pass: bool = True) -> ASGIApp
     """The application. `first_resign_pass=False` for workers whose parent process
     already ran the start-up pass before starting them."""
     stamps = stamps_for(state.db.url, state.settings.poll_invalidation)
+    use_clock(state.settings.clock)  # the clock webhook deliveries are stamped by
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
@@ -227,14 +232,17 @@ def create_app(state: ServerState, *, first_resign_pass: bool = True) -> ASGIApp
             if first_resign_pass:
                 await resign_pass(state)
             task = asyncio.create_task(_resign_forever(state, lock))
+        # The webhook deliverer takes turns by a lock of its own (webhook_delivery.py).
+        deliverer = asyncio.create_task(deliver_forever(state))
         log.info("startup complete: serving requests")
         try:
             yield
         finally:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            for running in (task, deliverer):
+                if running is not None:
+                    running.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await running
             await run_in_threadpool(lock.release)
             flush_poll_answers()  # with several workers, the others still scrape its files
             await stamps.close()

@@ -21,6 +21,7 @@ from tufa.core.metadata import Channel
 from tufa.server.db import device_events, device_group_members, device_groups, devices
 from tufa.server.exceptions import Conflict, NotFound
 from tufa.server.views import ci_view, tag_view
+from tufa.server.webhooks import emit
 
 # Device report events that say a version did not stay installed.
 FAILED_KINDS: tuple[EventKind, ...] = ("install-failed", "rolled-back")
@@ -170,7 +171,21 @@ def record_report(
                 for e in new
             ],
         )
+        _tell_failures(conn, factory_id, device_id, new)
     return len(new)
+
+
+def _tell_failures(
+    conn: Connection, factory_id: int, device_id: str, events: list[DeviceEvent]
+) -> None:
+    """`device.install-failed` to the factory's webhooks, once per event stored."""
+    failed = [e for e in events if e["kind"] in FAILED_KINDS]
+    if not failed:
+        return
+    name = conn.execute(select(devices.c.name).where(devices.c.id == device_id)).scalar()
+    for e in failed:
+        data = {"device": device_id, "name": name, "version": e["version"], "kind": e["kind"]}
+        emit(conn, factory_id, "device.install-failed", {**data, "detail": e["detail"]})
 
 
 # -- device groups --------------------------------------------------------------------

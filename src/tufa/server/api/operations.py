@@ -15,13 +15,14 @@ from typing import TypedDict
 
 from tufa.core import api_paths as p
 from tufa.core.device_events import EVENT_KINDS
-from tufa.server.api import devices, factories, keys, targets, tokens, waves
+from tufa.server.api import devices, factories, keys, targets, tokens, waves, webhooks
 from tufa.server.api.json_schema import Schema
 from tufa.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from tufa.server.principals import Scope
 from tufa.server.publishing import LABEL, VERSION_LABEL, PublishCheck, PublishResult
 from tufa.server.root_updates.status import Applied, Cancelled, RootUpdateStatus
 from tufa.server.wave_shapes import RolloutResult, WaveJson, WaveSummary
+from tufa.server.webhooks import EVENTS, MAX_SECRET, MIN_SECRET
 
 # Each alternative names schemes that must all hold; an empty one means "no credential".
 Security = list[dict[str, list[str]]]
@@ -243,6 +244,23 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
             },
             events={"type": "array", "items": EVENT, "maxItems": devices.MAX_EVENTS},
         ),
+    ),
+    ("POST", p.WEBHOOKS): Operation(
+        webhooks.CreatedHookJson,
+        ADMIN,
+        statuses=CREATED,
+        body=_object(
+            ("url", "events"),
+            url={"type": "string", "description": "http:// or https://"},
+            events={"type": "array", "items": {"enum": list(EVENTS)}, "minItems": 1},
+            secret={"type": "string", "minLength": MIN_SECRET, "maxLength": MAX_SECRET},
+        ),
+    ),
+    ("GET", p.WEBHOOKS): Operation(list[webhooks.HookJson], tokens_with(Scope.ADMIN, Scope.READ)),
+    ("DELETE", p.WEBHOOK): Operation(webhooks.HookJson, ADMIN),
+    ("POST", p.WEBHOOK_TEST): Operation(webhooks.QueuedTestJson, ADMIN, statuses=CREATED),
+    ("GET", p.WEBHOOK_DELIVERIES): Operation(
+        list[webhooks.DeliveryJson], tokens_with(Scope.ADMIN, Scope.READ)
     ),
     ("GET", p.METADATA_FILE): Operation(
         Content("application/json", SIGNED_METADATA, "TUF metadata"),
