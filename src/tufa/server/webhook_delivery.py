@@ -1,10 +1,12 @@
 """The webhook deliverer: sends what is due from the outbox (webhooks.py), at least once.
 
 It runs in the one process holding the webhooks lock (resigner.WEBHOOKS), and looks
-for due deliveries every second. A delivery is claimed before it is sent: in one short
-transaction its attempt is counted and its next attempt moved a lease ahead, so that a
-process that dies while sending leaves it due again once the lease ends, and on
-PostgreSQL rows another transaction claims are skipped (`FOR UPDATE SKIP LOCKED`).
+for due deliveries every second; a process standing by tries to take the lock every
+5 s, so it takes over within seconds of the holder's end. A delivery is claimed before
+it is sent: in one short transaction its attempt is counted and its next attempt moved
+a lease ahead, so that a process that dies while sending leaves it due again once the
+lease ends, and on PostgreSQL rows another transaction claims are skipped
+(`FOR UPDATE SKIP LOCKED`).
 A 2xx answer delivers it; any other answer, a timeout or a connection error is a failed
 attempt, retried after a back-off that doubles from 10 s up to an hour, until a day has
 passed since the event: the attempt after that which fails gives it up. Every time is
@@ -31,6 +33,7 @@ from tufa.server.webhooks import hook_secret, signature, webhook_deliveries, web
 log = logging.getLogger("tufa.server")
 
 CADENCE_SECONDS = 1.0
+LOCK_RETRY_SECONDS = 5.0
 TIMEOUT_SECONDS = 10.0
 FIRST_BACKOFF = timedelta(seconds=10)
 MAX_BACKOFF = timedelta(hours=1)
@@ -70,10 +73,15 @@ class Outcome:
 
 def claim_due(state: ServerState, limit: int = BATCH) -> list[Claimed]:
     now = state.settings.clock.now()
+    due = webhook_deliveries.c.next_attempt_at <= now
+    # Most passes find nothing: a read says so without taking SQLite's write lock.
+    with state.db.read() as conn:
+        if conn.execute(select(webhook_deliveries.c.id).where(due).limit(1)).first() is None:
+            return []
     query = (
         select(webhook_deliveries, webhooks.c.url, webhooks.c.secret_encrypted)
         .join(webhooks, webhooks.c.id == webhook_deliveries.c.hook_id)
-        .where(webhook_deliveries.c.next_attempt_at <= now)
+        .where(due)
         .order_by(webhook_deliveries.c.next_attempt_at)
         .limit(limit)
     )
@@ -177,11 +185,17 @@ async def deliver_forever(state: ServerState) -> None:
     re-signing interval, queue the `keys.expiring` events that are due."""
     lock = ResignerLock(state.db, WEBHOOKS)
     loop = asyncio.get_running_loop()
-    next_expiry_check = 0.0
+    next_expiry_check = next_lock_try = 0.0
     try:
         async with httpx.AsyncClient(timeout=TIMEOUT_SECONDS) as client:
             while True:
-                if await asyncio.to_thread(lock.take):
+                # The holder checks its lock every pass (on PostgreSQL a query on the
+                # connection holding it); a process standing by tries to take it less
+                # often, each try being a new connection.
+                turn = lock.held or loop.time() >= next_lock_try
+                if turn and not await asyncio.to_thread(lock.take):
+                    next_lock_try = loop.time() + LOCK_RETRY_SECONDS
+                if lock.held:
                     try:
                         if loop.time() >= next_expiry_check:
                             next_expiry_check = (
