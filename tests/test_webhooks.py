@@ -203,6 +203,17 @@ def test_a_receiver_down_gets_the_delivery_once_it_is_back(clocked: Clocked) -> 
     )
 
 
+def test_a_slow_receiver_never_slows_a_request(clocked: Clocked, receiver: Receiver) -> None:
+    factory = create_factory(clocked.server)
+    add_hook(factory, receiver.url, ["device.first-seen"])
+    receiver.delay = 3
+    started = time.monotonic()
+    for _ in range(3):
+        factory.register_device("ci")
+    assert time.monotonic() - started < 2, "registrations waited for the receiver"
+    receiver.wait_for(lambda r: len(r) == 3)
+
+
 def test_a_delivery_is_given_up_after_a_day(clocked: Clocked) -> None:
     factory = create_factory(clocked.server)
     hook = add_hook(factory, f"http://127.0.0.1:{free_port()}/never", ["keys.expiring"])

@@ -51,6 +51,7 @@ class Receiver:
 
     port: int = field(default_factory=free_port)
     status: int = 200
+    delay: float = 0.0  # seconds to wait before answering
     received: list[Received] = field(default_factory=list)
     effects: list[str] = field(default_factory=list)
     _server: ThreadingHTTPServer | None = None
@@ -72,7 +73,8 @@ class Receiver:
                     delivery = got.headers.get("x-tufa-delivery", "")
                     if delivery not in receiver.effects:
                         receiver.effects.append(delivery)
-                    status = receiver.status
+                    status, delay = receiver.status, receiver.delay
+                time.sleep(delay)
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
