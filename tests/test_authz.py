@@ -33,6 +33,7 @@ from tufa.server.api import root_updates as api_root_updates
 from tufa.server.api import targets as api_targets
 from tufa.server.api import tokens as api_tokens
 from tufa.server.api import waves as api_waves
+from tufa.server.api import webhooks as api_webhooks
 
 # The callers, in the matrix's column order.
 CALLERS = (
@@ -106,6 +107,11 @@ group-add         401  401   403   401     401     403    403      401     401  
 group-show        401  401   403   401     401     403    403      401     401     403      ok    ok  ok   403
 group-delete      401  401   403   401     401     403    403      401     401     403      ok    403 403  403
 group-remove      401  401   403   401     401     403    403      401     401     403      ok    403 403  403
+webhooks-add      401  401   403   401     401     403    403      401     401     403      ok    403 403  403
+webhooks-list     401  401   403   401     401     403    403      401     401     403      ok    403 ok   403
+webhook-remove    401  401   403   401     401     403    403      401     401     403      ok    403 403  403
+webhook-test      401  401   403   401     401     403    403      401     401     403      ok    403 403  403
+webhook-log       401  401   403   401     401     403    403      401     401     403      ok    403 ok   403
 """
 
 
@@ -173,6 +179,11 @@ ROUTES = {
     "group-show": ("GET", "/api/v1/factories/{factory}/device-groups/{group}"),
     "group-delete": ("DELETE", "/api/v1/factories/{factory}/device-groups/{group}"),
     "group-remove": ("DELETE", "/api/v1/factories/{factory}/device-groups/{group}/devices"),
+    "webhooks-add": ("POST", "/api/v1/factories/{factory}/webhooks"),
+    "webhooks-list": ("GET", "/api/v1/factories/{factory}/webhooks"),
+    "webhook-remove": ("DELETE", "/api/v1/factories/{factory}/webhooks/{hook_id}"),
+    "webhook-test": ("POST", "/api/v1/factories/{factory}/webhooks/{hook_id}/test"),
+    "webhook-log": ("GET", "/api/v1/factories/{factory}/webhooks/{hook_id}/deliveries"),
 }
 # Blob and target used by the targets rows: published once per tenant, on first use.
 BLOB = b"firmware image for the authorization matrix"
@@ -185,6 +196,11 @@ TARGET = {
     "length": len(BLOB),
     "sha256": BLOB_SHA256,
 }
+
+
+# Where the matrix's webhooks point: nothing listens there, so a test delivery stays
+# queued (its attempts write to the delivery log, which `dump_database` leaves out).
+HOOK_URL = "http://127.0.0.1:9/matrix-hook"
 
 
 def device_report() -> dict[str, Any]:
@@ -447,6 +463,16 @@ class Tenant:
                 token = self.factory.admin_token
                 self.admin("POST", members, token=token, json={"devices": [device]})
                 return "DELETE", path(members), {"devices": [device]}
+            case "webhooks-add":
+                return "POST", path("/webhooks"), {"url": HOOK_URL, "events": ["keys.expiring"]}
+            case "webhooks-list":
+                return "GET", path("/webhooks"), None
+            case "webhook-remove":
+                return "DELETE", path(f"/webhooks/{self._hook()}"), None
+            case "webhook-test":
+                return "POST", path(f"/webhooks/{self._hook()}/test"), None
+            case "webhook-log":
+                return "GET", path(f"/webhooks/{self._hook()}/deliveries"), None
             case "target-ci" | "target-prod":
                 self._wave()  # production devices may download only what their view lists
                 if endpoint == "target-prod":
@@ -493,6 +519,12 @@ class Tenant:
         group = f"g-{secrets.token_hex(4)}"
         self.admin("POST", "/device-groups", token=self.factory.admin_token, json={"name": group})
         return group
+
+    def _hook(self) -> str:
+        """A new webhook (for keys.expiring, which no cell makes due)."""
+        body = {"url": HOOK_URL, "events": ["keys.expiring"]}
+        hook: str = self.admin("POST", "/webhooks", token=self.factory.admin_token, json=body)["id"]
+        return hook
 
     def _wave(self) -> str:
         if not self._waved:
@@ -607,6 +639,7 @@ def test_matrix_covers_every_route() -> None:
             api_root_updates,
             api_targets,
             api_waves,
+            api_webhooks,
         )
         for route in module.routes
         for method in (route.methods or set()) - {"HEAD"}

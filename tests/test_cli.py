@@ -438,6 +438,10 @@ WITH_EXAMPLES = (
     ("waves", "sign"),
     ("waves", "status"),
     ("waves", "resume"),
+    ("webhooks", "add"),
+    ("webhooks", "remove"),
+    ("webhooks", "test"),
+    ("webhooks", "deliveries"),
 )
 
 

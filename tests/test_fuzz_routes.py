@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +32,10 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sqlalchemy import func, select
 
 from tests.conftest import BACKENDS
-from tests.helpers import Server, dump_all_tables, path_params, send, served_routes
+from tests.helpers import Server, db_rows, dump_all_tables, path_params, send, served_routes
 from tests.test_hostile_input import (
     BLOB,
     GROUP,
@@ -46,6 +48,7 @@ from tests.test_hostile_input import (
     valid_params,
 )
 from tests.test_waves import image, prepared
+from tufa.server.webhooks import webhook_deliveries
 
 # One worker runs the module (`--dist loadgroup`, as `make test` does): one server pair.
 pytestmark = pytest.mark.xdist_group("fuzz-routes")
@@ -97,15 +100,34 @@ class FuzzWorld:
         }
         # For the routes that revoke or delete a device: the others keep theirs.
         self.doomed_device = world.factory.register_device("ci")["id"]
+        # For the route that deletes a webhook: the world's own hook stays.
+        hook = {"url": HOOK_URL, "events": ["keys.expiring"]}
+        self.doomed_hook = world.factory.request("POST", "/webhooks", json=hook).json()["id"]
         # For the route that deletes a group: the world's own group stays.
         self.doomed_group = "doomed"
         created = world.factory.request("POST", "/device-groups", json={"name": self.doomed_group})
         assert created.status_code == 201, created.text
         # The database as the last example left it: one dump per example, not two.
         self.last_dump: dict[str, list[tuple[Any, ...]]] | None = None
+        settle_the_outbox(world.server)
 
     def __repr__(self) -> str:
         return f"<world of factory {self.world.factory.name} on {self.world.server.backend}>"
+
+
+# Where the webhooks the fuzzed requests add point: to no receiver, and for an event that
+# no fuzzed request makes due, so that nothing is ever delivered to them.
+HOOK_URL = "http://127.0.0.1:9/fuzzed"
+
+
+def settle_the_outbox(server: Server) -> None:
+    """Wait until the deliverer has sent what is due (to the world's receiver, which
+    takes everything): its writes after a request would look like the request's."""
+    deadline = time.monotonic() + 20
+    due = select(func.count()).where(webhook_deliveries.c.next_attempt_at.is_not(None))
+    while db_rows(server, due)[0][0]:
+        assert time.monotonic() < deadline, "webhook deliveries stayed queued"
+        time.sleep(0.05)
 
 
 SPECS: dict[tuple[str, str], Spec] = {
@@ -204,6 +226,11 @@ SPECS: dict[tuple[str, str], Spec] = {
     ("GET", f"{F}/device-groups/{{group}}"): Spec(),
     ("DELETE", f"{F}/device-groups/{{group}}"): Spec(params=lambda w: {"group": w.doomed_group}),
     # Whatever a valid removal takes out of the group, the adding spec puts back.
+    ("POST", f"{F}/webhooks"): Spec(lambda _: {"url": HOOK_URL, "events": ["keys.expiring"]}),
+    ("GET", f"{F}/webhooks"): Spec(),
+    ("DELETE", f"{F}/webhooks/{{hook_id}}"): Spec(params=lambda w: {"hook_id": w.doomed_hook}),
+    ("POST", f"{F}/webhooks/{{hook_id}}/test"): Spec(),
+    ("GET", f"{F}/webhooks/{{hook_id}}/deliveries"): Spec(),
     ("DELETE", f"{F}/device-groups/{{group}}/devices"): Spec(
         lambda w: {"devices": [w.world.prod_devices[0]["name"]]}
     ),
@@ -441,6 +468,8 @@ def test_no_input_reaches_a_5xx_and_refusals_change_nothing(
         )
     except httpx.RemoteProtocolError as e:  # the server hung up: as bad as a 500
         pytest.fail(f"the server dropped the connection: {e}")
+    if response.is_success:
+        settle_the_outbox(server)  # a registration or a test delivery queued something
     after = fuzz.last_dump = dump_all_tables(server)
 
     assert response.status_code < 500, f"{response.status_code} {response.text[:2000]}"

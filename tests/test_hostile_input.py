@@ -36,8 +36,10 @@ from tests.helpers import (
     served_routes,
 )
 from tests.test_waves import image, post_wave, prepared, publish
+from tests.webhook_receiver import Receiver
 from tufa.core.archive import OfflineArchive
 from tufa.core.metadata import TARGETS
+from tufa.server.webhooks import EVENTS
 
 WAVE = "w-1"
 GROUP = "g-1"
@@ -59,6 +61,8 @@ class World:
     prod_devices: list[dict[str, Any]]
     token_id: str
     archive: Path
+    # A webhook for every event, to a receiver that takes every delivery.
+    hook_id: str
 
 
 def build_world(server: Server, home: Path) -> World:
@@ -80,7 +84,11 @@ def build_world(server: Server, home: Path) -> World:
     updating = create_factory(server)
     opened = updating.request("POST", "/keys/updates", json={"message": "rotate online keys"})
     assert opened.status_code == 201, opened.text
-    return World(server, factory, updating, ci_device, prod_devices, token_id, archive)
+    hook = {"url": Receiver().start().url, "events": list(EVENTS)}
+    added = factory.request("POST", "/webhooks", json=hook)
+    assert added.status_code == 201, added.text
+    hook_id = added.json()["id"]
+    return World(server, factory, updating, ci_device, prod_devices, token_id, archive, hook_id)
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +126,7 @@ PARAM_VALUES: dict[str, Callable[[World, str], str]] = {
     "group": lambda _world, _: GROUP,
     "device": lambda world, _: world.ci_device["id"],
     "token_id": lambda world, _: world.token_id,
+    "hook_id": lambda world, _: world.hook_id,
     "sha256": lambda _world, _: hashlib.sha256(BLOB).hexdigest(),
 }
 

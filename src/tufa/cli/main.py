@@ -12,6 +12,7 @@ from tufa.cli.session import get, login
 from tufa.cli.targets import targets
 from tufa.cli.tokens import tokens
 from tufa.cli.waves import waves
+from tufa.cli.webhooks import webhooks
 from tufa.core.command_help import WholeSentenceGroup
 from tufa.demo.story import demo
 
@@ -26,5 +27,17 @@ def cli() -> None:
     """
 
 
-for command in (factory, keys, targets, waves, device_groups, tokens, devices, login, get, demo):
+for command in (
+    factory,
+    keys,
+    targets,
+    waves,
+    device_groups,
+    tokens,
+    devices,
+    webhooks,
+    login,
+    get,
+    demo,
+):
     cli.add_command(command)

@@ -78,6 +78,12 @@ DEVICE_GROUPS = f"{FACTORY}/device-groups"
 DEVICE_GROUP = f"{DEVICE_GROUPS}/{{group}}"
 DEVICE_GROUP_DEVICES = f"{DEVICE_GROUP}/devices"
 
+# Webhooks (`tufa webhooks`): a factory's hooks, a test delivery, the delivery log.
+WEBHOOKS = f"{FACTORY}/webhooks"
+WEBHOOK = f"{WEBHOOKS}/{{hook_id}}"
+WEBHOOK_TEST = f"{WEBHOOK}/test"
+WEBHOOK_DELIVERIES = f"{WEBHOOK}/deliveries"
+
 # What TUF clients read: `filename` is a metadata file name (1.root.json, timestamp.json)
 # or a target's consistent-snapshot name (SHA256.NAME).
 METADATA_FILE = f"{FACTORY}/repo/{{channel}}/metadata/{{filename}}"

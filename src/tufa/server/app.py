@@ -1,5 +1,5 @@
 """The ASGI application: routes, JSON errors, request size limits, request metrics, and
-its background jobs (background.py)."""
+its background jobs (background.py: the re-signer, staged rollouts, webhook deliveries)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from tufa.server.api import (
     targets,
     tokens,
     waves,
+    webhooks,
 )
 from tufa.server.api.access_log import AccessLog
 from tufa.server.api.common import Endpoint, refuse_unstorable_params
@@ -39,6 +40,7 @@ from tufa.server.metrics import flush_poll_answers
 from tufa.server.poll_notify import stamps_for
 from tufa.server.publishing import MAX_PUBLISH_BYTES
 from tufa.server.state import ServerState
+from tufa.server.webhooks import use_clock
 
 log = logging.getLogger("tufa.server")
 _BLOB_PATH = compile_path(api_paths.BLOB)[0]
@@ -155,6 +157,7 @@ ROUTES = [
         *waves.routes,
         *tokens.routes,
         *devices.routes,
+        *webhooks.routes,
         *repo.routes,
     )
 ]
@@ -185,6 +188,7 @@ def create_app(state: ServerState, *, first_resign_pass: bool = True) -> ASGIApp
     """The application. `first_resign_pass=False` for workers whose parent process
     already ran the start-up pass before starting them."""
     stamps = stamps_for(state.db.url, state.settings.poll_invalidation)
+    use_clock(state.settings.clock)  # the clock webhook deliveries are stamped by
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:

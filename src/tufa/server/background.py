@@ -1,7 +1,9 @@
-"""The server's background work: re-signing online metadata, and stepping staged
-rollouts. Each runs in the one process that holds the background lock
-(resigner.ResignerLock), at its own interval; the others stand by and try the lock at
-each of their turns, so when the holder dies another takes over within an interval.
+"""The server's background work: re-signing online metadata, stepping staged rollouts
+and delivering webhooks. Each runs in the one process that holds its lock
+(resigner.ResignerLock: the re-signer's for the first two, one of its own for the
+deliverer, webhook_delivery.py), at its own interval; the others stand by and try the
+lock at each of their turns, so when the holder dies another takes over within an
+interval.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from tufa.server.metrics import RESIGNER
 from tufa.server.resigner import ResignerLock
 from tufa.server.rollouts import Rollouts
 from tufa.server.state import ServerState
+from tufa.server.webhook_delivery import deliver_forever
 
 log = logging.getLogger("tufa.server")
 
@@ -84,7 +87,7 @@ async def background(state: ServerState, *, first_resign_pass: bool) -> AsyncIte
     )
     if not await turns.take():
         log.info("the background jobs run in another process; this one stands by")
-    running = [asyncio.create_task(t) for t in tasks]
+    running = [asyncio.create_task(t) for t in (*tasks, deliver_forever(state))]
     try:
         yield
     finally:

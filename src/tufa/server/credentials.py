@@ -22,11 +22,12 @@ from tufa.server.db import (
     device_group_members,
     devices,
     retired_credentials,
-    wave_devices,
 )
 from tufa.server.devices import NewDevice, add_device, device_row, find_device
 from tufa.server.principals import Principal, authenticate
+from tufa.server.rollout_plans import wave_devices
 from tufa.server.secrets import new_secret, secret_digest
+from tufa.server.webhooks import emit
 
 DEVICE_SECRET_PREFIX = "tufad"  # noqa: S105 (a label, not a secret)
 # Why a credential was retired (revoked devices keep their row: `devices.revoked_at`);
@@ -46,9 +47,13 @@ def register(
     conn: Connection, factory_id: int, device: NewDevice, now: datetime
 ) -> tuple[Any, str]:
     """Register a device with its first credential. Returns the device row and the
-    credential's secret, which only its digest is kept of."""
+    credential's secret, which only its digest is kept of. The factory's webhooks are
+    told (`device.first-seen`) once the registration commits."""
     secret = new_secret(DEVICE_SECRET_PREFIX)
-    return add_device(conn, factory_id, device, secret_digest(secret), now), secret
+    row = add_device(conn, factory_id, device, secret_digest(secret), now)
+    seen = {"device": row.id, "name": row.name, "hardware_id": row.hardware_id, "tag": row.tag}
+    emit(conn, factory_id, "device.first-seen", {**seen, "channel": str(row.channel)})
+    return row, secret
 
 
 def _retire(

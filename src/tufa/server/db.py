@@ -23,7 +23,6 @@ from sqlalchemy import (
     Column,
     Connection,
     Engine,
-    Float,
     ForeignKey,
     Index,
     Integer,
@@ -192,36 +191,6 @@ waves = _per_factory(
     Column("targets", LargeBinary, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     Column("finished_at", UTCDateTime),
-)
-
-# A wave's staged rollout (rollouts.py): the plan, where it stands, and why it halted.
-# `gate_since` is when the health gate's count of failures began: the plan's start, or
-# the operator's last resume.
-wave_plans = _per_factory(
-    "wave_plans",
-    Column("wave", String(64), primary_key=True),
-    Column("stages", Text, nullable=False),
-    Column("soak_seconds", Integer, nullable=False),
-    Column("max_failure_rate", Float, nullable=False),
-    Column("min_reports", Integer, nullable=False),
-    Column("silence_seconds", Integer, nullable=False),
-    Column("stage", Integer, nullable=False),
-    Column("stage_started_at", UTCDateTime, nullable=False),
-    Column("gate_since", UTCDateTime, nullable=False),
-    Column("state", String(16), nullable=False),
-    Column("halt_reason", Text),
-    Column("halted_at", UTCDateTime),
-    Column("created_at", UTCDateTime, nullable=False),
-)
-
-# Which devices a wave was served to, when, and by which stage of its plan (NULL: by a
-# rollout the operator chose): the health gate's population, and its silence clock.
-wave_devices = _per_factory(
-    "wave_devices",
-    Column("wave", String(64), primary_key=True),
-    Column("device_id", String(36), ForeignKey("devices.id"), primary_key=True),
-    Column("stage", Integer),
-    Column("served_at", UTCDateTime, nullable=False),
 )
 
 device_groups = _per_factory(

@@ -1,9 +1,9 @@
-"""The fleet as the database holds it: devices, their reports, device groups, and which
-view of the production channel each device is served.
+"""The fleet as the database holds it: devices, their reports, and which view of the
+production channel each device is served (device groups: device_groups.py).
 
-Every device and device-group query of the server lives here; the API (api/devices.py,
-api/waves.py) and the waves (waves.py) call these, and the credential life cycle
-(credentials.py) builds on `find_device` and `device_row`.
+Every device query of the server lives here; the API (api/devices.py, api/waves.py),
+the waves (waves.py) and staged rollouts (rollouts.py) call these, and the credential
+life cycle (credentials.py) builds on `find_device` and `device_row`.
 """
 
 from __future__ import annotations
@@ -13,15 +13,17 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, TypedDict
 
-from sqlalchemy import Connection, delete, exists, func, insert, select, update
+from sqlalchemy import Connection, exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from tufa.core.device_events import EventKind
 from tufa.core.metadata import Channel
-from tufa.server.db import device_events, device_group_members, device_groups, devices
+from tufa.server.db import device_events, device_group_members, devices
+from tufa.server.device_groups import find_group
 from tufa.server.exceptions import Conflict, NotFound
 from tufa.server.staleness import Verified
 from tufa.server.views import ci_view, tag_view
+from tufa.server.webhooks import emit
 
 # Device report events that say a version did not stay installed.
 FAILED_KINDS: tuple[EventKind, ...] = ("install-failed", "rolled-back")
@@ -172,149 +174,21 @@ def record_report(
                 for e in new
             ],
         )
+        _tell_failures(conn, factory_id, device_id, new)
     return len(new)
 
 
-# -- device groups --------------------------------------------------------------------
-
-
-def create_group(conn: Connection, factory_id: int, name: str, now: datetime) -> None:
-    try:
-        conn.execute(insert(device_groups).values(factory_id=factory_id, name=name, created_at=now))
-    except IntegrityError as e:
-        raise Conflict(f"a device group named {name!r} exists already") from e
-
-
-def groups(conn: Connection, factory_id: int) -> Sequence[Any]:
-    return conn.execute(
-        select(device_groups)
-        .where(device_groups.c.factory_id == factory_id)
-        .order_by(device_groups.c.name)
-    ).all()
-
-
-def find_group(conn: Connection, factory_id: int, group: str, *, lock: bool = False) -> Any:
-    """The group's row; NotFound if there is none. `lock` holds the row until the
-    transaction ends (PostgreSQL), so that no member joins a group being deleted."""
-    query = select(device_groups).where(
-        device_groups.c.factory_id == factory_id, device_groups.c.name == group
-    )
-    known = conn.execute(query.with_for_update() if lock else query).first()
-    if known is None:
-        raise NotFound(f"no device group named {group!r}; `tufa device-groups list` shows them")
-    return known
-
-
-def group_members(conn: Connection, factory_id: int, group: str) -> list[str]:
-    """The ids of the group's devices, in order."""
-    return list(
-        conn.execute(
-            select(device_group_members.c.device_id)
-            .where(
-                device_group_members.c.factory_id == factory_id,
-                device_group_members.c.group_name == group,
-            )
-            .order_by(device_group_members.c.device_id)
-        ).scalars()
-    )
-
-
-def group_member_devices(conn: Connection, factory_id: int, group: str) -> Sequence[Any]:
-    """The group's devices, by name."""
-    return conn.execute(
-        select(devices)
-        .join(device_group_members, device_group_members.c.device_id == devices.c.id)
-        .where(
-            device_group_members.c.factory_id == factory_id,
-            device_group_members.c.group_name == group,
-        )
-        .order_by(devices.c.name)
-    ).all()
-
-
-def _wanted_devices(conn: Connection, factory_id: int, wanted: list[str]) -> Sequence[Any]:
-    """The devices named by `wanted` (ids or names); NotFound naming the unknown ones.
-    Locked: a device deleted meanwhile must not gain a membership (PostgreSQL)."""
-    found = conn.execute(
-        select(devices.c.id, devices.c.name, devices.c.channel)
-        .where(
-            devices.c.factory_id == factory_id,
-            devices.c.id.in_(wanted) | devices.c.name.in_(wanted),
-        )
-        .with_for_update()
-    ).all()
-    missing = set(wanted) - {d.id for d in found} - {d.name for d in found}
-    if missing:
-        raise NotFound(
-            f"no such device(s): {', '.join(sorted(missing))}; `tufa devices list` shows them"
-        )
-    return found
-
-
-def add_to_group(conn: Connection, factory_id: int, group: str, wanted: list[str]) -> list[str]:
-    """Add the devices `wanted` (ids or names, all of them or none) to the group; returns
-    its members. Waves roll out to production devices only, so a CI device in a group
-    would make the group's count differ from what a rollout to it takes: refused."""
-    find_group(conn, factory_id, group, lock=True)
-    found = _wanted_devices(conn, factory_id, wanted)
-    ci = sorted(f"{d.name!r} ({d.id})" for d in found if d.channel != Channel.PROD)
-    if ci:
-        raise Conflict(
-            f"device(s) {', '.join(ci)} follow the CI channel: device groups are for "
-            "rolling waves out to production devices, which a CI device never gets; "
-            "nothing was added"
-        )
-    members = set(group_members(conn, factory_id, group))
-    for device in found:
-        if device.id not in members:
-            conn.execute(
-                insert(device_group_members).values(
-                    factory_id=factory_id, group_name=group, device_id=device.id
-                )
-            )
-    return group_members(conn, factory_id, group)
-
-
-def remove_from_group(
-    conn: Connection, factory_id: int, group: str, wanted: list[str]
-) -> list[str]:
-    """Take the devices `wanted` (ids or names, all of them members, or none is taken)
-    out of the group; returns its members."""
-    find_group(conn, factory_id, group, lock=True)
-    found = _wanted_devices(conn, factory_id, wanted)
-    members = set(group_members(conn, factory_id, group))
-    outside = sorted(f"{d.name!r} ({d.id})" for d in found if d.id not in members)
-    if outside:
-        raise NotFound(
-            f"device(s) {', '.join(outside)} are not in group {group!r}; nothing was removed"
-        )
-    conn.execute(
-        delete(device_group_members).where(
-            device_group_members.c.factory_id == factory_id,
-            device_group_members.c.group_name == group,
-            device_group_members.c.device_id.in_([d.id for d in found]),
-        )
-    )
-    return group_members(conn, factory_id, group)
-
-
-def delete_group(conn: Connection, factory_id: int, group: str) -> list[str]:
-    """Delete the group (its devices stay, and keep what waves served them); returns
-    the ids of the members it had."""
-    find_group(conn, factory_id, group, lock=True)
-    members = group_members(conn, factory_id, group)
-    conn.execute(
-        delete(device_group_members).where(
-            device_group_members.c.factory_id == factory_id,
-            device_group_members.c.group_name == group,
-        )
-    )
-    conn.execute(
-        delete(device_groups).where(
-            device_groups.c.factory_id == factory_id, device_groups.c.name == group
-        )
-    )
-    return members
+def _tell_failures(
+    conn: Connection, factory_id: int, device_id: str, events: list[DeviceEvent]
+) -> None:
+    """`device.install-failed` to the factory's webhooks, once per event stored."""
+    failed = [e for e in events if e["kind"] in FAILED_KINDS]
+    if not failed:
+        return
+    name = conn.execute(select(devices.c.name).where(devices.c.id == device_id)).scalar()
+    for e in failed:
+        data = {"device": device_id, "name": name, "version": e["version"], "kind": e["kind"]}
+        emit(conn, factory_id, "device.install-failed", {**data, "detail": e["detail"]})
 
 
 # -- views of the production channel --------------------------------------------------
@@ -380,8 +254,18 @@ def production_count(conn: Connection, factory_id: int, tag: str) -> int:
     return int(conn.execute(query).scalar_one())
 
 
-def serve(conn: Connection, device_ids: list[str], view: str) -> None:
-    conn.execute(update(devices).where(devices.c.id.in_(device_ids)).values(view=view))
+def serve(conn: Connection, device_ids: list[str], view: str) -> list[str]:
+    """Serve `view` to these devices; the ids of those still there (one deleted meanwhile
+    is not, and must not be recorded as served)."""
+    if not device_ids:
+        return []
+    changed = conn.execute(
+        update(devices)
+        .where(devices.c.id.in_(device_ids))
+        .values(view=view)
+        .returning(devices.c.id)
+    )
+    return list(changed.scalars())
 
 
 def serve_tag(conn: Connection, factory_id: int, tag: str, view: str) -> None:

@@ -96,6 +96,12 @@ POLL_REFILLS = Counter(
     ["outcome"],
     registry=_REGISTRY,
 )
+WEBHOOK_DELIVERIES = Counter(
+    "tufa_webhook_deliveries",
+    "Webhook delivery attempts, by outcome: delivered, failed (to be retried), given-up.",
+    ["outcome"],
+    registry=_REGISTRY,
+)
 RESIGNER = Gauge(
     "tufa_resigner_active",
     "1 in the process that runs the background re-signer, 0 in those standing by.",

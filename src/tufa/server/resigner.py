@@ -6,6 +6,9 @@ same checks every interval only load the database. On PostgreSQL the lock is a
 session advisory lock, which every replica on every host sees; on SQLite (one host)
 it is an `flock` on a file beside the database. Either is released when its process
 dies, and a process standing by takes over at its next turn.
+
+The webhook deliverer (webhook_delivery.py) takes turns the same way, with a lock of
+its own (`WEBHOOKS`), so that no delivery is attempted by two processes at once.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import contextlib
 import fcntl
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import Connection, Engine, create_engine, text
@@ -27,9 +31,23 @@ log = logging.getLogger("tufa.server")
 _ADVISORY_KEY = 7412301
 
 
+@dataclass(frozen=True)
+class LockKind:
+    """Which background task a lock is for: its advisory key and lock file suffix."""
+
+    task: str
+    advisory_key: int
+    suffix: str
+
+
+RESIGNER = LockKind("background re-signer", _ADVISORY_KEY, "resigner-lock")
+WEBHOOKS = LockKind("webhook deliverer", _ADVISORY_KEY + 1, "webhooks-lock")
+
+
 class ResignerLock:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, kind: LockKind = RESIGNER) -> None:
         self._db = db
+        self.kind = kind
         self._engine: Engine | None = None
         self._conn: Connection | None = None
         self._fd: int | None = None
@@ -43,13 +61,13 @@ class ResignerLock:
         try:
             got = self._take_sqlite() if self._db.is_sqlite else self._take_postgres()
         except Exception as e:
-            log.warning("could not take the re-signer lock: %s", e)
+            log.warning("could not take the lock of the %s: %s", self.kind.task, e)
             self.release()
             got = False
         if got and not self.held:
-            log.info("this process (pid %d) runs the background re-signer", os.getpid())
+            log.info("this process (pid %d) runs the %s", os.getpid(), self.kind.task)
         elif not got and self.held:
-            log.warning("this process (pid %d) lost the re-signer lock", os.getpid())
+            log.warning("this process (pid %d) lost the %s lock", os.getpid(), self.kind.task)
         self.held = got
         return got
 
@@ -75,7 +93,9 @@ class ResignerLock:
             )
         conn = self._engine.connect()
         got = bool(
-            conn.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": _ADVISORY_KEY}).scalar()
+            conn.execute(
+                text("SELECT pg_try_advisory_lock(:key)"), {"key": self.kind.advisory_key}
+            ).scalar()
         )
         if got:
             self._conn = conn
@@ -86,7 +106,7 @@ class ResignerLock:
     def _take_sqlite(self) -> bool:
         if self._fd is not None:
             return True
-        fd = os.open(lock_path(self._db.url), os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(lock_path(self._db.url, self.kind.suffix), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -96,9 +116,9 @@ class ResignerLock:
         return True
 
 
-def lock_path(sqlite_url: str) -> Path:
+def lock_path(sqlite_url: str, suffix: str = RESIGNER.suffix) -> Path:
     """The lock file beside a SQLite database: every process using it sees the same."""
     database = make_url(sqlite_url).database
     assert database, f"no database file in {sqlite_url}"
     path = Path(database)
-    return path.with_name(f"{path.name}.resigner-lock")
+    return path.with_name(f"{path.name}.{suffix}")

@@ -28,8 +28,8 @@ from sqlalchemy import Connection, func, select
 
 from tufa.core.clock import iso
 from tufa.core.device_events import DOWNLOAD_ATTEMPTS
-from tufa.server.db import device_events, devices, wave_devices
-from tufa.server.rollout_plans import HALTED, RUNNING, Plan, PlanState
+from tufa.server.db import device_events, devices
+from tufa.server.rollout_plans import HALTED, RUNNING, Plan, PlanState, wave_devices
 from tufa.server.staleness import stale_device_ids
 
 Condition = Literal["installed", "failed", "silent", "pending"]

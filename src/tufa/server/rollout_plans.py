@@ -18,10 +18,57 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final, Literal
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import (
+    Column,
+    Connection,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Table,
+    Text,
+    insert,
+    select,
+    update,
+)
 
-from tufa.server.db import wave_devices, wave_plans
+from tufa.server.db import schema
 from tufa.server.exceptions import Conflict, InvalidInput
+from tufa.server.sql_types import UTCDateTime
+
+# A wave's staged rollout (rollouts.py): the plan, where it stands, and why it halted.
+# `gate_since` is when the health gate's count of failures began: the plan's start, or
+# the operator's last resume.
+wave_plans = Table(
+    "wave_plans",
+    schema,
+    Column("factory_id", Integer, ForeignKey("factories.id"), primary_key=True),
+    Column("wave", String(64), primary_key=True),
+    Column("stages", Text, nullable=False),
+    Column("soak_seconds", Integer, nullable=False),
+    Column("max_failure_rate", Float, nullable=False),
+    Column("min_reports", Integer, nullable=False),
+    Column("silence_seconds", Integer, nullable=False),
+    Column("stage", Integer, nullable=False),
+    Column("stage_started_at", UTCDateTime, nullable=False),
+    Column("gate_since", UTCDateTime, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("halt_reason", Text),
+    Column("halted_at", UTCDateTime),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+# Which devices a wave was served to, when, and by which stage of its plan (NULL: by a
+# rollout the operator chose): the health gate's population, and its silence clock.
+wave_devices = Table(
+    "wave_devices",
+    schema,
+    Column("factory_id", Integer, ForeignKey("factories.id"), primary_key=True),
+    Column("wave", String(64), primary_key=True),
+    Column("device_id", String(36), ForeignKey("devices.id"), primary_key=True),
+    Column("stage", Integer),
+    Column("served_at", UTCDateTime, nullable=False),
+)
 
 SOAKING: Final = "soaking"
 ADVANCING: Final = "advancing"
@@ -275,3 +322,25 @@ def rollout_limit(limit: str | None, available: int) -> int:
     if count is not None and int(count) >= 1:
         return int(count)
     raise InvalidInput("'limit' must be a count such as 10 or a share such as 25%")
+
+
+def record_served(
+    conn: Connection,
+    factory_id: int,
+    wave: str,
+    device_ids: list[str],
+    stage: int | None,
+    now: datetime,
+) -> None:
+    """Record that the wave was served to these devices now, by stage `stage` of its
+    plan or (None) by the operator's choice: the health gate's population and its
+    silence clock."""
+    if device_ids:
+        conn.execute(
+            insert(wave_devices),
+            [
+                {"factory_id": factory_id, "wave": wave, "device_id": d}
+                | {"stage": stage, "served_at": now}
+                for d in device_ids
+            ],
+        )

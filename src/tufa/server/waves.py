@@ -27,7 +27,7 @@ from tufa.core.clock import iso
 from tufa.core.metadata import TARGETS, Channel, build_targets, expiry, to_bytes
 from tufa.core.selection import custom_of, tags_of, target_version, version_key
 from tufa.server import ci_views, devices
-from tufa.server.db import channels, targets, wave_devices, waves
+from tufa.server.db import channels, targets, waves
 from tufa.server.exceptions import Conflict, InvalidInput, NotFound, RuleViolated
 from tufa.server.publishing import refuse_oversized_targets
 from tufa.server.rollout_health import RolloutJson, rollout_json
@@ -35,6 +35,7 @@ from tufa.server.rollout_plans import (
     COMPLETED,
     end_plan,
     find_plan,
+    record_served,
     refuse_if_planned,
     rollout_limit,
 )
@@ -303,21 +304,12 @@ class Waves:
         """Serve the wave of `row` to these devices, by a stage of its plan or (None) by
         the operator's choice, and record when (the health gate's silence clock).
         `publish=False` records devices the wave already serves."""
-        if not device_ids:
-            return
         now = self.state.settings.clock.now()
-        devices.serve(conn, device_ids, wave_view(row.name))
-        conn.execute(
-            insert(wave_devices),
-            [
-                {"factory_id": factory_id, "wave": row.name, "device_id": d}
-                | {"stage": stage, "served_at": now}
-                for d in device_ids
-            ],
-        )
+        served = devices.serve(conn, device_ids, wave_view(row.name))
+        record_served(conn, factory_id, row.name, served, stage, now)
         # The wave's snapshot and timestamp are published again with new numbers, higher
         # than any version the devices saw in the view they come from.
-        if publish:
+        if publish and served:
             self.repo.publish_snapshot_and_timestamp(
                 conn, factory_id, PROD, row.targets_version, now, wave_view(row.name)
             )

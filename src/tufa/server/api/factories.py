@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import TypedDict
 
 from sqlalchemy import Connection, select, update
@@ -28,6 +27,7 @@ from tufa.server.auth import require_factory, require_operator
 from tufa.server.db import factories
 from tufa.server.errors import bad_request, not_found
 from tufa.server.factories import create_factory
+from tufa.server.offline_expiry import expiry_warning
 from tufa.server.principals import Scope
 from tufa.server.state import ServerState
 
@@ -164,7 +164,7 @@ def describe(state: ServerState, name: str, base_url: str) -> FactoryStatus:
             entry[role] = {"version": stored.version, "expires": iso(stored.expires)}
             offline_signed = role == ROOT or (role == TARGETS and channel is Channel.PROD)
             if offline_signed and stored.expires - now < settings.offline_expiry_warning:
-                warnings.append(_expiry_warning(channel, role, stored.expires, now))
+                warnings.append(expiry_warning(channel, role, stored.expires, now))
         described[channel] = entry
     return {
         "name": row.name,
@@ -199,15 +199,6 @@ def _first_separated_root_version(
         version -= 1
         roots = {c: state.repo.root(conn, factory_id, c, version).signed for c in Channel}
     return None if version == newest else version + 1
-
-
-def _expiry_warning(channel: Channel, role: str, expires: datetime, now: datetime) -> str:
-    days = (expires - now).days
-    when = "has expired" if expires <= now else f"expires in {days} day(s)"
-    fix = (
-        "extend it with `tufa keys updates`" if role == ROOT else "release a new wave to re-sign it"
-    )
-    return f"the {channel} {role} metadata {when} ({iso(expires)}): {fix}"
 
 
 routes = [

@@ -22,7 +22,8 @@ from starlette.routing import BaseRoute, Route
 import tufa
 from tufa.core.api_paths import FACTORY_NAME
 from tufa.server.api.json_schema import Components, Schema
-from tufa.server.api.operations import OPERATIONS, Content, Operation
+from tufa.server.api.operation_kinds import Content, Operation
+from tufa.server.api.operations import OPERATIONS
 from tufa.server.errors import ErrorBody
 
 SECURITY_SCHEMES = {

@@ -10,113 +10,74 @@ an entry without a route.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TypedDict
-
 from tufa.core import api_paths as p
 from tufa.core.device_events import EVENT_KINDS
-from tufa.server.api import devices, factories, keys, report_fields, targets, tokens, waves
+from tufa.server.api import (
+    devices,
+    factories,
+    keys,
+    report_fields,
+    targets,
+    tokens,
+    waves,
+    webhooks,
+)
 from tufa.server.api.json_schema import Schema
+from tufa.server.api.operation_kinds import (
+    ADMIN,
+    BOOLEAN,
+    CONFLICT,
+    CREATED,
+    DEVICE,
+    FILE,
+    OPERATOR,
+    PUBLIC,
+    PUBLISHERS,
+    READERS,
+    REPO_READERS,
+    STRING,
+    STRINGS,
+    Content,
+    Operation,
+    Query,
+    StatusJson,
+    object_schema,
+    pattern_schema,
+    tokens_with,
+)
 from tufa.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from tufa.server.principals import Scope
 from tufa.server.publishing import LABEL, VERSION_LABEL, PublishCheck, PublishResult
 from tufa.server.rollouts import PlanPreview
 from tufa.server.root_updates.status import Applied, Cancelled, RootUpdateStatus
 from tufa.server.wave_shapes import RolloutResult, WaveJson, WaveSummary
+from tufa.server.webhooks import EVENTS, MAX_SECRET, MIN_SECRET
 
-# Each alternative names schemes that must all hold; an empty one means "no credential".
-Security = list[dict[str, list[str]]]
-
-
-def tokens_with(*scopes: Scope) -> Security:
-    return [{"factoryToken": sorted(scopes)}]
-
-
-OPERATOR: Security = [{"operatorToken": []}]
-ADMIN = tokens_with(Scope.ADMIN)
-PUBLISHERS = tokens_with(Scope.ADMIN, Scope.CI)
-READERS = tokens_with(Scope.ADMIN, Scope.CI, Scope.READ)
-DEVICE: Security = [{"deviceCredential": []}]
-# TUF clients: a device of the channel, a reading token, or anyone where the factory
-# allows anonymous reads (PATCH /factories/{factory}).
-REPO_READERS: Security = [*DEVICE, *READERS, {}]
-PUBLIC: Security = []
-
-
-@dataclass(frozen=True)
-class Content:
-    """A body that is not one of the endpoints' answer types: a file, or raw JSON."""
-
-    media_type: str
-    schema: Schema
-    description: str = ""
-
-
-@dataclass(frozen=True)
-class Query:
-    name: str
-    description: str
-    schema: Schema = field(default_factory=lambda: {"type": "string"})
-
-
-@dataclass(frozen=True)
-class Operation:
-    answer: object  # the endpoint's answer type, or its Content
-    security: Security
-    # The first is the usual success; any other answers with the same type.
-    statuses: tuple[int, ...] = (200,)
-    body: Schema | Content | None = None
-    query: tuple[Query, ...] = ()
-    # Refusals beyond those of every route (see openapi.py), and bodiless answers.
-    errors: tuple[int, ...] = ()
-    bodiless: dict[int, str] = field(default_factory=dict)
-    # For an endpoint without a docstring, whose first sentence is the summary otherwise.
-    summary: str | None = None
-
-
-class StatusJson(TypedDict):
-    status: str
-
-
-def _pattern(regex: str) -> Schema:
-    return {"type": "string", "pattern": f"^(?:{regex})$"}
-
-
-def _object(required: tuple[str, ...] = (), **properties: Schema) -> Schema:
-    return {"type": "object", "properties": properties, "required": list(required)}
-
-
-STRING: Schema = {"type": "string"}
-STRINGS: Schema = {"type": "array", "items": STRING}
-LABEL_SCHEMA = _pattern(LABEL.pattern)
-VERSION_SCHEMA = _pattern(VERSION_LABEL.pattern)
+LABEL_SCHEMA = pattern_schema(LABEL.pattern)
+VERSION_SCHEMA = pattern_schema(VERSION_LABEL.pattern)
 SIGNATURES: Schema = {
     "type": "array",
-    "items": _object(("keyid", "sig"), keyid=STRING, sig=STRING),
+    "items": object_schema(("keyid", "sig"), keyid=STRING, sig=STRING),
 }
-SIGNED_METADATA: Schema = _object(
+SIGNED_METADATA: Schema = object_schema(
     ("signed", "signatures"), signed={"type": "object"}, signatures={"type": "array"}
 )
-FILE: Schema = {"type": "string", "contentMediaType": "application/octet-stream"}
 CHANNEL: Schema = {"type": "string", "enum": ["ci", "prod"]}
-BOOLEAN: Schema = {"type": "string", "enum": ["true", "false"]}
-CONFLICT = (409,)
-CREATED = (201,)
-TARGET_SPEC = _object(
+TARGET_SPEC = object_schema(
     ("name", "version", "length", "sha256", "hardware_ids", "tags"),
-    name=_pattern(r"[A-Za-z0-9._+-]{1,255}"),
+    name=pattern_schema(r"[A-Za-z0-9._+-]{1,255}"),
     version=VERSION_SCHEMA,
     length={"type": "integer", "minimum": 0},
-    sha256=_pattern("[0-9a-f]{64}"),
+    sha256=pattern_schema("[0-9a-f]{64}"),
     hardware_ids={"type": "array", "items": LABEL_SCHEMA, "minItems": 1},
     tags={"type": "array", "items": LABEL_SCHEMA, "minItems": 1},
     url={"type": "string", "description": "where devices download an external target"},
     custom={"type": "object", "description": "extra custom metadata, signed with the target"},
 )
 WAVE_BUILD = {"tag": LABEL_SCHEMA, "version": VERSION_SCHEMA, "prune": STRINGS}
-EVENT = _object(
+EVENT = object_schema(
     ("id", "at", "kind", "detail"),
-    id=_pattern("[A-Za-z0-9_-]{1,64}"),
+    id=pattern_schema("[A-Za-z0-9_-]{1,64}"),
     at={"type": "string", "description": "ISO 8601 with its offset, e.g. 2026-12-01T10:00:00Z"},
     kind={"type": "string", "enum": list(EVENT_KINDS)},
     version={"type": ["string", "null"]},
@@ -149,7 +110,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         factories.CreatedFactoryJson,
         OPERATOR,
         statuses=CREATED,
-        body=_object(("name",), name=_pattern(p.FACTORY_NAME.pattern)),
+        body=object_schema(("name",), name=pattern_schema(p.FACTORY_NAME.pattern)),
         errors=CONFLICT,
         summary="Create a factory, its keys and its admin token.",
     ),
@@ -163,7 +124,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         factories.FactoryStatus,
         ADMIN,
         body={
-            **_object(("anonymous_read",), anonymous_read={"type": "boolean"}),
+            **object_schema(("anonymous_read",), anonymous_read={"type": "boolean"}),
             "additionalProperties": False,
         },
         summary="Allow or refuse metadata and target reads without a credential.",
@@ -177,7 +138,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("POST", p.KEYS_ARCHIVE_CONFIRM): Operation(
         keys.ConfirmedDownloadJson,
         ADMIN,
-        body=_object(("sha256",), sha256=_pattern("[0-9a-fA-F]{64}")),
+        body=object_schema(("sha256",), sha256=pattern_schema("[0-9a-fA-F]{64}")),
         errors=(409, 410),
         summary="Confirm the archive is saved (by its SHA-256): the server deletes it.",
     ),
@@ -185,7 +146,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         tokens.CreatedTokenJson,
         ADMIN,
         statuses=CREATED,
-        body=_object(
+        body=object_schema(
             ("scopes",),
             scopes={"type": "array", "items": {"enum": sorted(Scope)}, "minItems": 1},
             description={"type": "string", "maxLength": tokens.MAX_DESCRIPTION},
@@ -201,7 +162,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         devices.IssuedDeviceJson,
         tokens_with(Scope.ADMIN, Scope.REGISTER),
         statuses=CREATED,
-        body=_object(
+        body=object_schema(
             ("name", "hardware_id", "tag", "channel"),
             name=STRING,
             hardware_id=STRING,
@@ -230,15 +191,15 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("POST", p.DEVICE_REPORTS): Operation(
         devices.AcceptedReportJson,
         DEVICE,
-        body=_object(
+        body=object_schema(
             ("installed", "events"),
             installed={
                 "anyOf": [
-                    _object(
+                    object_schema(
                         ("version", "target", "sha256"),
                         version=STRING,
                         target=STRING,
-                        sha256=_pattern("[0-9a-fA-F]{64}"),
+                        sha256=pattern_schema("[0-9a-fA-F]{64}"),
                     ),
                     {"type": "null"},
                 ]
@@ -246,7 +207,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
             events={"type": "array", "items": EVENT, "maxItems": report_fields.MAX_EVENTS},
             timestamp={
                 "anyOf": [
-                    _object(
+                    object_schema(
                         ("version", "expires"),
                         version={"type": "integer", "minimum": 1},
                         expires={"type": "string", "description": "ISO 8601 with its offset"},
@@ -257,6 +218,23 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
             },
             poll_interval={"type": ["integer", "null"], "minimum": 0},
         ),
+    ),
+    ("POST", p.WEBHOOKS): Operation(
+        webhooks.CreatedHookJson,
+        ADMIN,
+        statuses=CREATED,
+        body=object_schema(
+            ("url", "events"),
+            url={"type": "string", "description": "http:// or https://"},
+            events={"type": "array", "items": {"enum": list(EVENTS)}, "minItems": 1},
+            secret={"type": "string", "minLength": MIN_SECRET, "maxLength": MAX_SECRET},
+        ),
+    ),
+    ("GET", p.WEBHOOKS): Operation(list[webhooks.HookJson], tokens_with(Scope.ADMIN, Scope.READ)),
+    ("DELETE", p.WEBHOOK): Operation(webhooks.HookJson, ADMIN),
+    ("POST", p.WEBHOOK_TEST): Operation(webhooks.QueuedTestJson, ADMIN, statuses=CREATED),
+    ("GET", p.WEBHOOK_DELIVERIES): Operation(
+        list[webhooks.DeliveryJson], tokens_with(Scope.ADMIN, Scope.READ)
     ),
     ("GET", p.METADATA_FILE): Operation(
         Content("application/json", SIGNED_METADATA, "TUF metadata"),
@@ -275,7 +253,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         RootUpdateStatus,
         ADMIN,
         statuses=CREATED,
-        body=_object(("message",), message=STRING),
+        body=object_schema(("message",), message=STRING),
         errors=CONFLICT,
         summary="Open a root update: staged roots start as copies of the current ones.",
     ),
@@ -284,13 +262,13 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("PUT", p.ROOT_UPDATE_STAGED): Operation(
         RootUpdateStatus,
         ADMIN,
-        body=_object(
+        body=object_schema(
             ("roots",),
-            roots=_object(("ci", "prod"), ci=SIGNED_METADATA, prod=SIGNED_METADATA),
+            roots=object_schema(("ci", "prod"), ci=SIGNED_METADATA, prod=SIGNED_METADATA),
             prod_targets={"type": "object", "additionalProperties": SIGNED_METADATA},
             root_key_pairs={
                 "type": "array",
-                "items": _object(("ci", "prod"), ci=STRING, prod=STRING),
+                "items": object_schema(("ci", "prod"), ci=STRING, prod=STRING),
             },
         ),
         errors=CONFLICT,
@@ -299,16 +277,16 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("POST", p.ROOT_UPDATE_ONLINE_KEYS): Operation(
         RootUpdateStatus,
         ADMIN,
-        body=_object(("roles",), roles=STRINGS, channels={"type": "array", "items": CHANNEL}),
+        body=object_schema(("roles",), roles=STRINGS, channels={"type": "array", "items": CHANNEL}),
         errors=CONFLICT,
         summary="Generate new online keys, put in the staged roots until apply.",
     ),
     ("POST", p.ROOT_UPDATE_SIGNATURES): Operation(
         RootUpdateStatus,
         ADMIN,
-        body=_object(
+        body=object_schema(
             (),
-            roots=_object((), ci=SIGNATURES, prod=SIGNATURES),
+            roots=object_schema((), ci=SIGNATURES, prod=SIGNATURES),
             prod_targets={"type": "object", "additionalProperties": SIGNATURES},
         ),
         errors=CONFLICT,
@@ -327,7 +305,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("POST", p.TARGETS): Operation(
         PublishResult,
         PUBLISHERS,
-        body=_object(("targets",), targets={"type": "array", "items": TARGET_SPEC}),
+        body=object_schema(("targets",), targets={"type": "array", "items": TARGET_SPEC}),
         statuses=(201, 200),
         errors=CONFLICT,
         summary="Publish CI targets (200 when nothing changed).",
@@ -345,19 +323,19 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("POST", p.CHECK_TARGETS): Operation(
         PublishCheck,
         PUBLISHERS,
-        body=_object(("targets",), targets={"type": "array", "items": TARGET_SPEC}),
+        body=object_schema(("targets",), targets={"type": "array", "items": TARGET_SPEC}),
         errors=CONFLICT,
     ),
     ("POST", p.PRUNE_TARGETS): Operation(
         PublishResult,
         PUBLISHERS,
-        body=_object(("keep",), keep={"type": "integer"}),
+        body=object_schema(("keep",), keep={"type": "integer"}),
         summary="Unlist all but the newest `keep` CI builds.",
     ),
     ("POST", p.DELETE_TARGETS): Operation(
         PublishResult,
         PUBLISHERS,
-        body=_object(("names",), names=STRINGS),
+        body=object_schema(("names",), names=STRINGS),
         summary="Unlist CI targets by name.",
     ),
     ("GET", p.TARGET): Operation(
@@ -366,14 +344,14 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("POST", p.PREPARE_WAVE): Operation(
         waves.PreparedWaveJson,
         ADMIN,
-        body=_object(("tag", "version"), **WAVE_BUILD, expires_days={"type": "integer"}),
+        body=object_schema(("tag", "version"), **WAVE_BUILD, expires_days={"type": "integer"}),
         summary="The production targets a wave of a CI build would sign, for offline signing.",
     ),
     ("POST", p.WAVES): Operation(
         WaveJson,
         ADMIN,
         statuses=CREATED,
-        body=_object(
+        body=object_schema(
             ("name", "tag", "version", "targets"),
             name=STRING,
             **WAVE_BUILD,
@@ -387,14 +365,14 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("POST", p.WAVE_SIGNATURES): Operation(
         WaveJson,
         ADMIN,
-        body=_object(("signatures",), signatures=SIGNATURES),
+        body=object_schema(("signatures",), signatures=SIGNATURES),
         errors=CONFLICT,
         summary="Add offline signatures to a wave.",
     ),
     ("POST", p.WAVE_ROLLOUT): Operation(
         RolloutResult | PlanPreview,
         ADMIN,
-        body=_object(
+        body=object_schema(
             (),
             group=STRING,
             devices=STRINGS,
@@ -423,7 +401,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         waves.GroupJson,
         ADMIN,
         statuses=CREATED,
-        body=_object(("name",), name=STRING),
+        body=object_schema(("name",), name=STRING),
         errors=CONFLICT,
         summary="Create a device group.",
     ),
@@ -439,14 +417,14 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("POST", p.DEVICE_GROUP_DEVICES): Operation(
         waves.GroupJson,
         ADMIN,
-        body=_object(("devices",), devices={**STRINGS, "minItems": 1}),
+        body=object_schema(("devices",), devices={**STRINGS, "minItems": 1}),
         errors=CONFLICT,
         summary="Add production devices (ids or names) to a group, all or none.",
     ),
     ("DELETE", p.DEVICE_GROUP_DEVICES): Operation(
         waves.GroupJson,
         ADMIN,
-        body=_object(("devices",), devices={**STRINGS, "minItems": 1}),
+        body=object_schema(("devices",), devices={**STRINGS, "minItems": 1}),
         summary="Remove devices (ids or names) from a group, all or none.",
     ),
 }

@@ -12,7 +12,7 @@ from tuf.api.metadata import Metadata, Targets
 
 from tufa.core import api_paths
 from tufa.core.clock import iso
-from tufa.server import devices
+from tufa.server import device_groups
 from tufa.server.api.common import Endpoint, factory_caller, ok, reading, resource, writing
 from tufa.server.api.fields import field, json_object, signature_list, string_list
 from tufa.server.errors import bad_request
@@ -220,7 +220,7 @@ async def create_group(request: Request) -> JSONResponse:
         raise bad_request("group names are 1-64 letters, digits, '.', '_' or '-'")
 
     def insert_group(conn: Connection) -> GroupJson:
-        devices.create_group(conn, factory_id, name, state.settings.clock.now())
+        device_groups.create_group(conn, factory_id, name, state.settings.clock.now())
         return {"name": name, "devices": []}
 
     return ok(await writing(state, insert_group), status=201)
@@ -239,7 +239,10 @@ async def add_to_group(request: Request) -> JSONResponse:
     wanted = await _named_devices(request)
 
     def add(conn: Connection) -> GroupJson:
-        return {"name": group, "devices": devices.add_to_group(conn, factory_id, group, wanted)}
+        return {
+            "name": group,
+            "devices": device_groups.add_to_group(conn, factory_id, group, wanted),
+        }
 
     return ok(await writing(state, add))
 
@@ -250,7 +253,7 @@ async def remove_from_group(request: Request) -> JSONResponse:
     wanted = await _named_devices(request)
 
     def remove(conn: Connection) -> GroupJson:
-        left = devices.remove_from_group(conn, factory_id, group, wanted)
+        left = device_groups.remove_from_group(conn, factory_id, group, wanted)
         return {"name": group, "devices": left}
 
     return ok(await writing(state, remove))
@@ -261,8 +264,8 @@ async def show_group(request: Request) -> JSONResponse:
     group = request.path_params["group"]
 
     def shown(conn: Connection) -> ShownGroupJson:
-        row = devices.find_group(conn, factory_id, group)
-        members = devices.group_member_devices(conn, factory_id, group)
+        row = device_groups.find_group(conn, factory_id, group)
+        members = device_groups.group_member_devices(conn, factory_id, group)
         return {
             "name": row.name,
             "created_at": iso(row.created_at),
@@ -288,7 +291,10 @@ async def delete_group(request: Request) -> JSONResponse:
     group = request.path_params["group"]
 
     def deleted(conn: Connection) -> DeletedGroupJson:
-        return {"deleted": group, "devices_left": devices.delete_group(conn, factory_id, group)}
+        return {
+            "deleted": group,
+            "devices_left": device_groups.delete_group(conn, factory_id, group),
+        }
 
     return ok(await writing(state, deleted))
 
@@ -301,9 +307,9 @@ async def list_groups(request: Request) -> JSONResponse:
             {
                 "name": r.name,
                 "created_at": iso(r.created_at),
-                "devices": devices.group_members(conn, factory_id, r.name),
+                "devices": device_groups.group_members(conn, factory_id, r.name),
             }
-            for r in devices.groups(conn, factory_id)
+            for r in device_groups.groups(conn, factory_id)
         ]
 
     return ok(await reading(state, groups))
