@@ -45,6 +45,8 @@ from tests.helpers import (
     set_clock_offset,
 )
 from tests.test_waves import Device, image, post_wave, prepared, publish
+from tests.test_webhooks import add_hook
+from tests.webhook_receiver import Receiver, verifies
 from tufa.core.archive import OfflineArchive
 from tufa.core.metadata import TARGETS
 
@@ -583,3 +585,42 @@ def test_real_agents_failures_halt_the_plan_a_download_after_three_tries(
         assert fleet.served() == []  # the rest of the fleet never saw it
     finally:
         proxy.close()
+
+
+# -- events to the outside ----------------------------------------------------------------------
+
+
+def test_a_plan_tells_its_webhooks_it_advanced_halted_and_completed(
+    clocked: Clocked, fleet: Fleet
+) -> None:
+    secret = "s" * 32
+    receiver = Receiver().start()
+    try:
+        events = ["wave.advanced", "wave.halted", "wave.completed"]
+        add_hook(fleet.factory, receiver.url, events, secret=secret)
+        plan = {"plan": ["2", "4", "100%"], "min_reports": 2, "max_failure_rate": "30%"}
+        assert fleet.rollout(**plan).status_code == 200
+        for device in fleet.served():
+            fleet.report(device, "installed")
+        clocked.move(31 * MINUTE)
+        (advanced,) = receiver.wait_for(lambda r: len(r) == 1)
+        assert advanced.event == "wave.advanced"
+        assert verifies(secret, advanced.body, advanced.headers["x-tufa-signature"])
+        assert advanced.payload["data"] == {
+            "wave": "rel-2", "tag": "main", "version": "2", "stage": 2, "target": "4",
+            "devices_added": 2,
+        }  # fmt: skip
+        newest = [d for d in fleet.served() if fleet.reported.get(d.id) is None]
+        for device in newest:
+            fleet.report(device, "rolled-back")
+        halted = receiver.wait_for(lambda r: len(r) == 2)[1]
+        assert halted.event == "wave.halted"
+        assert halted.payload["data"]["stage"] == 2
+        assert "failure rate 50.0% (2 of 4 reports" in halted.payload["data"]["reason"]
+        assert fleet.factory.request("POST", "/waves/rel-2/complete").status_code == 200
+        completed = receiver.wait_for(lambda r: len(r) == 3)[2]
+        assert completed.event == "wave.completed"
+        assert completed.payload["data"] == {"wave": "rel-2", "tag": "main", "version": "2"}
+        assert len({r.headers["x-tufa-delivery"] for r in receiver.received}) == 3
+    finally:
+        receiver.stop()

@@ -43,6 +43,7 @@ from tufa.server.rollout_plans import (
 from tufa.server.state import ServerState
 from tufa.server.views import wave_view
 from tufa.server.waves import ACTIVE, Waves
+from tufa.server.webhooks import emit
 
 log = logging.getLogger("tufa.server")
 PROD: Final = Channel.PROD
@@ -211,6 +212,18 @@ class Rollouts:
         reason = breach(total, plan)
         if reason is not None:
             change_plan(conn, factory_id, name, state=HALTED, halt_reason=reason, halted_at=now)
+            emit(
+                conn,
+                factory_id,
+                "wave.halted",
+                {
+                    **_about(row),
+                    "stage": plan.stage + 1,
+                    "reason": reason,
+                    "reports": total.reports,
+                    "failures": total.failures,
+                },
+            )
             log.warning(
                 "staged rollout of wave %s halted at stage %d: %s", name, plan.stage + 1, reason
             )
@@ -234,6 +247,8 @@ class Rollouts:
         index = plan.stage + 1
         added = self._serve_stage(conn, factory_id, row, plan.stages, index)
         change_plan(conn, factory_id, row.name, stage=index, stage_started_at=now, state=SOAKING)
+        data = {**_about(row), "stage": index + 1, "target": plan.stages[index].label}
+        emit(conn, factory_id, "wave.advanced", {**data, "devices_added": added})
         log.info(
             "staged rollout of wave %s advanced to stage %d (%s): %d more device(s)",
             row.name,
@@ -241,3 +256,8 @@ class Rollouts:
             plan.stages[index].label,
             added,
         )
+
+
+def _about(row: Any) -> dict[str, Any]:
+    """What every wave event says of its wave."""
+    return {"wave": row.name, "tag": row.tag, "version": row.version}

@@ -44,6 +44,7 @@ from tufa.server.staleness import stale_device_ids
 from tufa.server.state import ServerState
 from tufa.server.views import tag_view, wave_view
 from tufa.server.wave_shapes import RolloutResult, WaveJson, WaveStatus, WaveSummary
+from tufa.server.webhooks import emit
 
 ACTIVE: Final = "active"
 COMPLETE: Final = "complete"
@@ -332,6 +333,8 @@ class Waves:
         devices.serve_tag(conn, factory_id, row.tag, view)
         self._finish(conn, factory_id, name, COMPLETE)
         end_plan(conn, factory_id, name, COMPLETED)
+        event = {"wave": name, "tag": row.tag, "version": row.version}
+        emit(conn, factory_id, "wave.completed", event)
         return self.describe(conn, factory_id, name)
 
     def cancel(self, conn: Connection, factory_id: int, name: str) -> WaveJson:
