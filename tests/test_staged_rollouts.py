@@ -49,6 +49,7 @@ from tests.test_webhooks import add_hook
 from tests.webhook_receiver import Receiver, verifies
 from tufa.core.archive import OfflineArchive
 from tufa.core.metadata import TARGETS
+from tufa.server.rollout_plans import share_of
 
 MINUTE = 60
 INTERVAL = 1.0  # --rollout-interval of the servers here
@@ -323,11 +324,48 @@ def test_devices_that_stay_silent_count_as_failed(clocked: Clocked, fleet: Fleet
     time.sleep(TURNS)
     assert fleet.wave()["rollout"]["state"] == "advancing"  # soaked, too few reports
     fleet.report(first[1], "download-started")  # heard from: not silent
+    fleet.report(first[0], "installed")  # its hourly report
     clocked.move(3600 + MINUTE)
     wave = fleet.wait_for(state_is("halted"))
     assert "(1 of 2 reports: 0 failed, 1 silent)" in wave["rollout"]["halt_reason"]
     assert stage_counts(wave)[0] == (3, 1, 0, 1)
     assert wave["devices_served"] == 3
+
+
+def test_a_stage_waits_for_its_own_devices_and_halts_when_they_and_the_others_go_silent(
+    clocked: Clocked, fleet: Fleet
+) -> None:
+    assert fleet.rollout(plan=["2", "4", "100%"], min_reports=2).status_code == 200
+    first = fleet.served()
+    for device in first:
+        fleet.report(device, "installed")
+    clocked.move(31 * MINUTE)
+    fleet.wait_for(state_is("soaking", stage=2))
+    clocked.move(31 * MINUTE)  # soaked; stage 1's reports are enough for the count, but
+    time.sleep(TURNS)  # the two devices served last have said nothing
+    wave = fleet.wave()
+    assert (wave["rollout"]["state"], wave["rollout"]["stage"]) == ("advancing", 2)
+    assert wave["devices_served"] == 4
+    clocked.move(2 * 3600)  # nobody reported since: installed or not, all are silent
+    wave = fleet.wait_for(state_is("halted"))
+    assert "(4 of 4 reports: 0 failed, 4 silent)" in wave["rollout"]["halt_reason"]
+    assert stage_counts(wave)[:2] == [(2, 0, 0, 2), (2, 0, 0, 2)]
+
+
+def test_complete_ends_a_soaking_plan_and_shares_round_in_decimal(
+    clocked: Clocked, fleet: Fleet
+) -> None:
+    assert fleet.rollout(plan=["2", "100%"], min_reports=2).status_code == 200
+    done = fleet.factory.request("POST", "/waves/rel-2/complete")
+    assert done.status_code == 200, done.text
+    assert (done.json()["status"], done.json()["rollout"]["state"]) == ("complete", "completed")
+    clocked.move(3 * 3600)
+    time.sleep(TURNS)
+    assert fleet.wave()["rollout"]["state"] == "completed"
+    assert len(fleet.served()) == 10
+    assert share_of(250, 64.4) == 161
+    assert share_of(3, 100) == 3
+    assert share_of(10, 0.000001) == 1
 
 
 def test_one_failure_of_one_report_halts_nothing(clocked: Clocked, fleet: Fleet) -> None:
@@ -369,7 +407,10 @@ def test_one_failure_of_one_report_halts_nothing(clocked: Clocked, fleet: Fleet)
         ({"plan": ["2", "100%"], "min_reports": 5}, "serves 2 device(s), fewer than"),
         ({"plan": ["100%"], "soak_seconds": 0}, "'soak_seconds' must be 1 to"),
         ({"plan": ["100%"], "soak_seconds": 10**30}, "'soak_seconds' is out of range"),
-        ({"plan": ["100%"], "silence_seconds": 91 * 86400}, "'silence_seconds' must be 1 to"),
+        ({"plan": ["100%"], "silence_seconds": 91 * 86400}, "'silence_seconds' must be 7200 to"),
+        ({"plan": ["100%"], "silence_seconds": 3600}, "an idle agent reports once an hour"),
+        ({"plan": ["0", "100%"]}, "stage '0' is not a count"),
+        ({"plan": ["50%", "1", "100%"]}, "stage 1 must be larger than stage 50%"),
         ({"plan": ["100%"], "max_failure_rate": "101%"}, "'max_failure_rate' must be a share"),
         ({"plan": ["100%"], "max_failure_rate": "5"}, "'max_failure_rate' must be a share"),
         ({"plan": ["100%"], "max_failure_rate": 5}, "'max_failure_rate' must be of type string"),
@@ -469,7 +510,8 @@ def test_the_cli_starts_shows_and_resumes_a_plan(
     assert row["plan"]["soak_seconds"] == 3600
     assert row["plan"]["silence_seconds"] == 3 * 3600
     assert [s["devices_failed"] for s in row["plan"]["stages"]] == [2, 0]
-    assert "Wave rel-2 is now active." in tufa("waves", "resume", "rel-2")
+    resumed = tufa("waves", "resume", "rel-2")
+    assert "Wave rel-2 goes on: soaking at stage 1 of 2, next stage at" in resumed
     (row,) = fleet_json(tufa("waves", "status", "rel-2", "--json"))
     assert (row["state"], row["halt_reason"]) == ("soaking", None)
 
@@ -580,6 +622,10 @@ def test_real_agents_failures_halt_the_plan_a_download_after_three_tries(
         assert cut.run_once().returncode != 0
         wave = fleet.wait_for(state_is("halted"))
         assert "(2 of 3 reports: 2 failed, 0 silent)" in wave["rollout"]["halt_reason"]
+        # Once the attempts the gate counts are reported, the same error is said no more.
+        assert cut.run_once().returncode != 0
+        shown = factory.request("GET", f"/devices/{cut.name}").json()
+        assert [e["kind"] for e in shown["events"]].count("download-failed") == 3
         assert cut.installed_version() == "1"  # it keeps what it runs
         assert broken.installed_version() == "1"
         assert fleet.served() == []  # the rest of the fleet never saw it

@@ -13,7 +13,7 @@ from tufa.cli.client import Api
 from tufa.cli.output import print_json
 from tufa.core import api_paths
 
-_PERCENT = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*%?\s*")
+_PERCENT = re.compile(r"\s*([0-9]{1,3}(?:\.[0-9]{1,6})?)\s*%?\s*")
 
 
 def percentage(text: str) -> str:
@@ -115,6 +115,11 @@ def echo_status(row: dict[str, Any]) -> None:
         f"({gate['failure_rate']:g}%), halts above {gate['max_failure_rate']:g}%"
         + ("" if gate["decides"] else f"; decides from {gate['min_reports']} reports")
     )
+    if plan["devices_before_plan"]:
+        click.echo(
+            f"  {plan['devices_before_plan']} device(s) served before the plan started "
+            "count in the gate too"
+        )
     if plan["halt_reason"]:
         click.echo(f"  halted at {plan['halted_at']}: {plan['halt_reason']}")
         click.echo(

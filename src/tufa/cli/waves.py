@@ -296,7 +296,16 @@ def resume(api: Api, name: str, as_json: bool) -> None:
       tufa waves status release-43
       tufa waves resume release-43
     """
-    _finish(api, name, api_paths.WAVE_RESUME, as_json)
+    result = api.request("POST", api.path(api_paths.WAVE_RESUME, name=name)).json()
+    if as_json:
+        print_json(_without_metadata(result))
+        return
+    plan = result["rollout"]
+    click.echo(
+        f"Wave {name} goes on: {plan['state']} at stage {plan['stage']} of "
+        f"{len(plan['stages'])}, next stage at {plan['next_stage_at']} if the health gate "
+        "holds; it counts the failures reported from now on."
+    )
 
 
 @waves.command("list")

@@ -3,18 +3,21 @@
 The gate looks at every device served the wave so far (revoked ones are out of the
 fleet), each in one of four conditions, from its reports:
 
+- silent: nothing heard from it for `--silence` since it was served (or since the plan
+  was resumed), whatever it said before: a build that installs, then cuts the device
+  off, is a failure too (an idle agent reports every hour, hence MIN_SILENCE);
 - installed: it reports the wave's version installed;
 - failed: it reported `install-failed` or `rolled-back` for the version, or
   `download-failed` `DOWNLOAD_ATTEMPTS` times (an agent retries at each check), and
   does not run the version;
-- silent: neither, and nothing heard from it for `--silence` since it was served (or
-  since the plan was resumed);
 - pending: none of these yet.
 
 Reports are the installed, failed and silent devices; the failure rate is failed plus
 silent over reports, and it may halt or advance the plan only once there are at least
-`--min-reports` reports, so one failure of one device halts nothing. Failures reported
-before a resume are the ones the operator looked at: the gate counts from `gate_since`.
+`--min-reports` reports, so one failure of one device halts nothing. A stage makes way
+for the next only once its own devices have reported too (`stage_heard`): earlier
+stages' reports say nothing of the devices served last. Failures reported before a
+resume are the ones the operator looked at: the gate counts from `gate_since`.
 """
 
 from __future__ import annotations
@@ -97,12 +100,12 @@ def conditions(
         kinds = events.get(d.device_id, Counter())
         heard = max(d.served_at, plan.gate_since, d.last_report_at or d.served_at)
         condition: Condition
-        if d.installed_version == version:
+        if now - heard >= plan.rules.silence:
+            condition = "silent"
+        elif d.installed_version == version:
             condition = "installed"
         elif any(kinds[k] for k in _FAILURES) or kinds["download-failed"] >= DOWNLOAD_ATTEMPTS:
             condition = "failed"
-        elif now - heard >= plan.rules.silence:
-            condition = "silent"
         else:
             condition = "pending"
         found.append((d.device_id, d.stage, condition))
@@ -123,6 +126,13 @@ def tally(
             if stale is not None and device_id in stale:
                 counts.stale += 1
     return total, per_stage
+
+
+def stage_heard(per_stage: dict[int | None, Counts], plan: Plan) -> bool:
+    """Whether the stage served last has sent enough reports to make way for the next:
+    `--min-reports` of them, or one from each device of a smaller stage."""
+    counts = per_stage.get(plan.stage, Counts())
+    return counts.reports >= min(plan.rules.min_reports, counts.served)
 
 
 def failure_rate(counts: Counts) -> float:

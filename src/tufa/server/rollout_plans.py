@@ -16,6 +16,7 @@ import math
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any, Final, Literal
 
 from sqlalchemy import (
@@ -85,6 +86,7 @@ DEFAULT_SOAK_SECONDS = 30 * 60
 DEFAULT_MAX_FAILURE_RATE = "5%"
 DEFAULT_MIN_REPORTS = 20
 DEFAULT_SILENCE_SECONDS = 2 * 3600
+MIN_SILENCE_SECONDS = 2 * 3600  # two of an idle agent's hourly reports
 MAX_SECONDS = 90 * 86400
 # A rollout's limit: a count (up to 999,999,999 devices), or a share in percent.
 _LIMIT = re.compile(r"([0-9]{1,9})|([0-9]{1,3}(?:\.[0-9]{1,6})?)%")
@@ -106,7 +108,7 @@ class Stage:
         if self.group is not None:
             return self.group
         if self.share is not None:
-            return f"{self.share:g}%"
+            return f"{self.share:.6f}".rstrip("0").rstrip(".") + "%"
         return str(self.count)
 
     def devices_in_all(self, devices_of_tag: int, group_size: int) -> int:
@@ -114,14 +116,25 @@ class Stage:
         if self.group is not None:
             return group_size
         if self.share is not None:
-            return math.ceil(devices_of_tag * self.share / 100)
+            return share_of(devices_of_tag, self.share)
         assert self.count is not None
         return min(self.count, devices_of_tag)
 
 
+def share_of(devices: int, percent: float) -> int:
+    """`percent` of `devices`, rounded up, in decimal: 64.4% of 250 is 161, where binary
+    floating point makes it 161.00000000000003 and so 162."""
+    return math.ceil(Decimal(devices) * Decimal(str(percent)) / 100)
+
+
 def parse_stage(text: str, first: bool) -> Stage:
-    if _COUNT.fullmatch(text) and int(text) >= 1:
-        return Stage(count=int(text))
+    if text.isdigit():  # digits are a count, never a group's name
+        if _COUNT.fullmatch(text) and int(text) >= 1:
+            return Stage(count=int(text))
+        raise InvalidInput(
+            f"field 'plan': stage {text!r} is not a count from 1 to 999999999 (or a share "
+            "such as 25%)"
+        )
     share = _SHARE.fullmatch(text)
     if share and 0 < float(share.group(1)) <= 100:
         return Stage(share=float(share.group(1)))
@@ -183,9 +196,14 @@ class HealthRules:
         return timedelta(seconds=self.silence_seconds)
 
     def check(self) -> None:
-        for name in ("soak_seconds", "silence_seconds"):
-            if not 1 <= getattr(self, name) <= MAX_SECONDS:
-                raise InvalidInput(f"field {name!r} must be 1 to {MAX_SECONDS} seconds")
+        if not 1 <= self.soak_seconds <= MAX_SECONDS:
+            raise InvalidInput(f"field 'soak_seconds' must be 1 to {MAX_SECONDS} seconds")
+        if not MIN_SILENCE_SECONDS <= self.silence_seconds <= MAX_SECONDS:
+            raise InvalidInput(
+                f"field 'silence_seconds' must be {MIN_SILENCE_SECONDS} to {MAX_SECONDS} "
+                "seconds: an idle agent reports once an hour, so a shorter silence would "
+                "count devices that are well as failed"
+            )
         if not 1 <= self.min_reports <= 1_000_000:
             raise InvalidInput("field 'min_reports' must be 1 to 1000000")
 
@@ -318,7 +336,7 @@ def rollout_limit(limit: str | None, available: int) -> int:
     match = _LIMIT.fullmatch(limit)
     count, share = match.groups() if match else (None, None)
     if share is not None and 0 < float(share) <= 100:
-        return math.ceil(available * float(share) / 100)
+        return share_of(available, float(share))
     if count is not None and int(count) >= 1:
         return int(count)
     raise InvalidInput("'limit' must be a count such as 10 or a share such as 25%")

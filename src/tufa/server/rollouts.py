@@ -25,7 +25,7 @@ from sqlalchemy import Connection
 from tufa.core.metadata import Channel
 from tufa.server import devices
 from tufa.server.exceptions import Conflict, InvalidInput
-from tufa.server.rollout_health import breach, conditions, tally
+from tufa.server.rollout_health import breach, conditions, stage_heard, tally
 from tufa.server.rollout_plans import (
     ADVANCING,
     HALTED,
@@ -117,7 +117,14 @@ class Rollouts:
         served = len(devices.served_ids(conn, factory_id, wave_view(row.name)))
         planned: list[PlannedStage] = []
         for index, stage in enumerate(stages):
-            in_all = max(served, stage.devices_in_all(of_tag, served + group_size))
+            wanted = stage.devices_in_all(of_tag, served + group_size)
+            if index and wanted < planned[-1]["devices_in_all"]:
+                raise InvalidInput(
+                    f"field 'plan': stage {stage.label} must be larger than stage "
+                    f"{stages[index - 1].label}: stages count the devices served in all "
+                    f"({wanted} after {planned[-1]['devices_in_all']} of {of_tag})"
+                )
+            in_all = max(served, wanted)
             planned.append(
                 {
                     "stage": index + 1,
@@ -208,7 +215,7 @@ class Rollouts:
         if plan is None or plan.state not in RUNNING or row is None or row.status != ACTIVE:
             return 0
         now = self._now()
-        total, _ = tally(conditions(conn, factory_id, name, row.version, plan, now))
+        total, per_stage = tally(conditions(conn, factory_id, name, row.version, plan, now))
         reason = breach(total, plan)
         if reason is not None:
             change_plan(conn, factory_id, name, state=HALTED, halt_reason=reason, halted_at=now)
@@ -230,7 +237,7 @@ class Rollouts:
             return 1
         if now < plan.soaked_at:
             return 0
-        if total.reports < plan.rules.min_reports:
+        if total.reports < plan.rules.min_reports or not stage_heard(per_stage, plan):
             if plan.state != ADVANCING:
                 change_plan(conn, factory_id, name, state=ADVANCING)
             return 0

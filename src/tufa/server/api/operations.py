@@ -384,7 +384,11 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                 "ends with '100%'. Not with group, devices or limit.",
             },
             soak_seconds={"type": "integer", "minimum": 1},
-            max_failure_rate={"type": "number", "minimum": 0, "maximum": 100},
+            max_failure_rate={
+                "type": "string",
+                "pattern": "^[0-9]{1,3}(?:\\.[0-9]{1,6})?%$",
+                "description": "a share from 0% to 100%, e.g. '5%'",
+            },
             min_reports={"type": "integer", "minimum": 1},
             silence_seconds={"type": "integer", "minimum": 1},
         ),
