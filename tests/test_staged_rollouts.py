@@ -285,6 +285,10 @@ def test_a_breach_halts_the_wave_and_serves_no_one_new_until_resumed(
     assert fleet.served() == first
     refused = fleet.rollout(limit="100%")
     assert_error(refused, 409, "conflict", "follows a staged plan (halted)")
+    scraped = clocked.server.request("GET", "/metrics", clocked.server.operator_token).text
+    labels = f'factory="{fleet.factory.name}",state="halted",wave="rel-2"'
+    gauge = f"tufa_wave_rollout_stage{{{labels}}} 1.0"
+    assert gauge in scraped
 
     # The operator looks, then resumes: earlier failures are the ones looked at.
     resumed = fleet.factory.request("POST", "/waves/rel-2/resume")

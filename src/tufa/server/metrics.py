@@ -47,6 +47,7 @@ from tufa.server.db import (
     metadata_files,
     waves,
 )
+from tufa.server.rollout_plans import HALTED, RUNNING, wave_plans
 from tufa.server.settings import Clock
 from tufa.server.sql_types import ChannelName
 from tufa.server.staleness import stale_device_ids
@@ -280,6 +281,7 @@ class DatabaseCollector(Collector):
                 expiry = _expiry_family(conn, self.clock.now())
                 wave_devices = _wave_family(conn)
                 stale = _stale_family(conn)
+                rollouts = _rollout_family(conn)
         except Exception:
             up.add_metric([], 0)
             yield up
@@ -289,6 +291,7 @@ class DatabaseCollector(Collector):
         yield expiry
         yield wave_devices
         yield stale
+        yield rollouts
 
 
 def _expiry_family(conn: Connection, now: datetime) -> GaugeMetricFamily:
@@ -382,6 +385,24 @@ def _stale_family(conn: Connection) -> GaugeMetricFamily:
     )
     for factory_id, name in conn.execute(select(factories.c.id, factories.c.name)):
         family.add_metric([name], len(stale_device_ids(conn, factory_id)))
+    return family
+
+
+def _rollout_family(conn: Connection) -> GaugeMetricFamily:
+    """The stage each staged rollout of an active wave is at, by state: an alert on
+    state="halted" is one on every halt."""
+    query = (
+        select(factories.c.name, wave_plans.c.wave, wave_plans.c.state, wave_plans.c.stage)
+        .join_from(wave_plans, factories, factories.c.id == wave_plans.c.factory_id)
+        .where(wave_plans.c.state.in_([*RUNNING, HALTED]))
+    )
+    family = GaugeMetricFamily(
+        "tufa_wave_rollout_stage",
+        "The stage (1-based) a running or halted staged rollout is at, by its state.",
+        labels=["factory", "wave", "state"],
+    )
+    for row in conn.execute(query):
+        family.add_metric([row.name, row.wave, row.state], row.stage + 1)
     return family
 
 
