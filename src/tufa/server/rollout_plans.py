@@ -88,11 +88,11 @@ DEFAULT_MIN_REPORTS = 20
 DEFAULT_SILENCE_SECONDS = 2 * 3600
 MIN_SILENCE_SECONDS = 2 * 3600  # two of an idle agent's hourly reports
 MAX_SECONDS = 90 * 86400
-# A rollout's limit: a count (up to 999,999,999 devices), or a share in percent.
-_LIMIT = re.compile(r"([0-9]{1,9})|([0-9]{1,3}(?:\.[0-9]{1,6})?)%")
+# How many devices a rollout or a stage takes: a count (up to 999,999,999 devices), or a
+# share in percent; or a device group, named as waves are.
 _COUNT = re.compile(r"[0-9]{1,9}")
 _SHARE = re.compile(r"([0-9]{1,3}(?:\.[0-9]{1,6})?)%")
-_GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ def parse_stage(text: str, first: bool) -> Stage:
     share = _SHARE.fullmatch(text)
     if share and 0 < float(share.group(1)) <= 100:
         return Stage(share=float(share.group(1)))
-    if first and _GROUP.fullmatch(text):
+    if first and NAME.fullmatch(text):
         return Stage(group=text)
     where = "" if first else " (a device group may only be the first stage)"
     raise InvalidInput(
@@ -333,12 +333,11 @@ def rollout_limit(limit: str | None, available: int) -> int:
     a full-width "9", "1_000" and " 5")."""
     if limit is None:
         return available
-    match = _LIMIT.fullmatch(limit)
-    count, share = match.groups() if match else (None, None)
-    if share is not None and 0 < float(share) <= 100:
-        return share_of(available, float(share))
-    if count is not None and int(count) >= 1:
-        return int(count)
+    share = _SHARE.fullmatch(limit)
+    if share is not None and 0 < float(share.group(1)) <= 100:
+        return share_of(available, float(share.group(1)))
+    if _COUNT.fullmatch(limit) and int(limit) >= 1:
+        return int(limit)
     raise InvalidInput("'limit' must be a count such as 10 or a share such as 25%")
 
 

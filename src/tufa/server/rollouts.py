@@ -85,7 +85,7 @@ class Rollouts:
         """Store the plan and serve its first stage; a dry run only shows the stages."""
         rules.check()
         self.state.db.lock_channel(conn, factory_id, PROD)
-        row = self.waves._row(conn, factory_id, name)
+        row = self.waves.row(conn, factory_id, name)
         if row.status != ACTIVE:
             raise Conflict(f"wave {name!r} is {row.status}; only an active wave rolls out")
         if find_plan(conn, factory_id, name) is not None:
@@ -113,7 +113,7 @@ class Rollouts:
     ) -> PlanPreview:
         of_tag = devices.production_count(conn, factory_id, row.tag)
         group = stages[0].group
-        group_size = 0 if group is None else self._group_size(conn, factory_id, row, group)
+        group_size = 0 if group is None else len(self._candidates(conn, factory_id, row, group))
         served = len(devices.served_ids(conn, factory_id, wave_view(row.name)))
         planned: list[PlannedStage] = []
         for index, stage in enumerate(stages):
@@ -135,9 +135,6 @@ class Rollouts:
             )
             served = in_all
         return {"wave": row.name, "devices_of_tag": of_tag, "stages": planned, "dry_run": dry_run}
-
-    def _group_size(self, conn: Connection, factory_id: int, row: Any, group: str) -> int:
-        return len(self._candidates(conn, factory_id, row, group))
 
     def _candidates(
         self, conn: Connection, factory_id: int, row: Any, group: str | None
@@ -172,7 +169,7 @@ class Rollouts:
         """Go on after a halt: the current stage soaks again, and the gate counts the
         failures reported from now on (the operator has looked at the earlier ones)."""
         self.state.db.lock_channel(conn, factory_id, PROD)
-        self.waves._row(conn, factory_id, name)
+        self.waves.row(conn, factory_id, name)
         plan = find_plan(conn, factory_id, name)
         if plan is None:
             raise Conflict(
@@ -195,25 +192,24 @@ class Rollouts:
 
     # -- the background task --------------------------------------------------------
 
-    def advance_all(self) -> int:
-        """One look at every running plan, each in its own transaction; how many moved."""
+    def advance_all(self) -> None:
+        """One look at every running plan, each in its own transaction."""
         with self.state.db.read() as conn:
             running = running_plans(conn)
-        moved = 0
         for factory_id, name in running:
             try:
                 with self.state.db.write() as conn:
-                    moved += self._step(conn, factory_id, name)
+                    self._step(conn, factory_id, name)
             except Exception:
                 log.exception("staged rollout of wave %s: this step failed; trying again", name)
-        return moved
 
-    def _step(self, conn: Connection, factory_id: int, name: str) -> int:
+    def _step(self, conn: Connection, factory_id: int, name: str) -> None:
+        """Halt the plan, serve its next stage, complete its wave, or leave it."""
         self.state.db.lock_channel(conn, factory_id, PROD)
         plan = find_plan(conn, factory_id, name)
-        row = self.waves._row(conn, factory_id, name, required=False)
+        row = self.waves.row(conn, factory_id, name, required=False)
         if plan is None or plan.state not in RUNNING or row is None or row.status != ACTIVE:
-            return 0
+            return
         now = self._now()
         total, per_stage = tally(conditions(conn, factory_id, name, row.version, plan, now))
         reason = breach(total, plan)
@@ -234,19 +230,18 @@ class Rollouts:
             log.warning(
                 "staged rollout of wave %s halted at stage %d: %s", name, plan.stage + 1, reason
             )
-            return 1
+            return
         if now < plan.soaked_at:
-            return 0
+            return
         if total.reports < plan.rules.min_reports or not stage_heard(per_stage, plan):
             if plan.state != ADVANCING:
                 change_plan(conn, factory_id, name, state=ADVANCING)
-            return 0
+            return
         if plan.at_last_stage:
             self.waves.complete(conn, factory_id, name)
             log.info("staged rollout of wave %s completed", name)
-            return 1
+            return
         self._advance(conn, factory_id, row, plan, now)
-        return 1
 
     def _advance(
         self, conn: Connection, factory_id: int, row: Any, plan: Plan, now: datetime

@@ -14,7 +14,6 @@ Which devices are served a wave, and how far it reached them, are queries of the
 
 from __future__ import annotations
 
-import re
 from datetime import timedelta
 from typing import Any, Final
 
@@ -33,6 +32,7 @@ from tufa.server.publishing import refuse_oversized_targets
 from tufa.server.rollout_health import RolloutJson, rollout_json
 from tufa.server.rollout_plans import (
     COMPLETED,
+    NAME,
     end_plan,
     find_plan,
     record_served,
@@ -49,7 +49,7 @@ from tufa.server.webhooks import emit
 ACTIVE: Final = "active"
 COMPLETE: Final = "complete"
 CANCELLED: Final = "cancelled"
-WAVE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+WAVE_NAME = NAME  # waves and device groups are named alike
 MAX_EXPIRES_DAYS = 3650
 PROD = Channel.PROD
 
@@ -139,7 +139,7 @@ class Waves:
         self.state.db.lock_channel(conn, factory_id, PROD)
         if not WAVE_NAME.fullmatch(name):
             raise InvalidInput("wave names are 1-64 letters, digits, '.', '_' or '-'")
-        if self._row(conn, factory_id, name, required=False) is not None:
+        if self.row(conn, factory_id, name, required=False) is not None:
             raise Conflict(f"a wave named {name!r} exists already; waves are never reused")
         active = self._active_for(conn, factory_id, tag)
         if active is not None:
@@ -227,7 +227,7 @@ class Waves:
         self, conn: Connection, factory_id: int, name: str, signatures: list[Signature]
     ) -> WaveJson:
         self.state.db.lock_channel(conn, factory_id, PROD)
-        row = self._row(conn, factory_id, name)
+        row = self.row(conn, factory_id, name)
         if row.status != ACTIVE:
             raise Conflict(f"wave {name!r} is {row.status}")
         md = Metadata[Targets].from_bytes(row.targets)
@@ -258,7 +258,7 @@ class Waves:
     ) -> RolloutResult:
         """Serve the wave to more devices of its tag: a group, a list, a count or a share."""
         self.state.db.lock_channel(conn, factory_id, PROD)
-        row = self._row(conn, factory_id, name)
+        row = self.row(conn, factory_id, name)
         if row.status != ACTIVE:
             raise Conflict(f"wave {name!r} is {row.status}; only an active wave rolls out")
         refuse_if_planned(conn, factory_id, name)
@@ -318,7 +318,7 @@ class Waves:
     def complete(self, conn: Connection, factory_id: int, name: str) -> WaveJson:
         """Make the wave the production targets of its tag, for every device of the tag."""
         self.state.db.lock_channel(conn, factory_id, PROD)
-        row = self._row(conn, factory_id, name)
+        row = self.row(conn, factory_id, name)
         if row.status != ACTIVE:
             raise Conflict(f"wave {name!r} is {row.status}")
         md = Metadata[Targets].from_bytes(row.targets)
@@ -339,7 +339,7 @@ class Waves:
 
     def cancel(self, conn: Connection, factory_id: int, name: str) -> WaveJson:
         self.state.db.lock_channel(conn, factory_id, PROD)
-        row = self._row(conn, factory_id, name)
+        row = self.row(conn, factory_id, name)
         if row.status != ACTIVE:
             raise Conflict(f"wave {name!r} is {row.status}")
         self._finish(conn, factory_id, name, CANCELLED)
@@ -355,7 +355,7 @@ class Waves:
 
     # -- reading -------------------------------------------------------------------
 
-    def _row(self, conn: Connection, factory_id: int, name: str, required: bool = True) -> Any:
+    def row(self, conn: Connection, factory_id: int, name: str, required: bool = True) -> Any:
         row = conn.execute(
             select(waves).where(waves.c.factory_id == factory_id, waves.c.name == name)
         ).first()
@@ -381,7 +381,7 @@ class Waves:
         )
 
     def describe(self, conn: Connection, factory_id: int, name: str) -> WaveJson:
-        row = self._row(conn, factory_id, name)
+        row = self.row(conn, factory_id, name)
         md = Metadata[Targets].from_bytes(row.targets)
         return {**self._summary(conn, factory_id, row, md), "metadata": md.to_dict()}
 
