@@ -26,7 +26,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("devices") as batch_op:
-        batch_op.drop_column("poll_interval")
-        batch_op.drop_column("verified_timestamp_expires")
-        batch_op.drop_column("verified_timestamp_version")
+    # ALTER TABLE, not a batch: on SQLite a batch copies the table, and the copy would
+    # lose the auth_generation triggers of revision 0010.
+    for column in ("poll_interval", "verified_timestamp_expires", "verified_timestamp_version"):
+        op.execute(f"ALTER TABLE devices DROP COLUMN {column}")
