@@ -451,6 +451,27 @@ def test_devices_fed_old_metadata_are_counted_stale_per_stage(
     assert "  stage  target  served  installed  failed  silent  stale" in shown
 
 
+def test_a_device_a_stage_moves_is_not_stale_for_what_it_reported_before(
+    clocked: Clocked, fleet: Fleet
+) -> None:
+    """Its report from before the move speaks of its old view: the wave's view had
+    published newer timestamps long before, but not to it."""
+    assert fleet.rollout(plan=["2", "4", "100%"], min_reports=2).status_code == 200
+    first = fleet.served()
+    later = [d for d in fleet.devices if d not in first][:2]
+    clocked.move(20 * MINUTE)
+    verified = {"version": 1, "expires": "2099-01-01T00:00:00Z"}
+    for device in later:
+        fleet.report(device, "download-started", timestamp=verified, poll_interval=60)
+    for device in first:
+        fleet.report(device, "installed")
+    clocked.move(11 * MINUTE)
+    wave = fleet.wait_for(state_is("soaking", stage=2))
+    assert {d.id for d in later} <= {d.id for d in fleet.served()}
+    assert [s["devices_stale"] for s in wave["rollout"]["stages"]] == [0, 0, 0]
+    assert wave["devices_stale"] == 0
+
+
 def test_a_group_first_and_a_dry_run_that_changes_nothing(clocked: Clocked, fleet: Fleet) -> None:
     group = fleet.factory.request("POST", "/device-groups", json={"name": "beta"})
     assert group.status_code == 201

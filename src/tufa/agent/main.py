@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import sys
 import uuid
@@ -17,7 +18,7 @@ import click
 from tufa.agent.agent import Agent, describe_error
 from tufa.agent.plan import Plan
 from tufa.agent.registration import register_with_server
-from tufa.agent.reports import EventQueue
+from tufa.agent.reports import MAX_INTERVAL, EventQueue
 from tufa.agent.state import (
     CREDENTIAL_FILE,
     AgentConfig,
@@ -78,6 +79,12 @@ def _setup_logging(verbose: bool) -> None:
     if not verbose:
         logging.getLogger("tuf").setLevel(logging.WARNING)
         logging.getLogger("securesystemslib").setLevel(logging.WARNING)
+
+
+def _finite(seconds: float) -> float:
+    if math.isnan(seconds):  # FloatRange lets NaN through: every comparison is false
+        raise click.BadParameter("must be a number of seconds")
+    return seconds
 
 
 @click.group(cls=WholeSentenceGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -227,7 +234,8 @@ def register(
 @cli.command()
 @click.option(
     "--interval",
-    type=click.FloatRange(min=0),
+    type=click.FloatRange(min=0, max=MAX_INTERVAL),
+    callback=lambda _ctx, _param, value: _finite(value),
     default=300.0,
     show_default=True,
     help="Seconds between checks.",

@@ -29,6 +29,7 @@ log = logging.getLogger("tufa.agent")
 
 MAX_QUEUED = 500  # the oldest go first when a device is offline for very long
 BATCH = 100  # the server's limit per report
+MAX_INTERVAL = 366 * 24 * 3600  # the longest poll interval a report may name
 
 
 class Event(TypedDict):
@@ -95,7 +96,9 @@ def send_reports(
         }
         if verified is not None:
             body["timestamp"] = verified
-        if poll_interval is not None:  # whole seconds: the server takes no fractions
+        # Whole seconds, as the server takes them; one it would refuse would cost the
+        # events of the report, so it is left out instead.
+        if poll_interval is not None and 0 <= poll_interval <= MAX_INTERVAL:
             body["poll_interval"] = math.ceil(poll_interval)
         try:
             response = client.post(url, json=body)

@@ -282,6 +282,9 @@ devices = Table(
     Column("verified_timestamp_version", Integer),
     Column("verified_timestamp_expires", UTCDateTime),
     Column("poll_interval", Integer),
+    # When a wave last moved the device to another view: a report from before says
+    # nothing of how stale the new view's files are to it.
+    Column("view_since", UTCDateTime),
     UniqueConstraint("factory_id", "name"),
     Index("ix_devices_pending_secret_sha256", "pending_secret_sha256", unique=True),
 )

@@ -254,7 +254,7 @@ def production_count(conn: Connection, factory_id: int, tag: str) -> int:
     return int(conn.execute(query).scalar_one())
 
 
-def serve(conn: Connection, device_ids: list[str], view: str) -> list[str]:
+def serve(conn: Connection, device_ids: list[str], view: str, now: datetime) -> list[str]:
     """Serve `view` to these devices; the ids of those still there (one deleted meanwhile
     is not, and must not be recorded as served)."""
     if not device_ids:
@@ -262,13 +262,13 @@ def serve(conn: Connection, device_ids: list[str], view: str) -> list[str]:
     changed = conn.execute(
         update(devices)
         .where(devices.c.id.in_(device_ids))
-        .values(view=view)
+        .values(view=view, view_since=now)
         .returning(devices.c.id)
     )
     return list(changed.scalars())
 
 
-def serve_tag(conn: Connection, factory_id: int, tag: str, view: str) -> None:
+def serve_tag(conn: Connection, factory_id: int, tag: str, view: str, now: datetime) -> None:
     """Serve `view` to every production device of `tag`."""
     conn.execute(
         update(devices)
@@ -276,8 +276,9 @@ def serve_tag(conn: Connection, factory_id: int, tag: str, view: str) -> None:
             devices.c.factory_id == factory_id,
             devices.c.channel == Channel.PROD,
             devices.c.tag == tag,
+            devices.c.view != view,
         )
-        .values(view=view)
+        .values(view=view, view_since=now)
     )
 
 

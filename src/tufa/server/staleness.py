@@ -121,6 +121,7 @@ def _device_rows(
         devices.c.verified_timestamp_version,
         devices.c.verified_timestamp_expires,
         devices.c.poll_interval,
+        devices.c.view_since,
     ).where(devices.c.factory_id == factory_id)
     if device_ids is None:
         yield from conn.execute(query)
@@ -150,7 +151,13 @@ def freshness(
         expired = row.verified_timestamp_expires is not None and (
             row.verified_timestamp_expires <= at
         )
-        lagging = superseded is not None and at - superseded > allowance(row.poll_interval)
+        # The device can have seen its view's files only since it was moved to it.
+        since = (
+            superseded
+            if row.view_since is None or superseded is None
+            else max(superseded, row.view_since)
+        )
+        lagging = since is not None and at - since > allowance(row.poll_interval)
         found[row.id] = Freshness(expired or lagging, served, superseded)
     return found
 

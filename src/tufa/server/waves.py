@@ -306,7 +306,7 @@ class Waves:
         the operator's choice, and record when (the health gate's silence clock).
         `publish=False` records devices the wave already serves."""
         now = self.state.settings.clock.now()
-        served = devices.serve(conn, device_ids, wave_view(row.name))
+        served = devices.serve(conn, device_ids, wave_view(row.name), now)
         record_served(conn, factory_id, row.name, served, stage, now)
         # The wave's snapshot and timestamp are published again with new numbers, higher
         # than any version the devices saw in the view they come from.
@@ -330,7 +330,7 @@ class Waves:
         self.repo.publish_snapshot_and_timestamp(
             conn, factory_id, PROD, md.signed.version, now, view
         )
-        devices.serve_tag(conn, factory_id, row.tag, view)
+        devices.serve_tag(conn, factory_id, row.tag, view, now)
         self._finish(conn, factory_id, name, COMPLETE)
         end_plan(conn, factory_id, name, COMPLETED)
         event = {"wave": name, "tag": row.tag, "version": row.version}

@@ -120,8 +120,14 @@ async def send(client: httpx.AsyncClient, delivery: Claimed) -> Outcome:
         "X-Tufa-Signature": signature(delivery.secret, delivery.body),
     }
     try:
-        response = await client.post(delivery.url, content=delivery.body, headers=headers)
-    except httpx.HTTPError as e:
+        # A whole-answer deadline: httpx's timeout is per phase, and a receiver that
+        # trickles its answer would hold the batch, and every other factory's, for ever.
+        response = await asyncio.wait_for(
+            client.post(delivery.url, content=delivery.body, headers=headers), TIMEOUT_SECONDS
+        )
+    except TimeoutError:
+        return Outcome(None, f"no answer within {TIMEOUT_SECONDS:g} s")
+    except Exception as e:  # any failure to send is a failed attempt, never a stuck one
         return Outcome(None, _storable(f"{type(e).__name__}: {e}"))
     if 200 <= response.status_code < 300:
         return Outcome(response.status_code, None)

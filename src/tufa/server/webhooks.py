@@ -22,6 +22,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 from sqlalchemy import (
     Column,
     Connection,
@@ -142,6 +143,10 @@ def checked_url(url: str) -> str:
             "field 'url' must be an http:// or https:// URL with a host, "
             "e.g. https://hooks.example.com/tufa"
         )
+    try:  # what the deliverer's HTTP client will make of it (IDNA host names, say)
+        httpx.URL(url)
+    except Exception as e:
+        raise InvalidInput(f"field 'url' is not a URL that can be sent to: {e}") from e
     return url
 
 
