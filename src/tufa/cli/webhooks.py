@@ -16,8 +16,8 @@ from tufa.core.command_help import WholeSentenceGroup
 def webhooks() -> None:
     """Add, list, test and remove webhooks; see what was delivered.
 
-    Adding, removing and testing need an admin token; listing and the delivery log a
-    read token.
+    Every command needs an admin token: a hook's URL may hold the receiver's own token,
+    and the delivery log what the receiver answered.
     """
 
 

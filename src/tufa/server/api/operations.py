@@ -230,12 +230,10 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
             secret={"type": "string", "minLength": MIN_SECRET, "maxLength": MAX_SECRET},
         ),
     ),
-    ("GET", p.WEBHOOKS): Operation(list[webhooks.HookJson], tokens_with(Scope.ADMIN, Scope.READ)),
+    ("GET", p.WEBHOOKS): Operation(list[webhooks.HookJson], ADMIN),
     ("DELETE", p.WEBHOOK): Operation(webhooks.HookJson, ADMIN),
     ("POST", p.WEBHOOK_TEST): Operation(webhooks.QueuedTestJson, ADMIN, statuses=CREATED),
-    ("GET", p.WEBHOOK_DELIVERIES): Operation(
-        list[webhooks.DeliveryJson], tokens_with(Scope.ADMIN, Scope.READ)
-    ),
+    ("GET", p.WEBHOOK_DELIVERIES): Operation(list[webhooks.DeliveryJson], ADMIN),
     ("GET", p.METADATA_FILE): Operation(
         Content("application/json", SIGNED_METADATA, "TUF metadata"),
         REPO_READERS,

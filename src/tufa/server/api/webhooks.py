@@ -1,5 +1,6 @@
-"""`/api/v1/factories/{factory}/webhooks`: a factory's webhooks (admin tokens add, remove
-and test them; read tokens may list them and their deliveries, never their secrets)."""
+"""`/api/v1/factories/{factory}/webhooks`: a factory's webhooks, for admin tokens only
+(a hook's URL may hold the receiver's token; no answer holds a hook's secret but the
+one `add` generated)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from tufa.server.api.fields import field, json_object
 from tufa.server.errors import bad_request
 from tufa.server.principals import Scope
 
-READERS = {Scope.ADMIN, Scope.READ}
+# Only admins: a hook's URL may hold the receiver's own token, and a delivery's log
+# holds what the receiver answered.
+ADMIN = {Scope.ADMIN}
 # The delivery log shows a hook's newest deliveries.
 SHOWN_DELIVERIES = 100
 
@@ -89,7 +92,7 @@ def _delivery_json(row: Any) -> DeliveryJson:
 
 async def add(request: Request) -> JSONResponse:
     """Add a webhook; a secret the server generates is shown this once."""
-    state, factory_id = await factory_caller(request, {Scope.ADMIN})
+    state, factory_id = await factory_caller(request, ADMIN)
     data = await json_object(request)
     url = field(data, "url", str)
     events = field(data, "events", list)
@@ -111,14 +114,14 @@ async def add(request: Request) -> JSONResponse:
 
 async def list_all(request: Request) -> JSONResponse:
     """The factory's webhooks, without their secrets."""
-    state, factory_id = await factory_caller(request, READERS)
+    state, factory_id = await factory_caller(request, ADMIN)
     rows = await reading(state, lambda conn: webhooks.list_hooks(conn, factory_id))
     return ok([_hook_json(row) for row in rows])
 
 
 async def remove(request: Request) -> JSONResponse:
     """Remove a webhook; its queued deliveries are dropped, and its log with them."""
-    state, factory_id = await factory_caller(request, {Scope.ADMIN})
+    state, factory_id = await factory_caller(request, ADMIN)
     hook_id = request.path_params["hook_id"]
     row = await writing(state, lambda conn: webhooks.remove_hook(conn, factory_id, hook_id))
     return ok(_hook_json(row))
@@ -126,7 +129,7 @@ async def remove(request: Request) -> JSONResponse:
 
 async def test(request: Request) -> JSONResponse:
     """Queue a `webhook.test` delivery to the webhook, whatever events it subscribed to."""
-    state, factory_id = await factory_caller(request, {Scope.ADMIN})
+    state, factory_id = await factory_caller(request, ADMIN)
     hook_id = request.path_params["hook_id"]
     delivery = await writing(state, lambda conn: webhooks.queue_test(conn, factory_id, hook_id))
     answer: QueuedTestJson = {"delivery": delivery, "event": webhooks.TEST_EVENT}
@@ -135,7 +138,7 @@ async def test(request: Request) -> JSONResponse:
 
 async def deliveries(request: Request) -> JSONResponse:
     """The webhook's newest deliveries (at most 100), newest first: the delivery log."""
-    state, factory_id = await factory_caller(request, READERS)
+    state, factory_id = await factory_caller(request, ADMIN)
     hook_id = request.path_params["hook_id"]
     rows = await reading(
         state, lambda conn: webhooks.deliveries(conn, factory_id, hook_id, SHOWN_DELIVERIES)
