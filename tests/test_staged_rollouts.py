@@ -45,7 +45,7 @@ from tests.helpers import (
     set_clock_offset,
 )
 from tests.test_waves import Device, image, post_wave, prepared, publish
-from tests.test_webhooks import add_hook
+from tests.test_webhooks import Clocked, add_hook
 from tests.webhook_receiver import Receiver, verifies
 from tufa.core.archive import OfflineArchive
 from tufa.core.metadata import TARGETS
@@ -55,17 +55,6 @@ MINUTE = 60
 INTERVAL = 1.0  # --rollout-interval of the servers here
 # Several of the background task's turns: long enough for it to have done what it would.
 TURNS = 3.5 * INTERVAL
-
-
-@dataclass
-class Clocked:
-    server: Server
-    offset_file: Path
-    offset: float = 0.0
-
-    def move(self, seconds: float) -> None:
-        self.offset += seconds
-        set_clock_offset(self.offset_file, self.offset)
 
 
 def start_server(
@@ -225,7 +214,7 @@ def test_a_plan_advances_through_every_stage_after_each_soak_and_completes(
     assert (wave["rollout"]["stage"], wave["rollout"]["state"]) == (1, "soaking")
     assert wave["rollout"]["gate"]["reports"] == 2
 
-    clocked.move(31 * MINUTE)
+    clocked.advance(31 * MINUTE)
     wave = fleet.wait_for(state_is("soaking", stage=2))
     second = {d.id for d in fleet.served()}
     assert len(second) == 5
@@ -234,14 +223,14 @@ def test_a_plan_advances_through_every_stage_after_each_soak_and_completes(
     for device_id in second - first:
         fleet.report(fleet.by_id(device_id), "installed")
 
-    clocked.move(31 * MINUTE)
+    clocked.advance(31 * MINUTE)
     fleet.wait_for(state_is("soaking", stage=3))
     assert len(fleet.served()) == 10
     for device in fleet.devices:
         if device.id not in second:
             fleet.report(device, "installed")
 
-    clocked.move(31 * MINUTE)
+    clocked.advance(31 * MINUTE)
     # The plan's row and the wave's are read by separate statements: wait for both.
     wave = fleet.wait_for(lambda w: state_is("completed")(w) and w["status"] == "complete")
     assert stage_counts(wave) == [(2, 2, 0, 0), (3, 3, 0, 0), (5, 5, 0, 0)]
@@ -276,7 +265,7 @@ def test_a_breach_halts_the_wave_and_serves_no_one_new_until_resumed(
     clocked: Clocked, fleet: Fleet
 ) -> None:
     first, _rest = halted_fleet(clocked, fleet)
-    clocked.move(3 * 3600)  # long past the soak time
+    clocked.advance(3 * 3600)  # long past the soak time
     time.sleep(TURNS)
     wave = fleet.wave()
     assert wave["rollout"]["state"] == "halted"
@@ -299,7 +288,7 @@ def test_a_breach_halts_the_wave_and_serves_no_one_new_until_resumed(
     assert_error(again, 409, "conflict", "only a halted rollout resumes")
     fleet.report(first[2], "installed")  # a retry that worked
     fleet.report(first[3], "installed")
-    clocked.move(31 * MINUTE)
+    clocked.advance(31 * MINUTE)
     fleet.wait_for(state_is("soaking", stage=2))
     assert len(fleet.served()) == 10
 
@@ -311,7 +300,7 @@ def test_cancel_while_halted_keeps_the_wave_for_the_devices_that_got_it(
     cancelled = fleet.factory.request("POST", "/waves/rel-2/cancel")
     assert cancelled.status_code == 200, cancelled.text
     assert cancelled.json()["rollout"]["state"] == "cancelled"
-    clocked.move(3 * 3600)
+    clocked.advance(3 * 3600)
     time.sleep(TURNS)
     assert fleet.wave()["rollout"]["state"] == "cancelled"
     assert fleet.served() == first
@@ -324,12 +313,12 @@ def test_devices_that_stay_silent_count_as_failed(clocked: Clocked, fleet: Fleet
     assert fleet.rollout(**plan).status_code == 200
     first = fleet.served()
     fleet.report(first[0], "installed")
-    clocked.move(3600)
+    clocked.advance(3600)
     time.sleep(TURNS)
     assert fleet.wave()["rollout"]["state"] == "advancing"  # soaked, too few reports
     fleet.report(first[1], "download-started")  # heard from: not silent
     fleet.report(first[0], "installed")  # its hourly report
-    clocked.move(3600 + MINUTE)
+    clocked.advance(3600 + MINUTE)
     wave = fleet.wait_for(state_is("halted"))
     assert "(1 of 2 reports: 0 failed, 1 silent)" in wave["rollout"]["halt_reason"]
     assert stage_counts(wave)[0] == (3, 1, 0, 1)
@@ -343,14 +332,14 @@ def test_a_stage_waits_for_its_own_devices_and_halts_when_they_and_the_others_go
     first = fleet.served()
     for device in first:
         fleet.report(device, "installed")
-    clocked.move(31 * MINUTE)
+    clocked.advance(31 * MINUTE)
     fleet.wait_for(state_is("soaking", stage=2))
-    clocked.move(31 * MINUTE)  # soaked; stage 1's reports are enough for the count, but
+    clocked.advance(31 * MINUTE)  # soaked; stage 1's reports are enough for the count, but
     time.sleep(TURNS)  # the two devices served last have said nothing
     wave = fleet.wave()
     assert (wave["rollout"]["state"], wave["rollout"]["stage"]) == ("advancing", 2)
     assert wave["devices_served"] == 4
-    clocked.move(2 * 3600)  # nobody reported since: installed or not, all are silent
+    clocked.advance(2 * 3600)  # nobody reported since: installed or not, all are silent
     wave = fleet.wait_for(state_is("halted"))
     assert "(4 of 4 reports: 0 failed, 4 silent)" in wave["rollout"]["halt_reason"]
     assert stage_counts(wave)[:2] == [(2, 0, 0, 2), (2, 0, 0, 2)]
@@ -363,7 +352,7 @@ def test_complete_ends_a_soaking_plan_and_shares_round_in_decimal(
     done = fleet.factory.request("POST", "/waves/rel-2/complete")
     assert done.status_code == 200, done.text
     assert (done.json()["status"], done.json()["rollout"]["state"]) == ("complete", "completed")
-    clocked.move(3 * 3600)
+    clocked.advance(3 * 3600)
     time.sleep(TURNS)
     assert fleet.wave()["rollout"]["state"] == "completed"
     assert len(fleet.served()) == 10
@@ -377,7 +366,7 @@ def test_one_failure_of_one_report_halts_nothing(clocked: Clocked, fleet: Fleet)
     assert fleet.rollout(**plan).status_code == 200
     first = fleet.served()
     fleet.report(first[0], "install-failed")
-    clocked.move(31 * MINUTE)
+    clocked.advance(31 * MINUTE)
     time.sleep(TURNS)
     wave = fleet.wave()
     assert wave["rollout"]["state"] == "advancing", wave["rollout"]
@@ -459,13 +448,13 @@ def test_a_device_a_stage_moves_is_not_stale_for_what_it_reported_before(
     assert fleet.rollout(plan=["2", "4", "100%"], min_reports=2).status_code == 200
     first = fleet.served()
     later = [d for d in fleet.devices if d not in first][:2]
-    clocked.move(20 * MINUTE)
+    clocked.advance(20 * MINUTE)
     verified = {"version": 1, "expires": "2099-01-01T00:00:00Z"}
     for device in later:
         fleet.report(device, "download-started", timestamp=verified, poll_interval=60)
     for device in first:
         fleet.report(device, "installed")
-    clocked.move(11 * MINUTE)
+    clocked.advance(11 * MINUTE)
     wave = fleet.wait_for(state_is("soaking", stage=2))
     assert {d.id for d in later} <= {d.id for d in fleet.served()}
     assert [s["devices_stale"] for s in wave["rollout"]["stages"]] == [0, 0, 0]
@@ -673,7 +662,7 @@ def test_a_plan_tells_its_webhooks_it_advanced_halted_and_completed(
         assert fleet.rollout(**plan).status_code == 200
         for device in fleet.served():
             fleet.report(device, "installed")
-        clocked.move(31 * MINUTE)
+        clocked.advance(31 * MINUTE)
         (advanced,) = receiver.wait_for(lambda r: len(r) == 1)
         assert advanced.event == "wave.advanced"
         assert verifies(secret, advanced.body, advanced.headers["x-tufa-signature"])
